@@ -1,0 +1,43 @@
+# Every target installs what it needs into .venv first, so a fresh clone works with one command.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+VARIANT ?= onnx-int8
+RUNTIME ?= embedded
+EXPORT_ARGS ?=
+
+.PHONY: venv export repository serve demo test bench clean
+
+venv: $(STAMP)
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+export: venv                     ## ONNX variants (+ TensorRT where present), each gated against PyTorch
+	$(PY) -m export $(EXPORT_ARGS)
+
+repository: venv                 ## render build/model_repository from the exported variant
+	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)
+	$(PY) -m model_repository build --variant $(VARIANT) --runtime $(RUNTIME)
+
+serve: repository                ## tritonserver on loopback: HTTP 8000, gRPC 8001, metrics 8002
+	$(PY) -m server
+
+demo: repository                 ## export, build, start Triton, run a real request, stop
+	$(PY) -m demo
+
+test: venv                       ## the whole suite against a real tritonserver
+	$(PY) -m pytest -q tests
+
+bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX variant
+	$(PY) -m export.bench
+
+clean:
+	rm -rf build

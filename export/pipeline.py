@@ -1,0 +1,308 @@
+"""The export pipeline: model directory -> gated variants with manifests.
+
+    out/
+      tokenizer/            tokenizer files the serving tokenizer loads (tokenizer.json & co.)
+      onnx-fp32/            model.onnx + manifest.json   (only variants that passed the gate)
+      onnx-int8/ ...
+      refused/<variant>/    what failed the gate, with its figures, for inspection; never served
+      .work/                intermediates (raw export, unfused graphs)
+
+A variant is built in a staging folder and moved into place only after it passes the gate, so a half-written
+or refused artifact never sits where the model repository looks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from export import onnx_export
+from export.calibration import calibration_batches, read_calibration_texts
+from export.gate import DEFAULT_THRESHOLDS, Reference, Thresholds, evaluate
+from export.manifest import artifact_problems, read_manifest, write_manifest
+from export.runners import OrtRunner, TorchRunner, embed_texts
+from export.source import SourceModel, file_sha256, load_source
+from export.tensorrt_plan import ShapeProfile, TensorRTUnavailable, TrtRunner, build_plan, tensorrt_version
+from export.variants import Variant
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@dataclass
+class ExportOptions:
+    model_dir: Path
+    out_dir: Path
+    variants: list[Variant]
+    variants_named: bool = False          # the user listed variants: a skipped TensorRT one is an error
+    threshold_overrides: dict[str, dict[str, float]] = field(default_factory=dict)  # precision -> values
+    int8_mode: str = "dynamic"            # "dynamic" or "static"
+    int8_fp32_layers: tuple[int, ...] = ()  # FFN down-projections kept in FP32 (sensitive layers)
+    calibration_file: Path | None = None
+    sts_path: Path | None = None
+    require_sts: bool = False
+    trt_profile: str = ""
+    force: bool = False
+
+    def thresholds(self, variant: Variant) -> Thresholds:
+        base = DEFAULT_THRESHOLDS[variant.precision]
+        merged = {**self.threshold_overrides.get(variant.precision, {}), **self.threshold_overrides.get(variant.name, {})}
+        return base.with_overrides(**merged)
+
+    def recipe(self, variant: Variant) -> dict:
+        """Everything that decides the artifact and its verdict; a change rebuilds the variant."""
+        recipe = {"variant": variant.name, "opset": onnx_export.OPSET, "thresholds": asdict(self.thresholds(variant))}
+        if variant.precision == "int8":
+            recipe.update(int8_mode=self.int8_mode, int8_fp32_layers=list(self.int8_fp32_layers))
+            if self.int8_mode == "static" or variant.needs_tensorrt:
+                recipe["calibration_sha256"] = file_sha256(self.calibration_file) if self.calibration_file else None
+        if variant.needs_tensorrt:
+            recipe["profile"] = self.trt_profile
+        return recipe
+
+
+@dataclass
+class Outcome:
+    variant: str
+    status: str        # written | up-to-date | refused | skipped | failed
+    detail: str = ""
+    figures: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("written", "up-to-date")
+
+
+def say(message: str) -> None:
+    print(f"[export] {message}", flush=True)
+
+
+def recipe_sha(source: SourceModel, recipe: dict, gate_sha: str) -> str:
+    blob = json.dumps({"source": source.sha256, "gate": gate_sha, **recipe}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def runtime_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tensorrt": tensorrt_version(),
+    }
+
+
+class Exporter:
+    def __init__(self, options: ExportOptions):
+        self.options = options
+        self.out = Path(options.out_dir)
+        self.work = self.out / ".work"
+        self.source = load_source(options.model_dir)
+        self._tokenizer = None
+        self._reference: Reference | None = None
+        self._torch_encoder = None
+        self._intermediates: dict[str, Path] = {}
+
+    # ---- shared, built lazily and once -------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.source.transformer_path, use_fast=True)
+            if not self._tokenizer.is_fast:
+                raise RuntimeError("a fast (Rust) tokenizer is required for serving")
+        return self._tokenizer
+
+    def embed_with(self, runner, texts, label):
+        return embed_texts(runner, self.tokenizer, texts, self.source.max_length, progress=label)
+
+    @property
+    def torch_encoder(self):
+        if self._torch_encoder is None:
+            import torch
+
+            torch.manual_seed(0)
+            say(f"loading PyTorch FP32 reference from {self.source.transformer_path}")
+            self._torch_encoder = onnx_export.load_torch_encoder(self.source)
+        return self._torch_encoder
+
+    @property
+    def reference(self) -> Reference:
+        if self._reference is None:
+            say("computing the PyTorch FP32 reference (gate set + STS-B dev)")
+            self._reference = Reference.build(self.embed_with, TorchRunner(self.torch_encoder), self.options.sts_path)
+            if self._reference.sts_spearman is not None:
+                say(f"PyTorch FP32 STS-B dev Spearman = {self._reference.sts_spearman:.5f}")
+            else:
+                say(f"warning: Spearman gate {self._reference.sts_note}")
+        return self._reference
+
+    def intermediate(self, name: str) -> Path:
+        """raw (unfused export), fp32 (ORT-fused), raw-qdq (calibrated QDQ of raw, for TensorRT INT8)."""
+        if name in self._intermediates:
+            return self._intermediates[name]
+        self.work.mkdir(parents=True, exist_ok=True)
+        path = self.work / f"{name}.onnx"
+        if name == "raw":
+            say("exporting PyTorch -> ONNX (eager attention, pooling + L2 normalization in the graph)")
+            onnx_export.export_raw_onnx(self.torch_encoder, path)
+        elif name == "fp32":
+            fused = onnx_export.optimize_fp32(self.intermediate("raw"), path, self.source)
+            say(f"ORT fusions: {fused}")
+        elif name == "raw-qdq":
+            onnx_export.quantize_int8_static(self.intermediate("raw"), path, self.calibration(), [])
+        self._intermediates[name] = path
+        return path
+
+    def calibration(self) -> list:
+        if self.options.calibration_file is None:
+            raise ValueError("static INT8 and trt-int8 need calibration text: pass --calibration-file FILE")
+        texts = read_calibration_texts(self.options.calibration_file)
+        say(f"calibrating on {len(texts)} texts from {self.options.calibration_file}")
+        return calibration_batches(self.tokenizer, texts, self.source.max_length)
+
+    def save_tokenizer(self) -> Path:
+        target = self.out / "tokenizer"
+        staging = self.out / ".staging-tokenizer"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.tokenizer.save_pretrained(staging)
+        # Keep only what serving needs; the serving tokenizer reads tokenizer.json directly.
+        for extra in staging.iterdir():
+            if extra.name not in TOKENIZER_FILES:
+                extra.unlink()
+        config = {"max_length": self.source.max_length, "source_sha256": self.source.sha256}
+        (staging / "serving.json").write_text(json.dumps(config, indent=2) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        return target
+
+    # ---- one variant -------------------------------------------------------------------------------
+    def build_artifact(self, variant: Variant, staging: Path) -> tuple[dict, object]:
+        """Writes the artifact into staging; returns (manifest details, runner for the gate)."""
+        artifact = staging / variant.artifact
+        details: dict = {}
+        if variant.name == "onnx-fp32":
+            shutil.copyfile(self.intermediate("fp32"), artifact)
+            details["optimizations"] = "ORT transformer fusions (opt_level 1)"
+        elif variant.name == "onnx-fp16":
+            details["fp16"] = onnx_export.convert_fp16(self.intermediate("fp32"), artifact)
+        elif variant.name == "onnx-int8":
+            fp32 = self.intermediate("fp32")
+            keep = onnx_export.ffn_output_matmuls(fp32, self.options.int8_fp32_layers)
+            if self.options.int8_mode == "static":
+                details["quantization"] = onnx_export.quantize_int8_static(fp32, artifact, self.calibration(), keep)
+            else:
+                details["quantization"] = onnx_export.quantize_int8_dynamic(fp32, artifact, keep)
+        elif variant.needs_tensorrt:
+            profile = ShapeProfile.parse(self.options.trt_profile, self.source.max_length)
+            onnx_input = self.intermediate("raw-qdq" if variant.precision == "int8" else "raw")
+            details["tensorrt"] = build_plan(onnx_input, artifact, variant.precision, profile)
+            return details, TrtRunner(artifact, variant.name)
+        else:
+            raise ValueError(f"no recipe for {variant.name}")
+        return details, OrtRunner(artifact, name=variant.name)
+
+    def export_variant(self, variant: Variant) -> Outcome:
+        started = time.perf_counter()
+        final = self.out / variant.name
+        recipe = self.options.recipe(variant)
+        key = recipe_sha(self.source, recipe, self.reference_sha())
+        if not self.options.force and final.exists() and not artifact_problems(final):
+            manifest = read_manifest(final)
+            if manifest.get("recipe_sha256") == key:
+                return Outcome(variant.name, "up-to-date", str(final), manifest["gate"]["figures"])
+        if variant.needs_tensorrt and tensorrt_version() is None:
+            return Outcome(variant.name, "skipped", "tensorrt is not importable here (it ships in the NGC images, see docker/)")
+
+        staging = self.out / f".staging-{variant.name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        say(f"{variant.name}: building")
+        try:
+            details, runner = self.build_artifact(variant, staging)
+        except TensorRTUnavailable as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            return Outcome(variant.name, "skipped", str(error))
+        say(f"{variant.name}: gate against PyTorch FP32")
+        thresholds = self.options.thresholds(variant)
+        result = evaluate(runner, self.reference, thresholds, require_sts=self.options.require_sts)
+        manifest = self.manifest(variant, staging / variant.artifact, details, result.to_json(thresholds), recipe, key)
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        write_manifest(staging, manifest)
+        target = final if result.passed else self.out / "refused" / variant.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        if result.passed:
+            shutil.rmtree(self.out / "refused" / variant.name, ignore_errors=True)
+        else:
+            shutil.rmtree(final, ignore_errors=True)  # an older passing build of a now-failing recipe must not serve
+        os.replace(staging, target)
+        status = "written" if result.passed else "refused"
+        return Outcome(variant.name, status, "; ".join(result.failures) or str(target), result.figures,
+                       time.perf_counter() - started)
+
+    def reference_sha(self) -> str:
+        from export.gate import load_gate_sentences
+
+        return load_gate_sentences()[1]
+
+    def manifest(self, variant: Variant, artifact: Path, details: dict, gate: dict, recipe: dict, key: str) -> dict:
+        tensors = onnx_export.INPUT_NAMES
+        tokenizer_json = self.out / "tokenizer" / "tokenizer.json"
+        return {
+            "variant": variant.name,
+            "format": variant.format,
+            "precision": variant.precision,
+            "source": self.source.describe(),
+            "encoder": {
+                "dim": self.source.dim,
+                "max_length": self.source.max_length,
+                "pooling": self.source.pooling,
+                "normalized": True,
+            },
+            "inputs": [{"name": n, "dtype": "INT64", "shape": ["batch", "sequence"]} for n in tensors],
+            "outputs": [{"name": onnx_export.OUTPUT_NAME, "dtype": "FP32", "shape": ["batch", self.source.dim]}],
+            "opset": onnx_export.OPSET,
+            "runtimes": runtime_versions(),
+            "artifact": {"file": artifact.name, "sha256": file_sha256(artifact), "bytes": artifact.stat().st_size},
+            "tokenizer": {"sha256": file_sha256(tokenizer_json) if tokenizer_json.exists() else None},
+            "details": details,
+            "gate": gate,
+            "recipe": recipe,
+            "recipe_sha256": key,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+
+def run_export(options: ExportOptions) -> list[Outcome]:
+    out = Path(options.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"output directory {out} is not writable: {error}") from None
+    exporter = Exporter(options)
+    say(f"source {exporter.source.path} ({exporter.source.model_type}, dim {exporter.source.dim}, "
+        f"max length {exporter.source.max_length}, {exporter.source.pooling} pooling, sha256 {exporter.source.sha256[:12]})")
+    exporter.save_tokenizer()
+    outcomes = []
+    for variant in options.variants:
+        try:
+            outcome = exporter.export_variant(variant)
+        except Exception as error:  # one broken variant must not hide the others' results
+            outcome = Outcome(variant.name, "failed", f"{type(error).__name__}: {error}")
+        say(f"{variant.name}: {outcome.status} {outcome.detail}")
+        outcomes.append(outcome)
+    return outcomes

