@@ -47,6 +47,7 @@ class TensorNames:
     encoder_output: str = "embedding"       # encoder output, FP32 [D], already pooled + L2-normalized
     embedding: str = "EMBEDDING"            # ensemble output of `embed`
     candidates: str = "CANDIDATES"          # score input, FP32 [-1, D]
+    query: str = "QUERY"                    # similarity input: the encoded query, FP32 [D]
     scores: str = "SCORES"                  # score output, FP32 [-1]
     query_embedding: str = "QUERY_EMBEDDING"  # score output, FP32 [D] (passed through by `similarity`)
 

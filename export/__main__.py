@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-mode", choices=("dynamic", "static"), default="dynamic",
                    help="dynamic: per-channel weights, activations quantized per batch (default); "
                         "static: calibrated QDQ, needs --calibration-file")
-    p.add_argument("--int8-fp32-layers", default="", help="comma-separated layer indices whose FFN output projection stays FP32")
+    p.add_argument("--int8-fp32-layers", default=None,
+                   help="comma-separated layer indices whose FFN output projection stays FP32 "
+                        "(default: first and last layer; '' = quantize every layer)")
     p.add_argument("--calibration-file", type=Path, default=None, help="text file, one calibration text per line")
     p.add_argument("--sts", type=Path, default=settings.STSB_DEV, help="STS-B dev csv for the Spearman gate (default: %(default)s)")
     p.add_argument("--require-sts", action="store_true", help="fail INT8 variants when the STS-B file is missing")
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         variants = parse_variants(args.variants or ",".join(DEFAULT_VARIANTS))
-        layers = tuple(int(x) for x in args.int8_fp32_layers.split(",") if x.strip())
+        layers = None if args.int8_fp32_layers is None else tuple(
+            int(x) for x in args.int8_fp32_layers.split(",") if x.strip())
         options = ExportOptions(
             model_dir=args.model or settings.default_model_dir(),
             out_dir=args.out,

@@ -160,10 +160,13 @@ def quantize_int8_static(
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = iter(batches)
+            self.rewind()
 
         def get_next(self):
             return next(self._it, None)
+
+        def rewind(self):
+            self._it = iter(batches)
 
     logging.getLogger().setLevel(logging.ERROR)
     quantize_static(
@@ -176,11 +179,10 @@ def quantize_int8_static(
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul"],
         nodes_to_exclude=exclude_nodes,
-        calibrate_method=CalibrationMethod.Percentile,
+        calibrate_method=CalibrationMethod.MinMax,
         extra_options={
             "ActivationSymmetric": True,
             "WeightSymmetric": True,
-            "CalibPercentile": 99.99,
             "DefaultTensorType": onnx.TensorProto.FLOAT,
         },
     )
@@ -188,7 +190,7 @@ def quantize_int8_static(
         "mode": "static",
         "format": "QDQ",
         "per_channel": True,
-        "calibration": "percentile 99.99",
+        "calibration": "minmax",
         "calibration_batches": len(batches),
         "fp32_nodes": exclude_nodes,
     }

@@ -71,7 +71,8 @@ def embed_texts(
     order = np.argsort([len(t) for t in texts], kind="stable")
     out: np.ndarray | None = None
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False, unit="batch"):
+    # disable=None: a bar on a terminal, silence in logs (the pipeline prints its own step lines there).
+    for start in tqdm(starts, desc=progress, disable=None if progress else True, leave=False, unit="batch"):
         index = order[start : start + batch_size]
         ids, mask = tokenize(tokenizer, [texts[i] for i in index], max_length)
         vectors = runner(ids, mask)

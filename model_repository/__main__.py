@@ -1,0 +1,45 @@
+"""python -m model_repository: render the Triton model repository from an exported variant.
+
+    python -m model_repository build --variant onnx-int8                 # embedded runtime (this machine)
+    python -m model_repository build --variant trt-fp16 --runtime native  # NGC container
+    python -m model_repository show --variant onnx-fp16 --runtime native  # print the configs only
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import settings
+from model_repository.render import RUNTIMES, build_repository, render_configs, to_pbtxt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model_repository", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("build", "show"))
+    parser.add_argument("--variant", default="onnx-int8", help="exported variant to serve (default: %(default)s)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="embedded")
+    parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
+    parser.add_argument("--out", type=Path, default=settings.MODEL_REPOSITORY_DIR)
+    parser.add_argument("--version", type=int, default=1, help="model version directory (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "show":
+            manifest_text = (args.export_dir / args.variant / "manifest.json").read_text()
+            sha = hashlib.sha256(manifest_text.encode()).hexdigest()
+            for name, config in render_configs(settings.SETTINGS, json.loads(manifest_text), sha, args.runtime).items():
+                print(f"# ---- {name}/config.pbtxt\n{to_pbtxt(config)}")
+            return 0
+        out = build_repository(settings.SETTINGS, args.export_dir, args.variant, args.runtime, args.out, args.version)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"model_repository: error: {error}", file=sys.stderr)
+        return 2
+    print(f"[model_repository] {args.runtime} repository for {args.variant} (version {args.version}) at {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

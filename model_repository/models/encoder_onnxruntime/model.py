@@ -1,0 +1,59 @@
+"""Triton Python-backend model `encoder` (embedded runtime): ONNX Runtime inside the Python backend.
+
+The pip-installed tritonserver (nvidia-pytriton) has no onnxruntime backend, so the exported ONNX graph
+runs here. In the NGC container the same repository renders this model for the native `onnxruntime_onnx`
+or `tensorrt_plan` backends instead (see model_repository/render.py).
+
+input_ids, attention_mask (INT64 [batch, seq]) -> embedding (FP32 [batch, dim], pooled + L2-normalized;
+pooling and normalization are inside the ONNX graph).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.input_names = (params["ids_input"], params["mask_input"])
+        self.output_name = params["embedding_output"]
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(version_dir / params.get("artifact", "model.onnx")), options, providers=["CPUExecutionProvider"]
+        )
+        self.onnx_inputs = [i.name for i in self.session.get_inputs()]
+
+    def _run(self, ids, mask):
+        return self.session.run(None, {self.onnx_inputs[0]: ids, self.onnx_inputs[1]: mask})[0]
+
+    def execute(self, requests):
+        arrays = [
+            tuple(pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names)
+            for r in requests
+        ]
+        # The dynamic batcher only merges requests of equal shape, but stay correct if that ever changes:
+        # run one ONNX Runtime call per distinct sequence length.
+        outputs = [None] * len(requests)
+        by_length = {}
+        for index, (ids, _) in enumerate(arrays):
+            by_length.setdefault(ids.shape[1], []).append(index)
+        for indices in by_length.values():
+            ids = np.concatenate([arrays[i][0] for i in indices])
+            mask = np.concatenate([arrays[i][1] for i in indices])
+            embeddings = self._run(ids, mask)
+            start = 0
+            for i in indices:
+                rows = arrays[i][0].shape[0]
+                outputs[i] = embeddings[start : start + rows]
+                start += rows
+        return [
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)]) for out in outputs
+        ]

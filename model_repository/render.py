@@ -1,0 +1,240 @@
+"""Renders the Triton model repository from `settings.SETTINGS` and an export manifest.
+
+Every config.pbtxt is built as a `ModelConfig` protobuf (Triton's own schema, shipped in tritonclient) and
+printed with `text_format`, so a misspelt field fails here rather than at server start.
+
+Runtimes of the encoder (the tokenizer and similarity models are the same Python code in all of them):
+- embedded: Python backend running ONNX Runtime; the only option on the pip-installed tritonserver.
+- native:   `onnxruntime_onnx` (CUDA, TensorRT accelerator for FP16) or `tensorrt_plan`, for the NGC image.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from settings import Settings
+
+RUNTIMES = ("embedded", "native")
+MODELS_SOURCE = Path(__file__).with_name("models")
+ENCODER_WARMUP = ((1, 16), (8, 128))  # (batch, sequence) shapes run at load, so request one is not slow
+
+
+def _tensor(collection, name: str, dtype: int, dims: list[int]) -> None:
+    collection.add(name=name, data_type=dtype, dims=dims)
+
+
+def _parameters(config: mc.ModelConfig, values: dict) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = str(value)
+
+
+def _batching(config: mc.ModelConfig, settings: Settings, delay_us: int) -> None:
+    config.max_batch_size = settings.batching.max_batch_size
+    config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    if settings.batching.max_queue_size > 0:
+        policy = config.dynamic_batching.default_queue_policy
+        policy.max_queue_size = settings.batching.max_queue_size
+        policy.timeout_action = mc.ModelQueuePolicy.REJECT
+
+
+def _instances(config: mc.ModelConfig, count: int, gpu: bool = False) -> None:
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=count)
+
+
+def tokenizer_config(settings: Settings, max_length: int) -> mc.ModelConfig:
+    t = settings.tensors
+    config = mc.ModelConfig(name=settings.models.tokenizer, backend="python")
+    _batching(config, settings, settings.batching.tokenizer_queue_delay_us)
+    _tensor(config.input, t.text, mc.TYPE_STRING, [1])
+    _tensor(config.output, t.input_ids, mc.TYPE_INT64, [-1])
+    _tensor(config.output, t.attention_mask, mc.TYPE_INT64, [-1])
+    _instances(config, settings.instances.tokenizer)
+    _parameters(config, {
+        "max_length": max_length,
+        "pad_to_multiple_of": settings.batching.pad_to_multiple_of,
+        "max_text_chars": settings.max_text_chars,
+        "text_input": t.text,
+        "ids_output": t.input_ids,
+        "mask_output": t.attention_mask,
+    })
+    return config
+
+
+def manifest_parameters(manifest: dict, manifest_sha: str) -> dict:
+    """What `GET /v2/models/encoder/config` shows about the export that is serving."""
+    return {
+        "export_variant": manifest["variant"],
+        "export_manifest_sha256": manifest_sha,
+        "export_artifact_sha256": manifest["artifact"]["sha256"],
+        "export_source_sha256": manifest["source"]["sha256"],
+        "export_exported_at": manifest["exported_at"],
+    }
+
+
+def encoder_config(settings: Settings, manifest: dict, manifest_sha: str, runtime: str) -> mc.ModelConfig:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
+    t = settings.tensors
+    dim = manifest["encoder"]["dim"]
+    config = mc.ModelConfig(name=settings.models.encoder)
+    _batching(config, settings, settings.batching.encoder_queue_delay_us)
+    _tensor(config.input, t.input_ids, mc.TYPE_INT64, [-1])
+    _tensor(config.input, t.attention_mask, mc.TYPE_INT64, [-1])
+    _tensor(config.output, t.encoder_output, mc.TYPE_FP32, [dim])
+    params = manifest_parameters(manifest, manifest_sha)
+    if runtime == "embedded":
+        if manifest["format"] != "onnx":
+            raise ValueError(f"the embedded runtime serves ONNX variants; {manifest['variant']} needs --runtime native")
+        config.backend = "python"
+        _instances(config, settings.instances.encoder)
+        params.update(
+            artifact=manifest["artifact"]["file"],
+            intra_op_threads=settings.instances.encoder_intra_op_threads,
+            ids_input=t.input_ids,
+            mask_input=t.attention_mask,
+            embedding_output=t.encoder_output,
+        )
+    elif manifest["format"] == "tensorrt_plan":
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = manifest["artifact"]["file"]
+        _instances(config, settings.instances.encoder, gpu=True)
+    else:
+        config.platform = "onnxruntime_onnx"
+        config.default_model_filename = manifest["artifact"]["file"]
+        # Dynamic INT8 (MatMulInteger) is a CPU recipe; FP32/FP16 graphs go to the GPU.
+        gpu = manifest["precision"] != "int8"
+        _instances(config, settings.instances.encoder, gpu=gpu)
+        if gpu and manifest["precision"] == "fp16":
+            accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            accelerator.parameters["precision_mode"] = "FP16"
+            accelerator.parameters["max_workspace_size_bytes"] = str(4 << 30)
+    for batch, seq in ENCODER_WARMUP:
+        warmup = config.model_warmup.add(name=f"b{batch}_s{seq}", batch_size=batch)
+        for name in (t.input_ids, t.attention_mask):
+            warmup.inputs[name].data_type = mc.TYPE_INT64
+            warmup.inputs[name].dims.extend([seq])
+            warmup.inputs[name].zero_data = True
+    _parameters(config, params)
+    return config
+
+
+def similarity_config(settings: Settings, dim: int) -> mc.ModelConfig:
+    t = settings.tensors
+    config = mc.ModelConfig(name=settings.models.similarity, backend="python")
+    _batching(config, settings, settings.batching.similarity_queue_delay_us)
+    _tensor(config.input, t.query, mc.TYPE_FP32, [dim])
+    _tensor(config.input, t.candidates, mc.TYPE_FP32, [-1, dim])
+    _tensor(config.output, t.scores, mc.TYPE_FP32, [-1])
+    _tensor(config.output, t.query_embedding, mc.TYPE_FP32, [dim])
+    _instances(config, settings.instances.similarity)
+    _parameters(config, {
+        "query_input": t.query,
+        "candidates_input": t.candidates,
+        "scores_output": t.scores,
+        "query_output": t.query_embedding,
+    })
+    return config
+
+
+def _step(config: mc.ModelConfig, model: str, inputs: dict, outputs: dict) -> None:
+    """inputs/outputs map the step model's tensor names to the ensemble's tensor names."""
+    step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+    step.input_map.update(inputs)
+    step.output_map.update(outputs)
+
+
+def embed_config(settings: Settings, dim: int) -> mc.ModelConfig:
+    """embed: TEXT [1] -> EMBEDDING [D]. tokenizer -> encoder."""
+    m, t = settings.models, settings.tensors
+    config = mc.ModelConfig(name=m.embed, platform="ensemble", max_batch_size=settings.batching.max_batch_size)
+    _tensor(config.input, t.text, mc.TYPE_STRING, [1])
+    _tensor(config.output, t.embedding, mc.TYPE_FP32, [dim])
+    _step(config, m.tokenizer, {t.text: t.text}, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask})
+    _step(config, m.encoder, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask}, {t.encoder_output: t.embedding})
+    return config
+
+
+def score_config(settings: Settings, dim: int) -> mc.ModelConfig:
+    """score: TEXT [1] + CANDIDATES [-1, D] -> SCORES [-1] + QUERY_EMBEDDING [D].
+    tokenizer -> encoder -> similarity. Both outputs come from the last step (no subset deadlock)."""
+    m, t = settings.models, settings.tensors
+    config = mc.ModelConfig(name=m.score, platform="ensemble", max_batch_size=settings.batching.max_batch_size)
+    _tensor(config.input, t.text, mc.TYPE_STRING, [1])
+    _tensor(config.input, t.candidates, mc.TYPE_FP32, [-1, dim])
+    _tensor(config.output, t.scores, mc.TYPE_FP32, [-1])
+    _tensor(config.output, t.query_embedding, mc.TYPE_FP32, [dim])
+    query = "_query_vector"  # internal tensor of the ensemble
+    _step(config, m.tokenizer, {t.text: t.text}, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask})
+    _step(config, m.encoder, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask}, {t.encoder_output: query})
+    _step(config, m.similarity, {t.query: query, t.candidates: t.candidates},
+          {t.scores: t.scores, t.query_embedding: t.query_embedding})
+    return config
+
+
+def render_configs(settings: Settings, manifest: dict, manifest_sha: str, runtime: str) -> dict[str, mc.ModelConfig]:
+    dim, max_length = manifest["encoder"]["dim"], manifest["encoder"]["max_length"]
+    configs = [
+        tokenizer_config(settings, max_length),
+        encoder_config(settings, manifest, manifest_sha, runtime),
+        similarity_config(settings, dim),
+        embed_config(settings, dim),
+        score_config(settings, dim),
+    ]
+    return {c.name: c for c in configs}
+
+
+def to_pbtxt(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def _place(source: Path, target: Path) -> None:
+    """Hard link when possible (large artifacts, same disk), else copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def build_repository(settings: Settings, export_dir: Path, variant: str, runtime: str, out: Path, version: int = 1) -> Path:
+    """Writes a complete repository to `out`, built aside and swapped in whole."""
+    export_dir, out = Path(export_dir), Path(out)
+    variant_dir = export_dir / variant
+    manifest_path = variant_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{variant_dir} has no manifest.json: run `python -m export --variants {variant}` first")
+    manifest_text = manifest_path.read_text()
+    manifest = json.loads(manifest_text)
+    manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()
+    configs = render_configs(settings, manifest, manifest_sha, runtime)
+
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    m = settings.models
+    for name, config in configs.items():
+        version_dir = staging / name / str(version)
+        version_dir.mkdir(parents=True)
+        (staging / name / "config.pbtxt").write_text(to_pbtxt(config))
+        if config.backend == "python":
+            source = MODELS_SOURCE / ("encoder_onnxruntime" if name == m.encoder else name) / "model.py"
+            shutil.copyfile(source, version_dir / "model.py")
+    tokenizer_dir = export_dir / "tokenizer"
+    for file in ("tokenizer.json", "serving.json"):
+        shutil.copyfile(tokenizer_dir / file, staging / m.tokenizer / str(version) / file)
+    encoder_version = staging / m.encoder / str(version)
+    _place(variant_dir / manifest["artifact"]["file"], encoder_version / manifest["artifact"]["file"])
+    shutil.copyfile(manifest_path, encoder_version / "manifest.json")
+
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -1,0 +1,157 @@
+"""Starts the real tritonserver on a built model repository, and stops it cleanly.
+
+The binary and the Python backend come from the `nvidia-pytriton` wheel (tritonserver 2.51), so no Docker
+is needed. Two things make its Python backend work from a venv:
+- the stub for this Python version is linked into a backend directory of ours (build/triton_backends);
+- the venv's bin goes first on PATH: the stub finds its interpreter, and our packages, through it
+  (it ignores PYTHONPATH).
+PYTHONDONTWRITEBYTECODE keeps the stub from writing __pycache__ into version directories, which would make
+a polling server reload a second time.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import settings
+from settings import ServerSettings
+
+# Model load/unload, shared-memory registration, tracing and log settings need the key. Health,
+# metadata, config (it carries the export manifest), statistics and inference stay open.
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def prepare_backends(target: Path = settings.BUILD_DIR / "triton_backends") -> Path:
+    """A backend directory whose python/ holds the wheel's backend plus the stub for this interpreter."""
+    root = pytriton_root()
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    links = {p.name: p for p in (root / "backends" / "python").iterdir() if p.name != "__pycache__"}
+    links[stub.name] = stub
+    for name, source in links.items():
+        link = python_dir / name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == source.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(source)
+    return target
+
+
+@dataclass
+class TritonServer:
+    """`with TritonServer(repo) as server:` starts tritonserver, waits until ready, and stops it on exit."""
+
+    repository: Path
+    server: ServerSettings = settings.SETTINGS.server
+    log_file: Path | None = None
+    startup_timeout_s: float = 180.0
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.process: subprocess.Popen | None = None
+        if not self.server.admin_key:
+            # No key configured: make one for this run, so the admin APIs are never open.
+            self.server = replace(self.server, admin_key=secrets.token_urlsafe(24))
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {self.server.admin_header: self.server.admin_key}
+
+    def command(self) -> list[str]:
+        s = self.server
+        restricted = f"{RESTRICTED_APIS}:{s.admin_header}={s.admin_key}"
+        return [
+            str(pytriton_root() / "bin" / "tritonserver"),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--backend-directory={prepare_backends()}",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--http-address={s.host}", f"--http-port={s.http_port}",
+            f"--grpc-address={s.host}", f"--grpc-port={s.grpc_port}",
+            f"--metrics-address={s.host}", f"--metrics-port={s.metrics_port}",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
+            "--log-verbose=0",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env["HF_HUB_OFFLINE"] = "1"
+        env.setdefault("TOKENIZERS_PARALLELISM", "true")
+        return env
+
+    def start(self) -> "TritonServer":
+        if not (Path(self.repository) / settings.SETTINGS.models.embed / "config.pbtxt").exists():
+            raise ServerError(f"{self.repository} is not a built model repository: run `make repository` first")
+        log = open(self.log_file, "ab") if self.log_file else None
+        self.process = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=log or None, stderr=subprocess.STDOUT if log else None,
+            start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop Triton in order
+        )
+        self.wait_ready()
+        return self
+
+    def ready(self) -> bool:
+        url = f"http://{self.server.http_url}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with status {self.process.returncode} during start-up"
+                                  + (f"; see {self.log_file}" if self.log_file else ""))
+            if self.ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver was not ready within {self.startup_timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM lets Triton finish in-flight requests and unload models; SIGKILL only if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
