@@ -22,7 +22,7 @@ from pathlib import Path
 
 from export import onnx_export
 from export.calibration import calibration_batches, read_calibration_texts
-from export.gate import DEFAULT_THRESHOLDS, Reference, Thresholds, evaluate
+from export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, Reference, Thresholds, evaluate
 from export.manifest import artifact_problems, read_manifest, write_manifest
 from export.runners import OrtRunner, TorchRunner, embed_texts
 from export.source import SourceModel, file_sha256, load_source
@@ -84,7 +84,7 @@ def say(message: str) -> None:
 
 
 def recipe_sha(source: SourceModel, recipe: dict, gate_sha: str) -> str:
-    blob = json.dumps({"source": source.sha256, "gate": gate_sha, **recipe}, sort_keys=True)
+    blob = json.dumps({"source": source.sha256, "gate": gate_sha, "gate_version": GATE_VERSION, **recipe}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -1,0 +1,96 @@
+"""Shared fixtures. The export runs once per session (and is reused across sessions through the recipe
+hash in each manifest); integration tests start the real tritonserver on free loopback ports."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import settings  # noqa: E402
+
+EXPORTED_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def export_dir() -> Path:
+    """build/export with the ONNX variants, gated; built on first use, then reused while up to date."""
+    from export.pipeline import ExportOptions, run_export
+    from export.variants import parse_variants
+
+    options = ExportOptions(
+        model_dir=settings.default_model_dir(),
+        out_dir=settings.EXPORT_DIR,
+        variants=parse_variants(",".join(EXPORTED_VARIANTS)),
+        sts_path=settings.STSB_DEV,
+    )
+    outcomes = run_export(options)
+    assert all(o.ok for o in outcomes), [(o.variant, o.status, o.detail) for o in outcomes]
+    return settings.EXPORT_DIR
+
+
+@pytest.fixture(scope="session")
+def sts_dev():
+    from export.gate import load_sts
+
+    if not settings.STSB_DEV.exists():
+        pytest.skip(f"STS-B dev not found at {settings.STSB_DEV}")
+    return load_sts(settings.STSB_DEV)
+
+
+class ServedRepositories:
+    """One tritonserver per served variant, started on first request and stopped at session end."""
+
+    def __init__(self, export_dir: Path, root: Path):
+        self.export_dir = export_dir
+        self.root = root
+        self.servers = {}
+
+    def __call__(self, variant: str):
+        from model_repository.render import build_repository
+        from server.launcher import TritonServer
+
+        if variant not in self.servers:
+            repo = build_repository(settings.SETTINGS, self.export_dir, variant, "embedded", self.root / variant)
+            server_settings = replace(settings.SETTINGS.server, host="127.0.0.1", http_port=free_port(),
+                                      grpc_port=free_port(), metrics_port=free_port(), admin_key="test-admin-key")
+            server = TritonServer(repo, server_settings, log_file=self.root / f"{variant}.log")
+            self.servers[variant] = server.start()
+        return self.servers[variant]
+
+    def stop(self):
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton(export_dir, tmp_path_factory):
+    served = ServedRepositories(export_dir, tmp_path_factory.mktemp("repositories"))
+    yield served
+    served.stop()
+
+
+@pytest.fixture(params=["grpc", "http"])
+def protocol(request):
+    return request.param
+
+
+def client_for(server, protocol: str):
+    from client.triton import TritonClient
+
+    s = server.server
+    url = s.grpc_url if protocol == "grpc" else s.http_url
+    return TritonClient(url, protocol=protocol, settings=replace(settings.SETTINGS, server=s))

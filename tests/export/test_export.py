@@ -1,0 +1,135 @@
+"""Exporting the default model for real, and what the gate and manifest promise about it."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import settings
+from export.gate import DEFAULT_THRESHOLDS, Reference, evaluate
+from export.manifest import artifact_problems, read_manifest
+from export.runners import OrtRunner
+from export.source import file_sha256
+
+REPO = settings.REPO_ROOT
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-fp16", "onnx-int8"])
+def test_manifest_matches_the_artifact(export_dir, variant):
+    directory = export_dir / variant
+    manifest = read_manifest(directory)
+    assert artifact_problems(directory) == []
+    artifact = directory / manifest["artifact"]["file"]
+    assert manifest["artifact"]["sha256"] == file_sha256(artifact)
+    assert manifest["source"]["sha256"] == __import__("export.source", fromlist=["x"]).load_source(settings.default_model_dir()).sha256
+    graph = onnx.load(str(artifact), load_external_data=False).graph
+    assert [i.name for i in graph.input] == [i["name"] for i in manifest["inputs"]]
+    assert [o.name for o in graph.output] == [o["name"] for o in manifest["outputs"]]
+    dims = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    assert dims[1] == manifest["encoder"]["dim"] == 384
+    assert manifest["gate"]["passed"] is True
+    assert manifest["runtimes"]["onnxruntime"] and manifest["opset"] == 17
+    assert manifest["tokenizer"]["sha256"] == file_sha256(export_dir / "tokenizer" / "tokenizer.json")
+
+
+def test_gate_figures_meet_the_defaults(export_dir):
+    fp32 = read_manifest(export_dir / "onnx-fp32")["gate"]["figures"]
+    fp16 = read_manifest(export_dir / "onnx-fp16")["gate"]["figures"]
+    int8 = read_manifest(export_dir / "onnx-int8")["gate"]["figures"]
+    assert fp32["cosine_min"] >= 0.9999 and fp16["cosine_min"] >= 0.999
+    assert int8["cosine_mean"] >= 0.99
+    if settings.STSB_DEV.exists():
+        assert int8["spearman_ratio"] >= 0.99
+
+
+def test_a_tampered_artifact_no_longer_matches_its_manifest(export_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "onnx-int8"
+    shutil.copytree(export_dir / "onnx-int8", copy)
+    with open(copy / "model.onnx", "r+b") as handle:
+        handle.seek(-100, 2)
+        handle.write(b"\0" * 10)
+    assert any("sha256" in p for p in artifact_problems(copy))
+
+
+@pytest.fixture(scope="module")
+def reference(export_dir):
+    from transformers import AutoTokenizer
+
+    from export.onnx_export import load_torch_encoder
+    from export.runners import TorchRunner, embed_texts
+    from export.source import load_source
+
+    source = load_source(settings.default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(export_dir / "tokenizer")
+    embed = lambda runner, texts, label: embed_texts(runner, tokenizer, texts, source.max_length)  # noqa: E731
+    return Reference.build(embed, TorchRunner(load_torch_encoder(source)), sts_path=None)
+
+
+def test_gate_refuses_a_damaged_variant(export_dir, reference, tmp_path):
+    """Noise on one attention weight: the model still runs, the gate must catch it."""
+    model = onnx.load(str(export_dir / "onnx-fp32" / "model.onnx"))
+    rng = np.random.default_rng(0)
+    target = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the largest weight
+    array = onnx.numpy_helper.to_array(target)
+    target.CopyFrom(onnx.numpy_helper.from_array(array + rng.normal(0, 0.05, array.shape).astype(array.dtype), target.name))
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, str(damaged))
+    healthy = evaluate(OrtRunner(export_dir / "onnx-fp32" / "model.onnx"), reference, DEFAULT_THRESHOLDS["fp32"])
+    broken = evaluate(OrtRunner(damaged), reference, DEFAULT_THRESHOLDS["fp32"])
+    assert healthy.passed, healthy.failures
+    assert not broken.passed and "min cosine" in broken.failures[0]
+
+
+def test_cli_refuses_a_variant_below_its_threshold(export_dir, tmp_path):
+    """End to end: an impossible threshold -> exit 1, figures printed, nothing where serving looks."""
+    out = tmp_path / "export"
+    result = run_cli("--out", str(out), "--variants", "onnx-int8", "--threshold", "int8.min_cosine=0.99999", "--sts", str(tmp_path / "none.csv"))
+    assert result.returncode == 1, result.stderr
+    assert "refused" in result.stdout and "min cosine" in result.stdout
+    assert not (out / "onnx-int8").exists()
+    refused = json.loads((out / "refused" / "onnx-int8" / "manifest.json").read_text())
+    assert refused["gate"]["passed"] is False and refused["gate"]["figures"]["cosine_min"] < 0.99999
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "model directory not found"),
+    (["--variants", "onnx-int4"], "unknown variant onnx-int4"),
+    (["--threshold", "int8.cosine=0.5"], "unknown threshold"),
+])
+def test_cli_errors_are_clear(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_cli_refuses_a_non_bert_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    result = run_cli("--model", str(tmp_path))
+    assert result.returncode == 2 and "only BERT" in result.stderr
+
+
+def test_cli_refuses_an_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_cli("--out", str(blocker / "out"), "--variants", "onnx-fp32")
+    assert result.returncode == 2 and "not writable" in result.stderr
+
+
+def test_named_tensorrt_variant_without_tensorrt_fails_clearly(export_dir):
+    from export.tensorrt_plan import tensorrt_version
+
+    if tensorrt_version() is not None:
+        pytest.skip("TensorRT is installed here")
+    result = run_cli("--variants", "onnx-fp32,trt-fp16")
+    assert result.returncode == 1
+    assert "trt-fp16    skipped" in result.stdout and "NGC" in result.stdout
+    assert "onnx-fp32   up-to-date" in result.stdout

@@ -1,0 +1,136 @@
+"""The real tritonserver, over HTTP and gRPC: correctness of `embed` and `score`, and the manifest."""
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import settings
+from client.triton import InvalidRequest
+from export.gate import load_gate_sentences
+from export.runners import OrtRunner, embed_texts
+from tests.conftest import client_for
+
+SENTENCES = load_gate_sentences()[0]
+
+
+def cosines(a, b):
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(export_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(export_dir / "tokenizer")
+
+
+@pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-int8"])
+def test_embed_equals_the_variants_direct_onnx_runtime_output(triton, export_dir, hf_tokenizer, protocol, variant):
+    server = triton(variant)
+    with client_for(server, protocol) as client:
+        served = client.embed(SENTENCES)
+    direct = embed_texts(OrtRunner(export_dir / variant / "model.onnx"), hf_tokenizer, SENTENCES, 256)
+    assert served.shape == (len(SENTENCES), 384) and served.dtype == np.float32
+    assert cosines(served, direct).min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+
+
+def test_fp32_embed_equals_sentence_transformers(triton, protocol):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(settings.default_model_dir()), device="cpu")
+    expected = model.encode(SENTENCES, normalize_embeddings=True, batch_size=16)
+    with client_for(triton("onnx-fp32"), protocol) as client:
+        served = client.embed(SENTENCES)
+    assert cosines(served, expected).min() >= 0.9999
+
+
+def test_score_ranks_candidates_by_cosine_and_any_output_subset_works(triton, protocol):
+    texts = ["a man playing guitar", "stock market news"]
+    with client_for(triton("onnx-int8"), protocol) as client:
+        items = client.embed(["A man is playing a guitar.", "Shares fell sharply on Wall Street.", "A cat sleeps."])
+        candidates = np.stack([items, items])  # [2 queries, 3 candidates, D]
+        both = client.score(texts, candidates)
+        queries = client.embed(texts)
+        scores_only = client.score(texts, candidates, outputs=["SCORES"])
+        query_only = client.score(texts, candidates, outputs=["QUERY_EMBEDDING"])
+    np.testing.assert_allclose(both["SCORES"], np.einsum("bkd,bd->bk", candidates, queries), atol=1e-5)
+    assert both["SCORES"].argmax(axis=1).tolist() == [0, 1]
+    assert set(scores_only) == {"SCORES"} and set(query_only) == {"QUERY_EMBEDDING"}
+    np.testing.assert_allclose(scores_only["SCORES"], both["SCORES"], atol=1e-6)
+    np.testing.assert_allclose(query_only["QUERY_EMBEDDING"], queries, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant, min_cosine", [("onnx-fp32", 0.9999), ("onnx-int8", 0.95)])
+def test_concurrent_requests_batch_dynamically(triton, export_dir, variant, min_cosine):
+    """FP32: batching changes nothing. Dynamic INT8 quantizes activations per batch, so a text's vector
+    moves with its batch-mates; the bound is the gate's own batch-invariance figure, so it holds in serving."""
+    server = triton(variant)
+    texts = [[s] for s in SENTENCES[:32]]
+    with client_for(server, "grpc") as client:
+        alone = np.concatenate([client.embed(t) for t in texts])
+        with ThreadPoolExecutor(8) as pool:
+            together = np.concatenate(list(pool.map(client.embed, texts)))
+    figures = json.loads((export_dir / variant / "manifest.json").read_text())["gate"]["figures"]
+    assert figures["batch_invariance_min_cosine"] >= min_cosine
+    assert cosines(alone, together).min() >= min_cosine
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"\xff\xfe broken", "not valid UTF-8"),
+    (b"   ", "empty or only whitespace"),
+    ("x" * (settings.SETTINGS.max_text_chars + 1), "the limit is"),
+])
+def test_bad_text_is_a_clear_invalid_argument_and_the_server_stays_up(triton, protocol, text, message):
+    server = triton("onnx-int8")
+    with client_for(server, protocol) as client:
+        raw = text if isinstance(text, bytes) else text.encode()
+        tensor = client._input("TEXT", np.array([[raw]], dtype=object), "BYTES")
+        with pytest.raises(InvalidRequest, match=message):
+            client._infer("embed", [tensor], ["EMBEDDING"])
+        assert client.embed(["still serving"]).shape == (1, 384)
+
+
+def test_nan_candidates_are_refused(triton, protocol):
+    with client_for(triton("onnx-int8"), protocol) as client:
+        candidates = np.ones((1, 2, 384), dtype=np.float32)
+        candidates[0, 1, 5] = np.nan
+        with pytest.raises(InvalidRequest, match="NaN"):
+            client.score(["query"], candidates)
+
+
+def test_serving_export_is_visible_in_the_encoder_config(triton, export_dir, protocol):
+    manifest_text = (export_dir / "onnx-int8" / "manifest.json").read_text()
+    with client_for(triton("onnx-int8"), protocol) as client:
+        info = client.encoder_info()
+    assert info["export_manifest_sha256"] == hashlib.sha256(manifest_text.encode()).hexdigest()
+    assert info["export_variant"] == "onnx-int8"
+    assert info["export_artifact_sha256"] == json.loads(manifest_text)["artifact"]["sha256"]
+
+
+def test_model_control_needs_the_admin_key(triton):
+    server = triton("onnx-int8")
+    url = f"http://{server.server.http_url}/v2/repository/index"
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b"{}"), timeout=5)
+    assert denied.value.code in (401, 403)
+    request = urllib.request.Request(url, method="POST", data=b"{}", headers=server.admin_headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        names = {m["name"] for m in json.loads(response.read())}
+    assert {"embed", "score", "tokenizer", "encoder", "similarity"} <= names
+
+
+def test_server_binds_to_loopback_only(triton):
+    import socket
+
+    server = triton("onnx-int8")
+    assert server.server.host == "127.0.0.1"
+    addresses = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1", "127.0.1.1"}
+    for address in addresses:
+        with socket.socket() as probe:
+            probe.settimeout(1)
+            assert probe.connect_ex((address, server.server.http_port)) != 0

@@ -1,0 +1,102 @@
+"""The rendered repository, checked against Triton's protobuf schema and the ensemble rules."""
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+import settings
+from model_repository.render import render_configs, to_pbtxt
+
+S = settings.SETTINGS
+
+
+def manifest(variant="onnx-int8", fmt="onnx", precision="int8", dim=384):
+    return {
+        "variant": variant, "format": fmt, "precision": precision,
+        "encoder": {"dim": dim, "max_length": 256},
+        "artifact": {"file": "model.onnx" if fmt == "onnx" else "model.plan", "sha256": "a" * 64},
+        "source": {"sha256": "b" * 64}, "exported_at": "2026-01-01T00:00:00Z",
+    }
+
+
+CASES = [
+    ("embedded", manifest("onnx-fp32", "onnx", "fp32")),
+    ("embedded", manifest("onnx-int8", "onnx", "int8")),
+    ("native", manifest("onnx-fp16", "onnx", "fp16")),
+    ("native", manifest("onnx-int8", "onnx", "int8")),
+    ("native", manifest("trt-fp16", "tensorrt_plan", "fp16")),
+    ("native", manifest("trt-int8", "tensorrt_plan", "int8")),
+]
+
+
+@pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m['variant']}" for r, m in CASES])
+def test_every_config_round_trips_through_the_schema(runtime, man):
+    configs = render_configs(S, man, "c" * 64, runtime)
+    assert set(configs) == {"tokenizer", "encoder", "similarity", "embed", "score"}
+    for config in configs.values():
+        parsed = text_format.Parse(to_pbtxt(config), mc.ModelConfig())
+        assert parsed == config
+        assert parsed.max_batch_size >= 64
+
+
+@pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m['variant']}" for r, m in CASES])
+def test_ensembles_are_wired_to_real_tensors_and_never_deadlock(runtime, man):
+    configs = render_configs(S, man, "c" * 64, runtime)
+    for name in ("embed", "score"):
+        ensemble = configs[name]
+        available = {t.name for t in ensemble.input}
+        produced_by_step = {}
+        for index, step in enumerate(ensemble.ensemble_scheduling.step):
+            model = configs[step.model_name]
+            assert set(step.input_map) == {t.name for t in model.input}, (name, step.model_name)
+            assert set(step.input_map.values()) <= available, (name, step.model_name)
+            assert set(step.output_map) <= {t.name for t in model.output}
+            for tensor in step.output_map.values():
+                produced_by_step[tensor] = index
+            available |= set(step.output_map.values())
+        consumed = {v for step in ensemble.ensemble_scheduling.step for v in step.input_map.values()}
+        for output in ensemble.output:
+            assert output.name in produced_by_step, (name, output.name)
+            # An ensemble output that also feeds a later step can deadlock when a client asks for a subset.
+            assert output.name not in consumed, (name, output.name)
+
+
+def test_embedded_encoder_runs_onnx_in_the_python_backend():
+    encoder = render_configs(S, manifest(), "c" * 64, "embedded")["encoder"]
+    assert encoder.backend == "python" and not encoder.platform
+    assert encoder.parameters["export_manifest_sha256"].string_value == "c" * 64
+    assert encoder.parameters["export_variant"].string_value == "onnx-int8"
+    assert encoder.output[0].dims == [384]
+    assert [w.batch_size for w in encoder.model_warmup] == [1, 8]
+
+
+def test_native_encoders_pick_the_backend_and_accelerator():
+    fp16 = render_configs(S, manifest("onnx-fp16", "onnx", "fp16"), "c" * 64, "native")["encoder"]
+    assert fp16.platform == "onnxruntime_onnx"
+    assert fp16.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    accelerator = fp16.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    int8 = render_configs(S, manifest("onnx-int8", "onnx", "int8"), "c" * 64, "native")["encoder"]
+    assert int8.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    plan = render_configs(S, manifest("trt-int8", "tensorrt_plan", "int8"), "c" * 64, "native")["encoder"]
+    assert plan.platform == "tensorrt_plan" and plan.default_model_filename == "model.plan"
+
+
+def test_embedded_runtime_refuses_a_tensorrt_plan():
+    with pytest.raises(ValueError, match="--runtime native"):
+        render_configs(S, manifest("trt-fp16", "tensorrt_plan", "fp16"), "c" * 64, "embedded")
+
+
+def test_dims_come_from_the_manifest_not_from_code():
+    configs = render_configs(S, manifest(dim=768), "c" * 64, "embedded")
+    assert configs["embed"].output[0].dims == [768]
+    assert list(configs["score"].input[1].dims) == [-1, 768]
+    assert configs["similarity"].input[0].dims == [768]
+
+
+def test_queue_policy_rejects_when_bounded():
+    from dataclasses import replace
+
+    bounded = replace(S, batching=replace(S.batching, max_queue_size=16))
+    tokenizer = render_configs(bounded, manifest(), "c" * 64, "embedded")["tokenizer"]
+    policy = tokenizer.dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == 16 and policy.timeout_action == mc.ModelQueuePolicy.REJECT
