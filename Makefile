@@ -11,7 +11,7 @@ VARIANT ?= onnx-int8
 RUNTIME ?= embedded
 EXPORT_ARGS ?=
 
-.PHONY: venv export repository serve demo test bench clean
+.PHONY: venv export repository serve demo test bench bench-serving evaluate clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -30,14 +30,23 @@ repository: venv                 ## render build/model_repository from the expor
 serve: repository                ## tritonserver on loopback: HTTP 8000, gRPC 8001, metrics 8002
 	$(PY) -m server
 
-demo: repository                 ## export, build, start Triton, run a real request, stop
-	$(PY) -m demo
+demo: repository                 ## export, build, start Triton, recommend for a MovieLens user, stop
+	$(PY) -m demo $(if $(DATA),--data $(DATA))
 
 test: venv                       ## the whole suite against a real tritonserver
 	$(PY) -m pytest -q tests
 
 bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX variant
+	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8 $(EXPORT_ARGS)
 	$(PY) -m export.bench
+
+bench-serving: venv              ## perf_analyzer: embed / encoder through Triton vs the bare encoder
+	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)
+	$(PY) -m loadtest.serving_bench --variant $(VARIANT)
+
+DATA ?= ../shared/data/movielens-latest-small
+evaluate: repository             ## offline quality on a MovieLens-format directory: make evaluate DATA=dir
+	$(PY) -m server --free-ports -- $(PY) -m client.evaluate $(DATA)
 
 clean:
 	rm -rf build

@@ -17,6 +17,7 @@ MODEL_REPOSITORY_DIR = BUILD_DIR / "model_repository"
 # Real data beside the checkout (tests and benchmarks only; nothing here is shipped).
 SHARED_DATA_DIR = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 STSB_DEV = SHARED_DATA_DIR / "stsbenchmark-train-dev" / "sts-dev.csv"
+MOVIELENS_DIR = SHARED_DATA_DIR / "movielens-latest-small"
 
 
 def default_model_dir() -> Path:

@@ -33,6 +33,15 @@ class ServerError(RuntimeError):
     pass
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for tests and benchmarks that run their own server)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def pytriton_root() -> Path:
     import pytriton
 

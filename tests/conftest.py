@@ -3,7 +3,6 @@ hash in each manifest); integration tests start the real tritonserver on free lo
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,14 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import settings  # noqa: E402
+from server.launcher import free_port  # noqa: E402
 
 EXPORTED_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,99 @@
+"""python -m export.bench: the bare encoder, PyTorch FP32 against every exported ONNX variant.
+
+One run, one table: p50 latency at batch 1 x 16 tokens and batch 32 x 128 tokens, throughput at b32/s128,
+and each figure as a ratio to PyTorch FP32. All threads of the machine are used by every runtime.
+Writes build/reports/export_bench.json for the benchmark report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+import settings
+from export.manifest import read_manifest
+from export.runners import OrtRunner, TorchRunner
+
+SHAPES = {"b1/s16": (1, 16), "b32/s128": (32, 128)}
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) -> list[float]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 29000, size=(batch, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    for _ in range(3):
+        runner(ids, mask)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (time.perf_counter() - start < budget_s or len(times) < 5):
+        t0 = time.perf_counter()
+        runner(ids, mask)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
+    parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
+    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8")
+    parser.add_argument("--seconds", type=float, default=8.0, help="time budget per runner and shape")
+    parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "export_bench.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from export.onnx_export import load_torch_encoder
+    from export.source import load_source
+
+    torch.set_num_threads(os.cpu_count())
+    source = load_source(settings.default_model_dir())
+    runners = [TorchRunner(load_torch_encoder(source, attn_implementation="sdpa"), name="pytorch-fp32")]
+    for variant in args.variants.split(","):
+        directory = args.export_dir / variant
+        if not (directory / "manifest.json").exists():
+            print(f"skipping {variant}: not exported (run `make export`)")
+            continue
+        runners.append(OrtRunner(directory / read_manifest(directory)["artifact"]["file"], name=variant))
+
+    rows = []
+    for runner in runners:
+        row = {"runtime": runner.name}
+        for label, (batch, seq) in SHAPES.items():
+            times = time_runner(runner, batch, seq, args.seconds, max_runs=2000)
+            row[label] = {"p50_ms": 1000 * float(np.median(times)), "p90_ms": 1000 * float(np.percentile(times, 90)),
+                          "runs": len(times), "seq_per_s": batch / float(np.median(times))}
+        rows.append(row)
+        print(f"  measured {runner.name}", flush=True)
+
+    base = rows[0]
+    print(f"\nBare encoder, {source.path.name} ({source.num_layers} layers, dim {source.dim}); {machine()}")
+    print(f"{'runtime':<14}{'b1/s16 p50 ms':>15}{'vs torch':>10}{'b32/s128 p50 ms':>17}{'seq/s':>9}{'vs torch':>10}")
+    for row in rows:
+        small, large = row["b1/s16"], row["b32/s128"]
+        print(f"{row['runtime']:<14}{small['p50_ms']:>15.2f}{base['b1/s16']['p50_ms'] / small['p50_ms']:>9.2f}x"
+              f"{large['p50_ms']:>17.1f}{large['seq_per_s']:>9.0f}{large['seq_per_s'] / base['b32/s128']['seq_per_s']:>9.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

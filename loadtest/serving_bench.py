@@ -1,0 +1,130 @@
+"""python -m loadtest.serving_bench: what Triton adds on top of the bare encoder, measured by perf_analyzer.
+
+In one run, on the same texts and token lengths:
+1. the bare encoder: ONNX Runtime in this process (no server), b1 and b32;
+2. Triton's `encoder` model alone (token ids in, via perf_analyzer over gRPC);
+3. Triton's `embed` ensemble (text in: tokenizer -> encoder), via perf_analyzer over gRPC.
+The difference between 1 and 3 is the ensemble + IPC + protocol overhead. perf_analyzer is the outside
+client (the tritonclient 2.51 wheel ships it). Writes build/reports/serving_bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+import settings
+from export.bench import machine, time_runner
+from export.runners import OrtRunner, tokenize
+
+# Real text (from this project's gate set), cut to the token lengths the export benchmark uses.
+SHORT_TEXT = "How do I reset my password if I no longer have access to my email?"  # 17 tokens with specials
+
+
+def long_text(tokenizer, tokens: int) -> str:
+    from export.gate import load_gate_sentences
+
+    paragraph = max(load_gate_sentences()[0], key=len)
+    ids = tokenizer(paragraph, add_special_tokens=False)["input_ids"][: tokens - 2]
+    return tokenizer.decode(ids)
+
+
+def perf_analyzer_libs() -> Path:
+    """perf_analyzer links libb64 and libcudart, which nvidia-pytriton's bundled libs provide."""
+    import pytriton
+
+    libs = Path(pytriton.__file__).resolve().parents[1] / "nvidia_pytriton.libs"
+    target = settings.BUILD_DIR / "perf_analyzer_libs"
+    target.mkdir(parents=True, exist_ok=True)
+    for pattern, names in (("libb64-*", ["libb64.so.0d"]), ("libcudart-*", ["libcudart.so.12"])):
+        source = next(libs.glob(pattern))
+        for name in names:
+            link = target / name
+            if not link.exists():
+                link.symlink_to(source)
+    return target
+
+
+def run_perf_analyzer(url: str, model: str, batch: int, data: dict, concurrency: int, seconds: float) -> dict:
+    import sys
+
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file, csv_file = Path(tmp) / "data.json", Path(tmp) / "out.csv"
+        data_file.write_text(json.dumps({"data": [data]}))
+        command = [str(binary), "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
+                   "--input-data", str(data_file), f"--concurrency-range={concurrency}",
+                   "--measurement-interval", str(int(seconds * 1000)), "--stability-percentage=20",
+                   "--max-trials=5", "-f", str(csv_file)]
+        env = {**os.environ, "LD_LIBRARY_PATH": str(perf_analyzer_libs())}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        if result.returncode != 0 or not csv_file.exists():
+            raise RuntimeError(f"perf_analyzer failed:\n{result.stdout}\n{result.stderr}")
+        row = next(csv.DictReader(csv_file.open()))
+    return {"p50_ms": float(row["p50 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
+            "infer_per_s": float(row["Inferences/Second"]), "concurrency": concurrency, "batch": batch}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.serving_bench", description=__doc__)
+    parser.add_argument("--variant", default="onnx-int8")
+    parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer measurement window")
+    parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "serving_bench.json")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from model_repository.render import build_repository
+    from server.launcher import TritonServer, free_port
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
+    texts = {"b1": SHORT_TEXT, "b32": long_text(tokenizer, 128)}
+    shapes = {"b1": 1, "b32": 32}
+    encoded = {k: tokenize(tokenizer, [texts[k]] * shapes[k], 256) for k in texts}
+    print(f"token lengths: b1 {encoded['b1'][0].shape[1]}, b32 {encoded['b32'][0].shape[1]}", flush=True)
+
+    bare = OrtRunner(settings.EXPORT_DIR / args.variant / "model.onnx", name=args.variant)
+    rows = {}
+    for key, (ids, mask) in encoded.items():
+        times = time_runner(lambda a, b, i=ids, m=mask: bare(i, m), *ids.shape, budget_s=args.seconds, max_runs=3000)
+        rows[f"bare {key}"] = {"p50_ms": 1000 * float(np.median(times)), "infer_per_s": shapes[key] / float(np.median(times))}
+    print("bare encoder measured", flush=True)
+
+    repo = build_repository(settings.SETTINGS, settings.EXPORT_DIR, args.variant, "embedded",
+                            settings.BUILD_DIR / "bench_repository")
+    server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
+                              metrics_port=free_port())
+    with TritonServer(repo, server_settings, log_file=settings.BUILD_DIR / "bench_triton.log") as server:
+        url = server.server.grpc_url
+        for key, (ids, mask) in encoded.items():
+            token_data = {"input_ids": {"content": ids[0].tolist(), "shape": [ids.shape[1]]},
+                          "attention_mask": {"content": mask[0].tolist(), "shape": [ids.shape[1]]}}
+            text_data = {"TEXT": {"content": [texts[key]], "shape": [1]}}
+            rows[f"encoder {key}"] = run_perf_analyzer(url, "encoder", shapes[key], token_data, 1, args.seconds)
+            rows[f"embed {key}"] = run_perf_analyzer(url, "embed", shapes[key], text_data, 1, args.seconds)
+            print(f"{key} measured", flush=True)
+
+    print(f"\nServing {args.variant} on the embedded runtime, perf_analyzer over gRPC, concurrency 1; {machine()}")
+    print(f"{'path':<14}{'p50 ms':>10}{'seq/s':>10}")
+    for name, row in rows.items():
+        print(f"{name:<14}{row['p50_ms']:>10.2f}{row['infer_per_s']:>10.0f}")
+    overhead = rows["embed b1"]["p50_ms"] - rows["bare b1"]["p50_ms"]
+    ratio = rows["embed b32"]["infer_per_s"] / rows["bare b32"]["infer_per_s"]
+    print(f"\nembed b1 p50 {rows['embed b1']['p50_ms']:.2f} ms; overhead over the bare encoder {overhead:.2f} ms")
+    print(f"embed b32 throughput = {100 * ratio:.1f}% of the bare encoder")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "variant": args.variant, "rows": rows,
+                                    "b1_overhead_ms": overhead, "b32_throughput_ratio": ratio}, indent=2))
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
