@@ -1,0 +1,93 @@
+"""Client pieces that need no server: catalog parsing, the index's encoder guard, retries, the split."""
+import time
+
+import numpy as np
+import pytest
+
+from client.catalog import read_interactions, read_items
+from client.evaluate import ranking_metrics, time_split
+from client.index import EncoderMismatch, IndexSettings, ItemIndex
+from client.triton import RetryPolicy, ServingError, TritonClient
+from server.launcher import free_port
+
+ENCODER_A = {"export_variant": "onnx-int8", "export_manifest_sha256": "a" * 64}
+ENCODER_B = {"export_variant": "onnx-fp32", "export_manifest_sha256": "b" * 64}
+
+
+def test_malformed_catalog_rows_are_reported_by_line_and_the_rest_is_kept(tmp_path):
+    movies = tmp_path / "movies.csv"
+    movies.write_text('movieId,title,genres\n1,Toy Story (1995),Adventure|Animation\nx,Bad Id,Drama\n'
+                      '2,"Heat, The (1995)",Action|Crime\n3,,Drama\n1,Duplicate,Drama\n4,Only two fields\n'
+                      '5,No Genres (2000),(no genres listed)\n')
+    items, errors = read_items(movies)
+    assert [i.item_id for i in items] == [1, 2, 5]
+    assert items[1].title == "Heat, The (1995)" and items[2].categories == ()
+    assert items[0].text == "Toy Story (1995). Genres: Adventure, Animation"
+    assert [(e.line, e.reason.split()[0]) for e in errors] == [(3, "movieId"), (5, "empty"), (6, "duplicate"), (7, "expected")]
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text("userId,movieId,rating,timestamp\n1,1,4.0,20\n1,2,five,30\n2,99,3.0,10\n1,5,3.5,10\n")
+    data, rating_errors = read_interactions(ratings, {1, 2, 5})
+    assert data.item.tolist() == [5, 1]  # sorted by time within the user
+    assert [e.line for e in rating_errors] == [3, 4]
+
+
+def test_index_refuses_queries_from_another_encoder_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(200, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = ItemIndex(np.arange(1000, 1200), vectors, ENCODER_A)
+    ids, scores = index.search(vectors[:3], 5, ENCODER_A)
+    assert ids[:, 0].tolist() == [1000, 1001, 1002] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+    with pytest.raises(EncoderMismatch, match="re-index"):
+        index.search(vectors[:1], 5, ENCODER_B)
+    index.save(tmp_path / "idx")
+    loaded = ItemIndex.load(tmp_path / "idx")
+    assert loaded.encoder == ENCODER_A and loaded.search(vectors[:1], 1, ENCODER_A)[0][0, 0] == 1000
+
+
+def test_hnsw_index_agrees_with_exact_search_on_small_data():
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(2000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    exact = ItemIndex(np.arange(2000), vectors, ENCODER_A, IndexSettings(kind="flat"))
+    approx = ItemIndex(np.arange(2000), vectors, ENCODER_A, IndexSettings(kind="hnsw", hnsw_ef_search=128))
+    queries = rng.normal(size=(50, 32)).astype(np.float32)
+    e, _ = exact.search(queries, 10, ENCODER_A)
+    a, _ = approx.search(queries, 10, ENCODER_A)
+    recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(e, a)])
+    assert recall >= 0.9
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_down_server_gets_bounded_retries_then_a_clear_error(protocol):
+    policy = RetryPolicy(attempts=3, initial_backoff_s=0.1, max_backoff_s=1.0)
+    client = TritonClient(f"127.0.0.1:{free_port()}", protocol=protocol, retry=policy, timeout_s=2)
+    started = time.perf_counter()
+    with pytest.raises(ServingError, match="after 3 attempts"):
+        client.embed(["hello"])
+    assert time.perf_counter() - started >= 0.1 + 0.2  # the two back-offs were taken
+
+
+def test_time_split_never_leaks_test_positives_into_history(tmp_path):
+    ratings = tmp_path / "ratings.csv"
+    rows = ["userId,movieId,rating,timestamp"]
+    for user in (1, 2):
+        rows += [f"{user},{item},{4.5 if item % 2 else 2.0},{100 + item}" for item in range(10)]
+    rows.append("3,1,5.0,1")  # a single interaction stays in history
+    ratings.write_text("\n".join(rows) + "\n")
+    data, _ = read_interactions(ratings)
+    history, truth = time_split(data)
+    assert truth == {1: {9}, 2: {9}}  # the last 20%: items 8 (2.0, not positive) and 9
+    for user, items in truth.items():
+        mine = history.take(history.user == user)
+        assert not set(mine.item.tolist()) & items
+        assert mine.time.max() < 100 + 8
+    assert 3 in set(history.user.tolist()) and 3 not in truth
+
+
+def test_ranking_metrics_on_a_known_list():
+    m = ranking_metrics([5, 1, 7], truth={1, 9}, n_items=10, n_seen=2)
+    assert m["recall@10"] == 0.5 and m["recall@50"] == 0.5
+    assert m["ndcg@10"] == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
+    # 6 negatives; item 1 beats 5 of them, item 9 is unranked and ties with the 4 unranked negatives.
+    assert m["auc"] == pytest.approx((5 + 0.5 * 4) / (2 * 6))
