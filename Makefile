@@ -11,7 +11,7 @@ VARIANT ?= onnx-int8
 RUNTIME ?= embedded
 EXPORT_ARGS ?=
 
-.PHONY: venv export repository serve demo test bench bench-serving evaluate clean
+.PHONY: venv loadtest-venv export repository serve demo test bench bench-serving evaluate loadtest clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -19,6 +19,15 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
+
+LOADTEST_VENV := .venv-loadtest
+LOADTEST_STAMP := $(LOADTEST_VENV)/.installed
+loadtest-venv: $(LOADTEST_STAMP)
+$(LOADTEST_STAMP): loadtest/requirements.txt
+	$(PYTHON) -m venv $(LOADTEST_VENV)
+	$(LOADTEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOADTEST_VENV)/bin/python -m pip install --quiet -r loadtest/requirements.txt
+	touch $(LOADTEST_STAMP)
 
 export: venv                     ## ONNX variants (+ TensorRT where present), each gated against PyTorch
 	$(PY) -m export $(EXPORT_ARGS)
@@ -33,7 +42,7 @@ serve: repository                ## tritonserver on loopback: HTTP 8000, gRPC 80
 demo: repository                 ## export, build, start Triton, recommend for a MovieLens user, stop
 	$(PY) -m demo $(if $(DATA),--data $(DATA))
 
-test: venv                       ## the whole suite against a real tritonserver
+test: venv loadtest-venv         ## the whole suite against a real tritonserver
 	$(PY) -m pytest -q tests
 
 bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX variant
@@ -47,6 +56,14 @@ bench-serving: venv              ## perf_analyzer: embed / encoder through Trito
 DATA ?= ../shared/data/movielens-latest-small
 evaluate: repository             ## offline quality on a MovieLens-format directory: make evaluate DATA=dir
 	$(PY) -m server --free-ports -- $(PY) -m client.evaluate $(DATA)
+
+USERS ?= 8
+DURATION ?= 30
+PROTOCOL ?= http
+LOADTEST_ARGS ?=
+loadtest: repository loadtest-venv  ## Locust headless against a local server: make loadtest USERS=8 DURATION=30 PROTOCOL=grpc
+	$(PY) -m server --free-ports -- $(LOADTEST_VENV)/bin/python -m loadtest.run --protocol $(PROTOCOL) \
+		--users $(USERS) --duration $(DURATION) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf build

@@ -25,15 +25,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
     parser.add_argument("--out", type=Path, default=settings.MODEL_REPOSITORY_DIR)
     parser.add_argument("--version", type=int, default=1, help="model version directory (default: %(default)s)")
+    batching = settings.SETTINGS.batching
+    parser.add_argument("--max-queue-size", type=int, default=batching.max_queue_size,
+                        help="backpressure: reject (UNAVAILABLE/503) beyond this many queued requests per model; 0 = unbounded")
+    parser.add_argument("--queue-timeout-ms", type=float, default=batching.queue_timeout_us / 1000,
+                        help="backpressure: reject requests queued longer than this; 0 = no timeout")
     args = parser.parse_args(argv)
+    from dataclasses import replace
+
+    chosen = replace(settings.SETTINGS, batching=replace(
+        batching, max_queue_size=args.max_queue_size, queue_timeout_us=int(args.queue_timeout_ms * 1000)))
     try:
         if args.command == "show":
             manifest_text = (args.export_dir / args.variant / "manifest.json").read_text()
             sha = hashlib.sha256(manifest_text.encode()).hexdigest()
-            for name, config in render_configs(settings.SETTINGS, json.loads(manifest_text), sha, args.runtime).items():
+            for name, config in render_configs(chosen, json.loads(manifest_text), sha, args.runtime).items():
                 print(f"# ---- {name}/config.pbtxt\n{to_pbtxt(config)}")
             return 0
-        out = build_repository(settings.SETTINGS, args.export_dir, args.variant, args.runtime, args.out, args.version)
+        out = build_repository(chosen, args.export_dir, args.variant, args.runtime, args.out, args.version)
     except (FileNotFoundError, ValueError) as error:
         print(f"model_repository: error: {error}", file=sys.stderr)
         return 2

@@ -37,9 +37,11 @@ def _parameters(config: mc.ModelConfig, values: dict) -> None:
 def _batching(config: mc.ModelConfig, settings: Settings, delay_us: int) -> None:
     config.max_batch_size = settings.batching.max_batch_size
     config.dynamic_batching.max_queue_delay_microseconds = delay_us
-    if settings.batching.max_queue_size > 0:
+    b = settings.batching
+    if b.max_queue_size > 0 or b.queue_timeout_us > 0:
         policy = config.dynamic_batching.default_queue_policy
-        policy.max_queue_size = settings.batching.max_queue_size
+        policy.max_queue_size = b.max_queue_size
+        policy.default_timeout_microseconds = b.queue_timeout_us
         policy.timeout_action = mc.ModelQueuePolicy.REJECT
 
 

@@ -1,0 +1,43 @@
+"""A short Locust run against the real server (CI's load test): 0 failures, and the report is complete."""
+import json
+import subprocess
+
+import pytest
+
+import settings
+
+LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"
+
+
+def run_loadtest(server, out, *args):
+    s = server.server
+    command = [str(LOADTEST_PYTHON), "-m", "loadtest.run", "--host", s.host, "--http-port", str(s.http_port),
+               "--grpc-port", str(s.grpc_port), "--out", str(out), *args]
+    return subprocess.run(command, cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loadtest_venv():
+    if not LOADTEST_PYTHON.exists():
+        pytest.fail("the load-test venv is missing: `make test` builds it (make loadtest-venv)")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_short_load_has_no_failures(triton, tmp_path, protocol):
+    server = triton("onnx-int8")
+    result = run_loadtest(server, tmp_path, "--protocol", protocol, "--users", "3", "--duration", "15",
+                          "--slo-failure-rate", "0")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    agg = summary["aggregated"]
+    assert agg["requests"] > 50 and agg["failures"] == 0
+    assert set(summary["tasks"]) == {"embed", "score", "recommend"}
+    assert (tmp_path / "report.html").stat().st_size > 1000 and (tmp_path / "load.png").exists()
+
+
+def test_a_violated_slo_fails_the_run(triton, tmp_path):
+    result = run_loadtest(triton("onnx-int8"), tmp_path, "--users", "1", "--duration", "4", "--tasks", "embed:1",
+                          "--slo-p99-ms", "0.01")
+    assert result.returncode == 1
+    assert "SLO violated: p99" in result.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["slo_violations"]
