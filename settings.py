@@ -66,7 +66,7 @@ class BatchingSettings:
     # whose texts differ a little in length (it only merges equal shapes).
     pad_to_multiple_of: int = 8
     # Backpressure: Triton rejects with UNAVAILABLE (HTTP 503) instead of queueing without bound.
-    # Applied to every composing model's queue; 0 = unbounded (Triton's default).
+    # Applied at the ensembles' entry step (tokenizer); 0 = unbounded (Triton's default).
     max_queue_size: int = 0
     # Requests that waited longer than this in a queue are rejected too; 0 = no timeout.
     queue_timeout_us: int = 0

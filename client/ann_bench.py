@@ -1,6 +1,6 @@
 """python -m client.ann_bench: recall at catalog scale, 1M vectors of dim 384 on this machine.
 
-The vectors are synthetic but shaped like sentence embeddings: unit vectors scattered around 4,000 topic
+The vectors are synthetic but shaped like sentence embeddings: unit vectors scattered around 20,000 topic
 centres (clustered, unlike uniform noise, which no ANN index can search well and no encoder produces).
 Queries are perturbed catalog vectors. Ground truth is exact inner-product search.
 
@@ -53,15 +53,17 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--centres", type=int, default=20000, help="topic centres; more = harder")
+    parser.add_argument("--spread", type=float, default=2.0, help="noise around a centre; more = harder")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "ann_bench.json")
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(1)  # single-query latency: one thread per query, as a request would see it
 
     t0 = time.perf_counter()
-    data = clustered_unit_vectors(args.n, args.dim, centres=4000, spread=1.2, seed=0)
+    data = clustered_unit_vectors(args.n, args.dim, centres=args.centres, spread=args.spread, seed=0)
     # Queries: perturbed copies of random catalog vectors (a user's taste sits near items, not on them).
     queries = data[np.random.default_rng(1).choice(args.n, args.queries, replace=False)] + 0.0
-    queries += 0.3 * np.random.default_rng(2).normal(size=queries.shape).astype(np.float32) / np.sqrt(args.dim)
+    queries += 1.0 * np.random.default_rng(2).normal(size=queries.shape).astype(np.float32) / np.sqrt(args.dim)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     print(f"data: {args.n} x {args.dim} in {time.perf_counter() - t0:.1f} s; rss {rss_mb():.0f} MB", flush=True)
 
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
              "recall@10": 1.0}]
     print("exact search measured", flush=True)
 
-    candidates = [("ivf4096,flat", 4096, [16, 32, 64])]
+    candidates = [("ivf4096,flat", 4096, [16, 32, 64, 128])]
     for name, nlist, probes in candidates:
         faiss.omp_set_num_threads(2)
         t0 = time.perf_counter()

@@ -29,6 +29,9 @@ PROTOCOL = os.environ.get("LOADTEST_PROTOCOL", "http")
 GRPC_URL = os.environ.get("LOADTEST_GRPC_URL", settings.SETTINGS.server.grpc_url)
 WEIGHTS = {name: int(weight) for name, weight in
            (item.split(":") for item in os.environ.get("LOADTEST_TASKS", "embed:6,score:3,recommend:1").split(","))}
+# A rejected request (HTTP 503 / gRPC UNAVAILABLE: Triton's queue policy shedding load) makes the simulated
+# client back off like client.triton.RetryPolicy does, instead of hammering an overloaded server.
+REJECTED_BACKOFF_S = float(os.environ.get("LOADTEST_REJECTED_BACKOFF_S", "0.05"))
 T = settings.SETTINGS.tensors
 M = settings.SETTINGS.models
 WORKLOAD = Workload.load(with_recommender=WEIGHTS.get("recommend", 0) > 0, grpc_url=GRPC_URL)
@@ -71,6 +74,8 @@ class TritonHttpUser(FastHttpUser):
         with self.client.post(f"/v2/models/{model}/infer", json=body, name=name, catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:120]}")
+                if response.status_code == 503:
+                    time.sleep(REJECTED_BACKOFF_S)  # gevent-patched: yields to other users
 
     @task(WEIGHTS.get("embed", 0))
     def embed(self):
@@ -115,6 +120,8 @@ class TritonGrpcUser(User):
         except Exception as exc:
             error = exc
         fire("grpc", name, started, error)
+        if error is not None and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
+            time.sleep(REJECTED_BACKOFF_S)
 
     def _text_input(self):
         tensor = self.grpc.InferInput(T.text, [1, 1], "BYTES")

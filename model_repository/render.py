@@ -34,11 +34,13 @@ def _parameters(config: mc.ModelConfig, values: dict) -> None:
         config.parameters[key].string_value = str(value)
 
 
-def _batching(config: mc.ModelConfig, settings: Settings, delay_us: int) -> None:
+def _batching(config: mc.ModelConfig, settings: Settings, delay_us: int, entry: bool = False) -> None:
+    """Dynamic batching; on the entry step of the ensembles (the tokenizer) also the queue policy.
+    Rejecting there costs nothing; rejecting at a later step would throw away work already done."""
     config.max_batch_size = settings.batching.max_batch_size
     config.dynamic_batching.max_queue_delay_microseconds = delay_us
     b = settings.batching
-    if b.max_queue_size > 0 or b.queue_timeout_us > 0:
+    if entry and (b.max_queue_size > 0 or b.queue_timeout_us > 0):
         policy = config.dynamic_batching.default_queue_policy
         policy.max_queue_size = b.max_queue_size
         policy.default_timeout_microseconds = b.queue_timeout_us
@@ -53,7 +55,7 @@ def _instances(config: mc.ModelConfig, count: int, gpu: bool = False) -> None:
 def tokenizer_config(settings: Settings, max_length: int) -> mc.ModelConfig:
     t = settings.tensors
     config = mc.ModelConfig(name=settings.models.tokenizer, backend="python")
-    _batching(config, settings, settings.batching.tokenizer_queue_delay_us)
+    _batching(config, settings, settings.batching.tokenizer_queue_delay_us, entry=True)
     _tensor(config.input, t.text, mc.TYPE_STRING, [1])
     _tensor(config.output, t.input_ids, mc.TYPE_INT64, [-1])
     _tensor(config.output, t.attention_mask, mc.TYPE_INT64, [-1])

@@ -96,7 +96,11 @@ def test_dims_come_from_the_manifest_not_from_code():
 def test_queue_policy_rejects_when_bounded():
     from dataclasses import replace
 
-    bounded = replace(S, batching=replace(S.batching, max_queue_size=16))
-    tokenizer = render_configs(bounded, manifest(), "c" * 64, "embedded")["tokenizer"]
-    policy = tokenizer.dynamic_batching.default_queue_policy
+    bounded = replace(S, batching=replace(S.batching, max_queue_size=16, queue_timeout_us=20000))
+    configs = render_configs(bounded, manifest(), "c" * 64, "embedded")
+    policy = configs["tokenizer"].dynamic_batching.default_queue_policy
     assert policy.max_queue_size == 16 and policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert policy.default_timeout_microseconds == 20000
+    # Only the entry step rejects: a later rejection would waste the work done before it.
+    for later in ("encoder", "similarity"):
+        assert not configs[later].dynamic_batching.HasField("default_queue_policy")
