@@ -74,7 +74,9 @@ class BatchingSettings:
 
 @dataclass(frozen=True)
 class InstanceSettings:
-    tokenizer: int = 1
+    # Two: tokenization is cheap, and with one instance Triton 2.51's queue policy stalls accepted requests
+    # for ~0.5 s once it starts rejecting (measured here; see the README's backpressure section).
+    tokenizer: int = 2
     encoder: int = 1
     similarity: int = 1
     # ONNX Runtime threads per encoder instance (embedded runtime); 0 = ORT's default (all cores).
