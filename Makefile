@@ -11,7 +11,7 @@ VARIANT ?= onnx-int8
 RUNTIME ?= embedded
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve demo test bench bench-serving evaluate loadtest clean
+.PHONY: venv loadtest-venv export repository serve demo test bench bench-serving evaluate loadtest report clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -64,6 +64,10 @@ LOADTEST_ARGS ?=
 loadtest: repository loadtest-venv  ## Locust headless against a local server: make loadtest USERS=8 DURATION=30 PROTOCOL=grpc
 	$(PY) -m server --free-ports -- $(LOADTEST_VENV)/bin/python -m loadtest.run --protocol $(PROTOCOL) \
 		--users $(USERS) --duration $(DURATION) $(LOADTEST_ARGS)
+
+report: loadtest-venv venv       ## every benchmark in one run -> build/reports/REPORT.md with plots
+	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m loadtest.report --variant $(VARIANT)
 
 clean:
 	rm -rf build

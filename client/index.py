@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-FLAT_LIMIT = 50_000  # exact search up to here; HNSW above
+FLAT_LIMIT = 50_000  # exact search up to here; IVF above (measured: client/ann_bench.py)
 
 
 class EncoderMismatch(RuntimeError):
@@ -22,7 +22,9 @@ class EncoderMismatch(RuntimeError):
 
 @dataclass(frozen=True)
 class IndexSettings:
-    kind: str = "auto"          # auto | flat | hnsw
+    kind: str = "auto"          # auto (flat up to FLAT_LIMIT, else ivf) | flat | ivf | hnsw
+    ivf_lists: int = 0          # 0 = 4 * sqrt(n), capped at 4096
+    ivf_probe: int = 16         # 1M real-derived vectors: recall@10 0.987, p99 2 ms on 2 cores
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 64
@@ -40,11 +42,18 @@ class ItemIndex:
         self.settings = settings
         self.position = {int(item): row for row, item in enumerate(self.item_ids)}
         dim = self.vectors.shape[1]
-        kind = settings.kind if settings.kind != "auto" else ("flat" if len(self.item_ids) <= FLAT_LIMIT else "hnsw")
+        kind = settings.kind if settings.kind != "auto" else ("flat" if len(self.item_ids) <= FLAT_LIMIT else "ivf")
         self.kind = kind
         started = time.perf_counter()
         if kind == "flat":
             self.index = faiss.IndexFlatIP(dim)  # inner product = cosine on normalized vectors
+        elif kind == "ivf":
+            lists = settings.ivf_lists or int(min(4096, max(16, 4 * np.sqrt(len(self.item_ids)))))
+            self._quantizer = faiss.IndexFlatIP(dim)  # kept referenced: the IVF index does not own it
+            self.index = faiss.IndexIVFFlat(self._quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+            sample = self.vectors[np.random.default_rng(0).choice(len(self.vectors), min(len(self.vectors), 40 * lists), replace=False)]
+            self.index.train(sample)
+            self.index.nprobe = settings.ivf_probe
         elif kind == "hnsw":
             self.index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = settings.hnsw_ef_construction

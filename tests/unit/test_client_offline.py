@@ -45,13 +45,16 @@ def test_index_refuses_queries_from_another_encoder_and_round_trips(tmp_path):
     assert loaded.encoder == ENCODER_A and loaded.search(vectors[:1], 1, ENCODER_A)[0][0, 0] == 1000
 
 
-def test_hnsw_index_agrees_with_exact_search_on_small_data():
+@pytest.mark.parametrize("kind, options", [("hnsw", {"hnsw_ef_search": 128}), ("ivf", {"ivf_probe": 16})])
+def test_approximate_indexes_agree_with_exact_search(kind, options):
     rng = np.random.default_rng(1)
-    vectors = rng.normal(size=(2000, 32)).astype(np.float32)
+    centres = rng.normal(size=(100, 32)).astype(np.float32)
+    vectors = centres[rng.integers(0, 100, 5000)] + 0.3 * rng.normal(size=(5000, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    exact = ItemIndex(np.arange(2000), vectors, ENCODER_A, IndexSettings(kind="flat"))
-    approx = ItemIndex(np.arange(2000), vectors, ENCODER_A, IndexSettings(kind="hnsw", hnsw_ef_search=128))
-    queries = rng.normal(size=(50, 32)).astype(np.float32)
+    exact = ItemIndex(np.arange(5000), vectors, ENCODER_A, IndexSettings(kind="flat"))
+    approx = ItemIndex(np.arange(5000), vectors, ENCODER_A, IndexSettings(kind=kind, **options))
+    assert approx.kind == kind
+    queries = vectors[:50] + 0.1 * rng.normal(size=(50, 32)).astype(np.float32)
     e, _ = exact.search(queries, 10, ENCODER_A)
     a, _ = approx.search(queries, 10, ENCODER_A)
     recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(e, a)])
