@@ -29,7 +29,7 @@ def main(argv=None) -> int:
                               metrics_port=free_port())
     started = time.perf_counter()
     try:
-        with TritonServer(args.repository, server_settings, log_file=settings.BUILD_DIR / "demo_triton.log") as server:
+        with TritonServer(args.repository, server_settings, log_file=settings.BUILD_DIR / "demo_triton.log"):
             print(f"[demo] tritonserver ready in {time.perf_counter() - started:.1f} s on {server_settings.host} "
                   f"(gRPC {server_settings.grpc_port}, HTTP {server_settings.http_port})")
             run_demo(server_settings, args.protocol, args.data, args.user)

@@ -123,7 +123,6 @@ def main(argv=None) -> int:
              "recall@10": 1.0}]
     print("exact search measured", flush=True)
 
-    from dataclasses import replace
 
     from client.index import IndexSettings, ItemIndex
 

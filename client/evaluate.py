@@ -14,7 +14,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import numpy as np
 import settings
 from client.catalog import Interactions, load_movielens
 from client.index import build_catalog_index
-from client.recommend import Recommender, RecommenderSettings
+from client.recommend import Recommender
 from client.triton import TritonClient
 
 TEST_FRACTION = 0.2

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import settings
-from export.bench import machine
 
 REPORTS = settings.BUILD_DIR / "reports"
 LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     else:
         planned = args.duration
     try:
-        result = subprocess.run(command, env=env, cwd=settings.REPO_ROOT, timeout=planned + 180)
+        subprocess.run(command, env=env, cwd=settings.REPO_ROOT, timeout=planned + 180)
     except subprocess.TimeoutExpired:
         print("[loadtest] locust did not exit in time and was killed", file=sys.stderr)
     if not (args.out / "locust_stats.csv").exists():
