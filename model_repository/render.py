@@ -71,28 +71,38 @@ def tokenizer_config(settings: Settings, max_length: int) -> mc.ModelConfig:
     return config
 
 
-def manifest_parameters(manifest: dict, manifest_sha: str) -> dict:
-    """What `GET /v2/models/encoder/config` shows about the export that is serving."""
+def manifest_parameters(manifest: dict, manifest_sha: str, prefix: str = "export_") -> dict:
+    """What `GET /v2/models/encoder/config` shows about an export."""
     return {
-        "export_variant": manifest["variant"],
-        "export_manifest_sha256": manifest_sha,
-        "export_artifact_sha256": manifest["artifact"]["sha256"],
-        "export_source_sha256": manifest["source"]["sha256"],
-        "export_exported_at": manifest["exported_at"],
+        f"{prefix}variant": manifest["variant"],
+        f"{prefix}manifest_sha256": manifest_sha,
+        f"{prefix}artifact_sha256": manifest["artifact"]["sha256"],
+        f"{prefix}source_sha256": manifest["source"]["sha256"],
+        f"{prefix}exported_at": manifest["exported_at"],
     }
 
 
-def encoder_config(settings: Settings, manifest: dict, manifest_sha: str, runtime: str) -> mc.ModelConfig:
+def encoder_config(settings: Settings, manifest: dict, manifest_sha: str, runtime: str,
+                   versions: dict[int, tuple[dict, str]] | None = None, stable: int | None = None) -> mc.ModelConfig:
+    """`manifest` is the stable version's. With several `versions` ({version: (manifest, sha)}) all of them
+    load (version policy `specific`), and each one's identity is in `export_v<N>_*` parameters; the plain
+    `export_*` parameters always describe the version the public ensembles serve."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
     t = settings.tensors
     dim = manifest["encoder"]["dim"]
     config = mc.ModelConfig(name=settings.models.encoder)
+    if versions:
+        config.version_policy.specific.versions.extend(sorted(versions))
     _batching(config, settings, settings.batching.encoder_queue_delay_us)
     _tensor(config.input, t.input_ids, mc.TYPE_INT64, [-1])
     _tensor(config.input, t.attention_mask, mc.TYPE_INT64, [-1])
     _tensor(config.output, t.encoder_output, mc.TYPE_FP32, [dim])
     params = manifest_parameters(manifest, manifest_sha)
+    if stable is not None:
+        params["export_version"] = stable
+    for version, (version_manifest, version_sha) in sorted((versions or {}).items()):
+        params.update(manifest_parameters(version_manifest, version_sha, prefix=f"export_v{version}_"))
     if runtime == "embedded":
         if manifest["format"] != "onnx":
             raise ValueError(f"the embedded runtime serves ONNX variants; {manifest['variant']} needs --runtime native")
@@ -147,50 +157,71 @@ def similarity_config(settings: Settings, dim: int) -> mc.ModelConfig:
     return config
 
 
-def _step(config: mc.ModelConfig, model: str, inputs: dict, outputs: dict) -> None:
+def _step(config: mc.ModelConfig, model: str, inputs: dict, outputs: dict, version: int = -1) -> None:
     """inputs/outputs map the step model's tensor names to the ensemble's tensor names."""
-    step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+    step = config.ensemble_scheduling.step.add(model_name=model, model_version=version)
     step.input_map.update(inputs)
     step.output_map.update(outputs)
 
 
-def embed_config(settings: Settings, dim: int) -> mc.ModelConfig:
-    """embed: TEXT [1] -> EMBEDDING [D]. tokenizer -> encoder."""
+def embed_config(settings: Settings, dim: int, name: str | None = None, encoder_version: int = -1) -> mc.ModelConfig:
+    """embed: TEXT [1] -> EMBEDDING [D]. tokenizer -> encoder (pinned to `encoder_version`)."""
     m, t = settings.models, settings.tensors
-    config = mc.ModelConfig(name=m.embed, platform="ensemble", max_batch_size=settings.batching.max_batch_size)
+    config = mc.ModelConfig(name=name or m.embed, platform="ensemble", max_batch_size=settings.batching.max_batch_size)
     _tensor(config.input, t.text, mc.TYPE_STRING, [1])
     _tensor(config.output, t.embedding, mc.TYPE_FP32, [dim])
     _step(config, m.tokenizer, {t.text: t.text}, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask})
-    _step(config, m.encoder, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask}, {t.encoder_output: t.embedding})
+    _step(config, m.encoder, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask}, {t.encoder_output: t.embedding},
+          encoder_version)
     return config
 
 
-def score_config(settings: Settings, dim: int) -> mc.ModelConfig:
+def score_config(settings: Settings, dim: int, name: str | None = None, encoder_version: int = -1) -> mc.ModelConfig:
     """score: TEXT [1] + CANDIDATES [-1, D] -> SCORES [-1] + QUERY_EMBEDDING [D].
     tokenizer -> encoder -> similarity. Both outputs come from the last step (no subset deadlock)."""
     m, t = settings.models, settings.tensors
-    config = mc.ModelConfig(name=m.score, platform="ensemble", max_batch_size=settings.batching.max_batch_size)
+    config = mc.ModelConfig(name=name or m.score, platform="ensemble", max_batch_size=settings.batching.max_batch_size)
     _tensor(config.input, t.text, mc.TYPE_STRING, [1])
     _tensor(config.input, t.candidates, mc.TYPE_FP32, [-1, dim])
     _tensor(config.output, t.scores, mc.TYPE_FP32, [-1])
     _tensor(config.output, t.query_embedding, mc.TYPE_FP32, [dim])
     query = "_query_vector"  # internal tensor of the ensemble
     _step(config, m.tokenizer, {t.text: t.text}, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask})
-    _step(config, m.encoder, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask}, {t.encoder_output: query})
+    _step(config, m.encoder, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask}, {t.encoder_output: query},
+          encoder_version)
     _step(config, m.similarity, {t.query: query, t.candidates: t.candidates},
           {t.scores: t.scores, t.query_embedding: t.query_embedding})
     return config
 
 
+CANARY_SUFFIX = "_canary"
+
+
 def render_configs(settings: Settings, manifest: dict, manifest_sha: str, runtime: str) -> dict[str, mc.ModelConfig]:
-    dim, max_length = manifest["encoder"]["dim"], manifest["encoder"]["max_length"]
+    """A repository serving one encoder version (1)."""
+    return render_generation(settings, {1: (manifest, manifest_sha)}, runtime, stable=1)
+
+
+def render_generation(settings: Settings, versions: dict[int, tuple[dict, str]], runtime: str, stable: int,
+                      canary: int | None = None) -> dict[str, mc.ModelConfig]:
+    """Every config of one repository generation: the encoder with all `versions` loaded, `embed`/`score`
+    pinned to `stable`, and with a `canary`, `embed_canary`/`score_canary` pinned to it."""
+    manifest, manifest_sha = versions[stable]
+    dims = {v: (m["encoder"]["dim"], m["encoder"]["max_length"]) for v, (m, _) in versions.items()}
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"encoder versions disagree on (dim, max length): {dims}")
+    dim, max_length = dims[stable]
+    m = settings.models
     configs = [
         tokenizer_config(settings, max_length),
-        encoder_config(settings, manifest, manifest_sha, runtime),
+        encoder_config(settings, manifest, manifest_sha, runtime, versions=versions, stable=stable),
         similarity_config(settings, dim),
-        embed_config(settings, dim),
-        score_config(settings, dim),
+        embed_config(settings, dim, encoder_version=stable),
+        score_config(settings, dim, encoder_version=stable),
     ]
+    if canary is not None:
+        configs += [embed_config(settings, dim, m.embed + CANARY_SUFFIX, encoder_version=canary),
+                    score_config(settings, dim, m.score + CANARY_SUFFIX, encoder_version=canary)]
     return {c.name: c for c in configs}
 
 
@@ -206,34 +237,41 @@ def _place(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def build_repository(settings: Settings, export_dir: Path, variant: str, runtime: str, out: Path, version: int = 1) -> Path:
-    """Writes a complete repository to `out`, built aside and swapped in whole."""
-    export_dir, out = Path(export_dir), Path(out)
-    variant_dir = export_dir / variant
-    manifest_path = variant_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{variant_dir} has no manifest.json: run `python -m export --variants {variant}` first")
-    manifest_text = manifest_path.read_text()
-    manifest = json.loads(manifest_text)
-    manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()
-    configs = render_configs(settings, manifest, manifest_sha, runtime)
+def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict[int, Path], runtime: str, out: Path,
+                     stable: int, canary: int | None = None) -> Path:
+    """Writes a complete repository to `out` (built aside, swapped in whole). `version_dirs` maps each
+    encoder version to a directory holding its manifest.json and artifact: an export variant directory, or
+    a version directory of an existing repository."""
+    out = Path(out)
+    versions, texts = {}, {}
+    for version, directory in version_dirs.items():
+        manifest_path = Path(directory) / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{directory} has no manifest.json: export the variant first")
+        texts[version] = manifest_path.read_text()
+        versions[version] = (json.loads(texts[version]), hashlib.sha256(texts[version].encode()).hexdigest())
+    configs = render_generation(settings, versions, runtime, stable, canary)
 
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     m = settings.models
     for name, config in configs.items():
-        version_dir = staging / name / str(version)
-        version_dir.mkdir(parents=True)
+        (staging / name).mkdir(parents=True)
         (staging / name / "config.pbtxt").write_text(to_pbtxt(config))
-        if config.backend == "python":
-            source = MODELS_SOURCE / ("encoder_onnxruntime" if name == m.encoder else name) / "model.py"
-            shutil.copyfile(source, version_dir / "model.py")
-    tokenizer_dir = export_dir / "tokenizer"
+        model_versions = sorted(versions) if name == m.encoder else [1]
+        for version in model_versions:
+            version_dir = staging / name / str(version)
+            version_dir.mkdir()
+            if config.backend == "python":
+                source = MODELS_SOURCE / ("encoder_onnxruntime" if name == m.encoder else name) / "model.py"
+                shutil.copyfile(source, version_dir / "model.py")
     for file in ("tokenizer.json", "serving.json"):
-        shutil.copyfile(tokenizer_dir / file, staging / m.tokenizer / str(version) / file)
-    encoder_version = staging / m.encoder / str(version)
-    _place(variant_dir / manifest["artifact"]["file"], encoder_version / manifest["artifact"]["file"])
-    shutil.copyfile(manifest_path, encoder_version / "manifest.json")
+        shutil.copyfile(Path(tokenizer_dir) / file, staging / m.tokenizer / "1" / file)
+    for version, directory in version_dirs.items():
+        manifest = versions[version][0]
+        target = staging / m.encoder / str(version)
+        _place(Path(directory) / manifest["artifact"]["file"], target / manifest["artifact"]["file"])
+        (target / "manifest.json").write_text(texts[version])
 
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -242,3 +280,11 @@ def build_repository(settings: Settings, export_dir: Path, variant: str, runtime
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def build_repository(settings: Settings, export_dir: Path, variant: str, runtime: str, out: Path, version: int = 1) -> Path:
+    """A repository serving one exported variant as encoder version `version`."""
+    export_dir = Path(export_dir)
+    if not (export_dir / variant / "manifest.json").exists():
+        raise FileNotFoundError(f"{export_dir / variant} has no manifest.json: run `python -m export --variants {variant}` first")
+    return write_generation(settings, export_dir / "tokenizer", {version: export_dir / variant}, runtime, out, stable=version)
