@@ -104,3 +104,28 @@ def test_queue_policy_rejects_when_bounded():
     # Only the entry step rejects: a later rejection would waste the work done before it.
     for later in ("encoder", "similarity"):
         assert not configs[later].dynamic_batching.HasField("default_queue_policy")
+
+
+def test_a_canary_generation_pins_each_ensemble_to_its_own_version():
+    from model_repository.render import render_generation
+
+    versions = {1: (manifest("onnx-int8"), "1" * 64), 2: (manifest("onnx-fp32", "onnx", "fp32"), "2" * 64)}
+    configs = render_generation(S, versions, "embedded", stable=1, canary=2)
+    assert set(configs) == {"tokenizer", "encoder", "similarity", "embed", "score", "embed_canary", "score_canary"}
+    encoder = configs["encoder"]
+    assert list(encoder.version_policy.specific.versions) == [1, 2]
+    assert encoder.parameters["export_manifest_sha256"].string_value == "1" * 64  # what `embed` serves
+    assert encoder.parameters["export_v2_variant"].string_value == "onnx-fp32"
+
+    def pinned(name):
+        return {s.model_name: s.model_version for s in configs[name].ensemble_scheduling.step}["encoder"]
+
+    assert (pinned("embed"), pinned("score"), pinned("embed_canary"), pinned("score_canary")) == (1, 1, 2, 2)
+
+
+def test_versions_of_different_shapes_cannot_share_a_generation():
+    from model_repository.render import render_generation
+
+    versions = {1: (manifest(dim=384), "1" * 64), 2: (manifest(dim=768), "2" * 64)}
+    with pytest.raises(ValueError, match="disagree"):
+        render_generation(S, versions, "embedded", stable=1, canary=2)
