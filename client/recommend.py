@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import sparse
@@ -103,6 +103,7 @@ class Recommender:
         self.client = client
         self.settings = settings
         self.encoder = index.encoder
+        self._profiles: dict[int, UserProfile] = {}
         self._fit(train)
 
     # ---- fitting (co-occurrence, popularity, user histories) ----------------------------------------
@@ -132,6 +133,15 @@ class Recommender:
 
     # ---- profiles ----------------------------------------------------------------------------------
     def profile(self, user_id: int, attributes: dict | None = None) -> UserProfile:
+        """Profiles depend only on the fitted histories, so they are computed once per user."""
+        cached = self._profiles.get(int(user_id))
+        if cached is None:
+            cached = self._profiles[int(user_id)] = self._build_profile(user_id)
+        if attributes:
+            return replace(cached, attributes=dict(attributes))
+        return cached
+
+    def _build_profile(self, user_id: int) -> UserProfile:
         s = self.settings
         items, ratings, times = self.histories.get(int(user_id), (np.array([], dtype=np.int64),) * 3)
         known = np.array([self.index.has(i) for i in items], dtype=bool) if len(items) else np.array([], dtype=bool)
@@ -140,7 +150,7 @@ class Recommender:
         liked, liked_times, liked_ratings = items[liked_mask], times[liked_mask], ratings[liked_mask]
         if len(liked) == 0:
             return UserProfile(int(user_id), items, liked, np.zeros(0), np.zeros((0, self.index.vectors.shape[1])),
-                               np.zeros(0), [], [], attributes or {})
+                               np.zeros(0), [], [])
         age_days = (liked_times.max() - liked_times) / 86400.0
         weights = 0.5 ** (age_days / s.half_life_days) * (liked_ratings - s.positive_rating + 1.0)
         vectors = self.index.vectors_of(liked)
@@ -157,7 +167,7 @@ class Recommender:
         total = sum(categories.values()) or 1.0
         return UserProfile(int(user_id), items, liked, weights, interests, interest_weights,
                            [(c, w / total) for c, w in categories.most_common(6)],
-                           [w for w, n in words.most_common(10) if n > 1], attributes or {})
+                           [w for w, n in words.most_common(10) if n > 1])
 
     def similar_users(self, user_id: int, k: int = 10) -> list[tuple[int, float]]:
         """Top-k users by cosine of their mean interest vectors."""

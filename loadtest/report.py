@@ -62,10 +62,16 @@ def main(argv=None) -> int:
     parser.add_argument("--step", default="2,12,16", help="knee search: USERS,SECONDS,MAX")
     parser.add_argument("--mixed-users", type=int, default=4)
     parser.add_argument("--mixed-seconds", type=int, default=30)
+    parser.add_argument("--render-only", action="store_true", help="write REPORT.md from the last run's results")
     args = parser.parse_args(argv)
     REPORTS.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
+    if not args.render_only:
+        measure(args)
+    return render(args)
 
+
+def measure(args) -> None:
+    py = sys.executable
     step("bare encoder by variant", [py, "-m", "export.bench"])
     step("Triton vs bare encoder (perf_analyzer)", [py, "-m", "loadtest.serving_bench", "--variant", args.variant])
     step("model repository", [py, "-m", "model_repository", "build", "--variant", args.variant])
@@ -75,6 +81,8 @@ def main(argv=None) -> int:
         "--protocol", "grpc", "--users", str(args.mixed_users), "--duration", str(args.mixed_seconds),
         "--out", str(REPORTS / "mixed")]))
 
+
+def render(args) -> int:
     export = json.loads((REPORTS / "export_bench.json").read_text())
     serving = json.loads((REPORTS / "serving_bench.json").read_text())
     knee = json.loads((REPORTS / "knee" / "summary.json").read_text())

@@ -52,13 +52,14 @@ def perf_analyzer_libs() -> Path:
     return target
 
 
-def run_perf_analyzer(url: str, model: str, batch: int, data: dict, concurrency: int, seconds: float) -> dict:
+def run_perf_analyzer(url: str, model: str, batch: int, data: dict | list[dict], concurrency: int, seconds: float) -> dict:
+    """`data`: one input set, or a list that perf_analyzer cycles through."""
     import sys
 
     binary = Path(sys.executable).parent / "perf_analyzer"
     with tempfile.TemporaryDirectory() as tmp:
         data_file, csv_file = Path(tmp) / "data.json", Path(tmp) / "out.csv"
-        data_file.write_text(json.dumps({"data": [data]}))
+        data_file.write_text(json.dumps({"data": data if isinstance(data, list) else [data]}))
         command = [str(binary), "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
                    "--input-data", str(data_file), f"--concurrency-range={concurrency}",
                    "--measurement-interval", str(int(seconds * 1000)), "--stability-percentage=20",

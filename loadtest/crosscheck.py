@@ -1,0 +1,54 @@
+"""python -m loadtest.crosscheck: perf_analyzer and Locust on the same model and load, side by side.
+
+Both drive `embed` over gRPC with the same concurrency (perf_analyzer's --concurrency-range = Locust users,
+no think time) and the same real texts, against one local tritonserver. If they disagree much, one of the
+two measurement paths is wrong. Locust runs in .venv-loadtest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from dataclasses import replace
+
+import settings
+from loadtest.serving_bench import run_perf_analyzer
+from loadtest.workload import real_texts
+
+LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.crosscheck", description=__doc__)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--seconds", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    from server.launcher import TritonServer, free_port
+
+    server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
+                              metrics_port=free_port())
+    out = settings.BUILD_DIR / "reports" / "crosscheck"
+    texts = real_texts(400)[:200]
+    with TritonServer(settings.MODEL_REPOSITORY_DIR, server_settings, log_file=settings.BUILD_DIR / "crosscheck_triton.log"):
+        data = [{"TEXT": {"content": [t], "shape": [1]}} for t in texts]
+        pa = run_perf_analyzer(server_settings.grpc_url, "embed", 1, data, args.concurrency, args.seconds / 4)
+        locust = subprocess.run(
+            [str(LOADTEST_PYTHON), "-m", "loadtest.run", "--host", server_settings.host,
+             "--grpc-port", str(server_settings.grpc_port), "--http-port", str(server_settings.http_port),
+             "--protocol", "grpc", "--tasks", "embed:1", "--users", str(args.concurrency),
+             "--spawn-rate", str(args.concurrency), "--duration", str(args.seconds), "--out", str(out)],
+            cwd=settings.REPO_ROOT, capture_output=True, text=True)
+    if locust.returncode != 0:
+        raise SystemExit(f"locust failed:\n{locust.stdout[-2000:]}\n{locust.stderr[-2000:]}")
+    agg = json.loads((out / "summary.json").read_text())["aggregated"]
+    print(f"embed over gRPC, concurrency {args.concurrency}, {len(texts)} real texts")
+    print(f"{'client':<15}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'perf_analyzer':<15}{pa['infer_per_s']:>9.0f}{pa['p50_ms']:>9.1f}{pa['p99_ms']:>9.1f}")
+    print(f"{'locust':<15}{agg['rps']:>9.0f}{agg['p50_ms']:>9.1f}{agg['p99_ms']:>9.1f}")
+    print(f"locust / perf_analyzer throughput: {agg['rps'] / pa['infer_per_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
