@@ -170,18 +170,24 @@ class Recommender:
                            [w for w, n in words.most_common(10) if n > 1])
 
     def similar_users(self, user_id: int, k: int = 10) -> list[tuple[int, float]]:
-        """Top-k users by cosine of their mean interest vectors."""
+        """Top-k users by cosine of their mean interest vectors, centred on the population's mean (uncentred,
+        every long history drifts towards the catalogue's centre and all users look alike)."""
         if not hasattr(self, "_user_matrix"):
             ids, vectors = [], []
             for uid in self.histories:
                 mean = self.profile(uid).mean_vector
                 if mean is not None:
                     ids.append(uid), vectors.append(mean)
-            self._user_ids, self._user_matrix = np.array(ids), np.array(vectors, dtype=np.float32)
+            matrix = np.array(vectors, dtype=np.float32)
+            self._user_centre = matrix.mean(axis=0)
+            matrix -= self._user_centre
+            matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+            self._user_ids, self._user_matrix = np.array(ids), matrix
         mean = self.profile(user_id).mean_vector
         if mean is None:
             return []
-        scores = self._user_matrix @ mean
+        centred = mean - self._user_centre
+        scores = self._user_matrix @ (centred / max(np.linalg.norm(centred), 1e-12))
         order = [i for i in np.argsort(-scores) if self._user_ids[i] != user_id][:k]
         return [(int(self._user_ids[i]), float(scores[i])) for i in order]
 
