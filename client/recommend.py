@@ -222,7 +222,8 @@ class Recommender:
             totals = np.asarray(contributions.sum(axis=0)).ravel()
             top = np.argsort(-totals)[: s.quotas["cooccurrence"] + len(exclude)]
             top = top[totals[top] > 0]
-            cause = [recent[int(np.argmax(contributions[:, c].toarray()))] for c in top]
+            # For each candidate, the recent like that contributed most: one sparse argmax, not a slice per item.
+            cause = recent[np.asarray(contributions[:, top].argmax(axis=0)).ravel()] if len(top) else []
             add("cooccurrence", self.item_ids[top], totals[top], cause)
             # Item-to-item: content neighbours of the recent likes.
             ids, scores = self.index.search(self.index.vectors_of(recent), 20, self.encoder)

@@ -53,7 +53,9 @@ def _is_retryable(error: Exception) -> bool:
         status = _status(error)
         text = str(error)
         # Connection refused/reset show up without a status, or as UNAVAILABLE.
-        return any(code in status for code in RETRYABLE) or not status and "Connect" in text or "unavailable" in text.lower()
+        if any(code in status for code in RETRYABLE):
+            return True
+        return (not status and "Connect" in text) or "unavailable" in text.lower()
     return isinstance(error, (ConnectionError, OSError))
 
 

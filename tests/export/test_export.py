@@ -11,7 +11,7 @@ import settings
 from export.gate import DEFAULT_THRESHOLDS, Reference, evaluate
 from export.manifest import artifact_problems, read_manifest
 from export.runners import OrtRunner
-from export.source import file_sha256
+from export.source import file_sha256, load_source
 
 REPO = settings.REPO_ROOT
 
@@ -28,7 +28,7 @@ def test_manifest_matches_the_artifact(export_dir, variant):
     assert artifact_problems(directory) == []
     artifact = directory / manifest["artifact"]["file"]
     assert manifest["artifact"]["sha256"] == file_sha256(artifact)
-    assert manifest["source"]["sha256"] == __import__("export.source", fromlist=["x"]).load_source(settings.default_model_dir()).sha256
+    assert manifest["source"]["sha256"] == load_source(settings.default_model_dir()).sha256
     graph = onnx.load(str(artifact), load_external_data=False).graph
     assert [i.name for i in graph.input] == [i["name"] for i in manifest["inputs"]]
     assert [o.name for o in graph.output] == [o["name"] for o in manifest["outputs"]]
