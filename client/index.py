@@ -1,11 +1,15 @@
 """The ANN index over item embeddings, tagged with the encoder that made them.
 
-Vectors from two encoders are not comparable, so the index records the serving export's identity (variant
-and manifest hash, read from Triton) and refuses queries made by any other encoder.
+Vectors from two encoders are not comparable, so the index records the identity of the encoder version that
+made it (version, variant and manifest hash, read from Triton), refuses queries made by any other encoder,
+and is embedded and queried through the ensembles pinned to that version. `IndexStore` keeps one index per
+version and switches between them atomically during a rollout.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +35,16 @@ class IndexSettings:
 
 
 class ItemIndex:
-    def __init__(self, item_ids: np.ndarray, vectors: np.ndarray, encoder: dict, settings: IndexSettings = IndexSettings()):
+    def __init__(self, item_ids: np.ndarray, vectors: np.ndarray, encoder: dict, settings: IndexSettings = IndexSettings(),
+                 texts: Sequence[str] | None = None):
         import faiss
 
         if len(item_ids) != len(vectors):
             raise ValueError(f"{len(item_ids)} ids for {len(vectors)} vectors")
+        if texts is not None and len(texts) != len(item_ids):
+            raise ValueError(f"{len(texts)} texts for {len(item_ids)} items")
+        # The texts the vectors were embedded from: a rollout re-embeds the catalog from them.
+        self.texts = list(texts) if texts is not None else None
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.encoder = dict(encoder)
@@ -66,6 +75,12 @@ class ItemIndex:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    @property
+    def encoder_version(self) -> int | None:
+        """The encoder version whose pinned ensembles (`embed_v<N>`, `score_v<N>`) match these vectors."""
+        version = self.encoder.get("export_version")
+        return int(version) if version is not None else None
+
     def check_encoder(self, encoder: dict) -> None:
         mine, theirs = self.encoder.get("export_manifest_sha256"), encoder.get("export_manifest_sha256")
         if mine != theirs:
@@ -94,21 +109,89 @@ class ItemIndex:
         np.save(directory / "vectors.npy", self.vectors)
         np.save(directory / "item_ids.npy", self.item_ids)
         meta = {"encoder": self.encoder, "kind": self.kind, "settings": self.settings.__dict__, "count": len(self)}
-        (directory / "index.json").write_text(json.dumps(meta, indent=2))
+        if self.texts is not None:
+            (directory / "texts.json").write_text(json.dumps(self.texts))
+        (directory / "index.json").write_text(json.dumps(meta, indent=2))  # last: its presence marks a whole index
 
     @classmethod
     def load(cls, directory: Path) -> "ItemIndex":
         directory = Path(directory)
         meta = json.loads((directory / "index.json").read_text())
         settings = IndexSettings(**meta["settings"])
-        return cls(np.load(directory / "item_ids.npy"), np.load(directory / "vectors.npy"), meta["encoder"], settings)
+        texts = json.loads((directory / "texts.json").read_text()) if (directory / "texts.json").exists() else None
+        return cls(np.load(directory / "item_ids.npy"), np.load(directory / "vectors.npy"), meta["encoder"], settings, texts)
 
 
-def build_catalog_index(client, items, settings: IndexSettings = IndexSettings(), concurrency: int = 4) -> ItemIndex:
-    """Embeds every item's text through Triton's `embed` and indexes it, tagged with the serving encoder."""
-    encoder = client.encoder_info()
-    vectors = client.embed_many([item.text for item in items], concurrency=concurrency, progress="embedding catalog")
-    index = ItemIndex(np.array([item.item_id for item in items]), vectors, encoder, settings)
-    if client.encoder_info() != encoder:
-        raise EncoderMismatch("the serving encoder changed while the catalog was being embedded: index again")
-    return index
+def build_catalog_index(client, items, settings: IndexSettings = IndexSettings(), concurrency: int = 4,
+                        encoder_version: int | None = None) -> ItemIndex:
+    """Embeds every item's text through Triton and indexes it, tagged with the encoder version that made it.
+    The requests are pinned to that version (`embed_v<N>`), so a rollout midway cannot mix two encoders."""
+    return embed_index(client, np.array([item.item_id for item in items]), [item.text for item in items], settings,
+                       concurrency, encoder_version)
+
+
+def embed_index(client, item_ids: np.ndarray, texts: list[str], settings: IndexSettings = IndexSettings(),
+                concurrency: int = 4, encoder_version: int | None = None) -> ItemIndex:
+    encoder = client.encoder_info(encoder_version)
+    version = int(encoder["export_version"])
+    vectors = client.embed_many(texts, concurrency=concurrency, progress=f"embedding catalog (encoder v{version})",
+                                encoder_version=version)
+    if client.encoder_info(version) != encoder:
+        raise EncoderMismatch(f"encoder version {version} changed while the catalog was being embedded: index again")
+    return ItemIndex(item_ids, vectors, encoder, settings, texts)
+
+
+class IndexStore:
+    """Catalog indexes side by side, one per encoder version, and a `current` symlink to the one in use.
+
+        root/v2-1a2b3c4d5e6f/   index embedded by encoder version 2 (manifest 1a2b3c4d5e6f...)
+        root/v3-9f8e7d6c5b4a/   the next one, written by a rollout before it promotes version 3
+        root/current -> v3-...  switched atomically (a new symlink renamed over the old one)
+
+    Recommenders follow `current` (`Recommender.refresh_index`), and each index queries Triton with its own
+    pinned version, so a recommendation never mixes the vectors of two encoders."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def name_for(index: ItemIndex) -> str:
+        return f"v{index.encoder_version}-{index.encoder['export_manifest_sha256'][:12]}"
+
+    def publish(self, index: ItemIndex) -> str:
+        """Writes the index beside the others (renamed into place whole); does not switch to it."""
+        name = self.name_for(index)
+        target = self.root / name
+        incoming = self.root / f".{name}.incoming"
+        shutil.rmtree(incoming, ignore_errors=True)
+        index.save(incoming)
+        shutil.rmtree(target, ignore_errors=True)
+        incoming.rename(target)
+        return name
+
+    def switch(self, name: str) -> None:
+        if not (self.root / name / "index.json").exists():
+            raise FileNotFoundError(f"no index {name} in {self.root}")
+        link = self.root / ".current.incoming"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(name)
+        os.replace(link, self.root / "current")
+
+    def current_name(self) -> str | None:
+        link = self.root / "current"
+        return os.readlink(link) if link.is_symlink() else None
+
+    def load(self, name: str | None = None) -> ItemIndex:
+        name = name or self.current_name()
+        if name is None:
+            raise FileNotFoundError(f"{self.root} has no current index")
+        return ItemIndex.load(self.root / name)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / "index.json").exists()) if self.root.exists() else []
+
+    def remove_others(self, keep: set[str]) -> None:
+        for name in self.names():
+            if name not in keep:
+                shutil.rmtree(self.root / name, ignore_errors=True)

@@ -97,14 +97,35 @@ class Recommender:
     """Fitted on interactions (never on evaluated positives); serves any user through Triton."""
 
     def __init__(self, items: list[Item], index: ItemIndex, train: Interactions, client,
-                 settings: RecommenderSettings = RecommenderSettings()):
+                 settings: RecommenderSettings = RecommenderSettings(), index_store=None):
         self.items = {item.item_id: item for item in items}
-        self.index = index
         self.client = client
         self.settings = settings
-        self.encoder = index.encoder
-        self._profiles: dict[int, UserProfile] = {}
+        # With an IndexStore, the index follows the store's `current` link (a rollout switches it).
+        self.index_store = index_store
+        self.index_name = index_store.current_name() if index_store is not None else None
+        self._use_index(index)
         self._fit(train)
+
+    def _use_index(self, index: ItemIndex) -> None:
+        self.index = index
+        self.encoder = index.encoder
+        self._profiles: dict[int, UserProfile] = {}  # interest vectors come from the index's vectors
+        self.__dict__.pop("_user_matrix", None)
+
+    def refresh_index(self) -> bool:
+        """Switches to the store's current index if a rollout moved it; True when it did."""
+        if self.index_store is None:
+            return False
+        name = self.index_store.current_name()
+        if name is None or name == self.index_name:
+            return False
+        index = self.index_store.load(name)
+        if not np.array_equal(index.item_ids, self.index.item_ids):
+            raise ValueError(f"index {name} holds other items than the one this recommender was fitted on")
+        self._use_index(index)
+        self.index_name = name
+        return True
 
     # ---- fitting (co-occurrence, popularity, user histories) ----------------------------------------
     def _fit(self, train: Interactions) -> None:
@@ -245,6 +266,7 @@ class Recommender:
     def recommend(self, user_id: int, n: int = 10, blocked: set[int] = frozenset(), attributes: dict | None = None,
                   use_triton_score: bool = True, channels: tuple[str, ...] = CHANNELS, diversify: bool = True) -> tuple[UserProfile, list[dict]]:
         s = self.settings
+        self.refresh_index()
         profile = self.profile(user_id, attributes)
         exclude = set(int(i) for i in profile.history) | set(blocked)
         candidates = self.recall(profile, exclude)
@@ -263,7 +285,9 @@ class Recommender:
                 blend += s.weights[channel] * norm
         profile_scores = np.zeros(len(ids), dtype=np.float32)
         if use_triton_score and not profile.is_cold:
-            result = self.client.score([profile.text(self.items)], vectors[None, :, :], outputs=["SCORES"])
+            # The query is encoded by the version that embedded the candidates (score_v<N>), never another.
+            result = self.client.score([profile.text(self.items)], vectors[None, :, :], outputs=["SCORES"],
+                                       encoder_version=self.index.encoder_version)
             profile_scores = result["SCORES"][0]
             low, high = profile_scores.min(), profile_scores.max()
             blend += s.weights["profile"] * ((profile_scores - low) / (high - low) if high > low else 0.0)
@@ -324,7 +348,7 @@ class Recommender:
                      pushes_so_far: dict[int, int] | None = None, per_user_cap: int = 3) -> list[tuple[int, float]]:
         """Users whose interests match a new item (embedded through Triton) above `threshold`, best first,
         skipping users who already got `per_user_cap` pushes."""
-        vector = self.client.embed([item_text])[0]
+        vector = self.client.embed([item_text], encoder_version=self.index.encoder_version)[0]
         pushes_so_far = pushes_so_far or {}
         matches = []
         for uid in self.histories:

@@ -1,9 +1,15 @@
 """The only place that talks to Triton: `embed` and `score` over HTTP or gRPC, with bounded retries.
 
 Tensor and model names come from `settings.SETTINGS`, the same object the repository is rendered from.
+
+Versions (rollout/): `embed`/`score` serve the stable encoder version; `embed_v<N>`/`score_v<N>` are pinned
+to version N. A call may name its `encoder_version` (a catalog index embedded by version N must query with
+N), or leave it to the client, which then sends `canary_share` of its calls to a canary version while a
+rollout runs one. Which versions exist is read from the encoder's config (not a restricted API).
 """
 from __future__ import annotations
 
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +34,28 @@ class ServingError(RuntimeError):
 
 class InvalidRequest(ValueError):
     """Triton rejected the request itself (bad text, wrong shape, unknown model): retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class ServingView:
+    """What the server serves, from the encoder's config: the stable version, every loaded version and
+    each one's export parameters (variant, manifest hash...). A version above `stable` is a canary."""
+
+    stable: int
+    versions: tuple[int, ...]
+    exports: dict
+
+    @property
+    def canary(self) -> int | None:
+        newer = [v for v in self.versions if v > self.stable]
+        return max(newer) if newer else None
+
+    def export(self, version: int | None = None) -> dict[str, str]:
+        """The export_* parameters of one version (default: the stable one), with its number."""
+        version = self.stable if version is None else version
+        if version not in self.exports:
+            raise InvalidRequest(f"encoder version {version} is not loaded (loaded: {list(self.versions)})")
+        return {**self.exports[version], "export_version": str(version)}
 
 
 @dataclass(frozen=True)
@@ -61,7 +89,8 @@ def _is_retryable(error: Exception) -> bool:
 
 class TritonClient:
     def __init__(self, url: str | None = None, protocol: str = "grpc", settings: Settings | None = None,
-                 retry: RetryPolicy = RetryPolicy(), timeout_s: float = 30.0):
+                 retry: RetryPolicy = RetryPolicy(), timeout_s: float = 30.0, canary_share: float = 0.0,
+                 view_ttl_s: float = 2.0):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
         self.settings = settings or settings_module.SETTINGS
@@ -76,6 +105,12 @@ class TritonClient:
             import tritonclient.http as module
         self._module = module
         self._local = threading.local()  # one connection per thread: safe for both protocols
+        if not 0.0 <= canary_share <= 1.0:
+            raise ValueError(f"canary_share must be within [0, 1], not {canary_share}")
+        self.canary_share = canary_share
+        self.view_ttl_s = view_ttl_s
+        self._view: tuple[float, ServingView] | None = None
+        self.routed = {"stable": 0, "canary": 0, "pinned": 0}  # calls per route, for reports and tests
 
     @property
     def _client(self):
@@ -138,47 +173,102 @@ class TritonClient:
             raise TypeError("pass a list of texts, not a single string")
         return np.array([[t.encode("utf-8")] for t in texts], dtype=object)
 
+    # ---- versions and routing ----------------------------------------------------------------------
+    def serving_view(self, max_age_s: float | None = None) -> ServingView:
+        """The encoder's versions, read from its config at most every `view_ttl_s` seconds."""
+        max_age = self.view_ttl_s if max_age_s is None else max_age_s
+        now = time.monotonic()
+        if self._view is not None and now - self._view[0] <= max_age:
+            return self._view[1]
+
+        def call():
+            config = self._client.get_model_config(self.settings.models.encoder)
+            if self.protocol == "grpc":
+                params = {k: v.string_value for k, v in config.config.parameters.items()}
+                versions = list(config.config.version_policy.specific.versions)
+            else:
+                params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+                versions = config.get("version_policy", {}).get("specific", {}).get("versions", [])
+            return params, [int(v) for v in versions]
+
+        params, versions = self._call("get encoder config", call)
+        stable = int(params.get("export_version", 1))
+        versions = tuple(sorted(versions or [stable]))
+        exports = {}
+        for version in versions:
+            prefix = f"export_v{version}_"
+            own = {"export_" + k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+            exports[version] = own or {k: v for k, v in params.items() if k.startswith("export_") and k != "export_version"}
+        view = ServingView(stable, versions, exports)
+        self._view = (now, view)
+        return view
+
+    def _route(self, ensemble: str, encoder_version: int | None) -> tuple[str, str | None]:
+        """-> (model to call, fallback model if that one is gone). Pinned calls never fall back: a caller
+        that pinned a version must not silently get vectors from another one."""
+        from model_repository.render import pinned_name
+
+        if encoder_version is not None:
+            self.routed["pinned"] += 1
+            return pinned_name(ensemble, int(encoder_version)), None
+        if self.canary_share > 0 and random.random() < self.canary_share:
+            canary = self.serving_view().canary
+            if canary is not None:
+                self.routed["canary"] += 1
+                return pinned_name(ensemble, canary), ensemble
+        self.routed["stable"] += 1
+        return ensemble, None
+
+    def _infer_routed(self, ensemble: str, encoder_version: int | None, inputs: list, outputs: list[str]):
+        model, fallback = self._route(ensemble, encoder_version)
+        try:
+            return self._infer(model, inputs, outputs)
+        except InvalidRequest as error:
+            # The canary was promoted or rolled back between our view of it and this call.
+            if fallback is None or "unknown model" not in str(error).lower() and "not found" not in str(error).lower():
+                raise
+            self._view = None
+            return self._infer(fallback, inputs, outputs)
+
     # ---- public API --------------------------------------------------------------------------------
-    def embed(self, texts: Sequence[str], version: str = "") -> np.ndarray:
-        """One request: texts -> L2-normalized embeddings [len(texts), D]."""
+    def embed(self, texts: Sequence[str], encoder_version: int | None = None) -> np.ndarray:
+        """One request: texts -> L2-normalized embeddings [len(texts), D], from the stable encoder (or a
+        canary, see `canary_share`), or from `encoder_version` when given."""
         t = self.settings.tensors
         batch = self._texts(texts)
-        out = self._infer(self.settings.models.embed, [self._input(t.text, batch, "BYTES")], [t.embedding], version)
+        out = self._infer_routed(self.settings.models.embed, encoder_version, [self._input(t.text, batch, "BYTES")],
+                                 [t.embedding])
         return out[t.embedding]
 
     def embed_many(self, texts: Sequence[str], batch_size: int | None = None, concurrency: int = 4,
-                   progress: str | None = None) -> np.ndarray:
+                   progress: str | None = None, encoder_version: int | None = None) -> np.ndarray:
         """Many texts: batched requests, `concurrency` in flight, results in input order."""
         from tqdm import tqdm
 
         size = batch_size or self.settings.batching.max_batch_size
         chunks = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            parts = list(tqdm(pool.map(self.embed, chunks), total=len(chunks), desc=progress,
+            parts = list(tqdm(pool.map(lambda chunk: self.embed(chunk, encoder_version), chunks), total=len(chunks), desc=progress,
                               disable=None if progress else True, unit="batch"))
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
-    def score(self, texts: Sequence[str], candidates: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def score(self, texts: Sequence[str], candidates: np.ndarray, outputs: Sequence[str] | None = None,
+              encoder_version: int | None = None) -> dict[str, np.ndarray]:
         """Cosine of each query text against its own candidates: candidates [len(texts), k, D].
-        Returns {"SCORES": [n, k], "QUERY_EMBEDDING": [n, D]} (or the subset asked for)."""
+        Returns {"SCORES": [n, k], "QUERY_EMBEDDING": [n, D]} (or the subset asked for). Candidates from a
+        catalog index should pass the index's `encoder_version`, so the query is encoded by the same one."""
         t = self.settings.tensors
         candidates = np.ascontiguousarray(candidates, dtype=np.float32)
         if candidates.ndim == 2:
             candidates = np.broadcast_to(candidates, (len(texts), *candidates.shape)).copy()
         inputs = [self._input(t.text, self._texts(texts), "BYTES"), self._input(t.candidates, candidates, "FP32")]
-        return self._infer(self.settings.models.score, inputs, list(outputs or (t.scores, t.query_embedding)))
+        return self._infer_routed(self.settings.models.score, encoder_version, inputs,
+                                  list(outputs or (t.scores, t.query_embedding)))
 
-    def encoder_info(self) -> dict[str, str]:
-        """The export serving behind `encoder`: variant, manifest and artifact hashes (from its config)."""
-        def call():
-            config = self._client.get_model_config(self.settings.models.encoder)
-            if self.protocol == "grpc":
-                params = {k: v.string_value for k, v in config.config.parameters.items()}
-            else:
-                params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-            return {k: v for k, v in params.items() if k.startswith("export_")}
-
-        return self._call("get encoder config", call)
+    def encoder_info(self, encoder_version: int | None = None) -> dict[str, str]:
+        """The export behind the stable encoder version (or `encoder_version`): its number, variant, manifest
+        and artifact hashes, as `export_*` keys (read fresh, not from the cached view)."""
+        return self.serving_view(max_age_s=0).export(encoder_version)
 
     def ready(self) -> bool:
         try:

@@ -194,7 +194,10 @@ def score_config(settings: Settings, dim: int, name: str | None = None, encoder_
     return config
 
 
-CANARY_SUFFIX = "_canary"
+def pinned_name(ensemble: str, version: int) -> str:
+    """The ensemble pinned to one encoder version: `embed_v3`. Clients that must not mix versions (a catalog
+    index embedded by version 3) call these; `embed`/`score` follow whichever version is stable."""
+    return f"{ensemble}_v{version}"
 
 
 def render_configs(settings: Settings, manifest: dict, manifest_sha: str, runtime: str) -> dict[str, mc.ModelConfig]:
@@ -202,10 +205,13 @@ def render_configs(settings: Settings, manifest: dict, manifest_sha: str, runtim
     return render_generation(settings, {1: (manifest, manifest_sha)}, runtime, stable=1)
 
 
-def render_generation(settings: Settings, versions: dict[int, tuple[dict, str]], runtime: str, stable: int,
-                      canary: int | None = None) -> dict[str, mc.ModelConfig]:
-    """Every config of one repository generation: the encoder with all `versions` loaded, `embed`/`score`
-    pinned to `stable`, and with a `canary`, `embed_canary`/`score_canary` pinned to it."""
+def render_generation(settings: Settings, versions: dict[int, tuple[dict, str]], runtime: str,
+                      stable: int) -> dict[str, mc.ModelConfig]:
+    """Every config of one repository generation: the encoder with all `versions` loaded, the public
+    `embed`/`score` pinned to `stable`, and `embed_v<N>`/`score_v<N>` pinned to each version N.
+    A version above `stable` is a canary (model_repository/rollout); one below it is being retired."""
+    if stable not in versions:
+        raise ValueError(f"stable version {stable} is not among the versions {sorted(versions)}")
     manifest, manifest_sha = versions[stable]
     dims = {v: (m["encoder"]["dim"], m["encoder"]["max_length"]) for v, (m, _) in versions.items()}
     if len(set(dims.values())) > 1:
@@ -219,9 +225,9 @@ def render_generation(settings: Settings, versions: dict[int, tuple[dict, str]],
         embed_config(settings, dim, encoder_version=stable),
         score_config(settings, dim, encoder_version=stable),
     ]
-    if canary is not None:
-        configs += [embed_config(settings, dim, m.embed + CANARY_SUFFIX, encoder_version=canary),
-                    score_config(settings, dim, m.score + CANARY_SUFFIX, encoder_version=canary)]
+    for version in sorted(versions):
+        configs += [embed_config(settings, dim, pinned_name(m.embed, version), encoder_version=version),
+                    score_config(settings, dim, pinned_name(m.score, version), encoder_version=version)]
     return {c.name: c for c in configs}
 
 
@@ -238,7 +244,7 @@ def _place(source: Path, target: Path) -> None:
 
 
 def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict[int, Path], runtime: str, out: Path,
-                     stable: int, canary: int | None = None) -> Path:
+                     stable: int) -> Path:
     """Writes a complete repository to `out` (built aside, swapped in whole). `version_dirs` maps each
     encoder version to a directory holding its manifest.json and artifact: an export variant directory, or
     a version directory of an existing repository."""
@@ -250,7 +256,7 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
             raise FileNotFoundError(f"{directory} has no manifest.json: export the variant first")
         texts[version] = manifest_path.read_text()
         versions[version] = (json.loads(texts[version]), hashlib.sha256(texts[version].encode()).hexdigest())
-    configs = render_generation(settings, versions, runtime, stable, canary)
+    configs = render_generation(settings, versions, runtime, stable)
 
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)

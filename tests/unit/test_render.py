@@ -31,7 +31,7 @@ CASES = [
 @pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m['variant']}" for r, m in CASES])
 def test_every_config_round_trips_through_the_schema(runtime, man):
     configs = render_configs(S, man, "c" * 64, runtime)
-    assert set(configs) == {"tokenizer", "encoder", "similarity", "embed", "score"}
+    assert set(configs) == {"tokenizer", "encoder", "similarity", "embed", "score", "embed_v1", "score_v1"}
     for config in configs.values():
         parsed = text_format.Parse(to_pbtxt(config), mc.ModelConfig())
         assert parsed == config
@@ -106,12 +106,13 @@ def test_queue_policy_rejects_when_bounded():
         assert not configs[later].dynamic_batching.HasField("default_queue_policy")
 
 
-def test_a_canary_generation_pins_each_ensemble_to_its_own_version():
+def test_a_two_version_generation_pins_each_ensemble_to_its_own_version():
     from model_repository.render import render_generation
 
     versions = {1: (manifest("onnx-int8"), "1" * 64), 2: (manifest("onnx-fp32", "onnx", "fp32"), "2" * 64)}
-    configs = render_generation(S, versions, "embedded", stable=1, canary=2)
-    assert set(configs) == {"tokenizer", "encoder", "similarity", "embed", "score", "embed_canary", "score_canary"}
+    configs = render_generation(S, versions, "embedded", stable=1)
+    assert set(configs) == {"tokenizer", "encoder", "similarity", "embed", "score", "embed_v1", "score_v1",
+                            "embed_v2", "score_v2"}
     encoder = configs["encoder"]
     assert list(encoder.version_policy.specific.versions) == [1, 2]
     assert encoder.parameters["export_manifest_sha256"].string_value == "1" * 64  # what `embed` serves
@@ -120,7 +121,9 @@ def test_a_canary_generation_pins_each_ensemble_to_its_own_version():
     def pinned(name):
         return {s.model_name: s.model_version for s in configs[name].ensemble_scheduling.step}["encoder"]
 
-    assert (pinned("embed"), pinned("score"), pinned("embed_canary"), pinned("score_canary")) == (1, 1, 2, 2)
+    assert [pinned(n) for n in ("embed", "score", "embed_v1", "score_v1", "embed_v2", "score_v2")] == [1, 1, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="stable version 3"):
+        render_generation(S, versions, "embedded", stable=3)
 
 
 def test_versions_of_different_shapes_cannot_share_a_generation():
@@ -128,4 +131,4 @@ def test_versions_of_different_shapes_cannot_share_a_generation():
 
     versions = {1: (manifest(dim=384), "1" * 64), 2: (manifest(dim=768), "2" * 64)}
     with pytest.raises(ValueError, match="disagree"):
-        render_generation(S, versions, "embedded", stable=1, canary=2)
+        render_generation(S, versions, "embedded", stable=1)

@@ -1,0 +1,85 @@
+"""python -m rollout: put a new export into production on a live tritonserver, or see what is serving.
+
+    python -m rollout run build/export/onnx-fp32      # stage, validate, swap in, canary, promote or roll back
+    python -m rollout status                          # versions, manifests, readiness, traffic shares
+    python -m rollout promote | rollback              # finish a rollout by hand (e.g. after a crash)
+
+The server is found through settings.ServerSettings (TRITON_HOST, TRITON_HTTP_PORT, TRITON_METRICS_PORT); the
+admin key through TRITON_ADMIN_KEY or build/admin_key (written by `make serve`). Exit status: 0 promoted
+(or status shown), 2 refused before any traffic, 3 rolled back after the canary, 1 other errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import settings
+from rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, TritonAdmin, promote, roll_back, run, status
+
+
+def admin_key() -> str:
+    key = settings.SETTINGS.server.admin_key
+    key_file = settings.BUILD_DIR / "admin_key"
+    if not key and key_file.exists():
+        key = key_file.read_text().strip()
+    if not key:
+        raise SystemExit("rollout: no admin key: set TRITON_ADMIN_KEY or start the server with `make serve`")
+    return key
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rollout", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR, help="the live repository")
+    parser.add_argument("--index-store", type=Path, default=None,
+                        help="catalog IndexStore to re-embed with the new version and switch with it")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="roll out one exported variant directory")
+    run_parser.add_argument("export", type=Path, help="an export variant directory (with manifest.json)")
+    for field in fields(RolloutSettings):
+        run_parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    status_parser = commands.add_parser("status", help="what is serving")
+    status_parser.add_argument("--window", type=float, default=5.0, help="seconds of traffic to measure shares over")
+    commands.add_parser("promote", help="promote the running canary")
+    commands.add_parser("rollback", help="roll the running canary back")
+    args = parser.parse_args(argv)
+
+    s = settings.SETTINGS.server
+    live = LiveRepository(args.repository, settings.SETTINGS)
+    admin = TritonAdmin(s.http_url, f"{s.host}:{s.metrics_port}", admin_key(), s.admin_header)
+    store = None
+    if args.index_store:
+        from client.index import IndexStore
+
+        store = IndexStore(args.index_store)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        if args.command == "status":
+            print(json.dumps(status(live, admin, args.window, store), indent=2))
+            return 0
+        if args.command in ("promote", "rollback"):
+            with live.lock():
+                if args.command == "promote":
+                    promote(live, admin, RolloutSettings(), store, None, log)
+                else:
+                    roll_back(live, admin, RolloutSettings(), store, log)
+            return 0
+        rollout = RolloutSettings(**{f.name: getattr(args, f.name) for f in fields(RolloutSettings)})
+        client = None
+        if store is not None:
+            from client.triton import TritonClient
+
+            client = TritonClient(s.grpc_url)
+        report = run(live, admin, args.export, rollout, store=store, client=client, log=log)
+        print(json.dumps(report, indent=2))
+        return 0 if report["outcome"] == "promoted" else 3
+    except RolloutRefused as error:
+        print(f"rollout: refused: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
