@@ -189,7 +189,9 @@ class IndexStore:
         return ItemIndex.load(self.root / name)
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / "index.json").exists()) if self.root.exists() else []
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if not p.is_symlink() and (p / "index.json").exists())
 
     def remove_others(self, keep: set[str]) -> None:
         for name in self.names():

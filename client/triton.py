@@ -45,6 +45,18 @@ class ServingView:
     versions: tuple[int, ...]
     exports: dict
 
+    @classmethod
+    def from_config(cls, params: dict[str, str], versions: list) -> "ServingView":
+        """From the encoder config's string parameters and its `specific` version list."""
+        stable = int(params.get("export_version", 1))
+        versions = tuple(sorted(int(v) for v in versions)) or (stable,)
+        exports = {}
+        for version in versions:
+            prefix = f"export_v{version}_"
+            own = {"export_" + k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+            exports[version] = own or {k: v for k, v in params.items() if k.startswith("export_") and k != "export_version"}
+        return cls(stable, versions, exports)
+
     @property
     def canary(self) -> int | None:
         newer = [v for v in self.versions if v > self.stable]
@@ -189,17 +201,9 @@ class TritonClient:
             else:
                 params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
                 versions = config.get("version_policy", {}).get("specific", {}).get("versions", [])
-            return params, [int(v) for v in versions]
+            return params, versions
 
-        params, versions = self._call("get encoder config", call)
-        stable = int(params.get("export_version", 1))
-        versions = tuple(sorted(versions or [stable]))
-        exports = {}
-        for version in versions:
-            prefix = f"export_v{version}_"
-            own = {"export_" + k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-            exports[version] = own or {k: v for k, v in params.items() if k.startswith("export_") and k != "export_version"}
-        view = ServingView(stable, versions, exports)
+        view = ServingView.from_config(*self._call("get encoder config", call))
         self._view = (now, view)
         return view
 
@@ -225,7 +229,7 @@ class TritonClient:
             return self._infer(model, inputs, outputs)
         except InvalidRequest as error:
             # The canary was promoted or rolled back between our view of it and this call.
-            if fallback is None or "unknown model" not in str(error).lower() and "not found" not in str(error).lower():
+            if fallback is None or "unknown model" not in str(error).lower():
                 raise
             self._view = None
             return self._infer(fallback, inputs, outputs)

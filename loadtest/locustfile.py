@@ -4,6 +4,9 @@
     LOADTEST_GRPC_URL=host:port  where the recommend path's gRPC client goes (default 127.0.0.1:8001)
     LOADTEST_TASKS=embed:6,score:3,recommend:1   task weights (0 disables a task)
     LOADTEST_STEP=users,seconds,max_users        step-load shape instead of a fixed user count
+    LOADTEST_THINK_MS=0                          each user's pause between calls
+    LOADTEST_CANARY_SHARE=0.2                    share of embed/score calls sent to a canary version while
+                                                 a rollout runs one (rollout/), like client.triton does
 
 Request texts are real: STS-B sentences and MovieLens titles when ../shared/data is there, else this
 project's own gate sentences. Run it through `python -m loadtest.run` (or `make loadtest`).
@@ -15,15 +18,19 @@ from grpc.experimental import gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
+import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
+import urllib.request  # noqa: E402
 
 import numpy as np  # noqa: E402
 from locust import FastHttpUser, LoadTestShape, User, constant, events, task  # noqa: E402
 
 import settings  # noqa: E402
+from client.triton import ServingView  # noqa: E402
 from loadtest.workload import Workload  # noqa: E402
+from model_repository.render import pinned_name  # noqa: E402
 
 PROTOCOL = os.environ.get("LOADTEST_PROTOCOL", "http")
 GRPC_URL = os.environ.get("LOADTEST_GRPC_URL", settings.SETTINGS.server.grpc_url)
@@ -32,6 +39,9 @@ WEIGHTS = {name: int(weight) for name, weight in
 # A rejected request (HTTP 503 / gRPC UNAVAILABLE: Triton's queue policy shedding load) makes the simulated
 # client back off like client.triton.RetryPolicy does, instead of hammering an overloaded server.
 REJECTED_BACKOFF_S = float(os.environ.get("LOADTEST_REJECTED_BACKOFF_S", "0.05"))
+CANARY_SHARE = float(os.environ.get("LOADTEST_CANARY_SHARE", "0"))
+THINK_S = float(os.environ.get("LOADTEST_THINK_MS", "0")) / 1000  # pause between a user's calls (0: closed loop)
+CANARY_VIEW_TTL_S = 2.0
 T = settings.SETTINGS.tensors
 M = settings.SETTINGS.models
 WORKLOAD = Workload.load(with_recommender=WEIGHTS.get("recommend", 0) > 0, grpc_url=GRPC_URL)
@@ -55,6 +65,32 @@ def fire(request_type: str, name: str, started: float, error: Exception | None, 
                         response_length=length, exception=error, context={})
 
 
+class CanaryRoute:
+    """Which ensemble a call goes to: CANARY_SHARE of them to the canary version's pinned ensemble
+    (`embed_v3`) while the encoder config shows one, the rest to `embed`. One view per process, re-read
+    every CANARY_VIEW_TTL_S with the caller's own connection."""
+
+    version: int | None = None
+    read_at = float("-inf")
+
+    @classmethod
+    def pick(cls, model: str, read_config) -> str:
+        if CANARY_SHARE <= 0 or random.random() >= CANARY_SHARE:
+            return model
+        if time.monotonic() - cls.read_at > CANARY_VIEW_TTL_S:
+            cls.read_at = time.monotonic()
+            try:
+                cls.version = ServingView.from_config(*read_config()).canary
+            except Exception:  # the view is advisory: without it, calls go to the stable ensemble
+                cls.version = None
+        return pinned_name(model, cls.version) if cls.version else model
+
+    @classmethod
+    def gone(cls) -> None:
+        """The canary was promoted or rolled back under us: re-read the view on the next call."""
+        cls.version, cls.read_at = None, float("-inf")
+
+
 def recommend_once(user: User) -> None:
     started, error = time.perf_counter(), None
     try:
@@ -68,10 +104,23 @@ class TritonHttpUser(FastHttpUser):
     """KServe v2 JSON over HTTP, as any outside caller would send it."""
 
     abstract = PROTOCOL != "http"
-    wait_time = constant(0)
+    wait_time = constant(THINK_S)
+
+    def _read_config(self):
+        # Plain urllib (gevent-patched by Locust), so the view's reads stay out of the statistics.
+        with urllib.request.urlopen(f"{self.host}/v2/models/{M.encoder}/config", timeout=10) as response:
+            config = json.loads(response.read())
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        return params, config.get("version_policy", {}).get("specific", {}).get("versions", [])
 
     def _infer(self, model: str, body: dict, name: str) -> None:
-        with self.client.post(f"/v2/models/{model}/infer", json=body, name=name, catch_response=True) as response:
+        target = CanaryRoute.pick(model, self._read_config)
+        with self.client.post(f"/v2/models/{target}/infer", json=body, name=name, catch_response=True) as response:
+            if response.status_code in (400, 404) and target != model and "unknown model" in response.text.lower():
+                CanaryRoute.gone()  # promoted or rolled back since we looked: the stable ensemble answers
+                response.success()
+                self._infer(model, body, name)
+                return
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:120]}")
                 if response.status_code == 503:
@@ -102,7 +151,7 @@ class TritonGrpcUser(User):
     """tritonclient.grpc under gevent; one connection per simulated user, closed on stop."""
 
     abstract = PROTOCOL != "grpc"
-    wait_time = constant(0)
+    wait_time = constant(THINK_S)
 
     def on_start(self):
         import tritonclient.grpc as grpcclient
@@ -113,10 +162,22 @@ class TritonGrpcUser(User):
     def on_stop(self):
         self.conn.close()
 
+    def _read_config(self):
+        config = self.conn.get_model_config(M.encoder).config
+        return {k: v.string_value for k, v in config.parameters.items()}, list(config.version_policy.specific.versions)
+
     def _infer(self, model: str, inputs: list, outputs: list[str], name: str) -> None:
         started, error = time.perf_counter(), None
+        target = CanaryRoute.pick(model, self._read_config)
+        requested = [self.grpc.InferRequestedOutput(o) for o in outputs]
         try:
-            self.conn.infer(model, inputs, outputs=[self.grpc.InferRequestedOutput(o) for o in outputs])
+            try:
+                self.conn.infer(target, inputs, outputs=requested)
+            except Exception as exc:
+                if target == model or "unknown model" not in str(exc).lower():
+                    raise
+                CanaryRoute.gone()  # promoted or rolled back since we looked: the stable ensemble answers
+                self.conn.infer(model, inputs, outputs=requested)
         except Exception as exc:
             error = exc
         fire("grpc", name, started, error)

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default="embed:6,score:3,recommend:1", help="task weights")
     parser.add_argument("--slo-p99-ms", type=float, default=None)
     parser.add_argument("--slo-failure-rate", type=float, default=None)
+    parser.add_argument("--think-ms", type=float, default=0.0, help="each user's pause between calls")
+    parser.add_argument("--canary-share", type=float, default=0.0,
+                        help="share of embed/score calls sent to a canary version while a rollout runs one")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "loadtest")
     args = parser.parse_args(argv)
 
@@ -125,7 +129,8 @@ def main(argv=None) -> int:
     s = settings.SETTINGS.server
     env = {**os.environ, "LOADTEST_PROTOCOL": args.protocol, "LOADTEST_TASKS": args.tasks,
            "LOADTEST_GRPC_URL": f"{args.host or s.host}:{args.grpc_port or s.grpc_port}",
-           "PYTHONPATH": str(settings.REPO_ROOT)}
+           "PYTHONPATH": str(settings.REPO_ROOT), "LOADTEST_CANARY_SHARE": str(args.canary_share),
+           "LOADTEST_THINK_MS": str(args.think_ms)}
     if args.step:
         env["LOADTEST_STEP"] = args.step
     command = locust_command(args, args.out)
@@ -135,9 +140,15 @@ def main(argv=None) -> int:
         planned = (top // users + 1) * seconds
     else:
         planned = args.duration
+    locust = subprocess.Popen(command, env=env, cwd=settings.REPO_ROOT)
+    # SIGTERM/SIGINT end the run early: Locust stops its users, writes its statistics, and we report them
+    # (a rollout test runs the load until its rollouts are done).
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: locust.send_signal(signal.SIGTERM))
     try:
-        subprocess.run(command, env=env, cwd=settings.REPO_ROOT, timeout=planned + 180)
+        locust.wait(timeout=planned + 180)
     except subprocess.TimeoutExpired:
+        locust.kill()
         print("[loadtest] locust did not exit in time and was killed", file=sys.stderr)
     if not (args.out / "locust_stats.csv").exists():
         print("[loadtest] locust produced no statistics", file=sys.stderr)

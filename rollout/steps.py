@@ -20,7 +20,7 @@ Triton's traps, and how they are avoided (tests/integration/test_rollout.py chec
   version policy is narrowed by a reload;
 - poll mode unloads before it loads: the server runs in explicit mode and loads on request;
 - the Python stub writes `__pycache__` into version directories, which a polling server takes for a change
-  and reloads again: the launcher sets PYTHONDONTWRITEBYTECODE.
+  and reloads again: servers started by server/launcher.py turn the stub's bytecode writing off.
 """
 from __future__ import annotations
 
@@ -231,13 +231,15 @@ def stage(live: LiveRepository, new_export: Path, workdir: Path, rollout: Rollou
     return staging, new_version
 
 
-def _log_tail(path: Path, lines: int = 6) -> str:
+def _log_tail(path: Path, lines: int = 4) -> str:
+    """The server log's reason for not loading: its model table's UNAVAILABLE rows, else its last errors."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    errors = [line for line in text if " E" in line[:2] or "error" in line.lower()]
-    return " | ".join((errors or text)[-lines:])
+    table = [" ".join(line.strip("| ").split()) for line in text if line.startswith("|") and "UNAVAILABLE" in line]
+    errors = [line for line in text if line.startswith("E") or "error" in line.lower()]
+    return " | ".join((table or errors or text)[-lines:])
 
 
 def validate(staging: Path, settings: Settings, stable: int, new_version: int, golden: list[str],

@@ -5,8 +5,11 @@ is needed. Two things make its Python backend work from a venv:
 - the stub for this Python version is linked into a backend directory of ours (build/triton_backends);
 - the venv's bin goes first on PATH: the stub finds its interpreter, and our packages, through it
   (it ignores PYTHONPATH).
-PYTHONDONTWRITEBYTECODE keeps the stub from writing __pycache__ into version directories, which would make
-a polling server reload a second time.
+The stub must not write `__pycache__` into version directories: a polling server takes that for a change and
+reloads a second time, and an explicit load of an unchanged model would reload it. The stub's embedded
+interpreter ignores PYTHON* variables (PYTHONDONTWRITEBYTECODE too: tested), so a one-line .pth file in the
+venv turns bytecode writing off in any Python process that has TRITON_STUB_NO_PYCACHE=1, which only the
+servers started here have.
 """
 from __future__ import annotations
 
@@ -48,6 +51,21 @@ def pytriton_root() -> Path:
     return Path(pytriton.__file__).resolve().parent / "tritonserver"
 
 
+NO_PYCACHE_HOOK = "triton_stub_no_pycache.pth"
+NO_PYCACHE_LINE = ('import os, sys; sys.dont_write_bytecode = sys.dont_write_bytecode or '
+                   'os.environ.get("TRITON_STUB_NO_PYCACHE") == "1"\n')
+
+
+def install_no_pycache_hook() -> Path:
+    """The .pth line above, in this interpreter's site-packages (the stub runs this venv's Python)."""
+    import sysconfig
+
+    hook = Path(sysconfig.get_paths()["purelib"]) / NO_PYCACHE_HOOK
+    if not hook.exists() or hook.read_text() != NO_PYCACHE_LINE:
+        hook.write_text(NO_PYCACHE_LINE)
+    return hook
+
+
 def prepare_backends(target: Path = settings.BUILD_DIR / "triton_backends") -> Path:
     """A backend directory whose python/ holds the wheel's backend plus the stub for this interpreter."""
     root = pytriton_root()
@@ -59,6 +77,7 @@ def prepare_backends(target: Path = settings.BUILD_DIR / "triton_backends") -> P
         raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version}")
     links = {p.name: p for p in (root / "backends" / "python").iterdir() if p.name != "__pycache__"}
     links[stub.name] = stub
+    install_no_pycache_hook()
     for name, source in links.items():
         link = python_dir / name
         if link.is_symlink() or link.exists():
@@ -112,7 +131,7 @@ class TritonServer:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env["TRITON_STUB_NO_PYCACHE"] = "1"  # read by install_no_pycache_hook's .pth line in the stub
         env["HF_HUB_OFFLINE"] = "1"
         env.setdefault("TOKENIZERS_PARALLELISM", "true")
         return env

@@ -2,6 +2,7 @@
 hash in each manifest); integration tests start the real tritonserver on free loopback ports."""
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from dataclasses import replace
@@ -88,3 +89,23 @@ def client_for(server, protocol: str):
     s = server.server
     url = s.grpc_url if protocol == "grpc" else s.http_url
     return TritonClient(url, protocol=protocol, settings=replace(settings.SETTINGS, server=s))
+
+
+@pytest.fixture(scope="session")
+def movielens_slice(tmp_path_factory):
+    """The first 1,500 movies and every rating of the first 80 users on them (real data, kept small)."""
+    source = settings.MOVIELENS_DIR
+    if not (source / "movies.csv").exists():
+        pytest.skip(f"MovieLens not found at {source}")
+    target = tmp_path_factory.mktemp("movielens")
+    with open(source / "movies.csv", encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))[:1501]
+    with open(target / "movies.csv", "w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    keep = {row[0] for row in rows[1:]}
+    with open(source / "ratings.csv", encoding="utf-8") as handle, open(target / "ratings.csv", "w") as out:
+        for line_number, line in enumerate(handle):
+            fields = line.split(",")
+            if line_number == 0 or (fields[1] in keep and int(fields[0]) <= 80):
+                out.write(line)
+    return target

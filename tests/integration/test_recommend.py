@@ -1,5 +1,4 @@
 """The recommender end to end against the real tritonserver, on a slice of real MovieLens data."""
-import csv
 import json
 import subprocess
 import sys
@@ -13,26 +12,6 @@ from client.evaluate import evaluate
 from client.index import EncoderMismatch, build_catalog_index
 from client.recommend import Recommender
 from tests.conftest import client_for
-
-
-@pytest.fixture(scope="module")
-def movielens_slice(tmp_path_factory):
-    """The first 1,500 movies and every rating of the first 80 users on them (real data, kept small)."""
-    source = settings.MOVIELENS_DIR
-    if not (source / "movies.csv").exists():
-        pytest.skip(f"MovieLens not found at {source}")
-    target = tmp_path_factory.mktemp("movielens")
-    with open(source / "movies.csv", encoding="utf-8", newline="") as handle:
-        rows = list(csv.reader(handle))[:1501]
-    with open(target / "movies.csv", "w", encoding="utf-8", newline="") as handle:
-        csv.writer(handle).writerows(rows)
-    keep = {row[0] for row in rows[1:]}
-    with open(source / "ratings.csv", encoding="utf-8") as handle, open(target / "ratings.csv", "w") as out:
-        for line_number, line in enumerate(handle):
-            fields = line.split(",")
-            if line_number == 0 or (fields[1] in keep and int(fields[0]) <= 80):
-                out.write(line)
-    return target
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,310 @@
+"""Rollouts on a live tritonserver under load: promote, automatic rollback, broken versions refused before
+any traffic, the catalog index switched with the encoder, and Triton's reload traps avoided."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import settings
+from client.triton import RetryPolicy, TritonClient
+from model_repository import render
+from model_repository.render import build_repository
+from rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, TritonAdmin, run, status
+from server.launcher import TritonServer, free_port
+
+S = settings.SETTINGS
+LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"
+# Short canary windows and relaxed latency ratios: on 2 shared cores, with Locust and a validation server
+# running beside the live one, latency is noise. The defaults (RolloutSettings) are for real deployments.
+FAST = RolloutSettings(latency_max_ratio=4.0, canary_seconds=8, canary_min_requests=20, canary_max_latency_ratio=4.0,
+                       drain_seconds=2)
+
+
+class Live:
+    def __init__(self, root: Path, export_dir: Path):
+        self.path = build_repository(S, export_dir, "onnx-int8", "embedded", root / "live")
+        self.server_settings = replace(S.server, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
+                                       metrics_port=free_port(), admin_key="rollout-test-key")
+        self.settings = replace(S, server=self.server_settings)
+        self.server = TritonServer(self.path, self.server_settings, log_file=root / "live.log").start()
+        self.repository = LiveRepository(self.path, self.settings)
+        self.admin = TritonAdmin(self.server_settings.http_url, f"127.0.0.1:{self.server_settings.metrics_port}",
+                                 self.server_settings.admin_key)
+
+    def client(self, **kwargs) -> TritonClient:
+        return TritonClient(self.server_settings.grpc_url, settings=self.settings, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def live(export_dir, tmp_path_factory):
+    served = Live(tmp_path_factory.mktemp("rollout"), export_dir)
+    yield served
+    served.server.stop()
+
+
+class Traffic:
+    """Background `embed` calls (threads, gRPC) counting successes and failures, with a canary share."""
+
+    def __init__(self, live: Live, threads: int = 2, canary_share: float = 0.2):
+        self.ok, self.failed, self.errors = 0, 0, []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(live, canary_share), daemon=True) for _ in range(threads)]
+
+    def _loop(self, live, canary_share):
+        client = live.client(canary_share=canary_share, retry=RetryPolicy(attempts=1))
+        while not self._stop.is_set():
+            try:
+                client.embed(["a request that must not fail while versions change"])
+                self.ok += 1
+            except Exception as error:
+                self.failed += 1
+                self.errors.append(str(error)[:200])
+            time.sleep(0.02)
+        client.close()
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        deadline = time.monotonic() + 60  # keep calling a while after the change: the server still answers
+        while self.ok < 50 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
+def assert_only_version(live: Live, version: int) -> None:
+    repo = live.repository
+    assert (repo.stable, repo.versions, repo.canary) == (version, [version], None)
+    on_disk = sorted(p.name for p in live.path.iterdir() if p.is_dir())
+    assert on_disk == sorted(["tokenizer", "encoder", "similarity", "embed", "score", f"embed_v{version}", f"score_v{version}"])
+    assert sorted(p.name for p in (live.path / "encoder").iterdir() if p.is_dir()) == [str(version)]
+    with live.client() as client:
+        assert client.encoder_info()["export_version"] == str(version)
+        assert client.serving_view(max_age_s=0).versions == (version,)
+
+
+# ---- three rollouts under Locust ------------------------------------------------------------------------
+def test_three_consecutive_rollouts_under_locust_load_fail_no_request(live, export_dir, tmp_path):
+    if not LOADTEST_PYTHON.exists():
+        pytest.fail("the load-test venv is missing: `make test` builds it (make loadtest-venv)")
+    s = live.server_settings
+    locust = subprocess.Popen(
+        [str(LOADTEST_PYTHON), "-m", "loadtest.run", "--host", s.host, "--http-port", str(s.http_port),
+         "--grpc-port", str(s.grpc_port), "--protocol", "http", "--users", "20", "--spawn-rate", "20",
+         "--duration", "1200", "--tasks", "embed:6,score:3,recommend:0", "--think-ms", "20", "--canary-share", "0.2",
+         "--out", str(tmp_path)],
+        cwd=settings.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reports = []
+    try:
+        time.sleep(10)  # all 20 users running
+        assert locust.poll() is None, locust.stdout.read()
+        start = live.repository.stable
+        for variant in ("onnx-fp32", "onnx-int8", "onnx-fp32"):
+            reports.append(run(live.repository, live.admin, export_dir / variant, FAST, log=print))
+    finally:
+        locust.send_signal(signal.SIGTERM)
+        output, _ = locust.communicate(timeout=180)
+    print(output[-3000:])
+    assert [r["outcome"] for r in reports] == ["promoted"] * 3
+    assert [r["new_version"] for r in reports] == [start + 1, start + 2, start + 3]
+    assert all(r["canary"]["canary"]["requests"] >= FAST.canary_min_requests for r in reports)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    agg = summary["aggregated"]
+    print(f"locust during 3 rollouts: {agg['requests']} requests, {agg['failures']} failures, "
+          f"p99 {agg['p99_ms']:.0f} ms, rollouts took {[r['seconds'] for r in reports]} s")
+    assert agg["failures"] == 0, summary["failure_kinds"]
+    assert agg["requests"] > 1000
+    assert_only_version(live, start + 3)
+    assert live.repository.manifest(start + 3)["variant"] == "onnx-fp32"
+    # The stub never wrote __pycache__ into a version directory (a polling server would reload on it).
+    assert not list(live.path.rglob("__pycache__"))
+    history = (live.path.parent / "live.rollouts.jsonl").read_text().splitlines()
+    assert len(history) >= 3 and json.loads(history[-1])["outcome"] == "promoted"
+
+
+# ---- automatic rollback ---------------------------------------------------------------------------------
+def test_a_canary_that_gets_no_traffic_is_rolled_back_automatically(live, export_dir):
+    stable = live.repository.stable
+    with Traffic(live, canary_share=0.0) as traffic:  # nobody sends the canary a share: no evidence
+        report = run(live.repository, live.admin, export_dir / "onnx-int8", replace(FAST, canary_seconds=3), log=print)
+    assert report["outcome"] == "rolled_back"
+    assert "canary requests" in report["canary"]["reasons"][0]
+    assert traffic.failed == 0 and traffic.ok > 20, traffic.errors[:3]
+    assert_only_version(live, stable)
+
+
+# ---- broken versions are refused before any traffic -----------------------------------------------------
+def _rewrite_manifest(directory: Path) -> None:
+    from export.source import file_sha256
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    artifact = directory / manifest["artifact"]["file"]
+    manifest["artifact"].update(sha256=file_sha256(artifact), bytes=artifact.stat().st_size)
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def broken_export(export_dir: Path, target: Path, kind: str) -> Path:
+    shutil.copytree(export_dir / "onnx-fp32", target)
+    artifact = target / json.loads((target / "manifest.json").read_text())["artifact"]["file"]
+    if kind in ("truncated-onnx", "corrupt-onnx-with-matching-manifest"):
+        artifact.write_bytes(artifact.read_bytes()[: artifact.stat().st_size // 2])
+        if kind == "corrupt-onnx-with-matching-manifest":
+            _rewrite_manifest(target)  # as if the export itself had written garbage: only loading shows it
+    elif kind == "below-parity":
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(artifact)
+        rng = np.random.default_rng(0)
+        for tensor in model.graph.initializer:
+            values = numpy_helper.to_array(tensor)
+            if values.dtype == np.float32 and values.ndim == 2 and values.size > 10_000:  # the weight matrices
+                noisy = values + rng.normal(0, 0.1 * values.std(), values.shape).astype(np.float32)
+                tensor.CopyFrom(numpy_helper.from_array(noisy, tensor.name))
+        onnx.save(model, artifact)
+        _rewrite_manifest(target)
+    return target
+
+
+@pytest.mark.parametrize("kind, refusal", [
+    ("truncated-onnx", "sha256 differs from the manifest"),
+    ("corrupt-onnx-with-matching-manifest", "does not load"),
+    ("below-parity", "parity with version"),
+    ("model-py-raising-at-init", "does not load"),
+])
+def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(live, export_dir, tmp_path, monkeypatch, kind, refusal):
+    stable = live.repository.stable
+    if kind == "model-py-raising-at-init":
+        export = export_dir / "onnx-fp32"
+        models = shutil.copytree(render.MODELS_SOURCE, tmp_path / "models")
+        encoder_py = models / "encoder_onnxruntime" / "model.py"
+        encoder_py.write_text(encoder_py.read_text().replace(
+            "    def initialize(self, args):", "    def initialize(self, args):\n"
+            "        raise RuntimeError('a bug shipped in the new model.py')\n\n    def _unused(self, args):", 1))
+        assert "a bug shipped" in encoder_py.read_text()
+        monkeypatch.setattr(render, "MODELS_SOURCE", models)
+    else:
+        export = broken_export(export_dir, tmp_path / kind, kind)
+    with Traffic(live) as traffic:
+        with pytest.raises(RolloutRefused, match=refusal) as refused:
+            run(live.repository, live.admin, export, FAST, log=print)
+    print(f"{kind}: refused: {refused.value}")
+    assert traffic.failed == 0 and traffic.ok > 20, traffic.errors[:3]
+    assert_only_version(live, stable)
+
+
+# ---- the catalog index moves with the encoder -----------------------------------------------------------
+def test_the_catalog_index_is_reembedded_and_switched_with_the_encoder(live, export_dir, movielens_slice, tmp_path):
+    from client.catalog import load_movielens
+    from client.index import IndexStore, build_catalog_index
+    from client.recommend import Recommender
+
+    items, interactions, _ = load_movielens(movielens_slice)
+    client = live.client()
+    store = IndexStore(tmp_path / "indexes")
+    old_version = live.repository.stable
+    store.switch(store.publish(build_catalog_index(client, items)))
+    recommender = Recommender(items, store.load(), interactions, client, index_store=store)
+    seen, failures, stop = [], [], threading.Event()
+
+    def recommend_loop():
+        while not stop.is_set():
+            try:
+                recommender.recommend(1, n=10)
+                seen.append(recommender.index.encoder_version)
+            except Exception as error:
+                failures.append(repr(error)[:200])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=recommend_loop, daemon=True)
+    with Traffic(live, threads=1):
+        thread.start()
+        try:
+            report = run(live.repository, live.admin, export_dir / "onnx-int8", FAST, store=store, client=client, log=print)
+        finally:
+            time.sleep(1)
+            stop.set()
+            thread.join(timeout=60)
+    assert report["outcome"] == "promoted"
+    new_version = report["new_version"]
+    assert not failures, failures[:3]
+    # The recommender used the old index (and score_v<old>), then the new one; never a third state.
+    assert seen[0] == old_version and seen[-1] == new_version and set(seen) == {old_version, new_version}
+    index = store.load()
+    assert store.names() == [store.current_name()] == [report["index"]]
+    assert index.encoder_version == new_version
+    assert index.encoder["export_manifest_sha256"] == client.encoder_info()["export_manifest_sha256"]
+    # Its vectors are the new version's own (same batch size as the index build: dynamic INT8 is batch-dependent).
+    again = client.embed_many(index.texts[:128], encoder_version=new_version)
+    assert float(np.min(np.sum(again * index.vectors[:128], axis=1))) > 0.999
+    client.close()
+
+
+# ---- status --------------------------------------------------------------------------------------------
+def test_status_shows_versions_manifests_readiness_and_traffic_shares(live):
+    with Traffic(live, threads=1):
+        shown = status(live.repository, live.admin, window_s=2.0)
+    stable = shown["stable"]
+    info = shown["versions"][stable]
+    assert info["role"] == "stable" and info["variant"].startswith("onnx-")
+    assert all(info["ready"].values()) and info["traffic_share"] == 1.0 and info["requests_last_window"] > 10
+    completed = subprocess.run(
+        [str(settings.REPO_ROOT / ".venv" / "bin" / "python"), "-m", "rollout", "--repository", str(live.path), "status",
+         "--window", "1"], cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "TRITON_HOST": "127.0.0.1", "TRITON_HTTP_PORT": str(live.server_settings.http_port),
+             "TRITON_METRICS_PORT": str(live.server_settings.metrics_port), "TRITON_ADMIN_KEY": live.server_settings.admin_key})
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["stable"] == stable
+
+
+# ---- Triton's traps ------------------------------------------------------------------------------------
+def test_the_server_runs_in_explicit_mode_without_polling(live):
+    command = live.server.command()
+    assert "--model-control-mode=explicit" in command
+    assert not any("poll" in arg for arg in command)
+
+
+def test_the_stub_writes_no_bytecode_only_where_the_launcher_asks(tmp_path):
+    import sys
+
+    from server.launcher import install_no_pycache_hook
+
+    install_no_pycache_hook()
+    probe = [sys.executable, "-c", "import sys; print(sys.dont_write_bytecode)"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONDONT")}
+    assert subprocess.run(probe, env={**clean, "TRITON_STUB_NO_PYCACHE": "1"}, capture_output=True, text=True).stdout.strip() == "True"
+    assert subprocess.run(probe, env=clean, capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_unloading_the_composing_encoder_takes_its_ensembles_down(live):
+    """The trap the rollout avoids by never unloading the encoder (only narrowing its versions). Shown on
+    the live server, then everything is loaded back."""
+    stable = live.repository.stable
+    ensembles = ["embed", "score", f"embed_v{stable}", f"score_v{stable}"]
+    assert all(live.admin.ready(name) for name in ensembles)
+    live.admin.unload("encoder")
+    try:
+        deadline = time.monotonic() + 60
+        while any(live.admin.ready(name) for name in ensembles) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(live.admin.ready(name) for name in ensembles)
+    finally:
+        for name in ["encoder", *ensembles]:
+            live.admin.load(name)
+    assert all(live.admin.ready(name) for name in ensembles)
+    with live.client() as client:
+        assert client.embed(["back"]).shape == (1, 384)
