@@ -11,7 +11,7 @@ VARIANT ?= onnx-int8
 RUNTIME ?= embedded
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve demo test bench bench-serving evaluate loadtest report clean
+.PHONY: venv loadtest-venv export repository serve demo test bench bench-serving evaluate loadtest report soak bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -68,6 +68,23 @@ loadtest: repository loadtest-venv  ## Locust headless against a local server: m
 report: loadtest-venv venv       ## every benchmark in one run -> build/reports/REPORT.md with plots
 	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8 $(EXPORT_ARGS)
 	$(PY) -m loadtest.report --variant $(VARIANT)
+
+SOAK_MINUTES ?= 10
+soak: venv                       ## soak benchmark: steady load, RSS of tritonserver and its stubs must grow <= 10%
+	$(PY) -m export --variants onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m loadtest.soak --minutes $(SOAK_MINUTES)
+
+bench-rollout: venv loadtest-venv  ## 3 rollouts under 20 Locust users -> build/reports/rollout.json + rollout.png
+	$(PY) -m export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m loadtest.rollout_bench
+
+NEW ?= build/export/onnx-fp32
+ROLLOUT_ARGS ?=
+rollout: venv                    ## roll an export (NEW=build/export/<variant>) out to the server `make serve` runs
+	$(PY) -m rollout run $(NEW) $(ROLLOUT_ARGS)
+
+rollout-status: venv             ## what the server `make serve` runs is serving: versions, manifests, shares
+	$(PY) -m rollout status
 
 clean:
 	rm -rf build

@@ -122,7 +122,6 @@ class TritonClient:
         self.canary_share = canary_share
         self.view_ttl_s = view_ttl_s
         self._view: tuple[float, ServingView] | None = None
-        self.routed = {"stable": 0, "canary": 0, "pinned": 0}  # calls per route, for reports and tests
 
     @property
     def _client(self):
@@ -213,14 +212,11 @@ class TritonClient:
         from model_repository.render import pinned_name
 
         if encoder_version is not None:
-            self.routed["pinned"] += 1
             return pinned_name(ensemble, int(encoder_version)), None
         if self.canary_share > 0 and random.random() < self.canary_share:
             canary = self.serving_view().canary
             if canary is not None:
-                self.routed["canary"] += 1
                 return pinned_name(ensemble, canary), ensemble
-        self.routed["stable"] += 1
         return ensemble, None
 
     def _infer_routed(self, ensemble: str, encoder_version: int | None, inputs: list, outputs: list[str]):

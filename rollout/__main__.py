@@ -4,8 +4,10 @@
     python -m rollout status                          # versions, manifests, readiness, traffic shares
     python -m rollout promote | rollback              # finish a rollout by hand (e.g. after a crash)
 
-The server is found through settings.ServerSettings (TRITON_HOST, TRITON_HTTP_PORT, TRITON_METRICS_PORT); the
-admin key through TRITON_ADMIN_KEY or build/admin_key (written by `make serve`). Exit status: 0 promoted
+The server is found through settings.ServerSettings (TRITON_HOST, TRITON_HTTP_PORT, TRITON_METRICS_PORT), or
+given as one `--replica HTTP_HOST:PORT,METRICS_HOST:PORT` per server sharing the repository (scale-out: each
+load goes to one replica at a time); the admin key through TRITON_ADMIN_KEY or build/admin_key (written by
+`make serve`). Exit status: 0 promoted
 (or status shown), 2 refused before any traffic, 3 rolled back after the canary, 1 other errors.
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import settings
-from rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, TritonAdmin, promote, roll_back, run, status
+from rollout.steps import (LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, promote, roll_back, run,
+                           status)
 
 
 def admin_key() -> str:
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rollout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR, help="the live repository")
+    parser.add_argument("--replica", action="append", default=[], metavar="HTTP_HOST:PORT,METRICS_HOST:PORT",
+                        help="a server of the live repository (repeat for each replica; default: settings)")
     parser.add_argument("--index-store", type=Path, default=None,
                         help="catalog IndexStore to re-embed with the new version and switch with it")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s = settings.SETTINGS.server
     live = LiveRepository(args.repository, settings.SETTINGS)
-    admin = TritonAdmin(s.http_url, f"{s.host}:{s.metrics_port}", admin_key(), s.admin_header)
+    replicas = [Replica(*spec.split(",", 1)) for spec in args.replica] or [Replica(s.http_url, f"{s.host}:{s.metrics_port}")]
+    admin = TritonAdmin(replicas, admin_key(), s.admin_header)
     store = None
     if args.index_store:
         from client.index import IndexStore

@@ -112,46 +112,68 @@ class LiveRepository:
             yield
 
 
+@dataclass(frozen=True)
+class Replica:
+    http_url: str      # host:port of Triton's HTTP endpoint (model control, readiness)
+    metrics_url: str   # host:port of its metrics endpoint
+
+
 class TritonAdmin:
-    """The keyed model-control API and the metrics endpoint of the live server."""
+    """The keyed model-control API and the metrics of every replica serving the live repository (one
+    server, or N pods sharing a repository volume). A load goes to one replica at a time, and returns only
+    once that replica has loaded it, so at most one replica is switching at any moment."""
 
-    def __init__(self, http_url: str, metrics_url: str, key: str, header: str = "triton-admin-key"):
-        self.http_url, self.metrics_url, self.headers = http_url, metrics_url, {header: key}
+    def __init__(self, replicas: list[Replica], key: str, header: str = "triton-admin-key"):
+        if not replicas:
+            raise ValueError("no replicas to administer")
+        self.replicas, self.headers = list(replicas), {header: key}
 
-    def _post(self, path: str, timeout_s: float = 600) -> None:
-        request = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST", headers=self.headers)
+    @classmethod
+    def single(cls, http_url: str, metrics_url: str, key: str, header: str = "triton-admin-key") -> "TritonAdmin":
+        return cls([Replica(http_url, metrics_url)], key, header)
+
+    def _post(self, replica: Replica, path: str, timeout_s: float = 600) -> None:
+        request = urllib.request.Request(f"http://{replica.http_url}{path}", data=b"{}", method="POST", headers=self.headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s):
                 return
         except urllib.error.HTTPError as error:
-            raise RuntimeError(f"POST {path}: HTTP {error.code}: {error.read().decode(errors='replace')[:500]}") from None
+            raise RuntimeError(f"POST {replica.http_url}{path}: HTTP {error.code}: "
+                               f"{error.read().decode(errors='replace')[:500]}") from None
 
     def load(self, model: str) -> None:
-        self._post(f"/v2/repository/models/{model}/load")
+        for replica in self.replicas:
+            self._post(replica, f"/v2/repository/models/{model}/load")
 
     def unload(self, model: str) -> None:
-        self._post(f"/v2/repository/models/{model}/unload")
+        for replica in self.replicas:
+            self._post(replica, f"/v2/repository/models/{model}/unload")
 
     def ready(self, model: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=5) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        """Ready on every replica."""
+        for replica in self.replicas:
+            try:
+                with urllib.request.urlopen(f"http://{replica.http_url}/v2/models/{model}/ready", timeout=5) as response:
+                    if response.status != 200:
+                        return False
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                return False
+        return True
 
     def metrics(self) -> dict[tuple[str, str], float]:
-        """{(metric, model): value} for Triton's per-model counters, summed over versions and reasons."""
-        with urllib.request.urlopen(f"http://{self.metrics_url}/metrics", timeout=10) as response:
-            text = response.read().decode()
+        """{(metric, model): value} for Triton's per-model counters, summed over replicas, versions, reasons."""
         values: dict[tuple[str, str], float] = {}
-        for line in text.splitlines():
-            if not line.startswith("nv_inference_") or "{" not in line:
-                continue
-            name, rest = line.split("{", 1)
-            labels, value = rest.rsplit("} ", 1)
-            fields = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)
-            key = (name, fields.get("model", "").strip('"'))
-            values[key] = values.get(key, 0.0) + float(value)
+        for replica in self.replicas:
+            with urllib.request.urlopen(f"http://{replica.metrics_url}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            for line in text.splitlines():
+                if not line.startswith("nv_inference_") or "{" not in line:
+                    continue
+                name, rest = line.split("{", 1)
+                labels, value = rest.rsplit("} ", 1)
+                fields = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)
+                key = (name, fields.get("model", "").strip('"'))
+                values[key] = values.get(key, 0.0) + float(value)
         return values
 
 

@@ -19,7 +19,7 @@ import settings
 from client.triton import RetryPolicy, TritonClient
 from model_repository import render
 from model_repository.render import build_repository
-from rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, TritonAdmin, run, status
+from rollout.steps import LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, run, status
 from server.launcher import TritonServer, free_port
 
 S = settings.SETTINGS
@@ -38,8 +38,8 @@ class Live:
         self.settings = replace(S, server=self.server_settings)
         self.server = TritonServer(self.path, self.server_settings, log_file=root / "live.log").start()
         self.repository = LiveRepository(self.path, self.settings)
-        self.admin = TritonAdmin(self.server_settings.http_url, f"127.0.0.1:{self.server_settings.metrics_port}",
-                                 self.server_settings.admin_key)
+        self.admin = TritonAdmin.single(self.server_settings.http_url, f"127.0.0.1:{self.server_settings.metrics_port}",
+                                        self.server_settings.admin_key)
 
     def client(self, **kwargs) -> TritonClient:
         return TritonClient(self.server_settings.grpc_url, settings=self.settings, **kwargs)
@@ -207,6 +207,34 @@ def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(live, expor
     assert_only_version(live, stable)
 
 
+# ---- scale-out: replicas sharing one repository ----------------------------------------------------------
+def test_a_rollout_reaches_every_replica_sharing_the_repository(export_dir, tmp_path):
+    """Two tritonservers on one repository directory (pods on a shared volume): the files change once, each
+    replica loads in turn, and neither fails a request."""
+    first = Live(tmp_path, export_dir)
+    second_settings = replace(first.server_settings, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    second = TritonServer(first.path, second_settings, log_file=tmp_path / "second.log").start()
+    try:
+        both = TritonAdmin([Replica(first.server_settings.http_url, f"127.0.0.1:{first.server_settings.metrics_port}"),
+                            Replica(second_settings.http_url, f"127.0.0.1:{second_settings.metrics_port}")],
+                           first.server_settings.admin_key)
+        other = Live.__new__(Live)  # the second replica, seen by the traffic threads
+        other.server_settings, other.settings = second_settings, replace(S, server=second_settings)
+        with Traffic(first, threads=1) as one, Traffic(other, threads=1) as two:
+            report = run(first.repository, both, export_dir / "onnx-fp32", FAST, log=print)
+        assert report["outcome"] == "promoted"
+        assert report["canary"]["canary"]["requests"] >= FAST.canary_min_requests
+        assert one.failed == two.failed == 0, (one.errors + two.errors)[:3]
+        for live_server in (first, other):
+            with live_server.client() as client:
+                view = client.serving_view(max_age_s=0)
+                assert view.versions == (2,) and view.export()["export_variant"] == "onnx-fp32"
+                assert client.embed(["served by the new version"], encoder_version=2).shape == (1, 384)
+    finally:
+        second.stop()
+        first.server.stop()
+
+
 # ---- the catalog index moves with the encoder -----------------------------------------------------------
 def test_the_catalog_index_is_reembedded_and_switched_with_the_encoder(live, export_dir, movielens_slice, tmp_path):
     from client.catalog import load_movielens
@@ -255,6 +283,14 @@ def test_the_catalog_index_is_reembedded_and_switched_with_the_encoder(live, exp
 
 
 # ---- status --------------------------------------------------------------------------------------------
+def rollout_cli(live: Live, *args: str) -> subprocess.CompletedProcess:
+    s = live.server_settings
+    env = {**os.environ, "TRITON_HOST": "127.0.0.1", "TRITON_HTTP_PORT": str(s.http_port),
+           "TRITON_GRPC_PORT": str(s.grpc_port), "TRITON_METRICS_PORT": str(s.metrics_port), "TRITON_ADMIN_KEY": s.admin_key}
+    return subprocess.run([str(settings.REPO_ROOT / ".venv" / "bin" / "python"), "-m", "rollout", "--repository",
+                           str(live.path), *args], cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_status_shows_versions_manifests_readiness_and_traffic_shares(live):
     with Traffic(live, threads=1):
         shown = status(live.repository, live.admin, window_s=2.0)
@@ -262,13 +298,15 @@ def test_status_shows_versions_manifests_readiness_and_traffic_shares(live):
     info = shown["versions"][stable]
     assert info["role"] == "stable" and info["variant"].startswith("onnx-")
     assert all(info["ready"].values()) and info["traffic_share"] == 1.0 and info["requests_last_window"] > 10
-    completed = subprocess.run(
-        [str(settings.REPO_ROOT / ".venv" / "bin" / "python"), "-m", "rollout", "--repository", str(live.path), "status",
-         "--window", "1"], cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "TRITON_HOST": "127.0.0.1", "TRITON_HTTP_PORT": str(live.server_settings.http_port),
-             "TRITON_METRICS_PORT": str(live.server_settings.metrics_port), "TRITON_ADMIN_KEY": live.server_settings.admin_key})
+    completed = rollout_cli(live, "status", "--window", "1")
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout)["stable"] == stable
+
+
+def test_the_cli_exits_2_when_it_refuses(live, export_dir, tmp_path):
+    completed = rollout_cli(live, "run", str(broken_export(export_dir, tmp_path / "truncated", "truncated-onnx")))
+    assert completed.returncode == 2
+    assert "rollout: refused:" in completed.stderr and "sha256 differs" in completed.stderr
 
 
 # ---- Triton's traps ------------------------------------------------------------------------------------

@@ -82,8 +82,10 @@ def test_concurrent_requests_batch_dynamically(triton, export_dir, variant, min_
 
 @pytest.mark.parametrize("text, message", [
     (b"\xff\xfe broken", "not valid UTF-8"),
+    (b"", "empty or only whitespace"),
     (b"   ", "empty or only whitespace"),
     ("x" * (settings.SETTINGS.max_text_chars + 1), "the limit is"),
+    ("word " * 200_000, "the limit is"),  # 1 MB
 ])
 def test_bad_text_is_a_clear_invalid_argument_and_the_server_stays_up(triton, protocol, text, message):
     server = triton("onnx-int8")
@@ -95,12 +97,42 @@ def test_bad_text_is_a_clear_invalid_argument_and_the_server_stays_up(triton, pr
         assert client.embed(["still serving"]).shape == (1, 384)
 
 
-def test_nan_candidates_are_refused(triton, protocol):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_candidates_are_refused(triton, protocol, bad):
     with client_for(triton("onnx-int8"), protocol) as client:
         candidates = np.ones((1, 2, 384), dtype=np.float32)
-        candidates[0, 1, 5] = np.nan
-        with pytest.raises(InvalidRequest, match="NaN"):
+        candidates[0, 1, 5] = bad
+        with pytest.raises(InvalidRequest, match="NaN or infinite"):
             client.score(["query"], candidates)
+        assert client.score(["still serving"], np.ones((1, 2, 384), dtype=np.float32))["SCORES"].shape == (1, 2)
+
+
+def _text(client, rows: int = 1, per_row: int = 1):
+    return client._input("TEXT", np.array([[b"a sentence"] * per_row] * rows, dtype=object), "BYTES")
+
+
+# Each malformed request: (model, version, inputs builder, outputs, what Triton's error must say).
+CANDIDATES = lambda c: c._input("CANDIDATES", np.ones((1, 2, 384), np.float32), "FP32")  # noqa: E731
+MALFORMED = {
+    "wrong dtype": ("embed", "", lambda c: [c._input("TEXT", np.ones((1, 1), np.float32), "FP32")], ["EMBEDDING"], "data-type"),
+    "wrong shape": ("embed", "", lambda c: [_text(c, per_row=2)], ["EMBEDDING"], "unexpected shape"),
+    "batch > max": ("embed", "", lambda c: [_text(c, rows=settings.SETTINGS.batching.max_batch_size + 1)], ["EMBEDDING"],
+                    "batch-size must be <= 64"),
+    "unknown model": ("embed_nonexistent", "", lambda c: [_text(c)], ["EMBEDDING"], "unknown model"),
+    "unknown version": ("embed", "7", lambda c: [_text(c)], ["EMBEDDING"], "version 7 is not found"),
+    "missing input": ("score", "", lambda c: [_text(c)], ["SCORES"], "missing required input"),
+    "unknown output": ("score", "", lambda c: [_text(c), CANDIDATES(c)], ["EMBEDDING"], "unexpected inference output"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_requests_get_a_clear_error_and_the_server_stays_up(triton, protocol, case):
+    model, version, inputs, outputs, message = MALFORMED[case]
+    with client_for(triton("onnx-int8"), protocol) as client:
+        with pytest.raises(InvalidRequest, match=message) as refused:
+            client._infer(model, inputs(client), outputs, version)
+        print(f"{case} ({protocol}): {refused.value}")
+        assert client.embed(["still serving"]).shape == (1, 384)
 
 
 def test_serving_export_is_visible_in_the_encoder_config(triton, export_dir, protocol):

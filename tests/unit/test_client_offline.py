@@ -94,3 +94,39 @@ def test_ranking_metrics_on_a_known_list():
     assert m["ndcg@10"] == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
     # 6 negatives; item 1 beats 5 of them, item 9 is unranked and ties with the 4 unranked negatives.
     assert m["auc"] == pytest.approx((5 + 0.5 * 4) / (2 * 6))
+
+
+def test_the_serving_view_reads_versions_from_the_encoder_parameters():
+    from client.triton import InvalidRequest, ServingView
+
+    params = {"export_version": "2", "export_variant": "onnx-int8", "export_v2_variant": "onnx-int8",
+              "export_v2_manifest_sha256": "b" * 64, "export_v3_variant": "onnx-fp32", "export_v3_manifest_sha256": "c" * 64}
+    view = ServingView.from_config(params, ["3", "2"])  # HTTP gives int64 as strings
+    assert (view.stable, view.versions, view.canary) == (2, (2, 3), 3)
+    assert view.export() == {"export_variant": "onnx-int8", "export_manifest_sha256": "b" * 64, "export_version": "2"}
+    assert view.export(3)["export_variant"] == "onnx-fp32"
+    with pytest.raises(InvalidRequest, match="version 4 is not loaded"):
+        view.export(4)
+    retiring = ServingView.from_config({**params, "export_version": "3"}, [2, 3])
+    assert retiring.canary is None  # a version below the stable one is being retired, not a canary
+    # A repository from before versioned rendering: one version, plain parameters.
+    assert ServingView.from_config({"export_variant": "onnx-fp32"}, []).export() == {"export_variant": "onnx-fp32",
+                                                                                     "export_version": "1"}
+
+
+def test_the_client_routes_a_share_to_the_canary_and_pinned_calls_to_their_version():
+    from client.triton import ServingView, TritonClient
+
+    view = ServingView(stable=2, versions=(2, 3), exports={2: {}, 3: {}})
+    always = TritonClient("127.0.0.1:1", canary_share=1.0)
+    always._view = (time.monotonic() + 3600, view)  # fresh for the whole test: no server is asked
+    assert always._route("embed", None) == ("embed_v3", "embed")  # falls back to `embed` if the canary is gone
+    assert always._route("score", 2) == ("score_v2", None)         # pinned: never falls back to another version
+    never = TritonClient("127.0.0.1:1", canary_share=0.0)
+    assert never._route("embed", None) == ("embed", None)
+    some = TritonClient("127.0.0.1:1", canary_share=0.25)
+    some._view = always._view
+    shares = [some._route("embed", None)[0] == "embed_v3" for _ in range(4000)]
+    assert 0.2 < sum(shares) / len(shares) < 0.3
+    with pytest.raises(ValueError, match="canary_share"):
+        TritonClient("127.0.0.1:1", canary_share=1.5)

@@ -1,0 +1,84 @@
+"""The rollout's checks and bookkeeping that need no server: stage refusals, metric windows, log reasons."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import settings
+from model_repository.render import build_repository
+from rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, _log_tail, stage, status, traffic
+
+S = settings.SETTINGS
+
+
+@pytest.fixture
+def live(export_dir, tmp_path):
+    return LiveRepository(build_repository(S, export_dir, "onnx-int8", "embedded", tmp_path / "live"), S)
+
+
+def copy_export(export_dir, tmp_path, edit) -> object:
+    target = shutil.copytree(export_dir / "onnx-fp32", tmp_path / "candidate")
+    manifest = json.loads((target / "manifest.json").read_text())
+    edit(manifest)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_stage_adds_the_next_version_beside_the_stable_one(live, export_dir, tmp_path):
+    staging, version = stage(live, export_dir / "onnx-fp32", tmp_path / "work", RolloutSettings())
+    assert version == 2
+    staged = LiveRepository(staging, S)
+    assert (staged.stable, staged.versions, staged.canary) == (1, [1, 2], 2)
+    assert staged.manifest(2)["variant"] == "onnx-fp32" and staged.manifest(1)["variant"] == "onnx-int8"
+    assert (staging / "embed_v2" / "config.pbtxt").exists() and (staging / "score_v1" / "config.pbtxt").exists()
+    assert live.versions == [1] and not (live.path / "embed_v2").exists()  # nothing live changed
+
+
+@pytest.mark.parametrize("edit, refusal", [
+    (lambda m: m["gate"].update(passed=False, failures=["spearman ratio 0.9 < 0.998"]), "did not pass the export gate"),
+    (lambda m: m["tokenizer"].update(sha256="0" * 64), "another tokenizer"),
+    (lambda m: m["encoder"].update(dim=768), "disagree"),
+    (lambda m: m["artifact"].update(sha256="0" * 64), "sha256 differs"),
+])
+def test_stage_refuses_an_export_that_cannot_serve_beside_the_stable_one(live, export_dir, tmp_path, edit, refusal):
+    with pytest.raises(RolloutRefused, match=refusal):
+        stage(live, copy_export(export_dir, tmp_path, edit), tmp_path / "work", RolloutSettings())
+
+
+def test_stage_refuses_while_a_canary_runs(live, export_dir, tmp_path):
+    staging, _ = stage(live, export_dir / "onnx-fp32", tmp_path / "work", RolloutSettings())
+    with pytest.raises(RolloutRefused, match="already a canary"):
+        stage(LiveRepository(staging, S), export_dir / "onnx-fp32", tmp_path / "work2", RolloutSettings())
+
+
+def test_status_without_a_server_lists_versions_and_roles(live, export_dir, tmp_path):
+    staging, _ = stage(live, export_dir / "onnx-fp32", tmp_path / "work", RolloutSettings())
+    shown = status(LiveRepository(staging, S))
+    assert (shown["stable"], shown["canary"]) == (1, 2)
+    assert shown["versions"][1]["role"] == "stable" and shown["versions"][2]["role"] == "canary"
+    assert shown["versions"][1]["served_by"] == ["embed", "score", "embed_v1", "score_v1"]
+    assert shown["versions"][2]["served_by"] == ["embed_v2", "score_v2"]
+
+
+def test_traffic_is_the_difference_between_two_metric_reads():
+    before = {("nv_inference_request_success", "embed"): 100, ("nv_inference_request_failure", "embed"): 1,
+              ("nv_inference_request_duration_us", "embed"): 500_000}
+    after = {("nv_inference_request_success", "embed"): 190, ("nv_inference_request_failure", "embed"): 11,
+             ("nv_inference_request_duration_us", "embed"): 1_000_000, ("nv_inference_request_success", "score"): 7}
+    window = traffic(before, after, ["embed"])
+    assert (window["requests"], window["failures"]) == (100, 10)
+    assert window["failure_rate"] == pytest.approx(0.1) and window["mean_ms"] == pytest.approx(5.0)
+    assert traffic(before, after, ["score"])["requests"] == 7
+    assert traffic(before, before, ["embed"]) == {"models": ["embed"], "requests": 0, "failures": 0,
+                                                  "failure_rate": 0.0, "mean_ms": 0.0}
+
+
+def test_the_refusal_quotes_the_servers_reason(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("I1123 starting\n"
+                   "| encoder    | 2       | UNAVAILABLE: Internal: RuntimeError: a bug shipped in the new model.py |\n"
+                   "| tokenizer  | 1       | READY |\n"
+                   "error: creating server: Internal - failed to load all models\n")
+    assert _log_tail(log) == "encoder | 2 | UNAVAILABLE: Internal: RuntimeError: a bug shipped in the new model.py"
