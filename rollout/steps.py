@@ -84,7 +84,10 @@ class LiveRepository:
 
     @property
     def stable(self) -> int:
-        return int(self.encoder_config.parameters["export_version"].string_value or 1)
+        """The version `embed` serves (its encoder step's pinned version): the truth, even mid-promotion."""
+        steps = self.config(self.settings.models.embed).ensemble_scheduling.step
+        pinned = next(step.model_version for step in steps if step.model_name == self.settings.models.encoder)
+        return pinned if pinned > 0 else int(self.encoder_config.parameters["export_version"].string_value or 1)
 
     @property
     def versions(self) -> list[int]:
@@ -376,18 +379,24 @@ def reembed_index(live: LiveRepository, client, store, version: int, log: Log = 
 def promote(live: LiveRepository, admin: TritonAdmin, rollout: RolloutSettings, store=None, index_name: str | None = None,
             log: Log = print) -> int:
     """The canary becomes stable: ensembles repointed (both versions loaded), index switched, drain, then
-    the old version's ensembles unloaded and the encoder narrowed to the new version."""
+    the old version's ensembles unloaded and the encoder narrowed to the new version, which also records it
+    as stable in the encoder's parameters (one encoder reload, not two)."""
     m = live.settings.models
     old, new = live.stable, live.canary
     if new is None:
-        raise RolloutRefused("no canary to promote")
+        retiring = [v for v in live.versions if v < live.stable]
+        if not retiring:
+            raise RolloutRefused("no canary to promote")
+        # A promotion that stopped after repointing the ensembles: finish retiring the old version(s).
+        for version in retiring:
+            _retire(live, admin, version, keep=live.stable, runtime=rollout.runtime)
+        log(f"[rollout] finished promoting: version {live.stable} serves alone")
+        return live.stable
     generation = _regenerate(live, sorted({old, new}), new, rollout.runtime)
     try:
-        for name in (m.embed, m.score):
+        for name in (m.embed, m.score):  # ensembles reload in milliseconds; the encoder is not touched
             _put_config(generation / name, live.path / name)
             admin.load(name)
-        _put_config(generation / m.encoder, live.path / m.encoder)  # records the new stable version
-        admin.load(m.encoder)
         if store is not None and index_name is not None:
             store.switch(index_name)
             log(f"[rollout] catalog index switched to {index_name}")
@@ -446,17 +455,20 @@ def run(live: LiveRepository, admin: TritonAdmin, new_export: Path, rollout: Rol
             report.update(stable=live.stable, new_version=new_version)
             log(f"[rollout] staged {new_export} as version {new_version} (stable: {live.stable})")
             report["validation"] = validate(staging, live.settings, live.stable, new_version, golden, rollout, log)
-            swap_in(live, staging, new_version, admin, log)
-        try:
-            report["canary"] = canary = watch_canary(live, admin, rollout, log)
-            index_name = None
-            if canary["healthy"] and store is not None:
-                index_name = reembed_index(live, client, store, new_version, log)
-                report["index"] = index_name
-        except Exception as error:  # anything unexpected while the canary serves: back to the stable version
-            log(f"[rollout] {type(error).__name__}: {error}; rolling back")
-            roll_back(live, admin, rollout, store, log)
-            raise
+            try:
+                swap_in(live, staging, new_version, admin, log)
+                report["canary"] = canary = watch_canary(live, admin, rollout, log)
+                index_name = None
+                if canary["healthy"] and store is not None:
+                    index_name = reembed_index(live, client, store, new_version, log)
+                    report["index"] = index_name
+            except Exception as error:  # anything unexpected before promotion: back to the stable version alone
+                log(f"[rollout] {type(error).__name__}: {error}; rolling back")
+                if live.canary is not None:
+                    roll_back(live, admin, rollout, store, log)
+                else:
+                    shutil.rmtree(live.version_dir(new_version), ignore_errors=True)
+                raise
         if canary["healthy"]:
             promote(live, admin, rollout, store, index_name, log)
             report["outcome"] = "promoted"

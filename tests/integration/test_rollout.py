@@ -26,8 +26,8 @@ S = settings.SETTINGS
 LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"
 # Short canary windows and relaxed latency ratios: on 2 shared cores, with Locust and a validation server
 # running beside the live one, latency is noise. The defaults (RolloutSettings) are for real deployments.
-FAST = RolloutSettings(latency_max_ratio=4.0, canary_seconds=8, canary_min_requests=20, canary_max_latency_ratio=4.0,
-                       drain_seconds=2)
+FAST = RolloutSettings(latency_max_ratio=4.0, canary_seconds=5, canary_min_requests=20, canary_max_latency_ratio=4.0,
+                       drain_seconds=1)
 
 
 class Live:
@@ -105,7 +105,7 @@ def test_three_consecutive_rollouts_under_locust_load_fail_no_request(live, expo
     locust = subprocess.Popen(
         [str(LOADTEST_PYTHON), "-m", "loadtest.run", "--host", s.host, "--http-port", str(s.http_port),
          "--grpc-port", str(s.grpc_port), "--protocol", "http", "--users", "20", "--spawn-rate", "20",
-         "--duration", "1200", "--tasks", "embed:6,score:3,recommend:0", "--think-ms", "20", "--canary-share", "0.2",
+         "--duration", "1200", "--tasks", "embed:6,score:3,recommend:0", "--think-ms", "100", "--canary-share", "0.2",
          "--out", str(tmp_path)],
         cwd=settings.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reports = []
@@ -307,6 +307,29 @@ def test_the_cli_exits_2_when_it_refuses(live, export_dir, tmp_path):
     completed = rollout_cli(live, "run", str(broken_export(export_dir, tmp_path / "truncated", "truncated-onnx")))
     assert completed.returncode == 2
     assert "rollout: refused:" in completed.stderr and "sha256 differs" in completed.stderr
+
+
+def test_a_promotion_that_died_midway_is_finished_by_rollout_promote(live, export_dir, monkeypatch):
+    import rollout.steps as steps
+
+    stable = live.repository.stable
+    real_retire = steps._retire
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("the rollout process was stopped here")
+
+    with Traffic(live) as traffic:
+        monkeypatch.setattr(steps, "_retire", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run(live.repository, live.admin, export_dir / "onnx-int8", FAST, log=print)
+        monkeypatch.setattr(steps, "_retire", real_retire)
+        # Repointed but not narrowed: `embed` serves the new version, the old one is still loaded (retiring).
+        shown = status(live.repository)
+        assert shown["stable"] == stable + 1 and shown["versions"][stable]["role"] == "retiring"
+        completed = rollout_cli(live, "promote")
+        assert completed.returncode == 0, completed.stderr
+    assert traffic.failed == 0, traffic.errors[:3]
+    assert_only_version(live, stable + 1)
 
 
 # ---- Triton's traps ------------------------------------------------------------------------------------

@@ -66,7 +66,9 @@ def test_embedded_encoder_runs_onnx_in_the_python_backend():
     assert encoder.parameters["export_manifest_sha256"].string_value == "c" * 64
     assert encoder.parameters["export_variant"].string_value == "onnx-int8"
     assert encoder.output[0].dims == [384]
-    assert [w.batch_size for w in encoder.model_warmup] == [1, 8]
+    # The largest shape is warmed too (max batch x the manifest's max length): peak memory is reached at load.
+    shapes = [(w.batch_size, list(w.inputs["input_ids"].dims)) for w in encoder.model_warmup]
+    assert shapes == [(1, [16]), (8, [128]), (S.batching.max_batch_size, [manifest()["encoder"]["max_length"]])]
 
 
 def test_native_encoders_pick_the_backend_and_accelerator():
