@@ -11,7 +11,7 @@ VARIANT ?= onnx-int8
 RUNTIME ?= embedded
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve demo test bench bench-serving evaluate loadtest report soak bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv export repository serve demo test test-slow bench bench-serving evaluate loadtest report soak bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -44,6 +44,9 @@ demo: repository                 ## export, build, start Triton, recommend for a
 
 test: venv loadtest-venv         ## the whole suite against a real tritonserver
 	$(PY) -m pytest -q tests
+
+test-slow: venv loadtest-venv    ## the long reliability scenarios left out of `make test` (scale-out rollout, crash recovery)
+	$(PY) -m pytest -q -m slow tests
 
 bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX variant
 	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8 $(EXPORT_ARGS)

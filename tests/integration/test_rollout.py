@@ -208,6 +208,7 @@ def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(live, expor
 
 
 # ---- scale-out: replicas sharing one repository ----------------------------------------------------------
+@pytest.mark.slow
 def test_a_rollout_reaches_every_replica_sharing_the_repository(export_dir, tmp_path):
     """Two tritonservers on one repository directory (pods on a shared volume): the files change once, each
     replica loads in turn, and neither fails a request."""
@@ -309,6 +310,7 @@ def test_the_cli_exits_2_when_it_refuses(live, export_dir, tmp_path):
     assert "rollout: refused:" in completed.stderr and "sha256 differs" in completed.stderr
 
 
+@pytest.mark.slow
 def test_a_promotion_that_died_midway_is_finished_by_rollout_promote(live, export_dir, monkeypatch):
     import rollout.steps as steps
 
