@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     with TritonServer(live_path, server, log_file=work / "live.log"):
         live = LiveRepository(live_path, replace(s, server=server))
-        admin = TritonAdmin.single(server.http_url, f"127.0.0.1:{server.metrics_port}", server.admin_key)
+        admin = TritonAdmin.single(server.grpc_url, f"127.0.0.1:{server.metrics_port}", server.admin_key)
         locust_out = work / "locust"
         locust = subprocess.Popen(
             [str(LOADTEST_PYTHON), "-m", "loadtest.run", "--host", server.host, "--http-port", str(server.http_port),

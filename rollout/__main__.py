@@ -4,8 +4,8 @@
     python -m rollout status                          # versions, manifests, readiness, traffic shares
     python -m rollout promote | rollback              # finish a rollout by hand (e.g. after a crash)
 
-The server is found through settings.ServerSettings (TRITON_HOST, TRITON_HTTP_PORT, TRITON_METRICS_PORT), or
-given as one `--replica HTTP_HOST:PORT,METRICS_HOST:PORT` per server sharing the repository (scale-out: each
+The server is found through settings.ServerSettings (TRITON_HOST, TRITON_GRPC_PORT, TRITON_METRICS_PORT), or
+given as one `--replica GRPC_HOST:PORT,METRICS_HOST:PORT` per server sharing the repository (scale-out: each
 load goes to one replica at a time); the admin key through TRITON_ADMIN_KEY or build/admin_key (written by
 `make serve`). Exit status: 0 promoted
 (or status shown), 2 refused before any traffic, 3 rolled back after the canary, 1 other errors.
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rollout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR, help="the live repository")
-    parser.add_argument("--replica", action="append", default=[], metavar="HTTP_HOST:PORT,METRICS_HOST:PORT",
+    parser.add_argument("--replica", action="append", default=[], metavar="GRPC_HOST:PORT,METRICS_HOST:PORT",
                         help="a server of the live repository (repeat for each replica; default: settings)")
     parser.add_argument("--index-store", type=Path, default=None,
                         help="catalog IndexStore to re-embed with the new version and switch with it")
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = settings.SETTINGS.server
     live = LiveRepository(args.repository, settings.SETTINGS)
-    replicas = [Replica(*spec.split(",", 1)) for spec in args.replica] or [Replica(s.http_url, f"{s.host}:{s.metrics_port}")]
+    replicas = [Replica(*spec.split(",", 1)) for spec in args.replica] or [Replica(s.grpc_url, f"{s.host}:{s.metrics_port}")]
     admin = TritonAdmin(replicas, admin_key(), s.admin_header)
     store = None
     if args.index_store:

@@ -117,51 +117,58 @@ class LiveRepository:
 
 @dataclass(frozen=True)
 class Replica:
-    http_url: str      # host:port of Triton's HTTP endpoint (model control, readiness)
+    grpc_url: str      # host:port of Triton's gRPC endpoint (model control, readiness)
     metrics_url: str   # host:port of its metrics endpoint
 
 
 class TritonAdmin:
     """The keyed model-control API and the metrics of every replica serving the live repository (one
     server, or N pods sharing a repository volume). A load goes to one replica at a time, and returns only
-    once that replica has loaded it, so at most one replica is switching at any moment."""
+    once that replica has loaded it, so at most one replica is switching at any moment.
+
+    Model control goes over gRPC, never HTTP: Triton 2.51's HTTP frontend serves a load request on one of its
+    event threads for the whole load, and the inference requests of every connection on that thread wait
+    behind it (measured: HTTP `embed` calls stalled for the full 4-5 s of an encoder reload; over gRPC the
+    worst call during the same reload took 53 ms)."""
 
     def __init__(self, replicas: list[Replica], key: str, header: str = "triton-admin-key"):
+        import tritonclient.grpc as grpcclient
+
         if not replicas:
             raise ValueError("no replicas to administer")
-        self.replicas, self.headers = list(replicas), {header: key}
+        self.replicas = list(replicas)
+        # Triton expects the restricted-protocol header with this prefix on gRPC.
+        self.headers = {f"triton-grpc-protocol-{header}": key}
+        self._clients = {r: grpcclient.InferenceServerClient(r.grpc_url) for r in self.replicas}
 
     @classmethod
-    def single(cls, http_url: str, metrics_url: str, key: str, header: str = "triton-admin-key") -> "TritonAdmin":
-        return cls([Replica(http_url, metrics_url)], key, header)
+    def single(cls, grpc_url: str, metrics_url: str, key: str, header: str = "triton-admin-key") -> "TritonAdmin":
+        return cls([Replica(grpc_url, metrics_url)], key, header)
 
-    def _post(self, replica: Replica, path: str, timeout_s: float = 600) -> None:
-        request = urllib.request.Request(f"http://{replica.http_url}{path}", data=b"{}", method="POST", headers=self.headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s):
-                return
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"POST {replica.http_url}{path}: HTTP {error.code}: "
-                               f"{error.read().decode(errors='replace')[:500]}") from None
+    def _control(self, action: str, model: str) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        for replica, client in self._clients.items():
+            try:
+                if action == "load":
+                    client.load_model(model, headers=self.headers, client_timeout=900)
+                else:
+                    client.unload_model(model, headers=self.headers, client_timeout=900)
+            except InferenceServerException as error:
+                raise RuntimeError(f"{action} {model} on {replica.grpc_url}: {error.message()}") from None
 
     def load(self, model: str) -> None:
-        for replica in self.replicas:
-            self._post(replica, f"/v2/repository/models/{model}/load")
+        self._control("load", model)
 
     def unload(self, model: str) -> None:
-        for replica in self.replicas:
-            self._post(replica, f"/v2/repository/models/{model}/unload")
+        self._control("unload", model)
 
     def ready(self, model: str) -> bool:
         """Ready on every replica."""
-        for replica in self.replicas:
-            try:
-                with urllib.request.urlopen(f"http://{replica.http_url}/v2/models/{model}/ready", timeout=5) as response:
-                    if response.status != 200:
-                        return False
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                return False
-        return True
+        try:
+            return all(client.is_model_ready(model) for client in self._clients.values())
+        except Exception:  # unreachable replica: not ready
+            return False
 
     def metrics(self) -> dict[tuple[str, str], float]:
         """{(metric, model): value} for Triton's per-model counters, summed over replicas, versions, reasons."""

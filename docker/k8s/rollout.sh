@@ -11,7 +11,7 @@ set -euo pipefail
 namespace="${NAMESPACE:-default}"
 replicas=()
 for ip in $(kubectl -n "$namespace" get pods -l app=triton -o jsonpath='{.items[*].status.podIP}'); do
-    replicas+=(--replica "${ip}:8000,${ip}:8002")
+    replicas+=(--replica "${ip}:8001,${ip}:8002")
 done
 if [[ ${#replicas[@]} -eq 0 ]]; then
     echo "no pods with label app=triton in namespace ${namespace}" >&2

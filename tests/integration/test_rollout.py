@@ -38,7 +38,7 @@ class Live:
         self.settings = replace(S, server=self.server_settings)
         self.server = TritonServer(self.path, self.server_settings, log_file=root / "live.log").start()
         self.repository = LiveRepository(self.path, self.settings)
-        self.admin = TritonAdmin.single(self.server_settings.http_url, f"127.0.0.1:{self.server_settings.metrics_port}",
+        self.admin = TritonAdmin.single(self.server_settings.grpc_url, f"127.0.0.1:{self.server_settings.metrics_port}",
                                         self.server_settings.admin_key)
 
     def client(self, **kwargs) -> TritonClient:
@@ -216,8 +216,8 @@ def test_a_rollout_reaches_every_replica_sharing_the_repository(export_dir, tmp_
     second_settings = replace(first.server_settings, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     second = TritonServer(first.path, second_settings, log_file=tmp_path / "second.log").start()
     try:
-        both = TritonAdmin([Replica(first.server_settings.http_url, f"127.0.0.1:{first.server_settings.metrics_port}"),
-                            Replica(second_settings.http_url, f"127.0.0.1:{second_settings.metrics_port}")],
+        both = TritonAdmin([Replica(first.server_settings.grpc_url, f"127.0.0.1:{first.server_settings.metrics_port}"),
+                            Replica(second_settings.grpc_url, f"127.0.0.1:{second_settings.metrics_port}")],
                            first.server_settings.admin_key)
         other = Live.__new__(Live)  # the second replica, seen by the traffic threads
         other.server_settings, other.settings = second_settings, replace(S, server=second_settings)
