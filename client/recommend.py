@@ -108,10 +108,12 @@ class Recommender:
         self._fit(train)
 
     def _use_index(self, index: ItemIndex) -> None:
+        # Swapped as one reference: a call that took `self.index` at its start keeps using that index (its
+        # vectors, its encoder version, its profiles) even if another thread switches the index meanwhile.
+        self._profiles: dict[tuple[int, int], UserProfile] = {}  # interest vectors come from the index's vectors
+        self.__dict__.pop("_user_matrix", None)
         self.index = index
         self.encoder = index.encoder
-        self._profiles: dict[int, UserProfile] = {}  # interest vectors come from the index's vectors
-        self.__dict__.pop("_user_matrix", None)
 
     def refresh_index(self) -> bool:
         """Switches to the store's current index if a rollout moved it; True when it did."""
@@ -153,28 +155,30 @@ class Recommender:
             self.histories[int(train.user[a])] = (train.item[a:b], train.rating[a:b], train.time[a:b])
 
     # ---- profiles ----------------------------------------------------------------------------------
-    def profile(self, user_id: int, attributes: dict | None = None) -> UserProfile:
-        """Profiles depend only on the fitted histories, so they are computed once per user."""
-        cached = self._profiles.get(int(user_id))
+    def profile(self, user_id: int, attributes: dict | None = None, index: ItemIndex | None = None) -> UserProfile:
+        """Profiles depend only on the fitted histories and the index's vectors: computed once per user and index."""
+        index = index or self.index
+        key = (id(index), int(user_id))
+        cached = self._profiles.get(key)
         if cached is None:
-            cached = self._profiles[int(user_id)] = self._build_profile(user_id)
+            cached = self._profiles[key] = self._build_profile(user_id, index)
         if attributes:
             return replace(cached, attributes=dict(attributes))
         return cached
 
-    def _build_profile(self, user_id: int) -> UserProfile:
+    def _build_profile(self, user_id: int, index: ItemIndex) -> UserProfile:
         s = self.settings
         items, ratings, times = self.histories.get(int(user_id), (np.array([], dtype=np.int64),) * 3)
-        known = np.array([self.index.has(i) for i in items], dtype=bool) if len(items) else np.array([], dtype=bool)
+        known = np.array([index.has(i) for i in items], dtype=bool) if len(items) else np.array([], dtype=bool)
         items, ratings, times = items[known], ratings[known], times[known]
         liked_mask = ratings >= s.positive_rating
         liked, liked_times, liked_ratings = items[liked_mask], times[liked_mask], ratings[liked_mask]
         if len(liked) == 0:
-            return UserProfile(int(user_id), items, liked, np.zeros(0), np.zeros((0, self.index.vectors.shape[1])),
+            return UserProfile(int(user_id), items, liked, np.zeros(0), np.zeros((0, index.vectors.shape[1])),
                                np.zeros(0), [], [])
         age_days = (liked_times.max() - liked_times) / 86400.0
         weights = 0.5 ** (age_days / s.half_life_days) * (liked_ratings - s.positive_rating + 1.0)
-        vectors = self.index.vectors_of(liked)
+        vectors = index.vectors_of(liked)
         k = min(s.max_interests, 1 + len(liked) // 10)
         interests, interest_weights = weighted_kmeans(vectors, weights, k)
         categories: Counter = Counter()
@@ -213,9 +217,10 @@ class Recommender:
         return [(int(self._user_ids[i]), float(scores[i])) for i in order]
 
     # ---- recall ------------------------------------------------------------------------------------
-    def recall(self, profile: UserProfile, exclude: set[int]) -> dict[int, dict]:
+    def recall(self, profile: UserProfile, exclude: set[int], index: ItemIndex | None = None) -> dict[int, dict]:
         """-> {item id: {"channels": {channel: score}, "because": history item id or None}}."""
         s = self.settings
+        index = index or self.index
         candidates: dict[int, dict] = {}
 
         def add(channel, ids, scores, because=None):
@@ -247,12 +252,12 @@ class Recommender:
             cause = recent[np.asarray(contributions[:, top].argmax(axis=0)).ravel()] if len(top) else []
             add("cooccurrence", self.item_ids[top], totals[top], cause)
             # Item-to-item: content neighbours of the recent likes.
-            ids, scores = self.index.search(self.index.vectors_of(recent), 20, self.encoder)
+            ids, scores = index.search(index.vectors_of(recent), 20, index.encoder)
             flat = np.argsort(-scores.ravel())
             add("item2item", ids.ravel()[flat], scores.ravel()[flat], np.repeat(recent, ids.shape[1])[flat])
             # Semantic: the user's interest vectors against the whole catalog.
             k = s.quotas["semantic"] + len(exclude)
-            ids, scores = self.index.search(profile.interests, k, self.encoder)
+            ids, scores = index.search(profile.interests, k, index.encoder)
             weighted = scores * profile.interest_weights[:, None]
             flat = np.argsort(-weighted.ravel())
             add("semantic", ids.ravel()[flat], weighted.ravel()[flat])
@@ -267,14 +272,15 @@ class Recommender:
                   use_triton_score: bool = True, channels: tuple[str, ...] = CHANNELS, diversify: bool = True) -> tuple[UserProfile, list[dict]]:
         s = self.settings
         self.refresh_index()
-        profile = self.profile(user_id, attributes)
+        index = self.index  # one index for the whole call: vectors and encoder version always go together
+        profile = self.profile(user_id, attributes, index)
         exclude = set(int(i) for i in profile.history) | set(blocked)
-        candidates = self.recall(profile, exclude)
+        candidates = self.recall(profile, exclude, index)
         candidates = {i: c for i, c in candidates.items() if any(ch in c["channels"] for ch in channels)}
         if not candidates:
             return profile, []
         ids = np.array(list(candidates))
-        vectors = self.index.vectors_of(ids)
+        vectors = index.vectors_of(ids)
         blend = np.zeros(len(ids), dtype=np.float32)
         for channel in channels:
             raw = np.array([candidates[i]["channels"].get(channel, np.nan) for i in ids], dtype=np.float32)
@@ -287,7 +293,7 @@ class Recommender:
         if use_triton_score and not profile.is_cold:
             # The query is encoded by the version that embedded the candidates (score_v<N>), never another.
             result = self.client.score([profile.text(self.items)], vectors[None, :, :], outputs=["SCORES"],
-                                       encoder_version=self.index.encoder_version)
+                                       encoder_version=index.encoder_version)
             profile_scores = result["SCORES"][0]
             low, high = profile_scores.min(), profile_scores.max()
             blend += s.weights["profile"] * ((profile_scores - low) / (high - low) if high > low else 0.0)
@@ -348,13 +354,14 @@ class Recommender:
                      pushes_so_far: dict[int, int] | None = None, per_user_cap: int = 3) -> list[tuple[int, float]]:
         """Users whose interests match a new item (embedded through Triton) above `threshold`, best first,
         skipping users who already got `per_user_cap` pushes."""
-        vector = self.client.embed([item_text], encoder_version=self.index.encoder_version)[0]
+        index = self.index
+        vector = self.client.embed([item_text], encoder_version=index.encoder_version)[0]
         pushes_so_far = pushes_so_far or {}
         matches = []
         for uid in self.histories:
             if pushes_so_far.get(uid, 0) >= per_user_cap:
                 continue
-            profile = self.profile(uid)
+            profile = self.profile(uid, index=index)
             if profile.is_cold:
                 continue
             score = float((profile.interests @ vector).max())
