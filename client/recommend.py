@@ -18,6 +18,7 @@ from scipy import sparse
 
 from client.catalog import Interactions, Item
 from client.index import ItemIndex
+from client.triton import InvalidRequest
 
 CHANNELS = ("cooccurrence", "item2item", "semantic", "popularity")
 STOPWORDS = set("the a an of and in on to for with at from by is it its de la le el les das der die".split())
@@ -270,9 +271,19 @@ class Recommender:
     # ---- scoring + assembly ------------------------------------------------------------------------
     def recommend(self, user_id: int, n: int = 10, blocked: set[int] = frozenset(), attributes: dict | None = None,
                   use_triton_score: bool = True, channels: tuple[str, ...] = CHANNELS, diversify: bool = True) -> tuple[UserProfile, list[dict]]:
-        s = self.settings
         self.refresh_index()
-        index = self.index  # one index for the whole call: vectors and encoder version always go together
+        try:
+            return self._recommend(self.index, user_id, n, blocked, attributes, use_triton_score, channels, diversify)
+        except InvalidRequest as error:
+            # The index's encoder version was retired while this call ran (a rollout promoted a newer one and
+            # switched the store): follow the store once and start over with the new index.
+            if "unknown model" not in str(error).lower() or not self.refresh_index():
+                raise
+            return self._recommend(self.index, user_id, n, blocked, attributes, use_triton_score, channels, diversify)
+
+    def _recommend(self, index: ItemIndex, user_id, n, blocked, attributes, use_triton_score, channels, diversify):
+        """One recommendation from one index: its vectors and its encoder version always go together."""
+        s = self.settings
         profile = self.profile(user_id, attributes, index)
         exclude = set(int(i) for i in profile.history) | set(blocked)
         candidates = self.recall(profile, exclude, index)
