@@ -55,7 +55,7 @@ def live(export_dir, tmp_path_factory):
 class Traffic:
     """Background `embed` calls (threads, gRPC) counting successes and failures, with a canary share."""
 
-    def __init__(self, live: Live, threads: int = 2, canary_share: float = 0.2):
+    def __init__(self, live: Live, threads: int = 2, canary_share: float = 0.5):
         self.ok, self.failed, self.errors = 0, 0, []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(live, canary_share), daemon=True) for _ in range(threads)]
@@ -260,7 +260,7 @@ def test_the_catalog_index_is_reembedded_and_switched_with_the_encoder(live, exp
             time.sleep(0.05)
 
     thread = threading.Thread(target=recommend_loop, daemon=True)
-    with Traffic(live, threads=1):
+    with Traffic(live):
         thread.start()
         try:
             report = run(live.repository, live.admin, export_dir / "onnx-int8", FAST, store=store, client=client, log=print)
