@@ -20,6 +20,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 import settings as settings_module
+from model_repository.render import pinned_name
 from settings import Settings
 
 PROTOCOLS = ("grpc", "http")
@@ -56,6 +57,16 @@ class ServingView:
             own = {"export_" + k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
             exports[version] = own or {k: v for k, v in params.items() if k.startswith("export_") and k != "export_version"}
         return cls(stable, versions, exports)
+
+    @classmethod
+    def from_model_config(cls, config) -> "ServingView":
+        """From tritonclient's answer to get_model_config: the gRPC response, or the HTTP JSON dict."""
+        if isinstance(config, dict):
+            params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+            return cls.from_config(params, config.get("version_policy", {}).get("specific", {}).get("versions", []))
+        config = config.config
+        return cls.from_config({k: v.string_value for k, v in config.parameters.items()},
+                               list(config.version_policy.specific.versions))
 
     @property
     def canary(self) -> int | None:
@@ -192,25 +203,14 @@ class TritonClient:
         if self._view is not None and now - self._view[0] <= max_age:
             return self._view[1]
 
-        def call():
-            config = self._client.get_model_config(self.settings.models.encoder)
-            if self.protocol == "grpc":
-                params = {k: v.string_value for k, v in config.config.parameters.items()}
-                versions = list(config.config.version_policy.specific.versions)
-            else:
-                params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-                versions = config.get("version_policy", {}).get("specific", {}).get("versions", [])
-            return params, versions
-
-        view = ServingView.from_config(*self._call("get encoder config", call))
+        config = self._call("get encoder config", lambda: self._client.get_model_config(self.settings.models.encoder))
+        view = ServingView.from_model_config(config)
         self._view = (now, view)
         return view
 
     def _route(self, ensemble: str, encoder_version: int | None) -> tuple[str, str | None]:
         """-> (model to call, fallback model if that one is gone). Pinned calls never fall back: a caller
         that pinned a version must not silently get vectors from another one."""
-        from model_repository.render import pinned_name
-
         if encoder_version is not None:
             return pinned_name(ensemble, int(encoder_version)), None
         if self.canary_share > 0 and random.random() < self.canary_share:

@@ -15,7 +15,6 @@ import settings
 from loadtest.serving_bench import run_perf_analyzer
 from loadtest.workload import real_texts
 
-LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"
 
 
 def main(argv=None) -> int:
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
         data = [{"TEXT": {"content": [t], "shape": [1]}} for t in texts]
         pa = run_perf_analyzer(server_settings.grpc_url, "embed", 1, data, args.concurrency, args.seconds / 4)
         locust = subprocess.run(
-            [str(LOADTEST_PYTHON), "-m", "loadtest.run", "--host", server_settings.host,
+            [str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", "--host", server_settings.host,
              "--grpc-port", str(server_settings.grpc_port), "--http-port", str(server_settings.http_port),
              "--protocol", "grpc", "--tasks", "embed:1", "--users", str(args.concurrency),
              "--spawn-rate", str(args.concurrency), "--duration", str(args.seconds), "--out", str(out)],

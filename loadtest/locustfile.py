@@ -80,7 +80,7 @@ class CanaryRoute:
         if time.monotonic() - cls.read_at > CANARY_VIEW_TTL_S:
             cls.read_at = time.monotonic()
             try:
-                cls.version = ServingView.from_config(*read_config()).canary
+                cls.version = ServingView.from_model_config(read_config()).canary
             except Exception:  # the view is advisory: without it, calls go to the stable ensemble
                 cls.version = None
         return pinned_name(model, cls.version) if cls.version else model
@@ -109,9 +109,7 @@ class TritonHttpUser(FastHttpUser):
     def _read_config(self):
         # Plain urllib (gevent-patched by Locust), so the view's reads stay out of the statistics.
         with urllib.request.urlopen(f"{self.host}/v2/models/{M.encoder}/config", timeout=10) as response:
-            config = json.loads(response.read())
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        return params, config.get("version_policy", {}).get("specific", {}).get("versions", [])
+            return json.loads(response.read())
 
     def _infer(self, model: str, body: dict, name: str) -> None:
         target = CanaryRoute.pick(model, self._read_config)
@@ -163,8 +161,7 @@ class TritonGrpcUser(User):
         self.conn.close()
 
     def _read_config(self):
-        config = self.conn.get_model_config(M.encoder).config
-        return {k: v.string_value for k, v in config.parameters.items()}, list(config.version_policy.specific.versions)
+        return self.conn.get_model_config(M.encoder)
 
     def _infer(self, model: str, inputs: list, outputs: list[str], name: str) -> None:
         started, error = time.perf_counter(), None

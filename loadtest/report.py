@@ -20,7 +20,6 @@ from pathlib import Path
 import settings
 
 REPORTS = settings.BUILD_DIR / "reports"
-LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"
 
 
 def step(title: str, command: list[str]) -> None:
@@ -34,7 +33,7 @@ def step(title: str, command: list[str]) -> None:
 
 def served(command: list[str]) -> list[str]:
     """Run a load-test command against a fresh local tritonserver on free ports."""
-    return [sys.executable, "-m", "server", "--free-ports", "--", str(LOADTEST_PYTHON), "-m", "loadtest.run", *command]
+    return [sys.executable, "-m", "server", "--free-ports", "--", str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", *command]
 
 
 def bar_plot(rows: list[dict], path: Path) -> None:

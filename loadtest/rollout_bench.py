@@ -25,9 +25,8 @@ from pathlib import Path
 import settings
 from model_repository.render import build_repository
 from rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
-from server.launcher import TritonServer, free_port
+from server.launcher import TritonServer, on_free_ports
 
-LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"
 PHASES = (("staged", "validate"), ("is live as a canary", "canary"), ("now serve version", "promote"),
           ("promoted:", "done"), ("rolled back:", "done"))
 
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="validation p50 ratio allowed (FP32 after INT8 is ~1.7x slower by design)")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports")
     args = parser.parse_args(argv)
-    if not LOADTEST_PYTHON.exists():
+    if not settings.LOADTEST_PYTHON.exists():
         raise SystemExit("the load-test venv is missing: make loadtest-venv")
     args.out.mkdir(parents=True, exist_ok=True)
     work = settings.BUILD_DIR / "rollout_bench"
@@ -53,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = settings.SETTINGS
     live_path = build_repository(s, settings.EXPORT_DIR, "onnx-int8", "embedded", work / "live")
-    server = replace(s.server, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                     admin_key="rollout-bench")
+    server = on_free_ports(s.server, admin_key="rollout-bench")
     rollout = RolloutSettings(latency_max_ratio=args.latency_max_ratio, canary_seconds=args.canary_seconds,
                               canary_max_latency_ratio=args.latency_max_ratio, drain_seconds=3)
     events: list[tuple[float, str]] = []
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         admin = TritonAdmin.single(server.grpc_url, f"127.0.0.1:{server.metrics_port}", server.admin_key)
         locust_out = work / "locust"
         locust = subprocess.Popen(
-            [str(LOADTEST_PYTHON), "-m", "loadtest.run", "--host", server.host, "--http-port", str(server.http_port),
+            [str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", "--host", server.host, "--http-port", str(server.http_port),
              "--grpc-port", str(server.grpc_port), "--users", str(args.users), "--spawn-rate", str(args.users),
              "--duration", "3600", "--tasks", "embed:6,score:3,recommend:0", "--think-ms", str(args.think_ms),
              "--canary-share", str(args.canary_share), "--out", str(locust_out)],

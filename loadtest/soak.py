@@ -25,7 +25,7 @@ import settings
 from client.triton import TritonClient
 from loadtest.workload import real_texts
 from model_repository.render import build_repository
-from server.launcher import TritonServer, free_port
+from server.launcher import TritonServer, on_free_ports
 
 
 def rss_mb(pid: int) -> float:
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s = settings.SETTINGS
     repository = build_repository(s, settings.EXPORT_DIR, args.variant, "embedded", settings.BUILD_DIR / "soak_repository")
-    server_settings = replace(s.server, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
+    server_settings = on_free_ports(s.server)
     texts = real_texts()
     counts = {"ok": 0, "failed": 0}
     errors: list[str] = []

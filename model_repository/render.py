@@ -243,7 +243,7 @@ def to_pbtxt(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
-def _place(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
     """Hard link when possible (large artifacts, same disk), else copy."""
     try:
         os.link(source, target)
@@ -284,7 +284,7 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
     for version, directory in version_dirs.items():
         manifest = versions[version][0]
         target = staging / m.encoder / str(version)
-        _place(Path(directory) / manifest["artifact"]["file"], target / manifest["artifact"]["file"])
+        link_or_copy(Path(directory) / manifest["artifact"]["file"], target / manifest["artifact"]["file"])
         (target / "manifest.json").write_text(texts[version])
 
     old = out.with_name(out.name + ".old")

@@ -42,7 +42,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.manifest import artifact_problems
-from model_repository.render import pinned_name, write_generation
+from model_repository.render import link_or_copy, pinned_name, write_generation
 from settings import Settings
 
 Log = Callable[[str], None]
@@ -204,7 +204,7 @@ def _put_dir(source: Path, target: Path) -> None:
     """Copy a directory beside its target, then rename it into place whole."""
     incoming = target.with_name(f".{target.name}.incoming")
     shutil.rmtree(incoming, ignore_errors=True)
-    shutil.copytree(source, incoming, copy_function=_link_or_copy)
+    shutil.copytree(source, incoming, copy_function=lambda a, b: link_or_copy(Path(a), Path(b)))
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -213,13 +213,6 @@ def _put_dir(source: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         incoming.rename(target)
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def _put_config(source_model_dir: Path, target_model_dir: Path) -> None:
@@ -279,10 +272,9 @@ def validate(staging: Path, settings: Settings, stable: int, new_version: int, g
     """Serves the staging repository on a separate server (its own ports); raises RolloutRefused unless the
     new version loads, matches the stable one on the golden set and keeps its latency."""
     from client.triton import RetryPolicy, TritonClient
-    from server.launcher import ServerError, TritonServer, free_port
+    from server.launcher import ServerError, TritonServer, on_free_ports
 
-    server = replace(settings.server, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                     metrics_port=free_port(), admin_key="")
+    server = on_free_ports(settings.server, admin_key="")
     log_file = Path(staging).with_name("validation-server.log")
     log(f"[rollout] validation server on {server.grpc_url}: loading versions {stable} and {new_version}")
     try:

@@ -45,6 +45,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def on_free_ports(server: ServerSettings, **overrides) -> ServerSettings:
+    """`server` on loopback with unused HTTP, gRPC and metrics ports (a test's, benchmark's or validation's own)."""
+    return replace(server, **{"host": "127.0.0.1", "http_port": free_port(), "grpc_port": free_port(),
+                              "metrics_port": free_port(), **overrides})
+
+
 def pytriton_root() -> Path:
     import pytriton
 

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import settings  # noqa: E402
-from server.launcher import free_port  # noqa: E402
+from server.launcher import on_free_ports  # noqa: E402
 
 EXPORTED_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8")
 
@@ -60,8 +60,7 @@ class ServedRepositories:
 
         if variant not in self.servers:
             repo = build_repository(settings.SETTINGS, self.export_dir, variant, "embedded", self.root / variant)
-            server_settings = replace(settings.SETTINGS.server, host="127.0.0.1", http_port=free_port(),
-                                      grpc_port=free_port(), metrics_port=free_port(), admin_key="test-admin-key")
+            server_settings = on_free_ports(settings.SETTINGS.server, admin_key="test-admin-key")
             server = TritonServer(repo, server_settings, log_file=self.root / f"{variant}.log")
             self.servers[variant] = server.start()
         return self.servers[variant]

@@ -6,19 +6,18 @@ import pytest
 
 import settings
 
-LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"
 
 
 def run_loadtest(server, out, *args):
     s = server.server
-    command = [str(LOADTEST_PYTHON), "-m", "loadtest.run", "--host", s.host, "--http-port", str(s.http_port),
+    command = [str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", "--host", s.host, "--http-port", str(s.http_port),
                "--grpc-port", str(s.grpc_port), "--out", str(out), *args]
     return subprocess.run(command, cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=400)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def loadtest_venv():
-    if not LOADTEST_PYTHON.exists():
+    if not settings.LOADTEST_PYTHON.exists():
         pytest.fail("the load-test venv is missing: `make test` builds it (make loadtest-venv)")
 
 

@@ -13,7 +13,7 @@ import pytest
 import settings
 from client.triton import RetryPolicy, TritonClient
 from model_repository.render import build_repository
-from server.launcher import TritonServer, free_port
+from server.launcher import TritonServer, on_free_ports
 
 
 def stub_processes(repository) -> list[str]:
@@ -24,8 +24,7 @@ def stub_processes(repository) -> list[str]:
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_sigkill_under_load_gives_clear_errors_then_recovers(export_dir, tmp_path, protocol):
     repository = build_repository(settings.SETTINGS, export_dir, "onnx-int8", "embedded", tmp_path / "repository")
-    server_settings = replace(settings.SETTINGS.server, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), admin_key="k")
+    server_settings = on_free_ports(settings.SETTINGS.server, admin_key="k")
     client_settings = replace(settings.SETTINGS, server=server_settings)
     url = server_settings.grpc_url if protocol == "grpc" else server_settings.http_url
     events: list[tuple[float, str, str]] = []  # (time, "ok" | error type, message)

@@ -20,10 +20,9 @@ from client.triton import RetryPolicy, TritonClient
 from model_repository import render
 from model_repository.render import build_repository
 from rollout.steps import LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, run, status
-from server.launcher import TritonServer, free_port
+from server.launcher import TritonServer, on_free_ports
 
 S = settings.SETTINGS
-LOADTEST_PYTHON = settings.REPO_ROOT / ".venv-loadtest" / "bin" / "python"
 # Short canary windows and relaxed latency ratios: on 2 shared cores, with Locust and a validation server
 # running beside the live one, latency is noise. The defaults (RolloutSettings) are for real deployments.
 FAST = RolloutSettings(latency_max_ratio=4.0, canary_seconds=5, canary_min_requests=20, canary_max_latency_ratio=4.0,
@@ -33,8 +32,7 @@ FAST = RolloutSettings(latency_max_ratio=4.0, canary_seconds=5, canary_min_reque
 class Live:
     def __init__(self, root: Path, export_dir: Path):
         self.path = build_repository(S, export_dir, "onnx-int8", "embedded", root / "live")
-        self.server_settings = replace(S.server, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                                       metrics_port=free_port(), admin_key="rollout-test-key")
+        self.server_settings = on_free_ports(S.server, admin_key="rollout-test-key")
         self.settings = replace(S, server=self.server_settings)
         self.server = TritonServer(self.path, self.server_settings, log_file=root / "live.log").start()
         self.repository = LiveRepository(self.path, self.settings)
@@ -99,11 +97,11 @@ def assert_only_version(live: Live, version: int) -> None:
 
 # ---- three rollouts under Locust ------------------------------------------------------------------------
 def test_three_consecutive_rollouts_under_locust_load_fail_no_request(live, export_dir, tmp_path):
-    if not LOADTEST_PYTHON.exists():
+    if not settings.LOADTEST_PYTHON.exists():
         pytest.fail("the load-test venv is missing: `make test` builds it (make loadtest-venv)")
     s = live.server_settings
     locust = subprocess.Popen(
-        [str(LOADTEST_PYTHON), "-m", "loadtest.run", "--host", s.host, "--http-port", str(s.http_port),
+        [str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", "--host", s.host, "--http-port", str(s.http_port),
          "--grpc-port", str(s.grpc_port), "--protocol", "http", "--users", "20", "--spawn-rate", "20",
          "--duration", "1200", "--tasks", "embed:6,score:3,recommend:0", "--think-ms", "100", "--canary-share", "0.2",
          "--out", str(tmp_path)],
@@ -213,7 +211,7 @@ def test_a_rollout_reaches_every_replica_sharing_the_repository(export_dir, tmp_
     """Two tritonservers on one repository directory (pods on a shared volume): the files change once, each
     replica loads in turn, and neither fails a request."""
     first = Live(tmp_path, export_dir)
-    second_settings = replace(first.server_settings, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    second_settings = on_free_ports(first.server_settings)
     second = TritonServer(first.path, second_settings, log_file=tmp_path / "second.log").start()
     try:
         both = TritonAdmin([Replica(first.server_settings.grpc_url, f"127.0.0.1:{first.server_settings.metrics_port}"),
