@@ -7,6 +7,7 @@ version and switches between them atomically during a rollout.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,18 @@ FLAT_LIMIT = 50_000  # exact search up to here; IVF above (measured: client/ann_
 
 class EncoderMismatch(RuntimeError):
     """Query vectors come from a different encoder than the index's."""
+
+
+class IndexFileError(ValueError):
+    """An index file is missing, truncated, corrupt or belongs to another index. The message names the file."""
+
+
+INDEX_FILES = ("vectors.npy", "item_ids.npy", "texts.json")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -108,18 +121,67 @@ class ItemIndex:
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / "vectors.npy", self.vectors)
         np.save(directory / "item_ids.npy", self.item_ids)
-        meta = {"encoder": self.encoder, "kind": self.kind, "settings": self.settings.__dict__, "count": len(self)}
         if self.texts is not None:
             (directory / "texts.json").write_text(json.dumps(self.texts))
+        files = {name: _sha256(directory / name) for name in INDEX_FILES if (directory / name).exists()}
+        meta = {"encoder": self.encoder, "kind": self.kind, "settings": self.settings.__dict__, "count": len(self),
+                "dim": int(self.vectors.shape[1]), "files": files}
         (directory / "index.json").write_text(json.dumps(meta, indent=2))  # last: its presence marks a whole index
 
     @classmethod
     def load(cls, directory: Path) -> "ItemIndex":
+        """Reads an index written by `save`, checking each file against index.json before FAISS sees it: a
+        truncated, corrupt or foreign file raises IndexFileError naming it."""
         directory = Path(directory)
-        meta = json.loads((directory / "index.json").read_text())
-        settings = IndexSettings(**meta["settings"])
-        texts = json.loads((directory / "texts.json").read_text()) if (directory / "texts.json").exists() else None
-        return cls(np.load(directory / "item_ids.npy"), np.load(directory / "vectors.npy"), meta["encoder"], settings, texts)
+        meta_path = directory / "index.json"
+        if not meta_path.exists():
+            raise IndexFileError(f"{meta_path}: missing (not an index directory, or one whose writing never finished)")
+        try:
+            meta = json.loads(meta_path.read_text())
+            settings = IndexSettings(**meta["settings"])
+            encoder, count = dict(meta["encoder"]), int(meta["count"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise IndexFileError(f"{meta_path}: not an index description ({type(error).__name__}: {error})") from None
+        for name, digest in meta.get("files", {}).items():
+            path = directory / name
+            if not path.exists():
+                raise IndexFileError(f"{path}: missing")
+            if _sha256(path) != digest:
+                raise IndexFileError(f"{path}: does not match the sha256 recorded in {meta_path.name} "
+                                     "(truncated, damaged, or copied from another index)")
+        item_ids = _load_array(directory / "item_ids.npy", 1, np.integer)
+        vectors = _load_array(directory / "vectors.npy", 2, np.floating)
+        if len(item_ids) != count or len(vectors) != count:
+            raise IndexFileError(f"{directory}: {meta_path.name} says {count} items, item_ids.npy holds "
+                                 f"{len(item_ids)} and vectors.npy {len(vectors)}")
+        if "dim" in meta and vectors.shape[1] != int(meta["dim"]):
+            raise IndexFileError(f"{directory / 'vectors.npy'}: vectors of dim {vectors.shape[1]}, {meta_path.name} "
+                                 f"says {meta['dim']}")
+        if not np.isfinite(vectors).all():
+            raise IndexFileError(f"{directory / 'vectors.npy'}: holds NaN or infinite values")
+        texts = None
+        texts_path = directory / "texts.json"
+        if texts_path.exists():
+            try:
+                texts = json.loads(texts_path.read_text())
+            except (OSError, ValueError) as error:
+                raise IndexFileError(f"{texts_path}: unreadable ({error})") from None
+            if not isinstance(texts, list) or len(texts) != count:
+                raise IndexFileError(f"{texts_path}: expected a list of {count} texts")
+        return cls(item_ids, vectors, encoder, settings, texts)
+
+
+def _load_array(path: Path, ndim: int, kind) -> np.ndarray:
+    """np.load without pickles, and the shape and dtype an index needs, or IndexFileError naming the file."""
+    if not path.exists():
+        raise IndexFileError(f"{path}: missing")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise IndexFileError(f"{path}: not a readable .npy array ({error})") from None
+    if array.ndim != ndim or not np.issubdtype(array.dtype, kind):
+        raise IndexFileError(f"{path}: expected a {ndim}-d {kind.__name__} array, found {array.ndim}-d {array.dtype}")
+    return array
 
 
 def build_catalog_index(client, items, settings: IndexSettings = IndexSettings(), concurrency: int = 4,

@@ -30,7 +30,13 @@ INVALID = ("INVALID_ARGUMENT", "400", "NOT_FOUND", "404")
 
 
 class ServingError(RuntimeError):
-    """Triton is down or overloaded and stayed so through every retry."""
+    """Triton could not serve the call: down or overloaded through every retry, or the model failed it (INTERNAL,
+    e.g. a model whose stub process died; server/supervisor.py reloads such a model)."""
+
+
+class ServingTimeout(ServingError):
+    """No answer within the client's timeout (a model that hangs, or a server too overloaded to answer).
+    Not retried: the server may still be working on the request, and a retry would queue a second copy."""
 
 
 class InvalidRequest(ValueError):
@@ -99,6 +105,13 @@ def _status(error: Exception) -> str:
     return str(status or "")
 
 
+def _is_timeout(error: Exception) -> bool:
+    """gRPC: the call's deadline passed; HTTP: the socket timed out (TimeoutError, gevent's too)."""
+    if isinstance(error, InferenceServerException):
+        return "DEADLINE_EXCEEDED" in _status(error)
+    return isinstance(error, TimeoutError) or type(error).__name__ == "Timeout"
+
+
 def _is_retryable(error: Exception) -> bool:
     if isinstance(error, InferenceServerException):
         status = _status(error)
@@ -165,9 +178,15 @@ class TritonClient:
             try:
                 return fn()
             except Exception as error:  # tritonclient raises its own and transport exceptions
+                if _is_timeout(error):
+                    self.close()  # the connection still carries the late answer: never reuse it
+                    raise ServingTimeout(f"{what}: no answer within {self.timeout_s:g} s (not retried: the server "
+                                         f"may still be working on it)") from None
                 if not _is_retryable(error):
                     if isinstance(error, InferenceServerException) and any(c in _status(error) for c in INVALID):
                         raise InvalidRequest(f"{what}: {error.message()}") from None
+                    if isinstance(error, InferenceServerException):  # the server failed it (e.g. a dead stub)
+                        raise ServingError(f"{what}: {_status(error) or 'error'}: {error.message()}") from None
                     raise
                 delay = next(delays, None)
                 if delay is None:
@@ -203,7 +222,9 @@ class TritonClient:
         if self._view is not None and now - self._view[0] <= max_age:
             return self._view[1]
 
-        config = self._call("get encoder config", lambda: self._client.get_model_config(self.settings.models.encoder))
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        config = self._call("get encoder config",
+                            lambda: self._client.get_model_config(self.settings.models.encoder, **kwargs))
         view = ServingView.from_model_config(config)
         self._view = (now, view)
         return view

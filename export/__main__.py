@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceModelError, ValueError, PermissionError, FileNotFoundError) as error:
         print(f"export: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. the disk filled up while the tokenizer was written
+        from export.pipeline import describe_failure
+
+        print(f"export: error: {describe_failure(error, args.out)}", file=sys.stderr)
+        return 2
 
     print()
     print(f"{'variant':<11} {'status':<11} {'cos mean':>9} {'cos min':>9} {'spearman':>9} {'ratio':>8}  detail")

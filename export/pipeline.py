@@ -12,9 +12,11 @@ or refused artifact never sits where the model repository looks.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,6 +83,25 @@ class Outcome:
 
 def say(message: str) -> None:
     print(f"[export] {message}", flush=True)
+
+
+def as_os_error(error: Exception, path: Path) -> Exception:
+    """The Rust `tokenizers` library reports I/O failures as a bare Exception ending in "(os error N)"; turn that
+    into the OSError it is, so a full disk is recognised by its errno, not its wording."""
+    found = None if isinstance(error, OSError) else re.search(r"\(os error (\d+)\)\s*$", str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def describe_failure(error: BaseException, out: Path) -> str:
+    """One line for an Outcome or the CLI. A full disk is said plainly: it is the user's to fix, not a bug."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        where = error.filename or out
+        return (f"no space left on the device writing {where} ({error.strerror}): free space under {out} and "
+                "export again; nothing was written where serving looks")
+    return f"{type(error).__name__}: {error}"
 
 
 def recipe_sha(source: SourceModel, recipe: dict, gate_sha: str) -> str:
@@ -155,14 +176,22 @@ class Exporter:
             return self._intermediates[name]
         self.work.mkdir(parents=True, exist_ok=True)
         path = self.work / f"{name}.onnx"
-        if name == "raw":
-            say("exporting PyTorch -> ONNX (eager attention, pooling + L2 normalization in the graph)")
-            onnx_export.export_raw_onnx(self.torch_encoder, path)
-        elif name == "fp32":
-            fused = onnx_export.optimize_fp32(self.intermediate("raw"), path, self.source)
-            say(f"ORT fusions: {fused}")
-        elif name == "raw-qdq":
-            onnx_export.quantize_int8_static(self.intermediate("raw"), path, self.calibration(), [])
+        inputs = {"fp32": "raw", "raw-qdq": "raw"}
+        source = self.intermediate(inputs[name]) if name in inputs else None
+        partial = self.work / f".{name}.partial.onnx"  # a failed write never leaves a file that looks finished
+        try:
+            if name == "raw":
+                say("exporting PyTorch -> ONNX (eager attention, pooling + L2 normalization in the graph)")
+                onnx_export.export_raw_onnx(self.torch_encoder, partial)
+            elif name == "fp32":
+                fused = onnx_export.optimize_fp32(source, partial, self.source)
+                say(f"ORT fusions: {fused}")
+            elif name == "raw-qdq":
+                onnx_export.quantize_int8_static(source, partial, self.calibration(), [])
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         self._intermediates[name] = path
         return path
 
@@ -177,13 +206,20 @@ class Exporter:
         target = self.out / "tokenizer"
         staging = self.out / ".staging-tokenizer"
         shutil.rmtree(staging, ignore_errors=True)
-        self.tokenizer.save_pretrained(staging)
-        # Keep only what serving needs; the serving tokenizer reads tokenizer.json directly.
-        for extra in staging.iterdir():
-            if extra.name not in TOKENIZER_FILES:
-                extra.unlink()
-        config = {"max_length": self.source.max_length, "source_sha256": self.source.sha256}
-        (staging / "serving.json").write_text(json.dumps(config, indent=2) + "\n")
+        try:
+            try:
+                self.tokenizer.save_pretrained(staging)
+            except Exception as error:
+                raise as_os_error(error, staging) from error
+            # Keep only what serving needs; the serving tokenizer reads tokenizer.json directly.
+            for extra in staging.iterdir():
+                if extra.name not in TOKENIZER_FILES:
+                    extra.unlink()
+            config = {"max_length": self.source.max_length, "source_sha256": self.source.sha256}
+            (staging / "serving.json").write_text(json.dumps(config, indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # the tokenizer in place stays as it was
+            raise
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         return target
@@ -232,12 +268,18 @@ class Exporter:
         staging = self.out / f".staging-{variant.name}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        say(f"{variant.name}: building")
         try:
-            details, runner = self.build_artifact(variant, staging)
+            return self._build_gate_and_place(variant, staging, final, recipe, key, started)
         except TensorRTUnavailable as error:
-            shutil.rmtree(staging, ignore_errors=True)
             return Outcome(variant.name, "skipped", str(error))
+        finally:
+            # Whatever went wrong (a full disk, a crash in a converter), no half-built variant stays behind.
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _build_gate_and_place(self, variant: Variant, staging: Path, final: Path, recipe: dict, key: str,
+                              started: float) -> Outcome:
+        say(f"{variant.name}: building")
+        details, runner = self.build_artifact(variant, staging)
         say(f"{variant.name}: gate against PyTorch FP32")
         thresholds = self.options.thresholds(variant)
         result = evaluate(runner, self.reference, thresholds, require_sts=self.options.require_sts)
@@ -246,12 +288,17 @@ class Exporter:
         write_manifest(staging, manifest)
         target = final if result.passed else self.out / "refused" / variant.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
         if result.passed:
             shutil.rmtree(self.out / "refused" / variant.name, ignore_errors=True)
         else:
             shutil.rmtree(final, ignore_errors=True)  # an older passing build of a now-failing recipe must not serve
+        # The old build moves aside and the new one in by renames (no space needed, nothing half-copied).
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
         os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
         status = "written" if result.passed else "refused"
         return Outcome(variant.name, status, "; ".join(result.failures) or str(target), result.figures,
                        time.perf_counter() - started)
@@ -307,7 +354,7 @@ def run_export(options: ExportOptions) -> list[Outcome]:
         try:
             outcome = exporter.export_variant(variant)
         except Exception as error:  # one broken variant must not hide the others' results
-            outcome = Outcome(variant.name, "failed", f"{type(error).__name__}: {error}")
+            outcome = Outcome(variant.name, "failed", describe_failure(error, out))
         say(f"{variant.name}: {outcome.status} {outcome.detail}")
         outcomes.append(outcome)
     return outcomes

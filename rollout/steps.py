@@ -204,7 +204,11 @@ def _put_dir(source: Path, target: Path) -> None:
     """Copy a directory beside its target, then rename it into place whole."""
     incoming = target.with_name(f".{target.name}.incoming")
     shutil.rmtree(incoming, ignore_errors=True)
-    shutil.copytree(source, incoming, copy_function=lambda a, b: link_or_copy(Path(a), Path(b)))
+    try:
+        shutil.copytree(source, incoming, copy_function=lambda a, b: link_or_copy(Path(a), Path(b)))
+    except BaseException:  # e.g. the disk filled up: nothing half-copied stays in the live repository
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -253,6 +257,10 @@ def stage(live: LiveRepository, new_export: Path, workdir: Path, rollout: Rollou
                           Path(workdir) / "staging")
     except ValueError as error:
         raise RolloutRefused(str(error)) from None
+    except OSError as error:  # a full disk above all: the staging copy sits beside the live repository
+        copying = f" (while copying {error.filename})" if error.filename else ""
+        raise RolloutRefused(f"could not stage {new_export} in {workdir}: {error.strerror or error}{copying}; "
+                             "the live repository was not changed") from None
     return staging, new_version
 
 

@@ -10,14 +10,22 @@ reloads a second time, and an explicit load of an unchanged model would reload i
 interpreter ignores PYTHON* variables (PYTHONDONTWRITEBYTECODE too: tested), so a one-line .pth file in the
 venv turns bytecode writing off in any Python process that has TRITON_STUB_NO_PYCACHE=1, which only the
 servers started here have.
+
+The launcher owns what it starts (server/processes.py): the server gets a shared-memory prefix of its own, its
+stubs and regions are ended and removed whenever it exits, for any reason, and a record in build/run lets the
+next launcher reap what a killed launcher left. tritonserver also gets a parent-death signal, so it stops when
+the thread that started it dies. A supervisor thread (server/supervisor.py) reloads a model whose stub died.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +33,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import settings
+from server import processes
+from server.supervisor import ModelSupervisor
 from settings import ServerSettings
+
+log = logging.getLogger("server")
+RUN_DIR = settings.BUILD_DIR / "run"
 
 # Model load/unload, shared-memory registration, tracing and log settings need the key. Health,
 # metadata, config (it carries the export manifest), statistics and inference stay open.
@@ -49,6 +62,27 @@ def on_free_ports(server: ServerSettings, **overrides) -> ServerSettings:
     """`server` on loopback with unused HTTP, gRPC and metrics ports (a test's, benchmark's or validation's own)."""
     return replace(server, **{"host": "127.0.0.1", "http_port": free_port(), "grpc_port": free_port(),
                               "metrics_port": free_port(), **overrides})
+
+
+def grpc_admin_headers(server: ServerSettings) -> dict[str, str]:
+    """The admin key as Triton's gRPC frontend expects it: the header name gets a fixed prefix."""
+    return {f"triton-grpc-protocol-{server.admin_header}": server.admin_key}
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int):
+    """preexec_fn: the child gets SIGTERM when the thread that forked it dies (Linux prctl). SIGTERM lets
+    tritonserver unload its models and end its stubs itself."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork: nothing to look up in the child
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def pytriton_root() -> Path:
@@ -103,9 +137,17 @@ class TritonServer:
     log_file: Path | None = None
     startup_timeout_s: float = 180.0
     extra_args: tuple[str, ...] = ()
+    supervise: bool = True        # reload a model whose stub died (server/supervisor.py)
+    run_dir: Path = RUN_DIR
 
     def __post_init__(self):
         self.process: subprocess.Popen | None = None
+        self.server_id = secrets.token_hex(4)
+        self.shm_prefix = processes.shm_prefix_for(self.server_id)
+        self.record: processes.ServerRecord | None = None
+        self.supervisor: ModelSupervisor | None = None
+        self.reaped: processes.Reaped | None = None   # what ending the server took, once it has ended
+        self._reap_lock = threading.Lock()
         if not self.server.admin_key:
             # No key configured: make one for this run, so the admin APIs are never open.
             self.server = replace(self.server, admin_key=secrets.token_urlsafe(24))
@@ -130,6 +172,8 @@ class TritonServer:
             f"--metrics-address={s.host}", f"--metrics-port={s.metrics_port}",
             f"--http-restricted-api={restricted}",
             f"--grpc-restricted-protocol={restricted}",
+            # Our own prefix: this server's stubs and /dev/shm regions are recognisable as its own.
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
             *self.extra_args,
         ]
@@ -145,13 +189,48 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if not (Path(self.repository) / settings.SETTINGS.models.embed / "config.pbtxt").exists():
             raise ServerError(f"{self.repository} is not a built model repository: run `make repository` first")
-        log = open(self.log_file, "ab") if self.log_file else None
+        runs = processes.RunDirectory(self.run_dir)
+        runs.reap_orphans()
+        log_handle = open(self.log_file, "ab") if self.log_file else None
+        # Only the main thread's death means ours: a parent-death signal tied to a worker thread would stop the
+        # server when that thread ends.
+        in_main = threading.current_thread() is threading.main_thread()
         self.process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=log or None, stderr=subprocess.STDOUT if log else None,
+            self.command(), env=self.environment(), stdout=log_handle or None,
+            stderr=subprocess.STDOUT if log_handle else None,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop Triton in order
+            preexec_fn=_die_with_parent(os.getpid()) if in_main else None,
         )
+        if log_handle:
+            log_handle.close()  # the child has its own descriptor
+        server = processes.ProcessId.of(self.process.pid) or processes.ProcessId(self.process.pid, -1)
+        self.record = processes.ServerRecord(self.server_id, server, processes.ProcessId.of(os.getpid()),
+                                             self.shm_prefix, str(Path(self.repository).resolve()), time.time())
+        runs.write(self.record)
+        threading.Thread(target=self._end_when_exited, name=f"triton-{self.server_id}-reaper", daemon=True).start()
         self.wait_ready()
+        if self.supervise:
+            self.supervisor = ModelSupervisor(self.shm_prefix, self.server.grpc_url,
+                                              grpc_admin_headers(self.server)).start()
         return self
+
+    def _end_when_exited(self) -> None:
+        self.process.wait()
+        self._reap()
+
+    def _reap(self) -> processes.Reaped:
+        """Once tritonserver has exited: no stub of it and none of its shared memory stays behind."""
+        with self._reap_lock:
+            if self.reaped is None:
+                if self.supervisor is not None:
+                    self.supervisor.stop()
+                self.reaped = processes.reap(self.record)
+                if self.reaped:
+                    log.warning("server %s exited with status %s: ended %d stub(s) (%d needed SIGKILL), removed %d "
+                                "shared-memory region(s)", self.server_id, self.process.returncode,
+                                self.reaped.terminated + self.reaped.killed, self.reaped.killed, self.reaped.shm_removed)
+                processes.RunDirectory(self.run_dir).remove(self.server_id)
+            return self.reaped
 
     def ready(self) -> bool:
         url = f"http://{self.server.http_url}/v2/health/ready"
@@ -174,15 +253,21 @@ class TritonServer:
         raise ServerError(f"tritonserver was not ready within {self.startup_timeout_s:.0f} s")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM lets Triton finish in-flight requests and unload models; SIGKILL only if it hangs."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM lets Triton finish in-flight requests and unload models; SIGKILL only if it hangs. Either way,
+        nothing of it survives: its stubs are ended and its shared-memory regions removed."""
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.supervisor is not None:
+            self.supervisor.stop()  # no repairs while the server goes down
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop within %.0f s of SIGTERM: SIGKILL", timeout_s)
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._reap()
 
     def __enter__(self) -> "TritonServer":
         return self.start()
