@@ -10,6 +10,7 @@ TRITON_GRPC_PORT, TRITON_METRICS_PORT, TRITON_ADMIN_KEY); flags override them.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -20,8 +21,12 @@ from pathlib import Path
 import settings
 from server.launcher import ServerError, TritonServer, free_port
 
+log = logging.getLogger("server")
+
 
 def main(argv: list[str] | None = None) -> int:
+    # One format with timestamps: the launcher, the reaper and the model supervisor all log through "server".
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = settings.SETTINGS.server
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR)
@@ -48,18 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         triton.start()
     except ServerError as error:
-        print(f"server: error: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 1
     except KeyboardInterrupt:
         triton.stop()
         return 130
-    print(f"[server] ready: HTTP {server_settings.http_url}  gRPC {server_settings.grpc_url}  "
-          f"metrics {server_settings.host}:{server_settings.metrics_port}", file=sys.stderr)
+    log.info("ready: HTTP %s  gRPC %s  metrics %s:%s", server_settings.http_url, server_settings.grpc_url,
+             server_settings.host, server_settings.metrics_port)
     if not settings.SETTINGS.server.admin_key:
         key_file = settings.BUILD_DIR / "admin_key"
         key_file.write_text(triton.server.admin_key + "\n")
         key_file.chmod(0o600)
-        print(f"[server] model-repository API key (header {s.admin_header}) written to {key_file}", file=sys.stderr)
+        log.info("model-repository API key (header %s) written to %s", s.admin_header, key_file)
     if command:
         env = {**os.environ, "TRITON_HOST": server_settings.host, "TRITON_HTTP_PORT": str(server_settings.http_port),
                "TRITON_GRPC_PORT": str(server_settings.grpc_port), "TRITON_METRICS_PORT": str(server_settings.metrics_port)}
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         finally:
             triton.stop()
-    print("[server] Ctrl-C or SIGTERM stops it")
+    log.info("Ctrl-C or SIGTERM stops it")
     stopped_by_us = False
     try:
         triton.process.wait()
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         triton.stop()
     code = triton.process.returncode
-    print(f"[server] stopped (tritonserver exit status {code})", file=sys.stderr)
+    log.info("stopped (tritonserver exit status %s)", code)
     return 0 if stopped_by_us or code == 0 else code
 
 

@@ -72,6 +72,12 @@ class Stub:
     def key(self) -> tuple[str, str, str]:
         return self.model, self.version, self.instance
 
+    @property
+    def serves(self) -> bool:
+        """An instance's stub (`encoder_0_0`). At each load the backend also starts a short-lived stub named after
+        the model itself (`encoder`), which exits by design once the model is set up."""
+        return self.instance != self.model
+
 
 def parse_stub_argv(pid: int, argv: list[str]) -> Stub | None:
     """The stub's command line: stub MODEL_DIR/VERSION/model.py SHM_REGION SHM_SIZE SHM_GROWTH PARENT_PID

@@ -10,7 +10,8 @@ loading the composing model brings its ensembles back with it.
 How a death is told from a normal unload (a rollout unloads versions, and a reload replaces stubs): a stub
 instance (model, version, instance name) that has been gone for `grace_s` while Triton still lists that model
 version as READY is dead. A reload starts the new stubs before the old ones exit, and an unloaded version is no
-longer READY, so neither looks like a death.
+longer READY, so neither looks like a death (recorded every 50 ms through a whole rollout). Only instance stubs
+count: the stub the backend starts under the model's own name at each load exits by design.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class ModelSupervisor:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def check_once(self) -> list[Repair]:
-        alive = {stub.key for stub in processes.stubs(self.shm_prefix)}
+        alive = {stub.key for stub in processes.stubs(self.shm_prefix) if stub.serves}
         late = overdue(self._watch, alive, time.monotonic(), self.grace_s)
         if not late:
             return []

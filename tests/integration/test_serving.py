@@ -65,10 +65,12 @@ def test_score_ranks_candidates_by_cosine_and_any_output_subset_works(triton, pr
     np.testing.assert_allclose(query_only["QUERY_EMBEDDING"], queries, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant, min_cosine", [("onnx-fp32", 0.9999), ("onnx-int8", 0.95)])
+# Dynamic INT8 quantizes activations per batch, so a text's vector moves with its batch-mates, by an amount that
+# depends on the CPU's kernels: min cosine 0.959 (gate) on a Xeon with VNNI; 0.956 (gate) and 0.948 (this test) on
+# an AVX2-only AMD EPYC. The bound leaves room for that; rows mixed up by batching would give cosines near 0.
+@pytest.mark.parametrize("variant, min_cosine", [("onnx-fp32", 0.9999), ("onnx-int8", 0.93)])
 def test_concurrent_requests_batch_dynamically(triton, export_dir, variant, min_cosine):
-    """FP32: batching changes nothing. Dynamic INT8 quantizes activations per batch, so a text's vector
-    moves with its batch-mates; the bound is the gate's own batch-invariance figure, so it holds in serving."""
+    """FP32: batching changes nothing. Dynamic INT8: vectors move with batch-mates, within the bound above."""
     server = triton(variant)
     texts = [[s] for s in SENTENCES[:32]]
     with client_for(server, "grpc") as client:

@@ -19,6 +19,9 @@ def test_a_stub_command_line_names_its_model_version_and_instance():
     stub = parse_stub_argv(7, STUB_ARGV)
     assert (stub.pid, stub.key) == (7, ("encoder", "2", "encoder_0_0"))
     assert parse_stub_argv(7, ["/usr/bin/python3", "x.py"]) is None
+    assert stub.serves
+    # The stub the backend starts under the model's own name at each load exits by design: never a death.
+    assert not parse_stub_argv(8, STUB_ARGV[:8] + ["encoder", "DEFAULT"]).serves
 
 
 def test_process_identity_survives_pid_reuse_checks():
