@@ -45,7 +45,7 @@ demo: repository                 ## export, build, start Triton, recommend for a
 test: venv loadtest-venv         ## the whole suite against a real tritonserver
 	$(PY) -m pytest -q tests
 
-test-slow: venv loadtest-venv    ## the long reliability scenarios left out of `make test` (scale-out rollout, crash recovery)
+test-slow: venv loadtest-venv    ## the long reliability scenarios left out of `make test` (3 rollouts under load, scale-out, crash recovery)
 	$(PY) -m pytest -q -m slow tests
 
 bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX variant

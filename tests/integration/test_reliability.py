@@ -89,16 +89,17 @@ class Load:
 
 
 # ---- tritonserver SIGKILLed under load ---------------------------------------------------------------------
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_sigkill_under_load_gives_clear_errors_then_recovers_and_leaves_nothing(export_dir, tmp_path, protocol):
+def test_sigkill_under_load_gives_clear_errors_then_recovers_and_leaves_nothing(export_dir, tmp_path):
+    """Callers on both protocols at once: gRPC sees UNAVAILABLE, HTTP a refused connection; both get ServingError."""
     repository = int8_repository(export_dir, tmp_path / "repository")
     server_settings = on_free_ports(S.server, admin_key="k")
     client_settings = replace(S, server=server_settings)
-    url = server_settings.grpc_url if protocol == "grpc" else server_settings.http_url
+    retry = RetryPolicy(attempts=3, initial_backoff_s=0.05)
 
     first = TritonServer(repository, server_settings, log_file=tmp_path / "first.log").start()
     second = None
-    with Load(url, protocol, client_settings, timeout_s=10, retry=RetryPolicy(attempts=3, initial_backoff_s=0.05)) as load:
+    with Load(server_settings.grpc_url, "grpc", client_settings, threads=2, timeout_s=10, retry=retry) as grpc_load, \
+            Load(server_settings.http_url, "http", client_settings, threads=2, timeout_s=10, retry=retry) as http_load:
         try:
             time.sleep(2)
             killed_at = time.monotonic()
@@ -117,18 +118,21 @@ def test_sigkill_under_load_gives_clear_errors_then_recovers_and_leaves_nothing(
                 second.stop()
     assert first.reaped is not None and first.reaped.terminated + first.reaped.killed >= 3  # 2 tokenizers, encoder, ...
     assert not any(leftovers(second.shm_prefix))
-    before = load.between(0, killed_at)
-    down = load.between(killed_at + 1, restarted_at)
-    after = load.between(ready_at + 0.5, ready_at + 3)
-    assert before and all(kind == "ok" for _, kind, _ in before)
-    # While it is down: every caller gets ServingError naming the call and the retries, nothing else.
-    assert down and all(kind == "ServingError" for _, kind, _ in down), {kind for _, kind, _ in down}
-    assert all("infer embed failed after 3 attempts" in message for _, _, message in down)
-    # Once it is back, the same clients (no restart on their side) succeed again.
-    assert len(after) > 20 and all(kind == "ok" for _, kind, _ in after), [m for _, k, m in after if k != "ok"][:3]
-    print(f"{protocol}: {len(before)} ok before the kill, {len(down)} clear errors while down "
-          f"(e.g. {down[0][2][:120]!r}), {len(after)} ok after the restart ({ready_at - restarted_at:.1f} s to ready); "
-          f"stubs ended and shm removed {clean_s:.2f} s after the kill: {first.reaped}")
+    figures = []
+    for protocol, load in (("grpc", grpc_load), ("http", http_load)):
+        before = load.between(0, killed_at)
+        down = load.between(killed_at + 1, restarted_at)
+        after = load.between(ready_at + 0.5, ready_at + 3)
+        assert before and all(kind == "ok" for _, kind, _ in before)
+        # While it is down: every caller gets ServingError naming the call and the retries, nothing else.
+        assert down and all(kind == "ServingError" for _, kind, _ in down), {kind for _, kind, _ in down}
+        assert all("infer embed failed after 3 attempts" in message for _, _, message in down)
+        # Once it is back, the same clients (no restart on their side) succeed again.
+        assert len(after) > 10 and all(kind == "ok" for _, kind, _ in after), [m for _, k, m in after if k != "ok"][:3]
+        figures.append(f"{protocol}: {len(before)} ok before, {len(down)} ServingErrors while down "
+                       f"(e.g. {down[0][2][:100]!r}), {len(after)} ok after")
+    print("; ".join(figures) + f"; restart ready in {ready_at - restarted_at:.1f} s; stubs ended and shm removed "
+          f"{clean_s:.2f} s after the kill: {first.reaped}")
 
 
 # ---- the launcher itself killed ----------------------------------------------------------------------------
@@ -274,21 +278,18 @@ def test_a_hung_model_gives_callers_a_timeout_and_the_others_keep_serving(hung_s
     print(f"{protocol}: score timed out after {waited:.2f} s (timeout 2 s) with {str(error.value)!r}; embed kept serving")
 
 
-def test_stopping_a_server_with_a_hung_model_leaves_nothing(export_dir, tmp_path):
-    repository = int8_repository(export_dir, tmp_path / "repository")
-    model_py = repository / S.models.similarity / "1" / "model.py"
-    model_py.unlink()
-    shutil.copyfile(Path(__file__).parents[1] / "fixtures" / "hang" / "model.py", model_py)
-    server = TritonServer(repository, on_free_ports(S.server, admin_key="k"), log_file=tmp_path / "server.log").start()
+def test_stopping_a_server_with_a_hung_model_leaves_nothing(hung_similarity):
+    """Runs after the timeout tests: their hung requests are still in `similarity`, so SIGTERM cannot finish."""
+    server = hung_similarity
     client = TritonClient(server.server.grpc_url, settings=replace(S, server=server.server), timeout_s=1.0)
     with pytest.raises(ServingTimeout):
         client.score(["hangs"], np.ones((1, 2, 384), np.float32) / np.sqrt(384))
     client.close()
     started = time.monotonic()
-    server.stop(timeout_s=5)  # Triton waits for the hung request: SIGTERM, then SIGKILL, then the stubs
+    server.stop(timeout_s=5)  # Triton waits for the hung requests: SIGTERM, then SIGKILL, then the stubs
     stopped = time.monotonic() - started
     assert not any(leftovers(server.shm_prefix))
-    print(f"server with a hung request stopped in {stopped:.1f} s (5 s grace, then SIGKILL); {server.reaped}")
+    print(f"server with hung requests stopped in {stopped:.1f} s (5 s grace, then SIGKILL); {server.reaped}")
 
 
 # ---- a full disk -------------------------------------------------------------------------------------------
