@@ -17,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-compile -r requirements.txt
 	touch $(STAMP)
 
 LOADTEST_VENV := .venv-loadtest
@@ -26,7 +26,7 @@ loadtest-venv: $(LOADTEST_STAMP)
 $(LOADTEST_STAMP): loadtest/requirements.txt
 	$(PYTHON) -m venv $(LOADTEST_VENV)
 	$(LOADTEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOADTEST_VENV)/bin/python -m pip install --quiet -r loadtest/requirements.txt
+	$(LOADTEST_VENV)/bin/python -m pip install --quiet --no-compile -r loadtest/requirements.txt
 	touch $(LOADTEST_STAMP)
 
 export: venv                     ## ONNX variants (+ TensorRT where present), each gated against PyTorch

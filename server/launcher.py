@@ -18,7 +18,6 @@ the thread that started it dies. A supervisor thread (server/supervisor.py) relo
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
@@ -69,20 +68,20 @@ def grpc_admin_headers(server: ServerSettings) -> dict[str, str]:
     return {f"triton-grpc-protocol-{server.admin_header}": server.admin_key}
 
 
-PR_SET_PDEATHSIG = 1
+# Runs in the child between fork and tritonserver: ask the kernel for SIGTERM when our parent thread dies, check
+# the parent did not die first, then become tritonserver (same pid). SIGTERM lets tritonserver unload its models
+# and end its stubs itself. A wrapper rather than Popen's preexec_fn: preexec_fn makes Python fork() instead of
+# vfork(), and a fork() while gRPC calls are in flight hung a gRPC client of this process (seen in a rollout test).
+TIED_TO_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "sys.exit(1) if os.getppid() != int(sys.argv[1]) else os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def _die_with_parent(parent_pid: int):
-    """preexec_fn: the child gets SIGTERM when the thread that forked it dies (Linux prctl). SIGTERM lets
-    tritonserver unload its models and end its stubs itself."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork: nothing to look up in the child
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
+def tied_to_parent(command: list[str]) -> list[str]:
+    """`command`, run so that it gets SIGTERM when the calling thread (here: the main thread) dies."""
+    return [sys.executable, "-S", "-c", TIED_TO_PARENT, str(os.getpid()), *command]
 
 
 def pytriton_root() -> Path:
@@ -196,10 +195,9 @@ class TritonServer:
         # server when that thread ends.
         in_main = threading.current_thread() is threading.main_thread()
         self.process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=log_handle or None,
-            stderr=subprocess.STDOUT if log_handle else None,
+            tied_to_parent(self.command()) if in_main else self.command(), env=self.environment(),
+            stdout=log_handle or None, stderr=subprocess.STDOUT if log_handle else None,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop Triton in order
-            preexec_fn=_die_with_parent(os.getpid()) if in_main else None,
         )
         if log_handle:
             log_handle.close()  # the child has its own descriptor

@@ -189,7 +189,8 @@ def broken_export(export_dir: Path, target: Path, kind: str) -> Path:
     ("truncated-onnx", "sha256 differs from the manifest"),
     ("corrupt-onnx-with-matching-manifest", "does not load"),
     ("below-parity", "parity with version"),
-    ("model-py-raising-at-init", "does not load"),
+    # The same refusal path as the corrupt ONNX (the validation server does not load it): test-slow only.
+    pytest.param("model-py-raising-at-init", "does not load", marks=pytest.mark.slow),
 ])
 def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(live, export_dir, tmp_path, monkeypatch, kind, refusal):
     stable = live.repository.stable
