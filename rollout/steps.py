@@ -43,6 +43,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.manifest import artifact_problems
 from model_repository.render import link_or_copy, pinned_name, write_generation
+from server.launcher import ServerError, TritonServer, grpc_admin_headers, on_free_ports
 from settings import Settings
 
 Log = Callable[[str], None]
@@ -137,8 +138,7 @@ class TritonAdmin:
         if not replicas:
             raise ValueError("no replicas to administer")
         self.replicas = list(replicas)
-        # Triton expects the restricted-protocol header with this prefix on gRPC.
-        self.headers = {f"triton-grpc-protocol-{header}": key}
+        self.headers = grpc_admin_headers(key, header)
         self._clients = {r: grpcclient.InferenceServerClient(r.grpc_url) for r in self.replicas}
 
     @classmethod
@@ -280,7 +280,6 @@ def validate(staging: Path, settings: Settings, stable: int, new_version: int, g
     """Serves the staging repository on a separate server (its own ports); raises RolloutRefused unless the
     new version loads, matches the stable one on the golden set and keeps its latency."""
     from client.triton import RetryPolicy, TritonClient
-    from server.launcher import ServerError, TritonServer, on_free_ports
 
     server = on_free_ports(settings.server, admin_key="")
     log_file = Path(staging).with_name("validation-server.log")

@@ -63,9 +63,9 @@ def on_free_ports(server: ServerSettings, **overrides) -> ServerSettings:
                               "metrics_port": free_port(), **overrides})
 
 
-def grpc_admin_headers(server: ServerSettings) -> dict[str, str]:
+def grpc_admin_headers(key: str, header: str = ServerSettings.admin_header) -> dict[str, str]:
     """The admin key as Triton's gRPC frontend expects it: the header name gets a fixed prefix."""
-    return {f"triton-grpc-protocol-{server.admin_header}": server.admin_key}
+    return {f"triton-grpc-protocol-{header}": key}
 
 
 # Runs in the child between fork and tritonserver: ask the kernel for SIGTERM when our parent thread dies, check
@@ -209,7 +209,7 @@ class TritonServer:
         self.wait_ready()
         if self.supervise:
             self.supervisor = ModelSupervisor(self.shm_prefix, self.server.grpc_url,
-                                              grpc_admin_headers(self.server)).start()
+                                              grpc_admin_headers(self.server.admin_key, self.server.admin_header)).start()
         return self
 
     def _end_when_exited(self) -> None:
