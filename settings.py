@@ -39,6 +39,21 @@ class ModelNames:
     embed: str = "embed"
     score: str = "score"
 
+    @property
+    def ensembles(self) -> tuple[str, str]:
+        """The public ensembles: they serve whichever encoder version is stable."""
+        return self.embed, self.score
+
+    @staticmethod
+    def pinned(ensemble: str, version: int) -> str:
+        """The ensemble pinned to one encoder version: `embed_v3`. Clients that must not mix versions (a catalog
+        index embedded by version 3) call these; `embed`/`score` follow whichever version is stable."""
+        return f"{ensemble}_v{int(version)}"
+
+    def pinned_ensembles(self, version: int) -> tuple[str, str]:
+        """(`embed_v<N>`, `score_v<N>`): every ensemble pinned to encoder version N."""
+        return self.pinned(self.embed, version), self.pinned(self.score, version)
+
 
 @dataclass(frozen=True)
 class TensorNames:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-FLAT_LIMIT = 50_000  # exact search up to here; IVF above (measured: client/ann_bench.py)
+FLAT_LIMIT = 50_000  # exact search up to here; IVF above (measured: loadtest/ann_bench.py)
 
 
 class EncoderMismatch(RuntimeError):

@@ -18,7 +18,7 @@ from scipy import sparse
 
 from client.catalog import Interactions, Item
 from client.index import ItemIndex
-from client.triton import InvalidRequest
+from client.errors import ModelNotFound
 
 CHANNELS = ("cooccurrence", "item2item", "semantic", "popularity")
 STOPWORDS = set("the a an of and in on to for with at from by is it its de la le el les das der die".split())
@@ -274,10 +274,10 @@ class Recommender:
         self.refresh_index()
         try:
             return self._recommend(self.index, user_id, n, blocked, attributes, use_triton_score, channels, diversify)
-        except InvalidRequest as error:
+        except ModelNotFound:
             # The index's encoder version was retired while this call ran (a rollout promoted a newer one and
             # switched the store): follow the store once and start over with the new index.
-            if "unknown model" not in str(error).lower() or not self.refresh_index():
+            if not self.refresh_index():
                 raise
             return self._recommend(self.index, user_id, n, blocked, attributes, use_triton_score, channels, diversify)
 

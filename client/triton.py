@@ -17,30 +17,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from tritonclient.utils import InferenceServerException
 
 import settings as settings_module
-from model_repository.render import pinned_name
+from client.errors import (InvalidRequest, Kind, ModelNotFound, ServingError, ServingTimeout, Unavailable, classify,
+                           message, status_code)
 from settings import Settings
 
 PROTOCOLS = ("grpc", "http")
-# Status strings tritonclient reports for "try again later" (gRPC codes and HTTP statuses).
-RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "503", "429", "502", "504")
-INVALID = ("INVALID_ARGUMENT", "400", "NOT_FOUND", "404")
-
-
-class ServingError(RuntimeError):
-    """Triton could not serve the call: down or overloaded through every retry, or the model failed it (INTERNAL,
-    e.g. a model whose stub process died; server/supervisor.py reloads such a model)."""
-
-
-class ServingTimeout(ServingError):
-    """No answer within the client's timeout (a model that hangs, or a server too overloaded to answer).
-    Not retried: the server may still be working on the request, and a retry would queue a second copy."""
-
-
-class InvalidRequest(ValueError):
-    """Triton rejected the request itself (bad text, wrong shape, unknown model): retrying cannot help."""
+__all__ = ["TritonClient", "RetryPolicy", "ServingView", "ServingError", "ServingTimeout", "Unavailable",
+           "InvalidRequest", "ModelNotFound"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +68,7 @@ class ServingView:
         """The export_* parameters of one version (default: the stable one), with its number."""
         version = self.stable if version is None else version
         if version not in self.exports:
-            raise InvalidRequest(f"encoder version {version} is not loaded (loaded: {list(self.versions)})")
+            raise ModelNotFound(f"encoder version {version} is not loaded (loaded: {list(self.versions)})")
         return {**self.exports[version], "export_version": str(version)}
 
 
@@ -98,29 +83,6 @@ class RetryPolicy:
         for _ in range(self.attempts - 1):
             yield delay
             delay = min(delay * 2, self.max_backoff_s)
-
-
-def _status(error: Exception) -> str:
-    status = error.status() if isinstance(error, InferenceServerException) else None
-    return str(status or "")
-
-
-def _is_timeout(error: Exception) -> bool:
-    """gRPC: the call's deadline passed; HTTP: the socket timed out (TimeoutError, gevent's too)."""
-    if isinstance(error, InferenceServerException):
-        return "DEADLINE_EXCEEDED" in _status(error)
-    return isinstance(error, TimeoutError) or type(error).__name__ == "Timeout"
-
-
-def _is_retryable(error: Exception) -> bool:
-    if isinstance(error, InferenceServerException):
-        status = _status(error)
-        text = str(error)
-        # Connection refused/reset show up without a status, or as UNAVAILABLE.
-        if any(code in status for code in RETRYABLE):
-            return True
-        return (not status and "Connect" in text) or "unavailable" in text.lower()
-    return isinstance(error, (ConnectionError, OSError))
 
 
 class TritonClient:
@@ -173,24 +135,29 @@ class TritonClient:
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _call(self, what: str, fn):
+        """Runs one tritonclient call with retries; every failure leaves as one of client.errors' types."""
         delays = self.retry.delays()
         while True:
             try:
                 return fn()
             except Exception as error:  # tritonclient raises its own and transport exceptions
-                if _is_timeout(error):
+                kind = classify(error)
+                if kind is Kind.FOREIGN:
+                    raise
+                if kind is Kind.TIMEOUT:
                     self.close()  # the connection still carries the late answer: never reuse it
                     raise ServingTimeout(f"{what}: no answer within {self.timeout_s:g} s (not retried: the server "
                                          f"may still be working on it)") from None
-                if not _is_retryable(error):
-                    if isinstance(error, InferenceServerException) and any(c in _status(error) for c in INVALID):
-                        raise InvalidRequest(f"{what}: {error.message()}") from None
-                    if isinstance(error, InferenceServerException):  # the server failed it (e.g. a dead stub)
-                        raise ServingError(f"{what}: {_status(error) or 'error'}: {error.message()}") from None
-                    raise
+                if kind is Kind.NOT_FOUND:
+                    raise ModelNotFound(f"{what}: {message(error)}") from None
+                if kind is Kind.INVALID:
+                    raise InvalidRequest(f"{what}: {message(error)}") from None
+                if kind is Kind.FAILED:  # the server failed it (e.g. a dead stub)
+                    raise ServingError(f"{what}: {status_code(error)}: {message(error)}") from None
                 delay = next(delays, None)
                 if delay is None:
-                    raise ServingError(f"{what} failed after {self.retry.attempts} attempts: {error}") from None
+                    raise Unavailable(f"{what} failed after {self.retry.attempts} attempts: "
+                                      f"{status_code(error) or type(error).__name__}: {message(error)}") from None
                 self.close()  # a fresh connection for the next attempt
                 time.sleep(delay)
 
@@ -233,20 +200,20 @@ class TritonClient:
         """-> (model to call, fallback model if that one is gone). Pinned calls never fall back: a caller
         that pinned a version must not silently get vectors from another one."""
         if encoder_version is not None:
-            return pinned_name(ensemble, int(encoder_version)), None
+            return self.settings.models.pinned(ensemble, encoder_version), None
         if self.canary_share > 0 and random.random() < self.canary_share:
             canary = self.serving_view().canary
             if canary is not None:
-                return pinned_name(ensemble, canary), ensemble
+                return self.settings.models.pinned(ensemble, canary), ensemble
         return ensemble, None
 
     def _infer_routed(self, ensemble: str, encoder_version: int | None, inputs: list, outputs: list[str]):
         model, fallback = self._route(ensemble, encoder_version)
         try:
             return self._infer(model, inputs, outputs)
-        except InvalidRequest as error:
+        except ModelNotFound:
             # The canary was promoted or rolled back between our view of it and this call.
-            if fallback is None or "unknown model" not in str(error).lower():
+            if fallback is None:
                 raise
             self._view = None
             return self._infer(fallback, inputs, outputs)

@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import settings  # noqa: E402
 from export.source import SourceModelError  # noqa: E402
-from export.variants import DEFAULT_VARIANTS, parse_variants  # noqa: E402
+from export.variants import DEFAULT_VARIANTS, VariantStatus, parse_variants  # noqa: E402
 
 
 def parse_thresholds(items: list[str]) -> dict[str, dict[str, float]]:
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         num = lambda k, fmt: format(f[k], fmt) if k in f else "-"  # noqa: E731
         print(f"{o.variant:<11} {o.status:<11} {num('cosine_mean', '.6f'):>9} {num('cosine_min', '.6f'):>9} "
               f"{num('sts_spearman', '.5f'):>9} {num('spearman_ratio', '.5f'):>8}  {o.detail}")
-    bad = [o for o in outcomes if o.status in ("refused", "failed")]
-    bad += [o for o in outcomes if o.status == "skipped" and options.variants_named]
+    bad = [o for o in outcomes if o.status in (VariantStatus.REFUSED, VariantStatus.FAILED)]
+    bad += [o for o in outcomes if o.status == VariantStatus.SKIPPED and options.variants_named]
     return 1 if bad else 0
 
 

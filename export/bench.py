@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import settings
-from export.manifest import read_manifest
+from contracts.manifest import Manifest
 from export.runners import OrtRunner, TorchRunner
 
 SHAPES = {"b1/s16": (1, 16), "b32/s128": (32, 128)}
@@ -67,10 +67,10 @@ def main(argv=None) -> int:
     runners = [TorchRunner(load_torch_encoder(source, attn_implementation="sdpa"), name="pytorch-fp32")]
     for variant in args.variants.split(","):
         directory = args.export_dir / variant
-        if not (directory / "manifest.json").exists():
+        if not Manifest.exists(directory):
             print(f"skipping {variant}: not exported (run `make export`)")
             continue
-        runners.append(OrtRunner(directory / read_manifest(directory)["artifact"]["file"], name=variant))
+        runners.append(OrtRunner(directory / Manifest.read(directory).artifact.file, name=variant))
 
     rows = []
     for runner in runners:

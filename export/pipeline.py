@@ -22,14 +22,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from contracts.manifest import SCHEMA_VERSION, Manifest, Precision, artifact_problems
 from export import onnx_export
 from export.calibration import calibration_batches, read_calibration_texts
 from export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, Reference, Thresholds, evaluate
-from export.manifest import artifact_problems, read_manifest, write_manifest
 from export.runners import OrtRunner, TorchRunner, embed_texts
 from export.source import SourceModel, file_sha256, load_source
 from export.tensorrt_plan import ShapeProfile, TensorRTUnavailable, TrtRunner, build_plan, tensorrt_version
-from export.variants import Variant
+from export.variants import Variant, VariantStatus
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -59,7 +59,7 @@ class ExportOptions:
     def recipe(self, variant: Variant) -> dict:
         """Everything that decides the artifact and its verdict; a change rebuilds the variant."""
         recipe = {"variant": variant.name, "opset": onnx_export.OPSET, "thresholds": asdict(self.thresholds(variant))}
-        if variant.precision == "int8":
+        if variant.precision == Precision.INT8:
             recipe.update(int8_mode=self.int8_mode, int8_fp32_layers=self.int8_fp32_layers)
             if self.int8_mode == "static" or variant.needs_tensorrt:
                 recipe["calibration_sha256"] = file_sha256(self.calibration_file) if self.calibration_file else None
@@ -71,14 +71,14 @@ class ExportOptions:
 @dataclass
 class Outcome:
     variant: str
-    status: str        # written | up-to-date | refused | skipped | failed
+    status: VariantStatus
     detail: str = ""
     figures: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.status in ("written", "up-to-date")
+        return self.status in (VariantStatus.WRITTEN, VariantStatus.UP_TO_DATE)
 
 
 def say(message: str) -> None:
@@ -246,7 +246,7 @@ class Exporter:
                 details["quantization"] = onnx_export.quantize_int8_dynamic(fp32, artifact, keep)
         elif variant.needs_tensorrt:
             profile = ShapeProfile.parse(self.options.trt_profile, self.source.max_length)
-            onnx_input = self.intermediate("raw-qdq" if variant.precision == "int8" else "raw")
+            onnx_input = self.intermediate("raw-qdq" if variant.precision == Precision.INT8 else "raw")
             details["tensorrt"] = build_plan(onnx_input, artifact, variant.precision, profile)
             return details, TrtRunner(artifact, variant.name)
         else:
@@ -259,11 +259,11 @@ class Exporter:
         recipe = self.options.recipe(variant)
         key = recipe_sha(self.source, recipe, self.reference_sha())
         if not self.options.force and final.exists() and not artifact_problems(final):
-            manifest = read_manifest(final)
-            if manifest.get("recipe_sha256") == key:
-                return Outcome(variant.name, "up-to-date", str(final), manifest["gate"]["figures"])
+            manifest = Manifest.read(final)
+            if manifest.recipe_sha256 == key:
+                return Outcome(variant.name, VariantStatus.UP_TO_DATE, str(final), manifest.gate.figures)
         if variant.needs_tensorrt and tensorrt_version() is None:
-            return Outcome(variant.name, "skipped", "tensorrt is not importable here (it ships in the NGC images, see docker/)")
+            return Outcome(variant.name, VariantStatus.SKIPPED, "tensorrt is not importable here (it ships in the NGC images, see docker/)")
 
         staging = self.out / f".staging-{variant.name}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -271,7 +271,7 @@ class Exporter:
         try:
             return self._build_gate_and_place(variant, staging, final, recipe, key, started)
         except TensorRTUnavailable as error:
-            return Outcome(variant.name, "skipped", str(error))
+            return Outcome(variant.name, VariantStatus.SKIPPED, str(error))
         finally:
             # Whatever went wrong (a full disk, a crash in a converter), no half-built variant stays behind.
             shutil.rmtree(staging, ignore_errors=True)
@@ -283,9 +283,9 @@ class Exporter:
         say(f"{variant.name}: gate against PyTorch FP32")
         thresholds = self.options.thresholds(variant)
         result = evaluate(runner, self.reference, thresholds, require_sts=self.options.require_sts)
-        manifest = self.manifest(variant, staging / variant.artifact, details, result.to_json(thresholds), recipe, key)
-        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        write_manifest(staging, manifest)
+        manifest = self.manifest(variant, staging / variant.artifact, details, result.to_json(thresholds), recipe, key,
+                                 export_seconds=round(time.perf_counter() - started, 2))
+        manifest.write(staging)
         target = final if result.passed else self.out / "refused" / variant.name
         target.parent.mkdir(parents=True, exist_ok=True)
         if result.passed:
@@ -299,7 +299,7 @@ class Exporter:
             os.replace(target, old)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
-        status = "written" if result.passed else "refused"
+        status = VariantStatus.WRITTEN if result.passed else VariantStatus.REFUSED
         return Outcome(variant.name, status, "; ".join(result.failures) or str(target), result.figures,
                        time.perf_counter() - started)
 
@@ -308,10 +308,12 @@ class Exporter:
 
         return load_gate_sentences()[1]
 
-    def manifest(self, variant: Variant, artifact: Path, details: dict, gate: dict, recipe: dict, key: str) -> dict:
+    def manifest(self, variant: Variant, artifact: Path, details: dict, gate: dict, recipe: dict, key: str,
+                 export_seconds: float) -> Manifest:
         tensors = onnx_export.INPUT_NAMES
         tokenizer_json = self.out / "tokenizer" / "tokenizer.json"
-        return {
+        return Manifest.from_json({
+            "schema_version": SCHEMA_VERSION,
             "variant": variant.name,
             "format": variant.format,
             "precision": variant.precision,
@@ -333,7 +335,8 @@ class Exporter:
             "recipe": recipe,
             "recipe_sha256": key,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+            "export_seconds": export_seconds,
+        })
 
 
 def run_export(options: ExportOptions) -> list[Outcome]:
@@ -354,7 +357,7 @@ def run_export(options: ExportOptions) -> list[Outcome]:
         try:
             outcome = exporter.export_variant(variant)
         except Exception as error:  # one broken variant must not hide the others' results
-            outcome = Outcome(variant.name, "failed", describe_failure(error, out))
+            outcome = Outcome(variant.name, VariantStatus.FAILED, describe_failure(error, out))
         say(f"{variant.name}: {outcome.status} {outcome.detail}")
         outcomes.append(outcome)
     return outcomes

@@ -2,31 +2,44 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+from contracts.manifest import Precision, VariantFormat
+
+
+class VariantStatus(StrEnum):
+    """What one export run did with a variant."""
+
+    WRITTEN = "written"        # built, passed the gate, in place
+    UP_TO_DATE = "up-to-date"  # the same recipe already passed: nothing rebuilt
+    REFUSED = "refused"        # failed the gate: kept under refused/ for inspection, never served
+    SKIPPED = "skipped"        # cannot be built here (TensorRT outside the NGC image)
+    FAILED = "failed"          # the build itself broke (a full disk, a converter crash)
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    format: str      # "onnx" or "tensorrt_plan"
-    precision: str   # "fp32", "fp16" or "int8": picks the gate thresholds
+    format: VariantFormat
+    precision: Precision   # picks the gate thresholds
 
     @property
     def artifact(self) -> str:
-        return "model.onnx" if self.format == "onnx" else "model.plan"
+        return "model.onnx" if self.format == VariantFormat.ONNX else "model.plan"
 
     @property
     def needs_tensorrt(self) -> bool:
-        return self.format == "tensorrt_plan"
+        return self.format == VariantFormat.TENSORRT_PLAN
 
 
 VARIANTS = {
     v.name: v
     for v in (
-        Variant("onnx-fp32", "onnx", "fp32"),
-        Variant("onnx-fp16", "onnx", "fp16"),
-        Variant("onnx-int8", "onnx", "int8"),
-        Variant("trt-fp16", "tensorrt_plan", "fp16"),
-        Variant("trt-int8", "tensorrt_plan", "int8"),
+        Variant("onnx-fp32", VariantFormat.ONNX, Precision.FP32),
+        Variant("onnx-fp16", VariantFormat.ONNX, Precision.FP16),
+        Variant("onnx-int8", VariantFormat.ONNX, Precision.INT8),
+        Variant("trt-fp16", VariantFormat.TENSORRT_PLAN, Precision.FP16),
+        Variant("trt-int8", VariantFormat.TENSORRT_PLAN, Precision.INT8),
     )
 }
 DEFAULT_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8")

@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 from locust import FastHttpUser, LoadTestShape, User, constant, events, task  # noqa: E402
 
 import settings  # noqa: E402
+from client.errors import Kind, classify, status_code  # noqa: E402
 from client.triton import ServingView  # noqa: E402
 from loadtest.workload import Workload  # noqa: E402
-from model_repository.render import pinned_name  # noqa: E402
 
 PROTOCOL = os.environ.get("LOADTEST_PROTOCOL", "http")
 GRPC_URL = os.environ.get("LOADTEST_GRPC_URL", settings.SETTINGS.server.grpc_url)
@@ -83,7 +83,7 @@ class CanaryRoute:
                 cls.version = ServingView.from_model_config(read_config()).canary
             except Exception:  # the view is advisory: without it, calls go to the stable ensemble
                 cls.version = None
-        return pinned_name(model, cls.version) if cls.version else model
+        return M.pinned(model, cls.version) if cls.version else model
 
     @classmethod
     def gone(cls) -> None:
@@ -114,7 +114,7 @@ class TritonHttpUser(FastHttpUser):
     def _infer(self, model: str, body: dict, name: str) -> None:
         target = CanaryRoute.pick(model, self._read_config)
         with self.client.post(f"/v2/models/{target}/infer", json=body, name=name, catch_response=True) as response:
-            if response.status_code in (400, 404) and target != model and "unknown model" in response.text.lower():
+            if response.status_code == 404 and target != model:
                 CanaryRoute.gone()  # promoted or rolled back since we looked: the stable ensemble answers
                 response.success()
                 self._infer(model, body, name)
@@ -171,14 +171,14 @@ class TritonGrpcUser(User):
             try:
                 self.conn.infer(target, inputs, outputs=requested)
             except Exception as exc:
-                if target == model or "unknown model" not in str(exc).lower():
+                if target == model or classify(exc) is not Kind.NOT_FOUND:
                     raise
                 CanaryRoute.gone()  # promoted or rolled back since we looked: the stable ensemble answers
                 self.conn.infer(model, inputs, outputs=requested)
         except Exception as exc:
             error = exc
         fire("grpc", name, started, error)
-        if error is not None and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
+        if error is not None and status_code(error) == "UNAVAILABLE":
             time.sleep(REJECTED_BACKOFF_S)
 
     def _text_input(self):

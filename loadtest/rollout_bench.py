@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import logs
 import settings
 from model_repository.render import build_repository
 from rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
@@ -31,7 +33,19 @@ PHASES = (("staged", "validate"), ("is live as a canary", "canary"), ("now serve
           ("promoted:", "done"), ("rolled back:", "done"))
 
 
+class Timeline(logging.Handler):
+    """The rollout's log lines with their times: the plot shades each phase from them."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append((record.created, record.getMessage()))
+
+
 def main(argv: list[str] | None = None) -> int:
+    logs.configure()
     parser = argparse.ArgumentParser(prog="python -m loadtest.rollout_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=20)
@@ -55,12 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     server = on_free_ports(s.server, admin_key="rollout-bench")
     rollout = RolloutSettings(latency_max_ratio=args.latency_max_ratio, canary_seconds=args.canary_seconds,
                               canary_max_latency_ratio=args.latency_max_ratio, drain_seconds=3)
-    events: list[tuple[float, str]] = []
-
-    def log(line: str) -> None:
-        events.append((time.time(), line))
-        print(line, file=sys.stderr, flush=True)
-
+    timeline = Timeline()
+    logs.get("rollout").addHandler(timeline)
+    events = timeline.events
     reports = []
     with TritonServer(live_path, server, log_file=work / "live.log"):
         live = LiveRepository(live_path, replace(s, server=server))
@@ -75,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             time.sleep(15)  # users spawned, a baseline on the timeline
             for variant in args.variants.split(","):
-                reports.append(run(live, admin, settings.EXPORT_DIR / variant, rollout, log=log))
+                reports.append(run(live, admin, settings.EXPORT_DIR / variant, rollout))
             time.sleep(10)
         finally:
             locust.send_signal(signal.SIGTERM)

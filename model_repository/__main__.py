@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 from pathlib import Path
 
 import settings
-from model_repository.render import RUNTIMES, build_repository, render_configs, to_pbtxt
+from contracts.manifest import Manifest, ManifestError
+from contracts.runtime import Runtime
+from model_repository.render import build_repository, render_configs, to_pbtxt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("build", "show"))
     parser.add_argument("--variant", default="onnx-int8", help="exported variant to serve (default: %(default)s)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="embedded")
+    parser.add_argument("--runtime", type=Runtime.parse, choices=list(Runtime), default=Runtime.EMBEDDED)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
     parser.add_argument("--out", type=Path, default=settings.MODEL_REPOSITORY_DIR)
     parser.add_argument("--version", type=int, default=1, help="model version directory (default: %(default)s)")
@@ -37,13 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         batching, max_queue_size=args.max_queue_size, queue_timeout_us=int(args.queue_timeout_ms * 1000)))
     try:
         if args.command == "show":
-            manifest_text = (args.export_dir / args.variant / "manifest.json").read_text()
-            sha = hashlib.sha256(manifest_text.encode()).hexdigest()
-            for name, config in render_configs(chosen, json.loads(manifest_text), sha, args.runtime).items():
+            manifest = Manifest.read(args.export_dir / args.variant)
+            for name, config in render_configs(chosen, manifest, args.runtime).items():
                 print(f"# ---- {name}/config.pbtxt\n{to_pbtxt(config)}")
             return 0
         out = build_repository(chosen, args.export_dir, args.variant, args.runtime, args.out, args.version)
-    except (FileNotFoundError, ValueError) as error:
+    except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"model_repository: error: {error}", file=sys.stderr)
         return 2
     print(f"[model_repository] {args.runtime} repository for {args.variant} (version {args.version}) at {out}")

@@ -9,8 +9,6 @@ Runtimes of the encoder (the tokenizer and similarity models are the same Python
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,9 +16,11 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from contracts.manifest import MANIFEST_NAME, Manifest, ManifestError, Precision, VariantFormat
+from contracts.runtime import Runtime
 from settings import Settings
 
-RUNTIMES = ("embedded", "native")
+RUNTIMES = tuple(r.value for r in Runtime)
 MODELS_SOURCE = Path(__file__).with_name("models")
 # (batch, sequence) shapes the encoder runs at load, so request one is not slow. The largest possible shape
 # (max batch x the model's max length) is among them: ONNX Runtime's memory arena grows to its peak at load
@@ -79,26 +79,26 @@ def tokenizer_config(settings: Settings, max_length: int) -> mc.ModelConfig:
     return config
 
 
-def manifest_parameters(manifest: dict, manifest_sha: str, prefix: str = "export_") -> dict:
-    """What `GET /v2/models/encoder/config` shows about an export."""
+def manifest_parameters(manifest: Manifest, prefix: str = "export_") -> dict:
+    """What `GET /v2/models/encoder/config` shows about an export. The manifest file's own sha256 is the
+    encoder version's identity (catalog indexes are tagged with it)."""
     return {
-        f"{prefix}variant": manifest["variant"],
-        f"{prefix}manifest_sha256": manifest_sha,
-        f"{prefix}artifact_sha256": manifest["artifact"]["sha256"],
-        f"{prefix}source_sha256": manifest["source"]["sha256"],
-        f"{prefix}exported_at": manifest["exported_at"],
+        f"{prefix}variant": manifest.variant,
+        f"{prefix}manifest_sha256": manifest.file_sha256,
+        f"{prefix}artifact_sha256": manifest.artifact.sha256,
+        f"{prefix}source_sha256": manifest.source_sha256,
+        f"{prefix}exported_at": manifest.exported_at,
     }
 
 
-def encoder_config(settings: Settings, manifest: dict, manifest_sha: str, runtime: str,
-                   versions: dict[int, tuple[dict, str]] | None = None, stable: int | None = None) -> mc.ModelConfig:
-    """`manifest` is the stable version's. With several `versions` ({version: (manifest, sha)}) all of them
-    load (version policy `specific`), and each one's identity is in `export_v<N>_*` parameters; the plain
+def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | str,
+                   versions: dict[int, Manifest] | None = None, stable: int | None = None) -> mc.ModelConfig:
+    """`manifest` is the stable version's. With several `versions` ({version: manifest}) all of them load
+    (version policy `specific`), and each one's identity is in `export_v<N>_*` parameters; the plain
     `export_*` parameters always describe the version the public ensembles serve."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}")
+    runtime = Runtime.parse(runtime)
     t = settings.tensors
-    dim = manifest["encoder"]["dim"]
+    dim = manifest.encoder.dim
     config = mc.ModelConfig(name=settings.models.encoder)
     if versions:
         config.version_policy.specific.versions.extend(sorted(versions))
@@ -106,38 +106,38 @@ def encoder_config(settings: Settings, manifest: dict, manifest_sha: str, runtim
     _tensor(config.input, t.input_ids, mc.TYPE_INT64, [-1])
     _tensor(config.input, t.attention_mask, mc.TYPE_INT64, [-1])
     _tensor(config.output, t.encoder_output, mc.TYPE_FP32, [dim])
-    params = manifest_parameters(manifest, manifest_sha)
+    params = manifest_parameters(manifest)
     if stable is not None:
         params["export_version"] = stable
-    for version, (version_manifest, version_sha) in sorted((versions or {}).items()):
-        params.update(manifest_parameters(version_manifest, version_sha, prefix=f"export_v{version}_"))
-    if runtime == "embedded":
-        if manifest["format"] != "onnx":
-            raise ValueError(f"the embedded runtime serves ONNX variants; {manifest['variant']} needs --runtime native")
+    for version, version_manifest in sorted((versions or {}).items()):
+        params.update(manifest_parameters(version_manifest, prefix=f"export_v{version}_"))
+    if runtime == Runtime.EMBEDDED:
+        if manifest.format != VariantFormat.ONNX:
+            raise ValueError(f"the embedded runtime serves ONNX variants; {manifest.variant} needs --runtime native")
         config.backend = "python"
         _instances(config, settings.instances.encoder)
         params.update(
-            artifact=manifest["artifact"]["file"],
+            artifact=manifest.artifact.file,
             intra_op_threads=settings.instances.encoder_intra_op_threads,
             ids_input=t.input_ids,
             mask_input=t.attention_mask,
             embedding_output=t.encoder_output,
         )
-    elif manifest["format"] == "tensorrt_plan":
+    elif manifest.format == VariantFormat.TENSORRT_PLAN:
         config.platform = "tensorrt_plan"
-        config.default_model_filename = manifest["artifact"]["file"]
+        config.default_model_filename = manifest.artifact.file
         _instances(config, settings.instances.encoder, gpu=True)
     else:
         config.platform = "onnxruntime_onnx"
-        config.default_model_filename = manifest["artifact"]["file"]
+        config.default_model_filename = manifest.artifact.file
         # Dynamic INT8 (MatMulInteger) is a CPU recipe; FP32/FP16 graphs go to the GPU.
-        gpu = manifest["precision"] != "int8"
+        gpu = manifest.precision != Precision.INT8
         _instances(config, settings.instances.encoder, gpu=gpu)
-        if gpu and manifest["precision"] == "fp16":
+        if gpu and manifest.precision == Precision.FP16:
             accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
             accelerator.parameters["precision_mode"] = "FP16"
             accelerator.parameters["max_workspace_size_bytes"] = str(4 << 30)
-    for batch, seq in encoder_warmup_shapes(settings, manifest["encoder"]["max_length"]):
+    for batch, seq in encoder_warmup_shapes(settings, manifest.encoder.max_length):
         warmup = config.model_warmup.add(name=f"b{batch}_s{seq}", batch_size=batch)
         for name in (t.input_ids, t.attention_mask):
             warmup.inputs[name].data_type = mc.TYPE_INT64
@@ -202,40 +202,34 @@ def score_config(settings: Settings, dim: int, name: str | None = None, encoder_
     return config
 
 
-def pinned_name(ensemble: str, version: int) -> str:
-    """The ensemble pinned to one encoder version: `embed_v3`. Clients that must not mix versions (a catalog
-    index embedded by version 3) call these; `embed`/`score` follow whichever version is stable."""
-    return f"{ensemble}_v{version}"
-
-
-def render_configs(settings: Settings, manifest: dict, manifest_sha: str, runtime: str) -> dict[str, mc.ModelConfig]:
+def render_configs(settings: Settings, manifest: Manifest, runtime: Runtime | str) -> dict[str, mc.ModelConfig]:
     """A repository serving one encoder version (1)."""
-    return render_generation(settings, {1: (manifest, manifest_sha)}, runtime, stable=1)
+    return render_generation(settings, {1: manifest}, runtime, stable=1)
 
 
-def render_generation(settings: Settings, versions: dict[int, tuple[dict, str]], runtime: str,
+def render_generation(settings: Settings, versions: dict[int, Manifest], runtime: Runtime | str,
                       stable: int) -> dict[str, mc.ModelConfig]:
     """Every config of one repository generation: the encoder with all `versions` loaded, the public
     `embed`/`score` pinned to `stable`, and `embed_v<N>`/`score_v<N>` pinned to each version N.
     A version above `stable` is a canary (model_repository/rollout); one below it is being retired."""
     if stable not in versions:
         raise ValueError(f"stable version {stable} is not among the versions {sorted(versions)}")
-    manifest, manifest_sha = versions[stable]
-    dims = {v: (m["encoder"]["dim"], m["encoder"]["max_length"]) for v, (m, _) in versions.items()}
+    manifest = versions[stable]
+    dims = {v: (m.encoder.dim, m.encoder.max_length) for v, m in versions.items()}
     if len(set(dims.values())) > 1:
         raise ValueError(f"encoder versions disagree on (dim, max length): {dims}")
     dim, max_length = dims[stable]
     m = settings.models
     configs = [
         tokenizer_config(settings, max_length),
-        encoder_config(settings, manifest, manifest_sha, runtime, versions=versions, stable=stable),
+        encoder_config(settings, manifest, runtime, versions=versions, stable=stable),
         similarity_config(settings, dim),
         embed_config(settings, dim, encoder_version=stable),
         score_config(settings, dim, encoder_version=stable),
     ]
     for version in sorted(versions):
-        configs += [embed_config(settings, dim, pinned_name(m.embed, version), encoder_version=version),
-                    score_config(settings, dim, pinned_name(m.score, version), encoder_version=version)]
+        configs += [embed_config(settings, dim, m.pinned(m.embed, version), encoder_version=version),
+                    score_config(settings, dim, m.pinned(m.score, version), encoder_version=version)]
     return {c.name: c for c in configs}
 
 
@@ -251,19 +245,14 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict[int, Path], runtime: str, out: Path,
-                     stable: int) -> Path:
+def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict[int, Path], runtime: Runtime | str,
+                     out: Path, stable: int) -> Path:
     """Writes a complete repository to `out` (built aside, swapped in whole). `version_dirs` maps each
     encoder version to a directory holding its manifest.json and artifact: an export variant directory, or
-    a version directory of an existing repository."""
+    a version directory of an existing repository. Raises ManifestError (a ValueError) for a missing or
+    unreadable manifest."""
     out = Path(out)
-    versions, texts = {}, {}
-    for version, directory in version_dirs.items():
-        manifest_path = Path(directory) / "manifest.json"
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"{directory} has no manifest.json: export the variant first")
-        texts[version] = manifest_path.read_text()
-        versions[version] = (json.loads(texts[version]), hashlib.sha256(texts[version].encode()).hexdigest())
+    versions = {version: Manifest.read(directory) for version, directory in version_dirs.items()}
     configs = render_generation(settings, versions, runtime, stable)
 
     staging = out.with_name(out.name + ".staging")
@@ -282,10 +271,11 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
     for file in ("tokenizer.json", "serving.json"):
         shutil.copyfile(Path(tokenizer_dir) / file, staging / m.tokenizer / "1" / file)
     for version, directory in version_dirs.items():
-        manifest = versions[version][0]
+        artifact = versions[version].artifact.file
         target = staging / m.encoder / str(version)
-        link_or_copy(Path(directory) / manifest["artifact"]["file"], target / manifest["artifact"]["file"])
-        (target / "manifest.json").write_text(texts[version])
+        link_or_copy(Path(directory) / artifact, target / artifact)
+        # The manifest's bytes travel unchanged: their sha256 is the version's identity.
+        shutil.copyfile(Path(directory) / MANIFEST_NAME, target / MANIFEST_NAME)
 
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -296,9 +286,11 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
     return out
 
 
-def build_repository(settings: Settings, export_dir: Path, variant: str, runtime: str, out: Path, version: int = 1) -> Path:
+def build_repository(settings: Settings, export_dir: Path, variant: str, runtime: Runtime | str, out: Path,
+                     version: int = 1) -> Path:
     """A repository serving one exported variant as encoder version `version`."""
     export_dir = Path(export_dir)
-    if not (export_dir / variant / "manifest.json").exists():
-        raise FileNotFoundError(f"{export_dir / variant} has no manifest.json: run `python -m export --variants {variant}` first")
+    if not Manifest.exists(export_dir / variant):
+        raise ManifestError(f"{export_dir / variant} has no {MANIFEST_NAME}: "
+                            f"run `python -m export --variants {variant}` first")
     return write_generation(settings, export_dir / "tokenizer", {version: export_dir / variant}, runtime, out, stable=version)

@@ -18,7 +18,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import logs
 import settings
+from client.index import IndexStore
+from client.triton import TritonClient
 from rollout.steps import (LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, promote, roll_back, run,
                            status)
 
@@ -51,35 +54,28 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("promote", help="promote the running canary")
     commands.add_parser("rollback", help="roll the running canary back")
     args = parser.parse_args(argv)
+    logs.configure()
 
     s = settings.SETTINGS.server
     live = LiveRepository(args.repository, settings.SETTINGS)
     replicas = [Replica(*spec.split(",", 1)) for spec in args.replica] or [Replica(s.grpc_url, f"{s.host}:{s.metrics_port}")]
     admin = TritonAdmin(replicas, admin_key(), s.admin_header)
-    store = None
-    if args.index_store:
-        from client.index import IndexStore
-
-        store = IndexStore(args.index_store)
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    store = IndexStore(args.index_store) if args.index_store else None
     try:
         if args.command == "status":
             print(json.dumps(status(live, admin, args.window, store), indent=2))
             return 0
         if args.command in ("promote", "rollback"):
             with live.lock():
+                # Both keep the runtime the live encoder already runs (read from its config).
                 if args.command == "promote":
-                    promote(live, admin, RolloutSettings(), store, None, log)
+                    promote(live, admin, RolloutSettings(), store, None)
                 else:
-                    roll_back(live, admin, RolloutSettings(), store, log)
+                    roll_back(live, admin, RolloutSettings(), store)
             return 0
         rollout = RolloutSettings(**{f.name: getattr(args, f.name) for f in fields(RolloutSettings)})
-        client = None
-        if store is not None:
-            from client.triton import TritonClient
-
-            client = TritonClient(s.grpc_url)
-        report = run(live, admin, args.export, rollout, store=store, client=client, log=log)
+        client = TritonClient(s.grpc_url) if store is not None else None
+        report = run(live, admin, args.export, rollout, store=store, client=client)
         print(json.dumps(report, indent=2))
         return 0 if report["outcome"] == "promoted" else 3
     except RolloutRefused as error:

@@ -10,7 +10,6 @@ TRITON_GRPC_PORT, TRITON_METRICS_PORT, TRITON_ADMIN_KEY); flags override them.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
@@ -18,15 +17,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import logs
 import settings
 from server.launcher import ServerError, TritonServer, free_port
 
-log = logging.getLogger("server")
+log = logs.get("server")
 
 
 def main(argv: list[str] | None = None) -> int:
-    # One format with timestamps: the launcher, the reaper and the model supervisor all log through "server".
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The project's one log format (logs.py): the launcher, the reaper and the supervisor log through "server".
+    logs.configure()
     s = settings.SETTINGS.server
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR)

@@ -18,7 +18,6 @@ the thread that started it dies. A supervisor thread (server/supervisor.py) relo
 """
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import signal
@@ -31,12 +30,13 @@ import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import logs
 import settings
 from server import processes
 from server.supervisor import ModelSupervisor
 from settings import ServerSettings
 
-log = logging.getLogger("server")
+log = logs.get("server")
 RUN_DIR = settings.BUILD_DIR / "run"
 
 # Model load/unload, shared-memory registration, tracing and log settings need the key. Health,

@@ -13,14 +13,15 @@ after itself; the next launcher to start finds its record (the launcher it names
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-log = logging.getLogger("server")
+import logs
+
+log = logs.get("server")
 
 SHM_DIR = Path("/dev/shm")
 # Triton's own default prefix; ours adds the server id, so tools that look for Triton's regions still see ours.

@@ -15,14 +15,14 @@ count: the stub the backend starts under the model's own name at each load exits
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
+import logs
 from server import processes
 
-log = logging.getLogger("server")
+log = logs.get("server")
 
 InstanceKey = tuple[str, str, str]  # (model, version, instance name)
 

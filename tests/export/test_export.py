@@ -9,7 +9,7 @@ import pytest
 
 import settings
 from export.gate import DEFAULT_THRESHOLDS, Reference, evaluate
-from export.manifest import artifact_problems, read_manifest
+from contracts.manifest import SCHEMA_VERSION, Manifest, ManifestError, artifact_problems
 from export.runners import OrtRunner
 from export.source import file_sha256, load_source
 
@@ -24,25 +24,44 @@ def run_cli(*args, **kwargs):
 @pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-fp16", "onnx-int8"])
 def test_manifest_matches_the_artifact(export_dir, variant):
     directory = export_dir / variant
-    manifest = read_manifest(directory)
+    manifest = Manifest.read(directory)
     assert artifact_problems(directory) == []
-    artifact = directory / manifest["artifact"]["file"]
-    assert manifest["artifact"]["sha256"] == file_sha256(artifact)
-    assert manifest["source"]["sha256"] == load_source(settings.default_model_dir()).sha256
+    artifact = directory / manifest.artifact.file
+    assert manifest.artifact.sha256 == file_sha256(artifact)
+    assert manifest.source_sha256 == load_source(settings.default_model_dir()).sha256
     graph = onnx.load(str(artifact), load_external_data=False).graph
-    assert [i.name for i in graph.input] == [i["name"] for i in manifest["inputs"]]
-    assert [o.name for o in graph.output] == [o["name"] for o in manifest["outputs"]]
+    assert [i.name for i in graph.input] == [i["name"] for i in manifest.extra["inputs"]]
+    assert [o.name for o in graph.output] == [o["name"] for o in manifest.extra["outputs"]]
     dims = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
-    assert dims[1] == manifest["encoder"]["dim"] == 384
-    assert manifest["gate"]["passed"] is True
-    assert manifest["runtimes"]["onnxruntime"] and manifest["opset"] == 17
-    assert manifest["tokenizer"]["sha256"] == file_sha256(export_dir / "tokenizer" / "tokenizer.json")
+    assert dims[1] == manifest.encoder.dim == 384
+    assert manifest.gate.passed is True
+    assert manifest.extra["runtimes"]["onnxruntime"] and manifest.extra["opset"] == 17
+    assert manifest.tokenizer_sha256 == file_sha256(export_dir / "tokenizer" / "tokenizer.json")
+    # What the contract reads is what export wrote: a round trip changes no byte.
+    assert manifest.text() == (directory / "manifest.json").read_text()
+
+
+def test_a_manifest_of_another_schema_or_missing_a_field_is_refused_by_name(export_dir, tmp_path):
+    data = json.loads((export_dir / "onnx-int8" / "manifest.json").read_text())
+    for name, edit, message in (("future", {"schema_version": SCHEMA_VERSION + 1}, "schema_version"),
+                                ("legacy", {"schema_version": None}, "schema_version"),
+                                ("nodim", {"encoder": {"max_length": 256}}, "dim"),
+                                ("badformat", {"format": "safetensors"}, "safetensors")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({**data, **edit}))
+        with pytest.raises(ManifestError, match=message) as refused:
+            Manifest.read(tmp_path / name)
+        assert str(tmp_path / name) in str(refused.value)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "manifest.json").write_text('{"schema_version": 1, "variant"')
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.read(tmp_path / "half")
 
 
 def test_gate_figures_meet_the_defaults(export_dir):
-    fp32 = read_manifest(export_dir / "onnx-fp32")["gate"]["figures"]
-    fp16 = read_manifest(export_dir / "onnx-fp16")["gate"]["figures"]
-    int8 = read_manifest(export_dir / "onnx-int8")["gate"]["figures"]
+    fp32 = Manifest.read(export_dir / "onnx-fp32").gate.figures
+    fp16 = Manifest.read(export_dir / "onnx-fp16").gate.figures
+    int8 = Manifest.read(export_dir / "onnx-int8").gate.figures
     assert fp32["cosine_min"] >= 0.9999 and fp16["cosine_min"] >= 0.999
     assert int8["cosine_mean"] >= 0.99
     if settings.STSB_DEV.exists():

@@ -118,7 +118,7 @@ def test_rollouts_under_locust_load_fail_no_request(live, export_dir, tmp_path, 
         assert locust.poll() is None, locust.stdout.read()
         start = live.repository.stable
         for variant in variants:
-            reports.append(run(live.repository, live.admin, export_dir / variant, FAST, log=print))
+            reports.append(run(live.repository, live.admin, export_dir / variant, FAST))
     finally:
         locust.send_signal(signal.SIGTERM)
         output, _ = locust.communicate(timeout=180)
@@ -145,7 +145,7 @@ def test_rollouts_under_locust_load_fail_no_request(live, export_dir, tmp_path, 
 def test_a_canary_that_gets_no_traffic_is_rolled_back_automatically(live, export_dir):
     stable = live.repository.stable
     with Traffic(live, canary_share=0.0) as traffic:  # nobody sends the canary a share: no evidence
-        report = run(live.repository, live.admin, export_dir / "onnx-int8", replace(FAST, canary_seconds=3), log=print)
+        report = run(live.repository, live.admin, export_dir / "onnx-int8", replace(FAST, canary_seconds=3))
     assert report["outcome"] == "rolled_back"
     assert "canary requests" in report["canary"]["reasons"][0]
     assert traffic.failed == 0 and traffic.ok > 20, traffic.errors[:3]
@@ -207,7 +207,7 @@ def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(live, expor
         export = broken_export(export_dir, tmp_path / kind, kind)
     with Traffic(live) as traffic:
         with pytest.raises(RolloutRefused, match=refusal) as refused:
-            run(live.repository, live.admin, export, FAST, log=print)
+            run(live.repository, live.admin, export, FAST)
     print(f"{kind}: refused: {refused.value}")
     assert traffic.failed == 0 and traffic.ok > 20, traffic.errors[:3]
     assert_only_version(live, stable)
@@ -228,7 +228,7 @@ def test_a_rollout_reaches_every_replica_sharing_the_repository(export_dir, tmp_
         other = Live.__new__(Live)  # the second replica, seen by the traffic threads
         other.server_settings, other.settings = second_settings, replace(S, server=second_settings)
         with Traffic(first, threads=1) as one, Traffic(other, threads=1) as two:
-            report = run(first.repository, both, export_dir / "onnx-fp32", FAST, log=print)
+            report = run(first.repository, both, export_dir / "onnx-fp32", FAST)
         assert report["outcome"] == "promoted"
         assert report["canary"]["canary"]["requests"] >= FAST.canary_min_requests
         assert one.failed == two.failed == 0, (one.errors + two.errors)[:3]
@@ -269,7 +269,7 @@ def test_the_catalog_index_is_reembedded_and_switched_with_the_encoder(live, exp
     with Traffic(live):
         thread.start()
         try:
-            report = run(live.repository, live.admin, export_dir / "onnx-int8", FAST, store=store, client=client, log=print)
+            report = run(live.repository, live.admin, export_dir / "onnx-int8", FAST, store=store, client=client)
         finally:
             time.sleep(1)
             stop.set()
@@ -329,7 +329,7 @@ def test_a_promotion_that_died_midway_is_finished_by_rollout_promote(live, expor
     with Traffic(live) as traffic:
         monkeypatch.setattr(steps, "_retire", crash)
         with pytest.raises(KeyboardInterrupt):
-            run(live.repository, live.admin, export_dir / "onnx-int8", FAST, log=print)
+            run(live.repository, live.admin, export_dir / "onnx-int8", FAST)
         monkeypatch.setattr(steps, "_retire", real_retire)
         # Repointed but not narrowed: `embed` serves the new version, the old one is still loaded (retiring).
         shown = status(live.repository)

@@ -4,18 +4,20 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 import settings
+from contracts.manifest import SCHEMA_VERSION, Manifest
 from model_repository.render import render_configs, to_pbtxt
 
 S = settings.SETTINGS
 
 
-def manifest(variant="onnx-int8", fmt="onnx", precision="int8", dim=384):
-    return {
-        "variant": variant, "format": fmt, "precision": precision,
+def manifest(variant="onnx-int8", fmt="onnx", precision="int8", dim=384, file_sha256="c" * 64):
+    return Manifest.from_json({
+        "schema_version": SCHEMA_VERSION, "variant": variant, "format": fmt, "precision": precision,
         "encoder": {"dim": dim, "max_length": 256},
-        "artifact": {"file": "model.onnx" if fmt == "onnx" else "model.plan", "sha256": "a" * 64},
+        "artifact": {"file": "model.onnx" if fmt == "onnx" else "model.plan", "sha256": "a" * 64, "bytes": 1},
+        "gate": {"passed": True}, "tokenizer": {"sha256": "d" * 64},
         "source": {"sha256": "b" * 64}, "exported_at": "2026-01-01T00:00:00Z",
-    }
+    }, file_sha256=file_sha256)
 
 
 CASES = [
@@ -28,9 +30,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m['variant']}" for r, m in CASES])
+@pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m.variant}" for r, m in CASES])
 def test_every_config_round_trips_through_the_schema(runtime, man):
-    configs = render_configs(S, man, "c" * 64, runtime)
+    configs = render_configs(S, man, runtime)
     assert set(configs) == {"tokenizer", "encoder", "similarity", "embed", "score", "embed_v1", "score_v1"}
     for config in configs.values():
         parsed = text_format.Parse(to_pbtxt(config), mc.ModelConfig())
@@ -38,9 +40,9 @@ def test_every_config_round_trips_through_the_schema(runtime, man):
         assert parsed.max_batch_size >= 64
 
 
-@pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m['variant']}" for r, m in CASES])
+@pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m.variant}" for r, m in CASES])
 def test_ensembles_are_wired_to_real_tensors_and_never_deadlock(runtime, man):
-    configs = render_configs(S, man, "c" * 64, runtime)
+    configs = render_configs(S, man, runtime)
     for name in ("embed", "score"):
         ensemble = configs[name]
         available = {t.name for t in ensemble.input}
@@ -61,35 +63,35 @@ def test_ensembles_are_wired_to_real_tensors_and_never_deadlock(runtime, man):
 
 
 def test_embedded_encoder_runs_onnx_in_the_python_backend():
-    encoder = render_configs(S, manifest(), "c" * 64, "embedded")["encoder"]
+    encoder = render_configs(S, manifest(), "embedded")["encoder"]
     assert encoder.backend == "python" and not encoder.platform
     assert encoder.parameters["export_manifest_sha256"].string_value == "c" * 64
     assert encoder.parameters["export_variant"].string_value == "onnx-int8"
     assert encoder.output[0].dims == [384]
     # The largest shape is warmed too (max batch x the manifest's max length): peak memory is reached at load.
     shapes = [(w.batch_size, list(w.inputs["input_ids"].dims)) for w in encoder.model_warmup]
-    assert shapes == [(1, [16]), (8, [128]), (S.batching.max_batch_size, [manifest()["encoder"]["max_length"]])]
+    assert shapes == [(1, [16]), (8, [128]), (S.batching.max_batch_size, [manifest().encoder.max_length])]
 
 
 def test_native_encoders_pick_the_backend_and_accelerator():
-    fp16 = render_configs(S, manifest("onnx-fp16", "onnx", "fp16"), "c" * 64, "native")["encoder"]
+    fp16 = render_configs(S, manifest("onnx-fp16", "onnx", "fp16"), "native")["encoder"]
     assert fp16.platform == "onnxruntime_onnx"
     assert fp16.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     accelerator = fp16.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
-    int8 = render_configs(S, manifest("onnx-int8", "onnx", "int8"), "c" * 64, "native")["encoder"]
+    int8 = render_configs(S, manifest("onnx-int8", "onnx", "int8"), "native")["encoder"]
     assert int8.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    plan = render_configs(S, manifest("trt-int8", "tensorrt_plan", "int8"), "c" * 64, "native")["encoder"]
+    plan = render_configs(S, manifest("trt-int8", "tensorrt_plan", "int8"), "native")["encoder"]
     assert plan.platform == "tensorrt_plan" and plan.default_model_filename == "model.plan"
 
 
 def test_embedded_runtime_refuses_a_tensorrt_plan():
     with pytest.raises(ValueError, match="--runtime native"):
-        render_configs(S, manifest("trt-fp16", "tensorrt_plan", "fp16"), "c" * 64, "embedded")
+        render_configs(S, manifest("trt-fp16", "tensorrt_plan", "fp16"), "embedded")
 
 
 def test_dims_come_from_the_manifest_not_from_code():
-    configs = render_configs(S, manifest(dim=768), "c" * 64, "embedded")
+    configs = render_configs(S, manifest(dim=768), "embedded")
     assert configs["embed"].output[0].dims == [768]
     assert list(configs["score"].input[1].dims) == [-1, 768]
     assert configs["similarity"].input[0].dims == [768]
@@ -99,7 +101,7 @@ def test_queue_policy_rejects_when_bounded():
     from dataclasses import replace
 
     bounded = replace(S, batching=replace(S.batching, max_queue_size=16, queue_timeout_us=20000))
-    configs = render_configs(bounded, manifest(), "c" * 64, "embedded")
+    configs = render_configs(bounded, manifest(), "embedded")
     policy = configs["tokenizer"].dynamic_batching.default_queue_policy
     assert policy.max_queue_size == 16 and policy.timeout_action == mc.ModelQueuePolicy.REJECT
     assert policy.default_timeout_microseconds == 20000
@@ -111,7 +113,7 @@ def test_queue_policy_rejects_when_bounded():
 def test_a_two_version_generation_pins_each_ensemble_to_its_own_version():
     from model_repository.render import render_generation
 
-    versions = {1: (manifest("onnx-int8"), "1" * 64), 2: (manifest("onnx-fp32", "onnx", "fp32"), "2" * 64)}
+    versions = {1: manifest("onnx-int8", file_sha256="1" * 64), 2: manifest("onnx-fp32", "onnx", "fp32", file_sha256="2" * 64)}
     configs = render_generation(S, versions, "embedded", stable=1)
     assert set(configs) == {"tokenizer", "encoder", "similarity", "embed", "score", "embed_v1", "score_v1",
                             "embed_v2", "score_v2"}
@@ -131,6 +133,6 @@ def test_a_two_version_generation_pins_each_ensemble_to_its_own_version():
 def test_versions_of_different_shapes_cannot_share_a_generation():
     from model_repository.render import render_generation
 
-    versions = {1: (manifest(dim=384), "1" * 64), 2: (manifest(dim=768), "2" * 64)}
+    versions = {1: manifest(dim=384), 2: manifest(dim=768)}
     with pytest.raises(ValueError, match="disagree"):
         render_generation(S, versions, "embedded", stable=1)

@@ -31,7 +31,7 @@ def test_stage_adds_the_next_version_beside_the_stable_one(live, export_dir, tmp
     assert version == 2
     staged = LiveRepository(staging, S)
     assert (staged.stable, staged.versions, staged.canary) == (1, [1, 2], 2)
-    assert staged.manifest(2)["variant"] == "onnx-fp32" and staged.manifest(1)["variant"] == "onnx-int8"
+    assert staged.manifest(2).variant == "onnx-fp32" and staged.manifest(1).variant == "onnx-int8"
     assert (staging / "embed_v2" / "config.pbtxt").exists() and (staging / "score_v1" / "config.pbtxt").exists()
     assert live.versions == [1] and not (live.path / "embed_v2").exists()  # nothing live changed
 
@@ -68,11 +68,11 @@ def test_traffic_is_the_difference_between_two_metric_reads():
     after = {("nv_inference_request_success", "embed"): 190, ("nv_inference_request_failure", "embed"): 11,
              ("nv_inference_request_duration_us", "embed"): 1_000_000, ("nv_inference_request_success", "score"): 7}
     window = traffic(before, after, ["embed"])
-    assert (window["requests"], window["failures"]) == (100, 10)
-    assert window["failure_rate"] == pytest.approx(0.1) and window["mean_ms"] == pytest.approx(5.0)
-    assert traffic(before, after, ["score"])["requests"] == 7
-    assert traffic(before, before, ["embed"]) == {"models": ["embed"], "requests": 0, "failures": 0,
-                                                  "failure_rate": 0.0, "mean_ms": 0.0}
+    assert (window.requests, window.failures) == (100, 10)
+    assert window.failure_rate == pytest.approx(0.1) and window.mean_ms == pytest.approx(5.0)
+    assert traffic(before, after, ["score"]).requests == 7
+    assert traffic(before, before, ["embed"]).to_json() == {"models": ["embed"], "requests": 0, "failures": 0,
+                                                            "failure_rate": 0.0, "mean_ms": 0.0}
 
 
 def test_the_refusal_quotes_the_servers_reason(tmp_path):

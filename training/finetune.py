@@ -1,4 +1,4 @@
-"""python -m client.finetune DATA_DIR --out DIR: fine-tune the BERT on interaction pairs, contrastively.
+"""python -m training.finetune DATA_DIR --out DIR: fine-tune the BERT on interaction pairs, contrastively.
 
 Pairs are (item a user liked, the next item the same user liked) from the *history* part of the
 evaluation's time split only, so no evaluated positive is ever trained on. The loss is in-batch
@@ -40,7 +40,7 @@ def interaction_pairs(data_dir: Path, max_pairs: int, seed: int = 0) -> list[tup
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.finetune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, nargs="?", default=settings.MOVIELENS_DIR)
     parser.add_argument("--model", type=Path, default=None, help="BERT directory (default: the default model)")

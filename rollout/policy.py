@@ -1,0 +1,135 @@
+"""The rollout's decisions: pure functions of figures already measured, with no server, file or clock.
+
+The steps (rollout/steps.py) measure; these decide. Each verdict lists its reasons, empty when it passes,
+so a refused promotion says which figure failed and by how much.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from contracts.runtime import Runtime
+
+# {(metric name, model name): value}, summed over replicas, versions and label values (rollout/admin.py).
+MetricSnapshot = dict[tuple[str, str], float]
+
+
+class RolloutRefused(RuntimeError):
+    """The new version failed a check before it took any traffic; what was serving is untouched."""
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    # Validation, on a separate server, before any traffic:
+    parity_min_mean_cosine: float = 0.99   # new vs stable version on the golden set (lower it for a retrained model)
+    parity_min_cosine: float = 0.95        # ... and for the worst golden sentence
+    latency_max_ratio: float = 1.5         # new p50 / stable p50, batch 1, measured interleaved on that server
+    latency_samples: int = 40
+    # Canary, on the live server, from Triton's metrics:
+    canary_seconds: float = 60.0
+    canary_min_requests: int = 50          # fewer than this on the canary: not enough evidence, roll back
+    canary_max_failure_rate: float = 0.001  # above the stable failure rate by more than this: roll back
+    canary_max_latency_ratio: float = 1.5  # canary mean latency / stable mean latency
+    canary_latency_slack_ms: float = 2.0   # ... ignoring differences below this (noise at low latency)
+    drain_seconds: float = 5.0             # after the switch, before the old version's ensembles go
+    # The encoder runtime of the new version; "" = the one the live repository already runs.
+    runtime: str = ""
+
+    def __post_init__(self):
+        if self.runtime:
+            Runtime.parse(self.runtime)
+        for name in ("parity_min_mean_cosine", "parity_min_cosine"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a cosine within [-1, 1], not {getattr(self, name)}")
+        if self.latency_max_ratio <= 0 or self.canary_max_latency_ratio <= 0:
+            raise ValueError("latency ratios must be positive")
+        if self.latency_samples < 2 or self.canary_min_requests < 0 or self.canary_seconds < 0 or self.drain_seconds < 0:
+            raise ValueError("sample counts and durations must not be negative (latency_samples >= 2)")
+
+
+# ---- traffic between two metric reads -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Traffic:
+    """Requests, failures and mean latency of a group of models between two metric reads."""
+
+    models: tuple[str, ...]
+    requests: int
+    failures: int
+    failure_rate: float
+    mean_ms: float
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "models": list(self.models)}
+
+
+def traffic(before: MetricSnapshot, after: MetricSnapshot, models: list[str] | tuple[str, ...]) -> Traffic:
+    def delta(metric):
+        return sum(after.get((metric, m), 0.0) - before.get((metric, m), 0.0) for m in models)
+
+    success, failure = delta("nv_inference_request_success"), delta("nv_inference_request_failure")
+    total = success + failure
+    return Traffic(tuple(models), int(total), int(failure), failure / total if total else 0.0,
+                   delta("nv_inference_request_duration_us") / total / 1000 if total else 0.0)
+
+
+# ---- validation: parity and latency on a separate server --------------------------------------------------
+@dataclass(frozen=True)
+class Validation:
+    parity_mean_cosine: float
+    parity_min_cosine: float
+    golden_texts: int
+    p50_ms_stable: float
+    p50_ms_new: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def validation_failures(v: Validation, stable: int, rollout: RolloutSettings) -> list[str]:
+    reasons = []
+    if v.parity_mean_cosine < rollout.parity_min_mean_cosine or v.parity_min_cosine < rollout.parity_min_cosine:
+        reasons.append(f"parity with version {stable}: mean cosine {v.parity_mean_cosine:.4f} "
+                       f"(need {rollout.parity_min_mean_cosine}), min {v.parity_min_cosine:.4f} "
+                       f"(need {rollout.parity_min_cosine})")
+    if v.p50_ms_new > rollout.latency_max_ratio * v.p50_ms_stable:
+        reasons.append(f"latency: p50 {v.p50_ms_new:.2f} ms > {rollout.latency_max_ratio} x "
+                       f"{v.p50_ms_stable:.2f} ms of version {stable}")
+    return reasons
+
+
+# ---- the canary: its traffic against the stable version's -------------------------------------------------
+@dataclass(frozen=True)
+class CanaryVerdict:
+    stable: Traffic
+    canary: Traffic
+    reasons: tuple[str, ...] = field(default=())
+
+    @property
+    def healthy(self) -> bool:
+        return not self.reasons
+
+    def to_json(self) -> dict:
+        return {"stable": self.stable.to_json(), "canary": self.canary.to_json(), "healthy": self.healthy,
+                "reasons": list(self.reasons)}
+
+
+def canary_verdict(stable: Traffic, canary: Traffic, rollout: RolloutSettings) -> CanaryVerdict:
+    reasons = []
+    if canary.requests < rollout.canary_min_requests:
+        reasons.append(f"only {canary.requests} canary requests (need {rollout.canary_min_requests}): "
+                       "are clients sending a canary share?")
+    if canary.failure_rate > stable.failure_rate + rollout.canary_max_failure_rate:
+        reasons.append(f"failure rate {canary.failure_rate:.4f} vs stable {stable.failure_rate:.4f}")
+    if stable.requests and canary.mean_ms > max(rollout.canary_max_latency_ratio * stable.mean_ms,
+                                                stable.mean_ms + rollout.canary_latency_slack_ms):
+        reasons.append(f"mean latency {canary.mean_ms:.2f} ms vs stable {stable.mean_ms:.2f} ms")
+    return CanaryVerdict(stable, canary, tuple(reasons))
+
+
+# ---- roles and shares, for `status` ----------------------------------------------------------------------
+def role(version: int, stable: int, canary: int | None) -> str:
+    return "stable" if version == stable else "canary" if version == canary else "retiring"
+
+
+def shares(counts: dict[int, int]) -> dict[int, float]:
+    total = sum(counts.values())
+    return {version: round(count / total, 4) if total else 0.0 for version, count in counts.items()}
