@@ -29,7 +29,7 @@ class ServingTimeout(ServingError):
 
 
 class InvalidRequest(ValueError):
-    """Triton rejected the request itself (bad text, wrong shape, unknown model): retrying cannot help."""
+    """Triton rejected the request itself (bad text, wrong shape, a model that is not loaded): retrying cannot help."""
 
 
 class ModelNotFound(InvalidRequest):
@@ -60,7 +60,7 @@ _BY_STATUS = {
 def status_code(error: BaseException) -> str:
     """The bare status of a tritonclient error ("UNAVAILABLE", "503"), or "" when it carries none."""
     status = getattr(error, "status", None)
-    text = str(status() if callable(status) else status or "")
+    text = str((status() if callable(status) else status) or "")
     return text.rsplit(".", 1)[-1] if text.startswith("StatusCode.") else text
 
 

@@ -18,11 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+import logs
 import settings
 from client.catalog import Interactions, load_movielens
 from client.index import build_catalog_index
+from client.recall import RecallChannel
 from client.recommend import Recommender
 from client.triton import TritonClient
+
+log = logs.get("client")
 
 TEST_FRACTION = 0.2
 
@@ -86,15 +90,16 @@ def list_metrics(lists: list[list[int]], index, popularity: dict[int, float], n_
 
 
 def evaluate(data_dir: Path, client: TritonClient, max_users: int | None = None, use_triton_score: bool = True,
-             ablations: bool = True, log=print) -> dict:
+             ablations: bool = True) -> dict:
     items, interactions, errors = load_movielens(data_dir)
     for error in errors[:10]:
-        log(f"skipped {error}")
+        log.warning("skipped %s", error)
     history, truth = time_split(interactions)
-    log(f"{len(items)} items, {len(interactions)} interactions, {len(truth)} users with test positives")
+    log.info("%d items, %d interactions, %d users with test positives", len(items), len(interactions), len(truth))
     started = time.perf_counter()
     index = build_catalog_index(client, items)
-    log(f"catalog embedded and indexed in {time.perf_counter() - started:.1f} s ({index.kind}, {index.encoder.get('export_variant')})")
+    log.info("catalog embedded and indexed in %.1f s (%s, %s)", time.perf_counter() - started, index.kind,
+             index.encoder.get("export_variant"))
     recommender = Recommender(items, index, history, client)
     n_items = len(items)
     popularity_counts = recommender.popularity / max(recommender.popularity.sum(), 1)
@@ -103,13 +108,15 @@ def evaluate(data_dir: Path, client: TritonClient, max_users: int | None = None,
     rng = np.random.default_rng(0)
     users = sorted(truth)[:max_users] if max_users else sorted(truth)
 
-    systems = {"recommender": dict(channels=("cooccurrence", "item2item", "semantic", "popularity"), use_triton_score=use_triton_score)}
+    C = RecallChannel
+    every = tuple(C)
+    systems = {"recommender": dict(channels=every, use_triton_score=use_triton_score)}
     if ablations:
         systems.update({
-            "content only (semantic+item2item)": dict(channels=("semantic", "item2item"), use_triton_score=use_triton_score),
-            "- cooccurrence": dict(channels=("item2item", "semantic", "popularity"), use_triton_score=use_triton_score),
-            "- semantic/item2item": dict(channels=("cooccurrence", "popularity"), use_triton_score=False),
-            "- triton profile score": dict(channels=("cooccurrence", "item2item", "semantic", "popularity"), use_triton_score=False),
+            "content only (semantic+item2item)": dict(channels=(C.SEMANTIC, C.ITEM2ITEM), use_triton_score=use_triton_score),
+            "- cooccurrence": dict(channels=tuple(c for c in every if c != C.COOCCURRENCE), use_triton_score=use_triton_score),
+            "- semantic/item2item": dict(channels=(C.COOCCURRENCE, C.POPULARITY), use_triton_score=False),
+            "- triton profile score": dict(channels=every, use_triton_score=False),
         })
     results = {}
     for name, options in systems.items():
@@ -122,7 +129,7 @@ def evaluate(data_dir: Path, client: TritonClient, max_users: int | None = None,
             lists.append(ranked)
         results[name] = summarise(per_user, lists, index, popularity, n_items)
         results[name]["seconds_per_user"] = (time.perf_counter() - t0) / len(users)
-        log(f"evaluated {name}")
+        log.info("evaluated %s", name)
     for name in ("popularity", "random"):
         per_user, lists = [], []
         for user in users:
@@ -166,9 +173,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-users", type=int, default=None)
     parser.add_argument("--no-ablations", action="store_true")
     args = parser.parse_args(argv)
-    log = lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True)  # noqa: E731
+    logs.configure()
     with TritonClient(args.url, protocol=args.protocol) as client:
-        report = evaluate(args.data, client, args.max_users, ablations=not args.no_ablations, log=log)
+        report = evaluate(args.data, client, args.max_users, ablations=not args.no_ablations)
     print(json.dumps(report, indent=2))
     print_table(report)
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import logs  # noqa: E402
 import settings  # noqa: E402
 from export.source import SourceModelError  # noqa: E402
 from export.variants import DEFAULT_VARIANTS, VariantStatus, parse_variants  # noqa: E402
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure()
     from export.pipeline import ExportOptions, run_export
 
     try:

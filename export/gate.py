@@ -11,7 +11,7 @@ import csv
 import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -68,7 +68,7 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Reference:
     """PyTorch FP32 figures every variant is held against; computed once per export run."""
 
-    embed: Callable[[list[str], str], np.ndarray]  # (texts, progress label) -> embeddings, for variants
+    embed: Callable[[Any, list[str], str | None], np.ndarray]  # (runner, texts, progress label) -> embeddings
     sentences: list[str]
     sentences_sha256: str
     sentence_embeddings: np.ndarray

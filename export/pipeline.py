@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import logs
 from contracts.manifest import SCHEMA_VERSION, Manifest, Precision, artifact_problems
 from export import onnx_export
 from export.calibration import calibration_batches, read_calibration_texts
@@ -31,6 +32,7 @@ from export.source import SourceModel, file_sha256, load_source
 from export.tensorrt_plan import ShapeProfile, TensorRTUnavailable, TrtRunner, build_plan, tensorrt_version
 from export.variants import Variant, VariantStatus
 
+log = logs.get("export")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
@@ -79,10 +81,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status in (VariantStatus.WRITTEN, VariantStatus.UP_TO_DATE)
-
-
-def say(message: str) -> None:
-    print(f"[export] {message}", flush=True)
 
 
 def as_os_error(error: Exception, path: Path) -> Exception:
@@ -155,19 +153,19 @@ class Exporter:
             import torch
 
             torch.manual_seed(0)
-            say(f"loading PyTorch FP32 reference from {self.source.transformer_path}")
+            log.info(f"loading PyTorch FP32 reference from {self.source.transformer_path}")
             self._torch_encoder = onnx_export.load_torch_encoder(self.source)
         return self._torch_encoder
 
     @property
     def reference(self) -> Reference:
         if self._reference is None:
-            say("computing the PyTorch FP32 reference (gate set + STS-B dev)")
+            log.info("computing the PyTorch FP32 reference (gate set + STS-B dev)")
             self._reference = Reference.build(self.embed_with, TorchRunner(self.torch_encoder), self.options.sts_path)
             if self._reference.sts_spearman is not None:
-                say(f"PyTorch FP32 STS-B dev Spearman = {self._reference.sts_spearman:.5f}")
+                log.info(f"PyTorch FP32 STS-B dev Spearman = {self._reference.sts_spearman:.5f}")
             else:
-                say(f"warning: Spearman gate {self._reference.sts_note}")
+                log.info(f"warning: Spearman gate {self._reference.sts_note}")
         return self._reference
 
     def intermediate(self, name: str) -> Path:
@@ -181,11 +179,11 @@ class Exporter:
         partial = self.work / f".{name}.partial.onnx"  # a failed write never leaves a file that looks finished
         try:
             if name == "raw":
-                say("exporting PyTorch -> ONNX (eager attention, pooling + L2 normalization in the graph)")
+                log.info("exporting PyTorch -> ONNX (eager attention, pooling + L2 normalization in the graph)")
                 onnx_export.export_raw_onnx(self.torch_encoder, partial)
             elif name == "fp32":
                 fused = onnx_export.optimize_fp32(source, partial, self.source)
-                say(f"ORT fusions: {fused}")
+                log.info(f"ORT fusions: {fused}")
             elif name == "raw-qdq":
                 onnx_export.quantize_int8_static(source, partial, self.calibration(), [])
             os.replace(partial, path)
@@ -199,7 +197,7 @@ class Exporter:
         if self.options.calibration_file is None:
             raise ValueError("static INT8 and trt-int8 need calibration text: pass --calibration-file FILE")
         texts = read_calibration_texts(self.options.calibration_file)
-        say(f"calibrating on {len(texts)} texts from {self.options.calibration_file}")
+        log.info(f"calibrating on {len(texts)} texts from {self.options.calibration_file}")
         return calibration_batches(self.tokenizer, texts, self.source.max_length)
 
     def save_tokenizer(self) -> Path:
@@ -278,9 +276,9 @@ class Exporter:
 
     def _build_gate_and_place(self, variant: Variant, staging: Path, final: Path, recipe: dict, key: str,
                               started: float) -> Outcome:
-        say(f"{variant.name}: building")
+        log.info(f"{variant.name}: building")
         details, runner = self.build_artifact(variant, staging)
-        say(f"{variant.name}: gate against PyTorch FP32")
+        log.info(f"{variant.name}: gate against PyTorch FP32")
         thresholds = self.options.thresholds(variant)
         result = evaluate(runner, self.reference, thresholds, require_sts=self.options.require_sts)
         manifest = self.manifest(variant, staging / variant.artifact, details, result.to_json(thresholds), recipe, key,
@@ -349,7 +347,7 @@ def run_export(options: ExportOptions) -> list[Outcome]:
     except OSError as error:
         raise PermissionError(f"output directory {out} is not writable: {error}") from None
     exporter = Exporter(options)
-    say(f"source {exporter.source.path} ({exporter.source.model_type}, dim {exporter.source.dim}, "
+    log.info(f"source {exporter.source.path} ({exporter.source.model_type}, dim {exporter.source.dim}, "
         f"max length {exporter.source.max_length}, {exporter.source.pooling} pooling, sha256 {exporter.source.sha256[:12]})")
     exporter.save_tokenizer()
     outcomes = []
@@ -358,6 +356,6 @@ def run_export(options: ExportOptions) -> list[Outcome]:
             outcome = exporter.export_variant(variant)
         except Exception as error:  # one broken variant must not hide the others' results
             outcome = Outcome(variant.name, VariantStatus.FAILED, describe_failure(error, out))
-        say(f"{variant.name}: {outcome.status} {outcome.detail}")
+        log.info(f"{variant.name}: {outcome.status} {outcome.detail}")
         outcomes.append(outcome)
     return outcomes

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import logs
 import settings
 from contracts.manifest import Manifest, ManifestError
 from contracts.runtime import Runtime
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-timeout-ms", type=float, default=batching.queue_timeout_us / 1000,
                         help="backpressure: reject requests queued longer than this; 0 = no timeout")
     args = parser.parse_args(argv)
+    logs.configure()
     from dataclasses import replace
 
     chosen = replace(settings.SETTINGS, batching=replace(
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"model_repository: error: {error}", file=sys.stderr)
         return 2
-    print(f"[model_repository] {args.runtime} repository for {args.variant} (version {args.version}) at {out}")
+    logs.get("model_repository").info("%s repository for %s (version %d) at %s", args.runtime, args.variant, args.version, out)
     return 0
 
 

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+import logs
 import settings
 from client.catalog import load_movielens
 from client.evaluate import time_split
 
+log = logs.get("training")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=float, default=20.0, help="logit scale of the in-batch softmax")
     parser.add_argument("--max-length", type=int, default=64)
     args = parser.parse_args(argv)
+    logs.configure()
 
     import torch
     from tqdm import tqdm
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count())
     source = load_source(args.model or settings.default_model_dir())
     pairs = interaction_pairs(args.data, args.pairs)
-    print(f"[finetune] {len(pairs)} (liked, next liked) pairs from the training part of the split", flush=True)
+    log.info("%d (liked, next liked) pairs from the training part of the split", len(pairs))
     tokenizer = AutoTokenizer.from_pretrained(source.transformer_path)
     encoder = load_torch_encoder(source, attn_implementation="sdpa").train()
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=args.lr, weight_decay=0.01)
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
             losses.append(loss.item())
             progress.update(1)
             if len(losses) % 50 == 0:
-                print(f"[finetune] step {len(losses)}/{steps} loss {np.mean(losses[-50:]):.3f}", flush=True)
+                log.info("step %d/%d loss %.3f", len(losses), steps, np.mean(losses[-50:]))
     progress.close()
 
     out = args.out
@@ -109,8 +112,8 @@ def main(argv=None) -> int:
         f"base: {source.path} ({source.sha256})\ndata: {args.data} (history part of the time split)\n"
         f"pairs: {len(pairs)}, epochs: {args.epochs}, batch: {args.batch_size}, lr: {args.lr}\n"
         f"loss: first 50 steps {np.mean(losses[:50]):.3f}, last 50 steps {np.mean(losses[-50:]):.3f}\n")
-    print(f"[finetune] {len(losses)} steps in {time.perf_counter() - started:.0f} s; loss "
-          f"{np.mean(losses[:50]):.3f} -> {np.mean(losses[-50:]):.3f}; written {out}")
+    log.info(f"{len(losses)} steps in {time.perf_counter() - started:.0f} s; loss "
+             f"{np.mean(losses[:50]):.3f} -> {np.mean(losses[-50:]):.3f}; written {out}")
     return 0
 
 

@@ -72,7 +72,7 @@ def test_evaluation_reports_every_metric_side_by_side(triton, movielens_slice):
     """Structure and sanity on a small slice; the quality goal (beating popularity on the full data set)
     is measured by `make evaluate`, not asserted on 80 users."""
     with client_for(triton("onnx-int8"), "grpc") as client:
-        report = evaluate(movielens_slice, client, ablations=False, log=lambda m: None)
+        report = evaluate(movielens_slice, client, ablations=False)
     keys = {"recall@10", "recall@50", "ndcg@10", "auc", "coverage", "diversity", "novelty"}
     assert {"recommender", "popularity", "random"} <= set(report["results"])
     for row in report["results"].values():

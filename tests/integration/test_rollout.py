@@ -134,7 +134,7 @@ def test_rollouts_under_locust_load_fail_no_request(live, export_dir, tmp_path, 
     assert agg["failures"] == 0, summary["failure_kinds"]
     assert agg["requests"] > 1000
     assert_only_version(live, start + n)
-    assert live.repository.manifest(start + n)["variant"] == variants[-1]
+    assert live.repository.manifest(start + n).variant == variants[-1]
     # The stub never wrote __pycache__ into a version directory (a polling server would reload on it).
     assert not list(live.path.rglob("__pycache__"))
     history = (live.path.parent / "live.rollouts.jsonl").read_text().splitlines()

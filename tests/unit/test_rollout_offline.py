@@ -82,3 +82,17 @@ def test_the_refusal_quotes_the_servers_reason(tmp_path):
                    "| tokenizer  | 1       | READY |\n"
                    "error: creating server: Internal - failed to load all models\n")
     assert _log_tail(log) == "encoder | 2 | UNAVAILABLE: Internal: RuntimeError: a bug shipped in the new model.py"
+
+
+def test_the_rollout_keeps_the_runtime_the_live_encoder_runs(export_dir, tmp_path):
+    from contracts.runtime import Runtime
+
+    native = LiveRepository(build_repository(S, export_dir, "onnx-fp32", "native", tmp_path / "native"), S)
+    assert native.runtime is Runtime.NATIVE
+    staging, version = stage(native, export_dir / "onnx-fp16", tmp_path / "work", RolloutSettings())
+    staged = LiveRepository(staging, S)
+    assert staged.runtime is Runtime.NATIVE and staged.encoder_config.platform == "onnxruntime_onnx"
+    assert staged.versions == [1, version]
+    # Asked for explicitly, another runtime is rendered instead.
+    embedded, _ = stage(native, export_dir / "onnx-fp16", tmp_path / "work2", RolloutSettings(runtime="embedded"))
+    assert LiveRepository(embedded, S).runtime is Runtime.EMBEDDED

@@ -1,0 +1,73 @@
+"""Ranking: blend the channels' scores, diversify with MMR under a per-category cap, explain. Pure functions of
+arrays and candidates: unit-tested without a server."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Sequence
+
+import numpy as np
+
+from client.profiles import UserProfile
+from client.recall import Candidate, RecallChannel
+
+
+def min_max(values: np.ndarray) -> np.ndarray:
+    """Scaled to [0, 1]; NaN (not proposed by that channel) becomes 0; a constant column becomes 1."""
+    present = ~np.isnan(values)
+    if not present.any():
+        return np.zeros(len(values), dtype=np.float32)
+    low, high = np.nanmin(values), np.nanmax(values)
+    return np.where(present, (values - low) / (high - low) if high > low else 1.0, 0.0).astype(np.float32)
+
+
+def blend(candidates: Sequence[Candidate], channels: Sequence[RecallChannel],
+          weights: dict[RecallChannel, float]) -> np.ndarray:
+    """Sum over `channels` of weight x the channel's score, each min-max normalised over these candidates."""
+    total = np.zeros(len(candidates), dtype=np.float32)
+    for channel in channels:
+        raw = np.array([c.scores.get(channel, np.nan) for c in candidates], dtype=np.float32)
+        if (~np.isnan(raw)).any():
+            total += weights[channel] * min_max(raw)
+    return total
+
+
+def mmr(vectors: np.ndarray, scores: np.ndarray, n: int, category_of: Callable[[int], str], mmr_lambda: float,
+        category_cap: int, pool: int | None = None) -> list[int]:
+    """Greedy maximal marginal relevance with a per-category cap: rows of `vectors`/`scores`, best first.
+    Only the top `pool` rows by score are considered (default max(10 n, 100))."""
+    order = list(np.argsort(-scores)[: pool or max(n * 10, 100)])
+    chosen: list[int] = []
+    per_category: Counter = Counter()
+    while order and len(chosen) < n:
+        if chosen:
+            redundancy = (vectors[order] @ vectors[chosen].T).max(axis=1)
+            marginal = mmr_lambda * scores[order] - (1 - mmr_lambda) * redundancy
+        else:
+            marginal = scores[order]
+        for position in np.argsort(-marginal):
+            row = order[position]
+            first = category_of(row)
+            if per_category[first] < category_cap:
+                break
+        else:
+            break  # every remaining item is over its category cap
+        chosen.append(row)
+        per_category[first] += 1
+        order.remove(row)
+    return chosen
+
+
+def explain(candidate: Candidate, profile: UserProfile, title_of: Callable[[int], str]) -> str:
+    """One line a user can read: which channel proposed the item, and because of which history item."""
+    channels, because = candidate.scores, candidate.because
+    parts = []
+    if RecallChannel.COOCCURRENCE in channels and because is not None:
+        parts.append(f"liked by people who liked {title_of(because)}")
+    elif RecallChannel.ITEM2ITEM in channels and because is not None:
+        parts.append(f"similar to {title_of(because)}")
+    if RecallChannel.SEMANTIC in channels:
+        top = ", ".join(c for c, _ in profile.top_categories[:2])
+        parts.append(f"matches your interests ({top})")
+    if RecallChannel.POPULARITY in channels and not parts:
+        parts.append("popular right now" if profile.is_cold else "popular with everyone")
+    return "; ".join(parts) or "recommended"

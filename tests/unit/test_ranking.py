@@ -1,0 +1,146 @@
+"""Recall, assembly, MMR and explanations, without a server: a small synthetic catalog, real faiss, and a
+stand-in for Triton's `score` that answers from the same vectors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import settings
+from client.catalog import Interactions, Item
+from client.index import ItemIndex
+from client.profiles import UserProfile
+from client.ranking import blend, explain, min_max, mmr
+from client.recall import Candidate, CandidatePool, Proposals, RecallChannel
+from client.recommend import Recommender, RecommenderSettings
+
+C = RecallChannel
+ENCODER = {"export_version": "1", "export_variant": "onnx-int8", "export_manifest_sha256": "a" * 64}
+GENRES = ("Drama", "Comedy", "Horror", "Sci-Fi")
+
+
+def catalog(n_items=60, dim=16, seed=0):
+    """Items in four genres; vectors cluster by genre, so content channels have something to find."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(GENRES), dim))
+    items, vectors = [], []
+    for i in range(n_items):
+        genre = i % len(GENRES)
+        items.append(Item(100 + i, f"Film {i} ({1990 + i % 30})", (GENRES[genre],)))
+        vectors.append(centres[genre] + 0.3 * rng.normal(size=dim))
+    vectors = np.array(vectors, dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return items, ItemIndex(np.array([it.item_id for it in items]), vectors, ENCODER)
+
+
+def interactions(users=12, per_user=10, seed=1):
+    """Users who each like one genre (rating 5) and dislike a few others (rating 2), in time order."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(users):
+        genre = u % len(GENRES)
+        liked = [100 + i for i in range(60) if i % len(GENRES) == genre]
+        other = [100 + i for i in range(60) if i % len(GENRES) != genre]
+        chosen = list(rng.choice(liked, per_user - 2, replace=False)) + list(rng.choice(other, 2, replace=False))
+        for t, item in enumerate(chosen):
+            rows.append((u + 1, item, 5.0 if item in liked else 2.0, 1_000_000 + 86400 * t))
+    user, item, rating, time = (np.array(col) for col in zip(*rows))
+    return Interactions(user.astype(np.int64), item.astype(np.int64), rating.astype(np.float32), time.astype(np.int64))
+
+
+class FakeScoreClient:
+    """Answers `score` with the cosine of the candidates to a fixed query vector; records the calls."""
+
+    settings = settings.SETTINGS
+
+    def __init__(self, query):
+        self.query, self.calls = query, []
+
+    def score(self, texts, candidates, outputs=None, encoder_version=None):
+        self.calls.append((texts, encoder_version))
+        return {self.settings.tensors.scores: candidates @ self.query}
+
+
+@pytest.fixture(scope="module")
+def world():
+    items, index = catalog()
+    client = FakeScoreClient(index.vectors[0])
+    return items, index, Recommender(items, index, interactions(), client), client
+
+
+def test_the_pool_honours_quotas_exclusions_and_keeps_the_best_score_and_first_cause():
+    pool = CandidatePool(exclude={2})
+    taken = pool.add(C.ITEM2ITEM, Proposals(np.array([1, 2, 3, 4, -1]), np.array([0.9, 0.8, 0.7, 0.6, 0.5]),
+                                            np.array([10, 11, 12, 13, 14])), quota=2)
+    assert taken == 2 and set(pool.candidates) == {1, 3}  # 2 is excluded, the quota stops at 3
+    pool.add(C.ITEM2ITEM, Proposals(np.array([1]), np.array([0.95]), np.array([99])), quota=5)
+    assert pool.candidates[1].scores[C.ITEM2ITEM] == 0.95 and pool.candidates[1].because == 10
+    pool.add(C.POPULARITY, Proposals(np.array([5]), np.array([1.0])), quota=5)
+    assert set(pool.using([C.POPULARITY])) == {5} and set(pool.using([C.ITEM2ITEM, C.POPULARITY])) == {1, 3, 5}
+
+
+def test_blend_normalises_each_channel_and_ignores_the_ones_left_out():
+    a = Candidate(1, {C.COOCCURRENCE: 10.0, C.POPULARITY: 0.5})
+    b = Candidate(2, {C.COOCCURRENCE: 20.0})
+    c = Candidate(3, {C.POPULARITY: 0.9})
+    weights = RecommenderSettings().weights
+    scores = blend([a, b, c], [C.COOCCURRENCE, C.POPULARITY], weights)
+    assert scores.tolist() == pytest.approx([0.0 + 0.0, 1.0, 0.3])  # min-max per channel, absent = 0
+    assert blend([a, b, c], [C.COOCCURRENCE], weights).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert min_max(np.array([2.0, 2.0, np.nan])).tolist() == [1.0, 1.0, 0.0]
+
+
+def test_mmr_trades_relevance_for_diversity_and_caps_categories():
+    vectors = np.array([[1, 0], [0.99, 0.14], [0, 1], [0.98, 0.2]], dtype=np.float32)
+    scores = np.array([1.0, 0.95, 0.5, 0.9], dtype=np.float32)
+    same = lambda row: "A"  # noqa: E731
+    assert mmr(vectors, scores, 3, same, mmr_lambda=1.0, category_cap=10) == [0, 1, 3]   # pure relevance
+    assert mmr(vectors, scores, 2, same, mmr_lambda=0.3, category_cap=10) == [0, 2]      # the distinct one second
+    assert mmr(vectors, scores, 3, same, mmr_lambda=1.0, category_cap=2) == [0, 1]       # the cap ends the list
+
+
+def test_explanations_name_the_channel_and_the_history_item():
+    profile = UserProfile(7, np.array([1]), np.array([1]), np.ones(1), np.ones((1, 2)), np.ones(1),
+                          [("Drama", 0.7), ("Comedy", 0.3)], [])
+    title = {1: "Heat (1995)", 2: "Alien (1979)"}.get
+    assert explain(Candidate(5, {C.COOCCURRENCE: 1.0}, because=1), profile, title) == "liked by people who liked Heat (1995)"
+    assert explain(Candidate(5, {C.ITEM2ITEM: 1.0, C.SEMANTIC: 0.5}, because=2), profile, title) == \
+        "similar to Alien (1979); matches your interests (Drama, Comedy)"
+    assert explain(Candidate(5, {C.POPULARITY: 1.0}), profile, title) == "popular with everyone"
+    cold = UserProfile(8, np.array([]), np.array([]), np.zeros(0), np.zeros((0, 2)), np.zeros(0), [], [])
+    assert explain(Candidate(5, {C.POPULARITY: 1.0}), cold, title) == "popular right now"
+
+
+def test_a_recommendation_excludes_history_and_blocked_and_follows_the_users_genre(world):
+    items, index, recommender, client = world
+    profile, recs = recommender.recommend(1, n=5, blocked={104})
+    seen = set(int(i) for i in profile.history)
+    ids = [r["item_id"] for r in recs]
+    assert len(ids) == 5 == len(set(ids)) and not seen & set(ids) and 104 not in ids
+    assert profile.top_categories[0][0] == "Drama"  # user 1 likes genre 0
+    assert all(r["why"] and r["title"] for r in recs)
+    assert client.calls[-1][1] == 1  # `score` pinned to the index's encoder version
+    # Popularity alone, no profile score, no MMR: the most popular items the user has not seen, in order.
+    _, popular = recommender.recommend(1, n=3, channels=("popularity",), use_triton_score=False, diversify=False)
+    order = [int(recommender.item_ids[i]) for i in np.argsort(-recommender.popularity, kind="stable")]
+    expected = [i for i in order if i not in seen][:3]
+    got = [r["item_id"] for r in popular]
+    assert [recommender.popularity[recommender.item_ids.tolist().index(i)] for i in got] == \
+        [recommender.popularity[recommender.item_ids.tolist().index(i)] for i in expected]
+
+
+def test_unknown_channels_and_malformed_settings_are_refused(world):
+    recommender = world[2]
+    with pytest.raises(ValueError, match="unknown recall channel"):
+        recommender.recommend(1, channels=("collaborative",))
+    with pytest.raises(ValueError, match="one entry per recall channel"):
+        RecommenderSettings(quotas={C.SEMANTIC: 10})
+    with pytest.raises(ValueError, match="mmr_lambda"):
+        RecommenderSettings(mmr_lambda=2.0)
+
+
+def test_cold_users_get_popular_items_and_profiles_are_cached_per_index(world):
+    items, index, recommender, _ = world
+    profile, recs = recommender.recommend(999, n=4)
+    assert profile.is_cold and len(recs) == 4 and all(r["why"] == "popular right now" for r in recs)
+    assert recommender.profile(1) is recommender.profile(1)
+    assert recommender.similar_users(1, k=3)[0][0] in {5, 9}  # same genre as user 1
