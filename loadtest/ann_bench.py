@@ -27,6 +27,7 @@ def real_embeddings(limit_per_source: int = 12000) -> np.ndarray:
 
     from transformers import AutoTokenizer
 
+    from contracts.manifest import Manifest
     from export.runners import OrtRunner, embed_texts
 
     texts: list[str] = []
@@ -41,7 +42,8 @@ def real_embeddings(limit_per_source: int = 12000) -> np.ndarray:
         texts += [json.loads(line)["title"] for line in scifact.read_text().splitlines() if line.strip()]
     texts = sorted(set(texts))
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
-    runner = OrtRunner(settings.EXPORT_DIR / "onnx-int8" / "model.onnx")
+    variant = settings.EXPORT_DIR / "onnx-int8"
+    runner = OrtRunner(variant / Manifest.read(variant).artifact.file)
     return embed_texts(runner, tokenizer, texts, 128, batch_size=128, progress="embedding real texts")
 
 

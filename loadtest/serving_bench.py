@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import settings
+from contracts.manifest import Manifest
 from export.bench import machine, time_runner
 from export.runners import OrtRunner, tokenize
 
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
     encoded = {k: tokenize(tokenizer, [texts[k]] * shapes[k], 256) for k in texts}
     print(f"token lengths: b1 {encoded['b1'][0].shape[1]}, b32 {encoded['b32'][0].shape[1]}", flush=True)
 
-    bare = OrtRunner(settings.EXPORT_DIR / args.variant / "model.onnx", name=args.variant)
+    bare = OrtRunner(settings.EXPORT_DIR / args.variant / Manifest.read(settings.EXPORT_DIR / args.variant).artifact.file,
+                     name=args.variant)
     rows = {}
     for key, (ids, mask) in encoded.items():
         times = time_runner(lambda a, b, i=ids, m=mask: bare(i, m), *ids.shape, budget_s=args.seconds, max_runs=3000)
