@@ -11,7 +11,7 @@ VARIANT ?= onnx-int8
 RUNTIME ?= embedded
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve demo test test-slow bench bench-serving evaluate loadtest report soak bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving evaluate loadtest report soak bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -38,6 +38,9 @@ repository: venv                 ## render build/model_repository from the expor
 
 serve: repository                ## tritonserver on loopback: HTTP 8000, gRPC 8001, metrics 8002
 	$(PY) -m server
+
+gateway: venv                    ## HTTP gateway beside `make serve`: 127.0.0.1:$${GATEWAY_PORT:-8080}, keys from GATEWAY_API_KEYS or GATEWAY_KEY_FILE
+	$(PY) -m gateway
 
 demo: repository                 ## export, build, start Triton, recommend for a MovieLens user, stop
 	$(PY) -m demo $(if $(DATA),--data $(DATA))
@@ -76,6 +79,10 @@ SOAK_MINUTES ?= 10
 soak: venv                       ## soak benchmark: steady load, RSS of tritonserver and its stubs must grow <= 10%
 	$(PY) -m export --variants onnx-int8 $(EXPORT_ARGS)
 	$(PY) -m loadtest.soak --minutes $(SOAK_MINUTES)
+
+bench-gateway: venv                ## the HTTP gateway vs direct gRPC embed: b1 overhead, b32 throughput, rate limiter
+	$(PY) -m export --variants onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m loadtest.gateway_bench
 
 bench-rollout: venv loadtest-venv  ## 3 rollouts under 20 Locust users -> build/reports/rollout.json + rollout.png
 	$(PY) -m export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)

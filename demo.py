@@ -1,7 +1,8 @@
 """python -m demo (`make demo`): the whole flow once, for real.
 
 export (already done by `make demo`'s prerequisites) -> model repository -> tritonserver on loopback ->
-recommendations for a MovieLens user through the real ensembles -> stop the server.
+recommendations for a MovieLens user through the real ensembles -> one call through the HTTP gateway (the
+curl command is printed) -> stop the server.
 """
 from __future__ import annotations
 
@@ -13,6 +14,37 @@ from pathlib import Path
 
 import settings
 from server.launcher import ServerError, TritonServer, free_port
+
+
+def gateway_call(server_settings) -> None:
+    """One OpenAI-style embeddings call through the gateway (gateway/), as `make gateway` would serve it."""
+    import json
+    import secrets
+    import urllib.request
+
+    from client.triton import TritonClient
+    from gateway.app import create_app
+    from gateway.background import BackgroundGateway
+    from gateway.config import GatewaySettings
+    from gateway.keys import KeyStore
+    from gateway.tokens import TokenCounter
+
+    key = secrets.token_urlsafe(16)
+    config = GatewaySettings(port=free_port(), triton_url=server_settings.grpc_url)
+    tokens = TokenCounter(config.tokenizer_file) if config.tokenizer_file.exists() else None
+    with TritonClient(server_settings.grpc_url, settings=replace(settings.SETTINGS, server=server_settings)) as client:
+        with BackgroundGateway(create_app(config, client, KeyStore.from_plaintext([key]), tokens), config.port) as gateway:
+            body = {"model": "embed", "input": "A heartwarming animated adventure about toys that come alive."}
+            print(f"\n[demo] the gateway (`make gateway`), called as any OpenAI-compatible client would:\n"
+                  f"  curl -s {gateway.url}/v1/embeddings -H 'Authorization: Bearer {key}' "
+                  f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+            request = urllib.request.Request(f"{gateway.url}/v1/embeddings", data=json.dumps(body).encode(), method="POST",
+                                             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answer = json.loads(response.read())
+            vector = answer["data"][0]["embedding"]
+            print(f"[demo] -> HTTP {response.status}: {len(vector)} floats [{vector[0]:.4f}, {vector[1]:.4f}, ...], "
+                  f"usage {answer['usage']['prompt_tokens']} tokens")
 
 
 def main(argv=None) -> int:
@@ -33,6 +65,7 @@ def main(argv=None) -> int:
             print(f"[demo] tritonserver ready in {time.perf_counter() - started:.1f} s on {server_settings.host} "
                   f"(gRPC {server_settings.grpc_port}, HTTP {server_settings.http_port})")
             run_demo(server_settings, args.protocol, args.data, args.user)
+            gateway_call(server_settings)
     except ServerError as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ Only the `score` step (and catalog embedding) calls Triton; all of it goes throu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +20,7 @@ from client import ranking
 from client.catalog import Interactions, Item
 from client.errors import ModelNotFound
 from client.index import ItemIndex
-from client.profiles import ProfileCache, ProfileSettings, UserProfile
+from client.profiles import ProfileCache, ProfileSettings, UserProfile, build_profile
 from client.recall import ALL_CHANNELS, InteractionModel, RecallChannel, Seeds, default_channels, recall
 
 CHANNELS = tuple(c.value for c in ALL_CHANNELS)  # the names, for callers that pass strings
@@ -108,8 +108,17 @@ class Recommender:
         self.index_name = name
         return True
 
-    def profile(self, user_id: int, attributes: dict | None = None, index: ItemIndex | None = None) -> UserProfile:
-        return self.profiles.get(user_id, index or self.index, attributes)
+    def profile(self, user_id: int, attributes: dict | None = None, index: ItemIndex | None = None,
+                history: Sequence[int] | None = None) -> UserProfile:
+        """A known user's profile (cached), or, with `history` (item ids, oldest first, all taken as liked), a
+        profile built from that history alone for a user the fitted data does not know (not cached)."""
+        index = index or self.index
+        if history is not None and int(user_id) not in self.histories:
+            ids = np.array([int(i) for i in history if int(i) in self.items], dtype=np.int64)
+            liked = (ids, np.full(len(ids), 5.0, dtype=np.float32), np.arange(len(ids), dtype=np.int64) * 86400)
+            profile = build_profile(user_id, liked, index, self.items, self.settings.profiles)
+            return replace(profile, attributes=dict(attributes)) if attributes else profile
+        return self.profiles.get(user_id, index, attributes)
 
     def similar_users(self, user_id: int, k: int = 10) -> list[tuple[int, float]]:
         """Top-k users by cosine of their mean interest vectors, centred on the population's mean (uncentred,
@@ -146,24 +155,27 @@ class Recommender:
 
     # ---- scoring + assembly ------------------------------------------------------------------------
     def recommend(self, user_id: int, n: int = 10, blocked: set[int] = frozenset(), attributes: dict | None = None,
-                  use_triton_score: bool = True, channels: Sequence[str] = CHANNELS,
-                  diversify: bool = True) -> tuple[UserProfile, list[dict]]:
-        """-> (profile, [{item_id, title, categories, score, profile_score, why}]), best first."""
+                  use_triton_score: bool = True, channels: Sequence[str] = CHANNELS, diversify: bool = True,
+                  history: Sequence[int] | None = None) -> tuple[UserProfile, list[dict]]:
+        """-> (profile, [{item_id, title, categories, score, profile_score, why}]), best first. `history` serves
+        a user the fitted data does not know (see `profile`)."""
         channels = RecallChannel.parse_many(channels)
         self.refresh_index()
+        args = (user_id, n, blocked, attributes, use_triton_score, channels, diversify, history)
         try:
-            return self._recommend(self.index, user_id, n, blocked, attributes, use_triton_score, channels, diversify)
+            return self._recommend(self.index, *args)
         except ModelNotFound:
             # The index's encoder version was retired while this call ran (a rollout promoted a newer one and
             # switched the store): follow the store once and start over with the new index.
             if not self.refresh_index():
                 raise
-            return self._recommend(self.index, user_id, n, blocked, attributes, use_triton_score, channels, diversify)
+            return self._recommend(self.index, *args)
 
-    def _recommend(self, index: ItemIndex, user_id, n, blocked, attributes, use_triton_score, channels, diversify):
+    def _recommend(self, index: ItemIndex, user_id, n, blocked, attributes, use_triton_score, channels, diversify,
+                   history):
         """One recommendation from one index: its vectors and its encoder version always go together."""
         s = self.settings
-        profile = self.profile(user_id, attributes, index)
+        profile = self.profile(user_id, attributes, index, history)
         exclude = set(int(i) for i in profile.history) | set(blocked)
         candidates = list(recall(self.channels, self.seeds(profile), index, exclude, s.quotas).using(channels).values())
         if not candidates:

@@ -263,3 +263,21 @@ class TritonClient:
             return bool(self._client.is_server_ready())
         except Exception:
             return False
+
+    def model_ready(self, model: str | None = None) -> bool:
+        """Whether Triton reports `model` (default: the public `embed`) ready; False when unreachable."""
+        try:
+            return bool(self._client.is_model_ready(model or self.settings.models.embed))
+        except Exception:
+            return False
+
+    def embedding_dim(self) -> int:
+        """D, from the `embed` ensemble's output in its config (read once)."""
+        if getattr(self, "_dim", None) is None:
+            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+            config = self._call("get embed config",
+                                lambda: self._client.get_model_config(self.settings.models.embed, **kwargs))
+            outputs = config["output"] if isinstance(config, dict) else config.config.output
+            dims = outputs[0]["dims"] if isinstance(outputs[0], dict) else outputs[0].dims
+            self._dim = int(dims[-1])
+        return self._dim

@@ -1,6 +1,8 @@
 """Locust users against a Triton deployment of this project: `embed`, `score` and the whole recommend path.
 
-    LOADTEST_PROTOCOL=http|grpc  which protocol the embed/score users speak (default http)
+    LOADTEST_PROTOCOL=http|grpc|gateway  which protocol the users speak (default http); `gateway`: the HTTP
+                                 gateway (gateway/), tasks embed (1 text), batch (32 texts), recommend
+    LOADTEST_GATEWAY_KEY=key     the gateway's API key (default: the first of GATEWAY_API_KEYS)
     LOADTEST_GRPC_URL=host:port  where the recommend path's gRPC client goes (default 127.0.0.1:8001)
     LOADTEST_TASKS=embed:6,score:3,recommend:1   task weights (0 disables a task)
     LOADTEST_STEP=users,seconds,max_users        step-load shape instead of a fixed user count
@@ -44,7 +46,10 @@ THINK_S = float(os.environ.get("LOADTEST_THINK_MS", "0")) / 1000  # pause betwee
 CANARY_VIEW_TTL_S = 2.0
 T = settings.SETTINGS.tensors
 M = settings.SETTINGS.models
-WORKLOAD = Workload.load(with_recommender=WEIGHTS.get("recommend", 0) > 0, grpc_url=GRPC_URL)
+# Through the gateway, recommendations are computed by the gateway, not in this process.
+WORKLOAD = Workload.load(with_recommender=PROTOCOL != "gateway" and WEIGHTS.get("recommend", 0) > 0, grpc_url=GRPC_URL)
+GATEWAY_KEY = os.environ.get("LOADTEST_GATEWAY_KEY") or os.environ.get("GATEWAY_API_KEYS", "").split(",")[0].strip()
+GATEWAY_USERS = 610  # MovieLens latest-small's user ids run 1..610; others get the cold-start list
 
 
 @events.quitting.add_listener
@@ -200,6 +205,33 @@ class TritonGrpcUser(User):
     @task(WEIGHTS.get("recommend", 0))
     def recommend(self):
         recommend_once(self)
+
+
+class GatewayUser(FastHttpUser):
+    """The HTTP gateway, as an application would call it: OpenAI-style embeddings and recommendations."""
+
+    abstract = PROTOCOL != "gateway"
+    wait_time = constant(THINK_S)
+
+    def _post(self, path: str, body: dict, name: str) -> None:
+        headers = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+        with self.client.post(path, json=body, headers=headers, name=name, catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:120]}")
+                if response.status_code in (429, 503):
+                    time.sleep(REJECTED_BACKOFF_S)
+
+    @task(WEIGHTS.get("embed", 0))
+    def embed(self):
+        self._post("/v1/embeddings", {"model": M.embed, "input": random.choice(WORKLOAD.texts)}, "gw embed")
+
+    @task(WEIGHTS.get("batch", 0))
+    def batch(self):
+        self._post("/v1/embeddings", {"model": M.embed, "input": random.sample(WORKLOAD.texts, 32)}, "gw embed b32")
+
+    @task(WEIGHTS.get("recommend", 0))
+    def recommend(self):
+        self._post("/v1/recommendations", {"user_id": random.randint(1, GATEWAY_USERS), "n": 10}, "gw recommend")
 
 
 class StepLoad(LoadTestShape):

@@ -27,7 +27,12 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 def locust_command(args, out: Path) -> list[str]:
     s = settings.SETTINGS.server
     host = args.host or s.host
-    target = f"http://{host}:{args.http_port or s.http_port}" if args.protocol == "http" else f"{host}:{args.grpc_port or s.grpc_port}"
+    if args.protocol == "gateway":
+        target = args.gateway_url
+    elif args.protocol == "http":
+        target = f"http://{host}:{args.http_port or s.http_port}"
+    else:
+        target = f"{host}:{args.grpc_port or s.grpc_port}"
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", target,
                "--csv", str(out / "locust"), "--csv-full-history", "--html", str(out / "report.html"),
                "--only-summary", "--stop-timeout", "5", "--loglevel", "WARNING"]
@@ -111,7 +116,9 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default=None)
     parser.add_argument("--http-port", type=int, default=None)
     parser.add_argument("--grpc-port", type=int, default=None)
-    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--protocol", choices=("http", "grpc", "gateway"), default="http",
+                        help="gateway: drive the HTTP gateway (gateway/) at --gateway-url with LOADTEST_GATEWAY_KEY")
+    parser.add_argument("--gateway-url", default=f"http://127.0.0.1:{os.environ.get('GATEWAY_PORT', '8080')}")
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--spawn-rate", type=float, default=4)
     parser.add_argument("--duration", type=int, default=30, help="seconds (ignored with --step)")

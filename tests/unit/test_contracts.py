@@ -13,9 +13,9 @@ import pytest
 import settings
 
 ROOT = settings.REPO_ROOT
-# settings <- export / model_repository / server <- client <- rollout <- loadtest / training / demo
+# settings <- export / model_repository / server <- client <- rollout, gateway <- loadtest / training / demo
 LAYERS = {"settings": 0, "logs": 0, "contracts": 0, "export": 1, "model_repository": 1, "server": 1, "client": 2,
-          "rollout": 3, "loadtest": 4, "training": 4, "demo": 4}
+          "rollout": 3, "gateway": 3, "loadtest": 4, "training": 4, "demo": 4}
 # The client is what other services install: it must not pull in the export (torch) or the server side.
 CLIENT_MUST_NOT_IMPORT = {"export", "model_repository", "server", "torch", "transformers", "onnx", "onnxruntime"}
 
@@ -62,7 +62,7 @@ BY_TEXT = re.compile(r"""["'][^"']+["']\s+(not\s+)?in\s+(str\((error|exc|e)\)|re
 
 
 def test_no_error_is_classified_by_its_message_text():
-    for package in ("client", "rollout", "loadtest", "server", "demo"):
+    for package in ("client", "rollout", "gateway", "loadtest", "server", "demo"):
         for path in sources(package):
             text = path.read_text()
             assert "unknown model" not in text.lower(), path.relative_to(ROOT)

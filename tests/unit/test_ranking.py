@@ -144,3 +144,14 @@ def test_cold_users_get_popular_items_and_profiles_are_cached_per_index(world):
     assert profile.is_cold and len(recs) == 4 and all(r["why"] == "popular right now" for r in recs)
     assert recommender.profile(1) is recommender.profile(1)
     assert recommender.similar_users(1, k=3)[0][0] in {5, 9}  # same genre as user 1
+
+
+def test_an_unknown_user_with_a_recent_history_is_profiled_from_it(world):
+    items, index, recommender, _ = world
+    horror = [it.item_id for it in items if it.categories == ("Horror",)][:6]
+    profile, recs = recommender.recommend(10**6, n=5, history=horror, use_triton_score=False)
+    assert not profile.is_cold and profile.top_categories[0][0] == "Horror"
+    assert not set(horror) & {r["item_id"] for r in recs}
+    # A known user's own history wins over one passed in; nothing is cached for the unknown one.
+    assert recommender.profile(1, history=horror).top_categories[0][0] == "Drama"
+    assert recommender.profile(10**6).is_cold

@@ -1,0 +1,47 @@
+"""python -m gateway: the HTTP gateway beside a running tritonserver (`make serve`); see gateway/config.py for
+its environment variables. Loopback by default."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+
+import logs
+from client.triton import TritonClient
+from gateway.app import create_app
+from gateway.config import GatewaySettings
+from gateway.keys import KeyFileError, KeyStore
+from gateway.recommender import load_recommender
+from gateway.tokens import TokenCounter
+
+log = logs.get("gateway")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    logs.configure()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        config = GatewaySettings.from_env(**overrides)
+        keys = KeyStore.from_file(config.key_file) if config.key_file else KeyStore.from_plaintext(config.api_keys)
+        tokens = TokenCounter(config.tokenizer_file) if config.tokenizer_file.exists() else None
+        client = TritonClient(config.triton_url, protocol="grpc")
+        recommender = load_recommender(config, client) if config.data_dir else None
+        app = create_app(config, client, keys, tokens, recommender)
+    except (ValueError, KeyFileError, OSError) as error:
+        log.error("%s", error)
+        return 2
+    if tokens is None:
+        log.warning("no served tokenizer at %s: usage.prompt_tokens will be 0", config.tokenizer_file)
+    log.info("gateway on http://%s:%d -> Triton %s, %d key(s)", config.host, config.port, config.triton_url, len(keys))
+    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False)
+    client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The gateway's HTTP API (FastAPI on uvicorn).
+
+    POST /v1/embeddings     OpenAI-compatible: the `openai` SDK, LangChain and LlamaIndex call it directly
+    GET  /v1/models         what is served: the `embed` model, its variant, encoder version and dimension
+    POST /v1/recommendations            a user's top n, with explanations (client.recommend.Recommender)
+    GET  /v1/users/{user_id}/similar    users with the nearest interests
+    POST /v1/push                       users whose interests match a new item's text
+    GET  /health/live       the process answers
+    GET  /health/ready      Triton's `embed` is ready
+    GET  /metrics           Prometheus: latency per route, responses per status, in flight, 429s
+
+`/v1/*` needs `Authorization: Bearer <key>` (401 otherwise) and is rate-limited per key (429 with Retry-After).
+Triton's own refusals map to HTTP: UNAVAILABLE (its queue policy, or down) -> 503 with Retry-After, a timeout ->
+504, an invalid request -> 400. Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from typing import Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+import logs
+from client.errors import InvalidRequest, ModelNotFound, ServingError, ServingTimeout, Unavailable
+from gateway.config import GatewaySettings
+from gateway.keys import KeyStore
+from gateway.ratelimit import RateLimiter
+from gateway.tokens import TokenCounter
+
+log = logs.get("gateway")
+RETRY_AFTER_UNAVAILABLE_S = 1
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the SDKs send fields we do not use (e.g. `user`)
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+
+class RecommendationRequest(BaseModel):
+    user_id: int
+    n: int = Field(10, ge=1, le=100)
+    blocked: list[int] = Field(default_factory=list, max_length=10_000)
+    history: list[int] | None = Field(None, max_length=1000)  # item ids, oldest first, for unknown users
+    diversify: bool = True
+
+
+class PushRequest(BaseModel):
+    text: str = Field(min_length=1)
+    threshold: float = Field(0.5, ge=-1.0, le=1.0)
+    max_users: int = Field(100, ge=1, le=10_000)
+    per_user_cap: int = Field(3, ge=1)
+    pushes_so_far: dict[int, int] = Field(default_factory=dict)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("gateway_request_seconds", "Latency per route", ["route"], registry=self.registry,
+                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
+        self.responses = Counter("gateway_responses", "Responses per route and status", ["route", "status"],
+                                 registry=self.registry)
+        self.in_flight = Gauge("gateway_in_flight", "Requests being served", registry=self.registry)
+
+
+class Guard:
+    """Pure ASGI middleware, in front of everything: API keys on /v1/* (401 before the body is even read),
+    the body size cap (413), and metrics for every request."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics, keys: KeyStore):
+        self.app, self.max_body_bytes, self.metrics, self.keys = app, max_body_bytes, metrics, keys
+
+    def caller(self, scope) -> str | None:
+        header = dict(scope.get("headers", ())).get(b"authorization", b"").decode("latin-1")
+        scheme, _, presented = header.partition(" ")
+        return self.keys.name_of(presented.strip()) if scheme.lower() == "bearer" else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = ("/v1/users/{user_id}/similar" if path.startswith("/v1/users/")
+                 else path if path in KNOWN_ROUTES else "other")
+        started, status = time.perf_counter(), [500]
+        self.metrics.in_flight.inc()
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if path.startswith("/v1/"):
+                name = self.caller(scope)
+                if name is None:
+                    await ApiError(401, "missing or unknown API key: send `Authorization: Bearer <key>`",
+                                   type_="authentication_error", code="invalid_api_key",
+                                   headers={"WWW-Authenticate": "Bearer"}).response()(scope, receive, send_status)
+                    return
+                scope.setdefault("state", {})["api_key"] = name
+            length = dict(scope.get("headers", ())).get(b"content-length")
+            if length is not None and int(length) > self.max_body_bytes:
+                await ApiError(413, f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}",
+                               code="body_too_large").response()(scope, receive, send_status)
+                return
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise ApiError(413, f"request body is over the limit of {self.max_body_bytes} bytes",
+                                   code="body_too_large")
+                return message
+
+            try:
+                await self.app(scope, limited_receive, send_status)
+            except ApiError as error:  # a chunked body that grew past the limit
+                await error.response()(scope, receive, send_status)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.responses.labels(route, str(status[0])).inc()
+
+
+KNOWN_ROUTES = {"/v1/embeddings", "/v1/models", "/v1/recommendations", "/v1/push", "/health/live", "/health/ready",
+                "/metrics"}
+
+
+def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCounter | None = None,
+               recommender=None, clock=time.monotonic) -> FastAPI:
+    """`client` is a client.triton.TritonClient (gRPC); the gateway owns no model code. `recommender` (a
+    client.recommend.Recommender) enables the recommendation routes; without it they answer 501."""
+    if len(keys) == 0:
+        raise ValueError("no API keys: set GATEWAY_API_KEYS or GATEWAY_KEY_FILE")
+    metrics = Metrics()
+    limiter = RateLimiter(config.rate_rps, config.rate_texts_per_s, config.burst_s)
+    app = FastAPI(title="BERT serving gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.client, app.state.metrics = client, metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, error: ApiError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        field = ".".join(where) or None
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('msg')}"
+        else:
+            message = f"{field or 'body'}: {first.get('msg', 'invalid')}"
+        return ApiError(422, message, param=field, code=first.get("type")).response()
+
+    def caller(request: Request) -> str:
+        """The key's name, checked by Guard before the request got here."""
+        return request.state.api_key
+
+    def admit(key: str, texts: int) -> None:
+        wait = limiter.admit(key, texts, clock())
+        if wait == math.inf:
+            raise ApiError(400, f"{texts} texts in one request is more than this key's rate limit allows at once; "
+                                "split the request", param="input", code="too_many_inputs")
+        if wait > 0:
+            raise ApiError(429, f"rate limit of this key reached; retry in {wait:.2f} s", type_="rate_limit_error",
+                           code="rate_limited", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+    def serving(call):
+        """Triton's answer, or its failure as an HTTP status."""
+        try:
+            return call()
+        except ModelNotFound as error:
+            raise ApiError(404, str(error), code="model_not_found") from None
+        except InvalidRequest as error:
+            raise ApiError(400, str(error), param="input") from None
+        except Unavailable as error:
+            raise ApiError(503, f"the model server is overloaded or down: {error}", type_="server_error",
+                           code="unavailable", headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}) from None
+        except ServingTimeout as error:
+            raise ApiError(504, str(error), type_="server_error", code="timeout") from None
+        except ServingError as error:
+            raise ApiError(502, str(error), type_="server_error", code="model_failed") from None
+
+    @app.post("/v1/embeddings")
+    def embeddings(body: EmbeddingRequest, key: str = Depends(caller)):
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if any(not isinstance(t, str) for t in texts):
+            raise ApiError(400, "token ids are not accepted: send `input` as a string or a list of strings",
+                           param="input", code="token_input_unsupported")
+        if not texts:
+            raise ApiError(400, "`input` is empty", param="input")
+        if len(texts) > config.max_inputs:
+            raise ApiError(400, f"{len(texts)} inputs; at most {config.max_inputs} per request", param="input")
+        if body.model != config.model:
+            raise ApiError(404, f"model {body.model!r} is not served here; use {config.model!r}", param="model",
+                           code="model_not_found")
+        dim = serving(client.embedding_dim)
+        if body.dimensions is not None and body.dimensions != dim:
+            raise ApiError(400, f"dimensions={body.dimensions}: this model returns {dim} (no truncation)",
+                           param="dimensions")
+        admit(key, len(texts))
+        size = client.settings.batching.max_batch_size
+        vectors = serving(lambda: np.concatenate([client.embed(texts[i:i + size]) for i in range(0, len(texts), size)]))
+        counted = tokens.count(texts) if tokens is not None else 0
+        if body.encoding_format == "base64":
+            data = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
+        else:
+            data = [v.tolist() for v in vectors]
+        payload = {"object": "list", "model": body.model,
+                   "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                   "usage": {"prompt_tokens": counted, "total_tokens": counted}}
+        return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+
+    @app.get("/v1/models")
+    def models(_: str = Depends(caller)):
+        info = serving(lambda: client.encoder_info())
+        model = {"id": config.model, "object": "model", "created": 0, "owned_by": "bert-serving",
+                 "variant": info.get("export_variant"), "encoder_version": int(info["export_version"]),
+                 "dimensions": serving(client.embedding_dim)}
+        return {"object": "list", "data": [model]}
+
+    def recommendations_enabled():
+        if recommender is None:
+            raise ApiError(501, "recommendations are not enabled: start the gateway with GATEWAY_DATA "
+                                "(a MovieLens-format directory)", type_="server_error", code="not_enabled")
+        return recommender
+
+    @app.post("/v1/recommendations")
+    def recommendations(body: RecommendationRequest, key: str = Depends(caller)):
+        rec = recommendations_enabled()
+        admit(key, 1)
+        profile, items = serving(lambda: rec.recommend(body.user_id, n=body.n, blocked=set(body.blocked),
+                                                       diversify=body.diversify, history=body.history))
+        return {"user_id": body.user_id, "encoder_version": rec.index.encoder_version, "cold": profile.is_cold,
+                "profile": profile.summary(), "items": items}
+
+    @app.get("/v1/users/{user_id}/similar")
+    def similar(user_id: int, k: int = 10, key: str = Depends(caller)):
+        rec = recommendations_enabled()
+        if user_id not in rec.histories:
+            raise ApiError(404, f"user {user_id} is not known", param="user_id", code="user_not_found")
+        if not 1 <= k <= 1000:
+            raise ApiError(400, "k must be within 1..1000", param="k")
+        admit(key, 1)
+        return {"user_id": user_id, "similar": [{"user_id": u, "score": round(score, 6)}
+                                                for u, score in rec.similar_users(user_id, k)]}
+
+    @app.post("/v1/push")
+    def push(body: PushRequest, key: str = Depends(caller)):
+        rec = recommendations_enabled()
+        admit(key, 1)
+        users = serving(lambda: rec.push_targets(body.text, body.threshold, body.max_users, body.pushes_so_far,
+                                                 body.per_user_cap))
+        return {"users": [{"user_id": u, "score": round(score, 6)} for u, score in users]}
+
+    @app.get("/health/live")
+    def live():
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    def ready():
+        if client.model_ready(config.model):
+            return {"status": "ready"}
+        return JSONResponse({"status": "not ready", "reason": f"Triton's {config.model!r} is not ready"},
+                            status_code=503, headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)})
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Guard(app, config.max_body_bytes, metrics, keys)

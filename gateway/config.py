@@ -1,0 +1,73 @@
+"""The gateway's settings, and the one registry of the environment variables it reads.
+
+    GATEWAY_HOST=127.0.0.1         bind address (loopback unless asked)
+    GATEWAY_PORT=8080
+    GATEWAY_API_KEYS=k1,k2         plaintext keys, hashed at start (used when no key file is given)
+    GATEWAY_KEY_FILE=path          one "name:sha256-hex" per line (keys are never stored in the clear)
+    GATEWAY_RATE_RPS=20            per key: requests per second (token bucket)
+    GATEWAY_RATE_TEXTS_PER_S=500   per key: texts per second
+    GATEWAY_BURST_S=2              bucket depth, in seconds of the rate
+    GATEWAY_MAX_BODY_BYTES=2000000
+    GATEWAY_MAX_INPUTS=2048        texts per request
+    GATEWAY_TRITON_URL=host:port   Triton's gRPC endpoint (default: settings.ServerSettings)
+    GATEWAY_TOKENIZER_FILE=path    the served tokenizer.json, for usage.prompt_tokens (default: the local repository's)
+    GATEWAY_DATA=dir               a MovieLens-format directory: enables the recommendation routes
+    GATEWAY_INDEX_STORE=dir        the catalog IndexStore (default build/catalog_index): built through `embed`
+                                   when empty; a rollout with --index-store switches it and the gateway follows
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import settings
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[str, ...] = ()
+    key_file: Path | None = None
+    rate_rps: float = 20.0
+    rate_texts_per_s: float = 500.0
+    burst_s: float = 2.0
+    max_body_bytes: int = 2_000_000
+    max_inputs: int = 2048
+    triton_url: str = field(default_factory=lambda: settings.SETTINGS.server.grpc_url)
+    # The served tokenizer, for `usage.prompt_tokens` (the same tokenizer.json the `tokenizer` model loads).
+    tokenizer_file: Path = settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"
+    model: str = settings.SETTINGS.models.embed
+    data_dir: Path | None = None
+    index_store: Path = settings.BUILD_DIR / "catalog_index"
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be within 1..65535, not {self.port}")
+        if self.rate_rps <= 0 or self.rate_texts_per_s <= 0 or self.burst_s <= 0:
+            raise ValueError("rates and the burst must be positive")
+        if self.max_body_bytes < 1024 or self.max_inputs < 1:
+            raise ValueError("max_body_bytes must be >= 1024 and max_inputs >= 1")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "GatewaySettings":
+        keys = tuple(k.strip() for k in _env("GATEWAY_API_KEYS", "").split(",") if k.strip())
+        key_file = _env("GATEWAY_KEY_FILE", "")
+        values = dict(
+            host=_env("GATEWAY_HOST", "127.0.0.1"), port=int(_env("GATEWAY_PORT", "8080")), api_keys=keys,
+            key_file=Path(key_file) if key_file else None,
+            rate_rps=float(_env("GATEWAY_RATE_RPS", "20")), rate_texts_per_s=float(_env("GATEWAY_RATE_TEXTS_PER_S", "500")),
+            burst_s=float(_env("GATEWAY_BURST_S", "2")), max_body_bytes=int(_env("GATEWAY_MAX_BODY_BYTES", "2000000")),
+            max_inputs=int(_env("GATEWAY_MAX_INPUTS", "2048")),
+            triton_url=_env("GATEWAY_TRITON_URL", settings.SETTINGS.server.grpc_url),
+            tokenizer_file=Path(_env("GATEWAY_TOKENIZER_FILE", str(settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"))),
+            data_dir=Path(_env("GATEWAY_DATA", "")) if _env("GATEWAY_DATA", "") else None,
+            index_store=Path(_env("GATEWAY_INDEX_STORE", str(settings.BUILD_DIR / "catalog_index"))),
+        )
+        values.update(overrides)
+        return cls(**values)

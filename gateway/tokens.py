@@ -1,0 +1,21 @@
+"""`usage.prompt_tokens`, counted with the served tokenizer (the tokenizer.json Triton's `tokenizer` model loads,
+with its special tokens, truncated at the served max length)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class TokenCounter:
+    def __init__(self, tokenizer_file: Path):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.no_padding()  # the shipped tokenizer.json pads to 128 by itself
+        serving = Path(tokenizer_file).with_name("serving.json")
+        self.max_length = json.loads(serving.read_text())["max_length"] if serving.exists() else None
+        if self.max_length:
+            self.tokenizer.enable_truncation(max_length=self.max_length)
+
+    def count(self, texts: list[str]) -> int:
+        return sum(len(encoding.ids) for encoding in self.tokenizer.encode_batch(texts))

@@ -1,0 +1,208 @@
+"""python -m loadtest.gateway_bench (`make bench-gateway`): what the HTTP gateway costs over direct gRPC `embed`.
+
+Starts its own tritonserver (onnx-int8, free loopback ports) and the gateway as a separate process
+(`python -m gateway`, as `make gateway` runs it), then, in one run:
+- b1: `embed` of one text, direct gRPC and through the gateway, interleaved; p50/p99 and the overhead;
+- b32: throughput at 4 concurrent callers, direct vs gateway (float JSON and base64, what the openai SDK asks);
+- rate limiter: 50 concurrent callers on one key against a configured rate; the admitted rate after the burst.
+Writes build/reports/gateway_bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+import logs
+import settings
+from client.triton import TritonClient
+from export.bench import machine
+from model_repository.render import build_repository
+from server.launcher import TritonServer, free_port, on_free_ports
+
+log = logs.get("loadtest")
+KEY = "gateway-bench-key"
+TEXT = "A heartwarming animated adventure about toys that come alive."
+
+
+class Http:
+    """One keep-alive connection, as a pooled application client would hold."""
+
+    def __init__(self, port: int):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def post(self, path: str, body: dict) -> tuple[int, bytes]:
+        self.connection.request("POST", path, json.dumps(body), {"Authorization": f"Bearer {KEY}",
+                                                                 "Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        return response.status, response.read()
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = 1000 * np.array(seconds)
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "n": len(ms)}
+
+
+def throughput(call, workers: int, seconds: float) -> float:
+    """Calls per second over `seconds` with `workers` threads, each with its own state from `call()`."""
+    counts, stop = [0] * workers, threading.Event()
+
+    def loop(i):
+        do = call()
+        while not stop.is_set():
+            do()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def start_gateway(grpc_url: str, port: int, rate_rps: float, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "GATEWAY_API_KEYS": KEY, "GATEWAY_PORT": str(port), "GATEWAY_TRITON_URL": grpc_url,
+           "GATEWAY_RATE_RPS": str(rate_rps), "GATEWAY_RATE_TEXTS_PER_S": "1000000", "GATEWAY_BURST_S": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=settings.REPO_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=open(out / f"gateway-{port}.log", "w"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with http.client.HTTPConnection("127.0.0.1", port, timeout=2) as probe:
+                probe.request("GET", "/health/ready")
+                if probe.getresponse().status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"the gateway did not become ready on port {port}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.gateway_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=400, help="b1 calls per path (interleaved)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="each throughput window")
+    parser.add_argument("--limit-rps", type=float, default=40.0, help="configured rate for the limiter check")
+    parser.add_argument("--limit-users", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports")
+    args = parser.parse_args(argv)
+    logs.configure()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = settings.BUILD_DIR / "gateway_bench"
+    repository = build_repository(settings.SETTINGS, settings.EXPORT_DIR, "onnx-int8", "embedded", work / "repository")
+    server = on_free_ports(settings.SETTINGS.server, admin_key="")
+    result = {"machine": machine()}
+    with TritonServer(repository, server, log_file=work / "triton.log"):
+        client_settings = replace(settings.SETTINGS, server=server)
+        direct = TritonClient(server.grpc_url, settings=client_settings)
+        port = free_port()
+        gateway = start_gateway(server.grpc_url, port, rate_rps=1e6, out=work)
+        try:
+            web = Http(port)
+            batch = [f"{TEXT} ({i})" for i in range(32)]
+            for _ in range(20):  # warm both paths
+                direct.embed([TEXT]), web.post("/v1/embeddings", {"model": "embed", "input": TEXT})
+            timings = {"direct": [], "gateway": []}
+            for i in range(args.samples):
+                for path in (("direct", "gateway") if i % 2 else ("gateway", "direct")):
+                    started = time.perf_counter()
+                    if path == "direct":
+                        direct.embed([TEXT])
+                    else:
+                        status, _ = web.post("/v1/embeddings", {"model": "embed", "input": TEXT})
+                        assert status == 200, status
+                    timings[path].append(time.perf_counter() - started)
+            b1 = {path: percentiles(values) for path, values in timings.items()}
+            b1["overhead_p50_ms"] = round(b1["gateway"]["p50_ms"] - b1["direct"]["p50_ms"], 3)
+            b1["overhead_p99_ms"] = round(b1["gateway"]["p99_ms"] - b1["direct"]["p99_ms"], 3)
+            result["b1"] = b1
+            log.info("b1: direct p50 %.2f ms, gateway p50 %.2f ms (overhead %.2f ms p50, %.2f ms p99)",
+                     b1["direct"]["p50_ms"], b1["gateway"]["p50_ms"], b1["overhead_p50_ms"], b1["overhead_p99_ms"])
+
+            def direct_call():
+                own = TritonClient(server.grpc_url, settings=client_settings)
+                return lambda: own.embed(batch)
+
+            def gateway_call(encoding):
+                def make():
+                    own = Http(port)
+                    return lambda: own.post("/v1/embeddings", {"model": "embed", "input": batch, "encoding_format": encoding})
+                return make
+
+            rates = {"direct": throughput(direct_call, 4, args.seconds),
+                     "gateway_float": throughput(gateway_call("float"), 4, args.seconds),
+                     "gateway_base64": throughput(gateway_call("base64"), 4, args.seconds)}
+            result["b32"] = {name: round(32 * rate, 1) for name, rate in rates.items()} | {
+                "unit": "sentences/s, 4 concurrent callers",
+                "ratio_float": round(rates["gateway_float"] / rates["direct"], 3),
+                "ratio_base64": round(rates["gateway_base64"] / rates["direct"], 3)}
+            log.info("b32: %s", result["b32"])
+        finally:
+            stop(gateway)
+            direct.close()
+
+        limited_port = free_port()
+        limited = start_gateway(server.grpc_url, limited_port, rate_rps=args.limit_rps, out=work)
+        try:
+            statuses: list[tuple[float, int]] = []
+            stop_event = threading.Event()
+
+            def hammer():
+                own = Http(limited_port)
+                while not stop_event.is_set():
+                    status, _ = own.post("/v1/embeddings", {"model": "embed", "input": "x"})
+                    statuses.append((time.perf_counter(), status))
+                    if status == 429:
+                        time.sleep(0.01)
+
+            threads = [threading.Thread(target=hammer) for _ in range(args.limit_users)]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            time.sleep(args.seconds * 2)
+            stop_event.set()
+            for thread in threads:
+                thread.join()
+            # After the first second (the burst: one second of the rate), the admitted rate is the limiter's.
+            settled = [s for t, s in statuses if t - started >= 1.0]
+            window = max(t for t, _ in statuses) - (started + 1.0)
+            admitted = sum(1 for s in settled if s == 200) / window
+            result["rate_limit"] = {"configured_rps": args.limit_rps, "users": args.limit_users,
+                                    "admitted_rps": round(admitted, 2),
+                                    "error": round(admitted / args.limit_rps - 1, 4),
+                                    "rejected_429": sum(1 for s in settled if s == 429),
+                                    "other": sorted({s for s in settled if s not in (200, 429)})}
+            log.info("rate limit: %s", result["rate_limit"])
+        finally:
+            stop(limited)
+    (args.out / "gateway_bench.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

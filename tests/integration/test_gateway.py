@@ -1,0 +1,230 @@
+"""The gateway in front of a real tritonserver, called by the official `openai` package and by plain HTTP."""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import settings
+from client.triton import TritonClient
+from gateway.app import create_app
+from gateway.background import BackgroundGateway as Gateway
+from gateway.config import GatewaySettings
+from gateway.keys import KeyStore
+from gateway.recommender import load_recommender
+from gateway.tokens import TokenCounter
+from server.launcher import free_port
+
+KEY = "test-gateway-key"
+
+
+@pytest.fixture(scope="module")
+def served(triton, movielens_slice, tmp_path_factory):
+    # FP32: batch-invariant, so one text alone and the same text in a batch get the same vector (dynamic INT8 does
+    # not, see issue 13), and the gateway's batches can be compared with direct calls.
+    server = triton("onnx-fp32")
+    s = server.server
+    client = TritonClient(s.grpc_url, settings=replace(settings.SETTINGS, server=s))
+    tokenizer = server.repository / "tokenizer" / "1" / "tokenizer.json"
+    config = GatewaySettings(port=free_port(), triton_url=s.grpc_url, rate_rps=1000, rate_texts_per_s=100_000,
+                             max_body_bytes=64_000, tokenizer_file=tokenizer, data_dir=movielens_slice,
+                             index_store=tmp_path_factory.mktemp("gateway-index"))
+    tokens = TokenCounter(tokenizer)
+    app = create_app(config, client, KeyStore.from_plaintext([KEY]), tokens, load_recommender(config, client))
+    with Gateway(app, config.port) as gateway:
+        gateway.tokens, gateway.config = tokens, config
+        yield gateway, client
+    client.close()
+
+
+def post(url, body, key=KEY, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, json.loads(error.read())
+
+
+def test_the_openai_sdk_gets_the_same_vectors_as_embed(served):
+    import openai
+
+    gateway, client = served
+    sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+    texts = ["A man is playing a guitar.", "Sparkling water, not still.", "Der Hund schläft."]
+    direct = client.embed(texts)
+    one = sdk.embeddings.create(model="embed", input=texts[0], encoding_format="float")
+    assert len(one.data) == 1 and one.data[0].index == 0
+    assert float(np.dot(one.data[0].embedding, direct[0])) >= 0.9999
+    many = sdk.embeddings.create(model="embed", input=texts)  # the SDK asks for base64 by default
+    got = np.array([d.embedding for d in many.data], dtype=np.float32)
+    assert got.shape == direct.shape and np.min(np.sum(got * direct, axis=1)) >= 0.9999
+    assert many.usage.prompt_tokens == gateway.tokens.count(texts) > len(texts)
+    # base64 decodes to exactly the floats sent as JSON
+    status, _, body = post(f"{gateway.url}/v1/embeddings", {"model": "embed", "input": texts, "encoding_format": "base64"})
+    _, _, floats = post(f"{gateway.url}/v1/embeddings", {"model": "embed", "input": texts})
+    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in body["data"]]
+    assert status == 200 and all(np.array_equal(a, np.array(b["embedding"], dtype=np.float32))
+                                 for a, b in zip(decoded, floats["data"]))
+    listed = sdk.models.list().data
+    assert [m.id for m in listed] == ["embed"] and listed[0].model_extra["dimensions"] == direct.shape[1]
+
+
+def test_batches_above_the_servers_max_batch_are_split(served):
+    gateway, client = served
+    texts = [f"sentence number {i} about trains" for i in range(settings.SETTINGS.batching.max_batch_size * 2 + 5)]
+    status, _, body = post(f"{gateway.url}/v1/embeddings", {"model": "embed", "input": texts})
+    assert status == 200 and [d["index"] for d in body["data"]] == list(range(len(texts)))
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    assert np.min(np.sum(got[-3:] * client.embed(texts[-3:]), axis=1)) >= 0.9999
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no key", 401), ("wrong key", 401), ("bad json", 422), ("missing field", 422), ("token ids", 400),
+    ("other model", 404), ("dimensions", 400), ("too large", 413),
+])
+def test_bad_requests_get_a_clear_status_and_the_next_good_one_succeeds(served, case, expected):
+    gateway, _ = served
+    url = f"{gateway.url}/v1/embeddings"
+    good = {"model": "embed", "input": "hello"}
+    status, headers, body = {
+        "no key": lambda: post(url, good, key=None),
+        "wrong key": lambda: post(url, good, key="not-a-key"),
+        "bad json": lambda: post(url, None, raw=b'{"model": "embed", "input": '),
+        "missing field": lambda: post(url, {"model": "embed"}),
+        "token ids": lambda: post(url, {"model": "embed", "input": [101, 2023, 102]}),
+        "other model": lambda: post(url, {"model": "gpt-4", "input": "x"}),
+        "dimensions": lambda: post(url, {"model": "embed", "input": "x", "dimensions": 128}),
+        "too large": lambda: post(url, {"model": "embed", "input": ["y" * 1000] * 100}),
+    }[case]()
+    assert status == expected, body
+    assert body["error"]["message"]
+    if case == "missing field":
+        assert body["error"]["param"] == "input"
+    if expected == 401:
+        assert headers["www-authenticate"] == "Bearer"
+    assert post(url, good)[0] == 200
+
+
+def test_over_the_rate_limit_is_429_with_retry_after(served, triton):
+    gateway, client = served
+    config = GatewaySettings(port=free_port(), rate_rps=2, rate_texts_per_s=1000, burst_s=1.0)
+    app = create_app(config, client, KeyStore.from_plaintext([KEY, "other"]))
+    with Gateway(app, config.port) as limited:
+        url = f"{limited.url}/v1/embeddings"
+        statuses = [post(url, {"model": "embed", "input": "x"})[0] for _ in range(2)]
+        status, headers, body = post(url, {"model": "embed", "input": "x"})
+        assert statuses == [200, 200] and status == 429 and int(headers["retry-after"]) >= 1
+        assert body["error"]["type"] == "rate_limit_error"
+        assert post(url, {"model": "embed", "input": "x"}, key="other")[0] == 200  # per key
+        time.sleep(0.6)
+        assert post(url, {"model": "embed", "input": "x"})[0] == 200  # refilled
+
+
+def get(url, key=KEY):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_recommendations_equal_the_recommenders_own(served):
+    from client.catalog import load_movielens
+    from client.index import IndexStore
+    from client.recommend import Recommender
+
+    gateway, client = served
+    items, interactions, _ = load_movielens(gateway.config.data_dir)
+    direct = Recommender(items, IndexStore(gateway.config.index_store).load(), interactions, client)
+    users = sorted(direct.histories)[:5]
+    for user in users:
+        status, _, body = post(f"{gateway.url}/v1/recommendations", {"user_id": user, "n": 10, "blocked": [1, 2]})
+        _, expected = direct.recommend(user, n=10, blocked={1, 2})
+        assert status == 200 and body["items"] == json.loads(json.dumps(expected)), user
+        assert body["encoder_version"] == 1 and all(item["why"] for item in body["items"])
+    # An unknown user with a recent history gets a profile from it; without one, the cold-start list.
+    liked = [item.item_id for item in items if "Animation" in item.categories][:8]
+    status, _, body = post(f"{gateway.url}/v1/recommendations", {"user_id": 10**9, "n": 5, "history": liked})
+    assert status == 200 and not body["cold"] and not set(liked) & {i["item_id"] for i in body["items"]}
+    status, _, body = post(f"{gateway.url}/v1/recommendations", {"user_id": 10**9, "n": 5})
+    assert status == 200 and body["cold"] and len(body["items"]) == 5
+    status, similar = get(f"{gateway.url}/v1/users/{users[0]}/similar?k=3")
+    assert status == 200 and [u["user_id"] for u in similar["similar"]] == [u for u, _ in direct.similar_users(users[0], 3)]
+    assert get(f"{gateway.url}/v1/users/{10**9}/similar")[0] == 404
+    status, _, pushed = post(f"{gateway.url}/v1/push", {"text": "Toy Story 5 (2026). Genres: Animation, Children",
+                                                     "threshold": 0.3, "max_users": 5})
+    expected_push = direct.push_targets("Toy Story 5 (2026). Genres: Animation, Children", 0.3, 5)
+    assert status == 200 and [u["user_id"] for u in pushed["users"]] == [u for u, _ in expected_push]
+
+
+def test_health_and_metrics(served):
+    gateway, _ = served
+    with urllib.request.urlopen(f"{gateway.url}/health/ready", timeout=10) as response:
+        assert response.status == 200
+    with urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'gateway_responses_total{route="/v1/embeddings",status="200"}' in text
+    assert 'gateway_request_seconds_bucket{le="0.001",route="/v1/embeddings"}' in text
+
+
+@pytest.mark.slow
+def test_a_rollout_under_gateway_load_loses_no_request(export_dir, movielens_slice, tmp_path):
+    """Threads call the gateway (embeddings and recommendations) while a new encoder version is staged,
+    canaried and promoted on its Triton; the gateway's recommender follows the index store the rollout switches."""
+    from client.index import IndexStore
+    from model_repository.render import build_repository
+    from rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
+    from server.launcher import TritonServer, on_free_ports
+
+    path = build_repository(settings.SETTINGS, export_dir, "onnx-int8", "embedded", tmp_path / "live")
+    server_settings = on_free_ports(settings.SETTINGS.server, admin_key="gateway-rollout-key")
+    live_settings = replace(settings.SETTINGS, server=server_settings)
+    with TritonServer(path, server_settings, log_file=tmp_path / "live.log"):
+        client = TritonClient(server_settings.grpc_url, settings=live_settings)
+        config = GatewaySettings(port=free_port(), rate_rps=10_000, rate_texts_per_s=1_000_000,
+                                 data_dir=movielens_slice, index_store=tmp_path / "index")
+        app = create_app(config, client, KeyStore.from_plaintext([KEY]), None, load_recommender(config, client))
+        outcomes: list[int] = []
+        stop = threading.Event()
+
+        def call(i):
+            while not stop.is_set():
+                if i % 2:
+                    outcomes.append(post(f"{gateway.url}/v1/embeddings", {"model": "embed", "input": f"text {i}"})[0])
+                else:
+                    outcomes.append(post(f"{gateway.url}/v1/recommendations", {"user_id": 1 + i, "n": 5})[0])
+
+        with Gateway(app, config.port) as gateway:
+            threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(4)]
+            for thread in threads:
+                thread.start()
+            admin = TritonAdmin.single(server_settings.grpc_url, f"127.0.0.1:{server_settings.metrics_port}",
+                                       server_settings.admin_key)
+            rollout = RolloutSettings(latency_max_ratio=4.0, canary_seconds=5, canary_min_requests=0,
+                                      canary_max_latency_ratio=4.0, drain_seconds=1)
+            rollout_client = TritonClient(server_settings.grpc_url, settings=live_settings)
+            report = run(LiveRepository(path, live_settings), admin, export_dir / "onnx-fp32", rollout,
+                         store=IndexStore(config.index_store), client=rollout_client)
+            time.sleep(3)  # calls after the promotion, on the new version and the switched index
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+            _, _, body = post(f"{gateway.url}/v1/recommendations", {"user_id": 2, "n": 5})
+        rollout_client.close()
+        client.close()
+    failed = [s for s in outcomes if s != 200]
+    print(f"gateway calls during the rollout: {len(outcomes)}, failed {len(failed)}; outcome {report['outcome']}")
+    assert report["outcome"] == "promoted"
+    assert len(outcomes) > 100 and failed == []
+    assert body["encoder_version"] == 2  # the recommender followed the switched index

@@ -1,0 +1,55 @@
+"""The gateway's pure parts: token buckets, hashed keys, settings."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.config import GatewaySettings
+from gateway.keys import KeyFileError, KeyStore, key_hash
+from gateway.ratelimit import RateLimiter
+
+
+def test_the_bucket_admits_a_burst_then_the_rate():
+    limiter = RateLimiter(requests_per_s=10, texts_per_s=1000, burst_s=1.0)
+    admitted = [limiter.admit("a", 1, now=0.0) == 0.0 for _ in range(12)]
+    assert admitted.count(True) == 10  # the burst: one second of the rate
+    assert limiter.admit("a", 1, now=0.0) == pytest.approx(0.1)  # one token refills in 1/10 s
+    assert limiter.admit("a", 1, now=0.1) == 0.0
+    # Over 10 s of steady offers every 10 ms, it admits the rate, not the offers.
+    admitted = sum(limiter.admit("a", 1, now=1.0 + i / 100) == 0.0 for i in range(1000))
+    assert admitted == pytest.approx(100, abs=11)
+
+
+def test_texts_are_charged_all_or_nothing_and_keys_are_separate():
+    limiter = RateLimiter(requests_per_s=100, texts_per_s=50, burst_s=1.0)
+    assert limiter.admit("a", 40, now=0.0) == 0.0
+    assert limiter.admit("a", 20, now=0.0) == pytest.approx(0.2)  # 10 left, 10 more in 0.2 s
+    assert limiter.admit("a", 10, now=0.0) == 0.0                  # the refused request took nothing
+    assert limiter.admit("a", 51, now=5.0) == math.inf             # more than the bucket ever holds
+    assert limiter.admit("b", 50, now=0.0) == 0.0
+
+
+def test_keys_are_stored_and_matched_hashed(tmp_path):
+    store = KeyStore.from_plaintext(["s3cret", "other"])
+    assert store.name_of("s3cret") == "key1" and store.name_of("other") == "key2"
+    assert store.name_of("nope") is None and store.name_of("") is None and store.name_of(None) is None
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"# team keys\nsearch:{key_hash('abc')}\n\nrecs:{key_hash('def').upper()}\n")
+    from_file = KeyStore.from_file(key_file)
+    assert (from_file.name_of("abc"), from_file.name_of("def"), len(from_file)) == ("search", "recs", 2)
+    assert "abc" not in key_file.read_text()
+    key_file.write_text("search:abc\n")
+    with pytest.raises(KeyFileError, match=r"keys:1: expected"):
+        KeyStore.from_file(key_file)
+
+
+def test_settings_come_from_the_environment_and_are_checked(monkeypatch):
+    monkeypatch.setenv("GATEWAY_PORT", "9999")
+    monkeypatch.setenv("GATEWAY_API_KEYS", "a, b,")
+    config = GatewaySettings.from_env()
+    assert (config.host, config.port, config.api_keys) == ("127.0.0.1", 9999, ("a", "b"))
+    with pytest.raises(ValueError, match="port"):
+        GatewaySettings(port=0)
+    with pytest.raises(ValueError, match="positive"):
+        GatewaySettings(rate_rps=0)
