@@ -16,12 +16,12 @@ Triton's own refusals map to HTTP: UNAVAILABLE (its queue policy, or down) -> 50
 from __future__ import annotations
 
 import base64
-import json
 import math
 import time
 from typing import Literal
 
 import numpy as np
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -232,11 +232,11 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
         if body.encoding_format == "base64":
             data = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         else:
-            data = [v.tolist() for v in vectors]
+            data = list(np.ascontiguousarray(vectors, dtype=np.float32))  # orjson writes float32 rows natively
         payload = {"object": "list", "model": body.model,
                    "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
                    "usage": {"prompt_tokens": counted, "total_tokens": counted}}
-        return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+        return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
     @app.get("/v1/models")
     def models(_: str = Depends(caller)):

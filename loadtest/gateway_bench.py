@@ -81,13 +81,17 @@ def start_gateway(grpc_url: str, port: int, rate_rps: float, out: Path) -> subpr
                                stdout=subprocess.DEVNULL, stderr=open(out / f"gateway-{port}.log", "w"))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway exited with status {process.returncode}: see {out}/gateway-{port}.log")
+        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
-            with http.client.HTTPConnection("127.0.0.1", port, timeout=2) as probe:
-                probe.request("GET", "/health/ready")
-                if probe.getresponse().status == 200:
-                    return process
+            probe.request("GET", "/health/ready")
+            if probe.getresponse().status == 200:
+                return process
         except OSError:
             time.sleep(0.2)
+        finally:
+            probe.close()
     process.kill()
     raise RuntimeError(f"the gateway did not become ready on port {port}")
 

@@ -53,3 +53,51 @@ def test_settings_come_from_the_environment_and_are_checked(monkeypatch):
         GatewaySettings(port=0)
     with pytest.raises(ValueError, match="positive"):
         GatewaySettings(rate_rps=0)
+
+
+class FailingClient:
+    """Stands in for client.triton.TritonClient: raises what the real one raises for each Triton failure."""
+
+    def __init__(self, error=None, ready=True):
+        import settings
+
+        self.settings, self.error, self.is_ready = settings.SETTINGS, error, ready
+
+    def embedding_dim(self):
+        return 384
+
+    def embed(self, texts):
+        raise self.error
+
+    def model_ready(self, model):
+        return self.is_ready
+
+
+@pytest.mark.parametrize("error, status, retry_after", [
+    ("Unavailable", 503, "1"), ("ServingTimeout", 504, None), ("ServingError", 502, None),
+    ("InvalidRequest", 400, None), ("ModelNotFound", 404, None),
+])
+def test_tritons_failures_become_http_statuses(error, status, retry_after):
+    from fastapi.testclient import TestClient
+
+    import client.errors as errors
+    from gateway.app import create_app
+
+    app = create_app(GatewaySettings(), FailingClient(getattr(errors, error)("what Triton said")), KeyStore.from_plaintext(["k"]))
+    with TestClient(app) as http:
+        response = http.post("/v1/embeddings", json={"model": "embed", "input": "x"}, headers={"Authorization": "Bearer k"})
+    assert response.status_code == status and "what Triton said" in response.json()["error"]["message"]
+    assert response.headers.get("retry-after") == retry_after
+
+
+def test_readiness_follows_tritons_embed_and_auth_comes_before_the_body():
+    from fastapi.testclient import TestClient
+
+    from gateway.app import create_app
+
+    app = create_app(GatewaySettings(), FailingClient(ready=False), KeyStore.from_plaintext(["k"]))
+    with TestClient(app) as http:
+        assert http.get("/health/ready").status_code == 503 and http.get("/health/live").status_code == 200
+        # No key and a malformed body: 401, not 422 (the body of an unknown caller is never parsed).
+        assert http.post("/v1/embeddings", content=b"{not json").status_code == 401
+        assert http.get("/v1/users/1/similar", headers={"Authorization": "Bearer k"}).status_code == 501
