@@ -79,6 +79,14 @@ def start_gateway(grpc_url: str, port: int, rate_rps: float, out: Path) -> subpr
            "GATEWAY_RATE_RPS": str(rate_rps), "GATEWAY_RATE_TEXTS_PER_S": "1000000", "GATEWAY_BURST_S": "1"}
     process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=settings.REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=open(out / f"gateway-{port}.log", "w"))
+    try:
+        return _wait_ready(process, port, out)
+    except BaseException:  # never leave the gateway behind, whatever stopped the wait
+        stop(process)
+        raise
+
+
+def _wait_ready(process: subprocess.Popen, port: int, out: Path) -> subprocess.Popen:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -92,7 +100,6 @@ def start_gateway(grpc_url: str, port: int, rate_rps: float, out: Path) -> subpr
             time.sleep(0.2)
         finally:
             probe.close()
-    process.kill()
     raise RuntimeError(f"the gateway did not become ready on port {port}")
 
 
