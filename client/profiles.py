@@ -130,6 +130,3 @@ class ProfileCache:
             history = self.histories.get(int(user_id), EMPTY_HISTORY)
             cached = self._profiles[key] = build_profile(user_id, history, index, self.items, self.settings)
         return replace(cached, attributes=dict(attributes)) if attributes else cached
-
-    def clear(self) -> None:
-        self._profiles.clear()

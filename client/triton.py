@@ -108,6 +108,7 @@ class TritonClient:
         self.canary_share = canary_share
         self.view_ttl_s = view_ttl_s
         self._view: tuple[float, ServingView] | None = None
+        self._dim: int | None = None  # D, read once from the `embed` config (embedding_dim)
 
     @property
     def _client(self):
@@ -273,7 +274,7 @@ class TritonClient:
 
     def embedding_dim(self) -> int:
         """D, from the `embed` ensemble's output in its config (read once)."""
-        if getattr(self, "_dim", None) is None:
+        if self._dim is None:
             kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
             config = self._call("get embed config",
                                 lambda: self._client.get_model_config(self.settings.models.embed, **kwargs))

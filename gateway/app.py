@@ -95,8 +95,8 @@ class Guard:
     def __init__(self, app, max_body_bytes: int, metrics: Metrics, keys: KeyStore):
         self.app, self.max_body_bytes, self.metrics, self.keys = app, max_body_bytes, metrics, keys
 
-    def caller(self, scope) -> str | None:
-        header = dict(scope.get("headers", ())).get(b"authorization", b"").decode("latin-1")
+    def caller(self, headers: dict) -> str | None:
+        header = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, presented = header.partition(" ")
         return self.keys.name_of(presented.strip()) if scheme.lower() == "bearer" else None
 
@@ -114,16 +114,17 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        headers = dict(scope.get("headers", ()))
         try:
             if path.startswith("/v1/"):
-                name = self.caller(scope)
+                name = self.caller(headers)
                 if name is None:
                     await ApiError(401, "missing or unknown API key: send `Authorization: Bearer <key>`",
                                    type_="authentication_error", code="invalid_api_key",
                                    headers={"WWW-Authenticate": "Bearer"}).response()(scope, receive, send_status)
                     return
                 scope.setdefault("state", {})["api_key"] = name
-            length = dict(scope.get("headers", ())).get(b"content-length")
+            length = headers.get(b"content-length")
             if length is not None and int(length) > self.max_body_bytes:
                 await ApiError(413, f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}",
                                code="body_too_large").response()(scope, receive, send_status)
@@ -162,7 +163,6 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
     metrics = Metrics()
     limiter = RateLimiter(config.rate_rps, config.rate_texts_per_s, config.burst_s)
     app = FastAPI(title="BERT serving gateway", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.client, app.state.metrics = client, metrics
 
     @app.exception_handler(ApiError)
     async def api_error(_, error: ApiError):
@@ -240,7 +240,7 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
 
     @app.get("/v1/models")
     def models(_: str = Depends(caller)):
-        info = serving(lambda: client.encoder_info())
+        info = serving(client.encoder_info)
         model = {"id": config.model, "object": "model", "created": 0, "owned_by": "bert-serving",
                  "variant": info.get("export_variant"), "encoder_version": int(info["export_version"]),
                  "dimensions": serving(client.embedding_dim)}

@@ -8,7 +8,7 @@
     GATEWAY_RATE_TEXTS_PER_S=500   per key: texts per second
     GATEWAY_BURST_S=2              bucket depth, in seconds of the rate
     GATEWAY_MAX_BODY_BYTES=2000000
-    GATEWAY_MAX_INPUTS=2048        texts per request
+    GATEWAY_MAX_INPUTS=1000        texts per request (at most what one key's text bucket holds)
     GATEWAY_TRITON_URL=host:port   Triton's gRPC endpoint (default: settings.ServerSettings)
     GATEWAY_TOKENIZER_FILE=path    the served tokenizer.json, for usage.prompt_tokens (default: the local repository's)
     GATEWAY_DATA=dir               a MovieLens-format directory: enables the recommendation routes
@@ -38,7 +38,7 @@ class GatewaySettings:
     rate_texts_per_s: float = 500.0
     burst_s: float = 2.0
     max_body_bytes: int = 2_000_000
-    max_inputs: int = 2048
+    max_inputs: int = 1000
     triton_url: str = field(default_factory=lambda: settings.SETTINGS.server.grpc_url)
     # The served tokenizer, for `usage.prompt_tokens` (the same tokenizer.json the `tokenizer` model loads).
     tokenizer_file: Path = settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"
@@ -63,7 +63,7 @@ class GatewaySettings:
             key_file=Path(key_file) if key_file else None,
             rate_rps=float(_env("GATEWAY_RATE_RPS", "20")), rate_texts_per_s=float(_env("GATEWAY_RATE_TEXTS_PER_S", "500")),
             burst_s=float(_env("GATEWAY_BURST_S", "2")), max_body_bytes=int(_env("GATEWAY_MAX_BODY_BYTES", "2000000")),
-            max_inputs=int(_env("GATEWAY_MAX_INPUTS", "2048")),
+            max_inputs=int(_env("GATEWAY_MAX_INPUTS", "1000")),
             triton_url=_env("GATEWAY_TRITON_URL", settings.SETTINGS.server.grpc_url),
             tokenizer_file=Path(_env("GATEWAY_TOKENIZER_FILE", str(settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"))),
             data_dir=Path(_env("GATEWAY_DATA", "")) if _env("GATEWAY_DATA", "") else None,

@@ -31,6 +31,8 @@ def load_recommender(config: GatewaySettings, client) -> Recommender:
         log.info("catalog index built through `embed`: %d items in %.1f s -> %s", len(index),
                  time.perf_counter() - started, config.index_store)
     recommender = Recommender(items, store.load(), interactions, client, index_store=store)
+    if recommender.histories:  # the similar-users matrix (a profile per user): built now, not by a request
+        recommender.similar_users(next(iter(recommender.histories)), k=1)
     log.info("recommendations on: %d items, %d users, index %s", len(items), len(recommender.histories),
              store.current_name())
     return recommender

@@ -36,7 +36,7 @@ import numpy as np
 import logs
 from client.index import IndexStore, embed_index
 from client.triton import RetryPolicy, TritonClient
-from contracts.manifest import Manifest, ManifestError, artifact_problems
+from contracts.manifest import Manifest, ManifestError
 from contracts.runtime import Runtime
 from export.gate import load_gate_sentences
 from rollout.admin import Replica, TritonAdmin
@@ -62,15 +62,15 @@ def runtime_of(live: LiveRepository, rollout: RolloutSettings) -> Runtime:
 def stage(live: LiveRepository, new_export: Path, workdir: Path, rollout: RolloutSettings) -> tuple[Path, int]:
     """A staging repository: the stable version plus the new export as version N+1. Nothing live changes."""
     new_export = Path(new_export)
-    problems = artifact_problems(new_export)
-    if problems:
-        raise RolloutRefused(f"{new_export}: {'; '.join(problems)}")
     try:
         manifest = Manifest.read(new_export)
         stable = live.stable
         stable_manifest = live.manifest(stable)
     except ManifestError as error:
-        raise RolloutRefused(str(error)) from None
+        raise RolloutRefused(str(error)) from None  # ManifestError names the file
+    problems = manifest.artifact_problems(new_export)
+    if problems:
+        raise RolloutRefused(f"{new_export}: {'; '.join(problems)}")
     if not manifest.gate.passed:
         raise RolloutRefused(f"{new_export} did not pass the export gate: {list(manifest.gate.failures)}")
     if live.canary is not None:
