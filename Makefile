@@ -11,7 +11,7 @@ VARIANT ?= onnx-int8
 RUNTIME ?= embedded
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving evaluate loadtest report soak bench-gateway bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -62,6 +62,11 @@ bench-serving: venv              ## perf_analyzer: embed / encoder through Trito
 DATA ?= ../shared/data/movielens-latest-small
 evaluate: repository             ## offline quality on a MovieLens-format directory: make evaluate DATA=dir
 	$(PY) -m server --free-ports -- $(PY) -m client.evaluate $(DATA)
+
+RUNS ?= 400
+experiment-sim: venv             ## A/A + injected-lift simulations and a real A/B/n replay on MovieLens: make experiment-sim DATA=dir (stdout: one JSON object)
+	@$(MAKE) --no-print-directory repository >&2
+	@$(PY) -m server --free-ports -- $(PY) -m client.experiments simulate $(DATA) --runs $(RUNS)
 
 USERS ?= 8
 DURATION ?= 30

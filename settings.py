@@ -14,6 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parent
 BUILD_DIR = Path(os.environ.get("BUILD_DIR", REPO_ROOT / "build"))
 EXPORT_DIR = BUILD_DIR / "export"
 MODEL_REPOSITORY_DIR = BUILD_DIR / "model_repository"
+# Experiment events (client/experiments): impressions, clicks, conversions, in SQLite.
+EXPERIMENTS_DB = BUILD_DIR / "experiments" / "events.sqlite"
 # Locust lives in its own venv (`make loadtest-venv`): its geventhttpclient pins conflict with the main one.
 LOADTEST_PYTHON = REPO_ROOT / ".venv-loadtest" / "bin" / "python"
 # Real data beside the checkout (tests and benchmarks only; nothing here is shipped).

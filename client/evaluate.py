@@ -31,8 +31,8 @@ log = logs.get("client")
 TEST_FRACTION = 0.2
 
 
-def time_split(data: Interactions, test_fraction: float = TEST_FRACTION, positive: float = 4.0):
-    """-> (history interactions, {user: set of test positive items})."""
+def test_mask(data: Interactions, test_fraction: float = TEST_FRACTION) -> np.ndarray:
+    """Per user (interactions sorted by user, then time): True for the last `test_fraction` (at least one)."""
     is_test = np.zeros(len(data), dtype=bool)
     starts = np.flatnonzero(np.r_[True, data.user[1:] != data.user[:-1]])
     ends = np.r_[starts[1:], len(data)]
@@ -40,12 +40,24 @@ def time_split(data: Interactions, test_fraction: float = TEST_FRACTION, positiv
         n_test = max(1, int(round((b - a) * test_fraction)))
         if b - a > n_test:  # users with a single interaction stay in history only
             is_test[b - n_test : b] = True
+    return is_test
+
+
+def time_split(data: Interactions, test_fraction: float = TEST_FRACTION, positive: float = 4.0):
+    """-> (history interactions, {user: set of test positive items})."""
+    history, future = future_ratings(data, test_fraction, positive)
+    return history, {user: set(ratings) for user, ratings in future.items()}
+
+
+def future_ratings(data: Interactions, test_fraction: float = TEST_FRACTION, positive: float = 4.0):
+    """-> (history interactions, {user: {test positive item: its rating}}): what the simulator replays."""
+    is_test = test_mask(data, test_fraction)
     test = data.take(is_test)
-    truth: dict[int, set[int]] = {}
+    future: dict[int, dict[int, float]] = {}
     for user, item, rating in zip(test.user, test.item, test.rating):
         if rating >= positive:
-            truth.setdefault(int(user), set()).add(int(item))
-    return data.take(~is_test), truth
+            future.setdefault(int(user), {})[int(item)] = float(rating)
+    return data.take(~is_test), future
 
 
 def ranking_metrics(ranked: list[int], truth: set[int], n_items: int, n_seen: int) -> dict:

@@ -156,12 +156,18 @@ class Recommender:
     # ---- scoring + assembly ------------------------------------------------------------------------
     def recommend(self, user_id: int, n: int = 10, blocked: set[int] = frozenset(), attributes: dict | None = None,
                   use_triton_score: bool = True, channels: Sequence[str] = CHANNELS, diversify: bool = True,
-                  history: Sequence[int] | None = None) -> tuple[UserProfile, list[dict]]:
+                  history: Sequence[int] | None = None, weights: dict | None = None,
+                  index: ItemIndex | None = None) -> tuple[UserProfile, list[dict]]:
         """-> (profile, [{item_id, title, categories, score, profile_score, why}]), best first. `history` serves
-        a user the fitted data does not know (see `profile`)."""
+        a user the fitted data does not know (see `profile`). `weights` replaces the settings' channel blend
+        weights for this call; `index` serves from that index (and its encoder version) instead of the current
+        one (an experiment arm pinned to another encoder version)."""
         channels = RecallChannel.parse_many(channels)
+        weights = {RecallChannel(k): v for k, v in weights.items()} if weights is not None else self.settings.weights
+        args = (user_id, n, blocked, attributes, use_triton_score, channels, diversify, history, weights)
+        if index is not None:
+            return self._recommend(index, *args)
         self.refresh_index()
-        args = (user_id, n, blocked, attributes, use_triton_score, channels, diversify, history)
         try:
             return self._recommend(self.index, *args)
         except ModelNotFound:
@@ -172,7 +178,7 @@ class Recommender:
             return self._recommend(self.index, *args)
 
     def _recommend(self, index: ItemIndex, user_id, n, blocked, attributes, use_triton_score, channels, diversify,
-                   history):
+                   history, weights):
         """One recommendation from one index: its vectors and its encoder version always go together."""
         s = self.settings
         profile = self.profile(user_id, attributes, index, history)
@@ -182,7 +188,7 @@ class Recommender:
             return profile, []
         ids = np.array([c.item_id for c in candidates])
         vectors = index.vectors_of(ids)
-        scores = ranking.blend(candidates, channels, s.weights)
+        scores = ranking.blend(candidates, channels, weights)
         profile_scores = np.zeros(len(ids), dtype=np.float32)
         if use_triton_score and not profile.is_cold:
             profile_scores = self._profile_scores(profile, vectors, index)

@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 import logs
+from client.experiments import EventStore, Experiment, ExperimentError
 from client.triton import TritonClient
 from gateway.app import create_app
 from gateway.config import GatewaySettings
@@ -31,8 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         tokens = TokenCounter(config.tokenizer_file) if config.tokenizer_file.exists() else None
         client = TritonClient(config.triton_url, protocol="grpc")
         recommender = load_recommender(config, client) if config.data_dir else None
-        app = create_app(config, client, keys, tokens, recommender)
-    except (ValueError, KeyFileError, OSError) as error:
+        events = EventStore(config.events_db) if config.events_db else None
+        experiment = Experiment.parse(config.experiment_file.read_text()) if config.experiment_file else None
+        if experiment is not None:
+            if recommender is None or events is None:
+                raise ExperimentError("GATEWAY_EXPERIMENT needs GATEWAY_DATA (recommendations) and an event store")
+            events.register(experiment)
+            log.info("experiment %s: arms %s", experiment.name, ", ".join(a.name for a in experiment.arms))
+        app = create_app(config, client, keys, tokens, recommender, events=events, experiment=experiment)
+    except (ValueError, KeyFileError, OSError) as error:  # ExperimentError is a ValueError
         log.error("%s", error)
         return 2
     if tokens is None:
@@ -40,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("gateway on http://%s:%d -> Triton %s, %d key(s)", config.host, config.port, config.triton_url, len(keys))
     uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False)
     client.close()
+    if events is not None:
+        events.close()
     return 0
 
 

@@ -5,6 +5,7 @@
     POST /v1/recommendations            a user's top n, with explanations (client.recommend.Recommender)
     GET  /v1/users/{user_id}/similar    users with the nearest interests
     POST /v1/push                       users whose interests match a new item's text
+    POST /v1/events         impressions, clicks, conversions -> the experiment event store (client/experiments)
     GET  /health/live       the process answers
     GET  /health/ready      Triton's `embed` is ready
     GET  /metrics           Prometheus: latency per route, responses per status, in flight, 429s
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import logs
 from client.errors import InvalidRequest, ModelNotFound, ServingError, ServingTimeout, Unavailable
+from client.experiments import EventError, EventStore, Experiment, ExperimentError, ExperimentRecommender
 from gateway.config import GatewaySettings
 from gateway.keys import KeyStore
 from gateway.ratelimit import RateLimiter
@@ -68,6 +70,10 @@ class RecommendationRequest(BaseModel):
     blocked: list[int] = Field(default_factory=list, max_length=10_000)
     history: list[int] | None = Field(None, max_length=1000)  # item ids, oldest first, for unknown users
     diversify: bool = True
+
+
+class EventsRequest(BaseModel):
+    events: list = Field(min_length=1, max_length=10_000)  # each event is checked by the event store
 
 
 class PushRequest(BaseModel):
@@ -150,17 +156,20 @@ class Guard:
             self.metrics.responses.labels(route, str(status[0])).inc()
 
 
-KNOWN_ROUTES = {"/v1/embeddings", "/v1/models", "/v1/recommendations", "/v1/push", "/health/live", "/health/ready",
-                "/metrics"}
+KNOWN_ROUTES = {"/v1/embeddings", "/v1/models", "/v1/recommendations", "/v1/push", "/v1/events", "/health/live",
+                "/health/ready", "/metrics"}
 
 
 def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCounter | None = None,
-               recommender=None, clock=time.monotonic) -> FastAPI:
+               recommender=None, clock=time.monotonic, events: EventStore | None = None,
+               experiment: Experiment | None = None) -> FastAPI:
     """`client` is a client.triton.TritonClient (gRPC); the gateway owns no model code. `recommender` (a
-    client.recommend.Recommender) enables the recommendation routes; without it they answer 501."""
+    client.recommend.Recommender) enables the recommendation routes; without it they answer 501. `events`
+    enables /v1/events; `experiment` serves recommendations by the user's arm."""
     if len(keys) == 0:
         raise ValueError("no API keys: set GATEWAY_API_KEYS or GATEWAY_KEY_FILE")
     metrics = Metrics()
+    served = ExperimentRecommender(recommender, experiment) if recommender is not None else None
     limiter = RateLimiter(config.rate_rps, config.rate_texts_per_s, config.burst_s)
     app = FastAPI(title="BERT serving gateway", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -254,12 +263,29 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
 
     @app.post("/v1/recommendations")
     def recommendations(body: RecommendationRequest, key: str = Depends(caller)):
-        rec = recommendations_enabled()
+        recommendations_enabled()
         admit(key, 1)
-        profile, items = serving(lambda: rec.recommend(body.user_id, n=body.n, blocked=set(body.blocked),
-                                                       diversify=body.diversify, history=body.history))
-        return {"user_id": body.user_id, "encoder_version": rec.index.encoder_version, "cold": profile.is_cold,
-                "profile": profile.summary(), "items": items}
+        try:
+            result = serving(lambda: served.recommend(body.user_id, n=body.n, blocked=set(body.blocked),
+                                                      history=body.history, diversify=body.diversify))
+        except ExperimentError as error:  # an arm pinned to an encoder version with no index
+            raise ApiError(503, str(error), type_="server_error", code="arm_unavailable") from None
+        return {"request_id": result.request_id, "experiment": result.experiment, "arm": result.arm,
+                "user_id": body.user_id, "encoder_version": result.encoder_version, "cold": result.profile.is_cold,
+                "profile": result.profile.summary(), "items": result.items}
+
+    @app.post("/v1/events")
+    def post_events(body: EventsRequest, key: str = Depends(caller)):
+        if events is None:
+            raise ApiError(501, "events are not enabled: GATEWAY_EVENTS_DB is off", type_="server_error",
+                           code="not_enabled")
+        admit(key, 1)
+        try:
+            return events.append(body.events).to_json()
+        except EventError as error:
+            return JSONResponse({"error": {"message": f"no event was stored: {error}", "type": "invalid_request_error",
+                                           "param": "events", "code": "invalid_events", "reasons": error.reasons}},
+                                status_code=422)
 
     @app.get("/v1/users/{user_id}/similar")
     def similar(user_id: int, k: int = 10, key: str = Depends(caller)):

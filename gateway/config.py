@@ -14,6 +14,10 @@
     GATEWAY_DATA=dir               a MovieLens-format directory: enables the recommendation routes
     GATEWAY_INDEX_STORE=dir        the catalog IndexStore (default build/catalog_index): built through `embed`
                                    when empty; a rollout with --index-store switches it and the gateway follows
+    GATEWAY_EVENTS_DB=path         the experiment event store, SQLite (default build/experiments/events.sqlite;
+                                   "off": no /v1/events)
+    GATEWAY_EXPERIMENT=file.json   an experiment (client/experiments/design.py): recommendations are served by
+                                   the user's arm and carry it; registered in the event store at start
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ class GatewaySettings:
     model: str = settings.SETTINGS.models.embed
     data_dir: Path | None = None
     index_store: Path = settings.BUILD_DIR / "catalog_index"
+    events_db: Path | None = settings.EXPERIMENTS_DB
+    experiment_file: Path | None = None
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -68,6 +74,9 @@ class GatewaySettings:
             tokenizer_file=Path(_env("GATEWAY_TOKENIZER_FILE", str(settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"))),
             data_dir=Path(_env("GATEWAY_DATA", "")) if _env("GATEWAY_DATA", "") else None,
             index_store=Path(_env("GATEWAY_INDEX_STORE", str(settings.BUILD_DIR / "catalog_index"))),
+            events_db=None if _env("GATEWAY_EVENTS_DB", "") == "off" else
+            Path(_env("GATEWAY_EVENTS_DB", str(settings.EXPERIMENTS_DB))),
+            experiment_file=Path(_env("GATEWAY_EXPERIMENT", "")) if _env("GATEWAY_EXPERIMENT", "") else None,
         )
         values.update(overrides)
         return cls(**values)

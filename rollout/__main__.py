@@ -20,6 +20,7 @@ from pathlib import Path
 
 import logs
 import settings
+from client.experiments.events import EventStore
 from client.index import IndexStore
 from client.triton import TritonClient
 from rollout.steps import (LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, promote, roll_back, run,
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     run_parser = commands.add_parser("run", help="roll out one exported variant directory")
     run_parser.add_argument("export", type=Path, help="an export variant directory (with manifest.json)")
     for field in fields(RolloutSettings):
-        run_parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        run_parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default,
+                                type=float if field.default is None else type(field.default))
+    run_parser.add_argument("--events", type=Path, default=None,
+                            help="the experiment event store (SQLite) the conversion check reads")
     status_parser = commands.add_parser("status", help="what is serving")
     status_parser.add_argument("--window", type=float, default=5.0, help="seconds of traffic to measure shares over")
     commands.add_parser("promote", help="promote the running canary")
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         rollout = RolloutSettings(**{f.name: getattr(args, f.name) for f in fields(RolloutSettings)})
         client = TritonClient(s.grpc_url) if store is not None else None
-        report = run(live, admin, args.export, rollout, store=store, client=client)
+        events = EventStore(args.events) if args.events else None
+        report = run(live, admin, args.export, rollout, store=store, client=client, events=events)
         print(json.dumps(report, indent=2))
         return 0 if report["outcome"] == "promoted" else 3
     except RolloutRefused as error:

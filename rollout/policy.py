@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from client.experiments.design import METRICS
+from client.experiments.stats import RatioStats, non_inferior
 from contracts.runtime import Runtime
 
 # {(metric name, model name): value}, summed over replicas, versions and label values (rollout/admin.py).
@@ -31,6 +33,13 @@ class RolloutSettings:
     canary_max_latency_ratio: float = 1.5  # canary mean latency / stable mean latency
     canary_latency_slack_ms: float = 2.0   # ... ignoring differences below this (noise at low latency)
     drain_seconds: float = 5.0             # after the switch, before the old version's ensembles go
+    # Canary, from the experiment event store (client/experiments): users' responses to the lists each version
+    # produced during the canary window. None: not checked. 0.05: the canary's conversion rate must be shown
+    # (one-sided, at 1 - canary_conversion_alpha) to be at least 95% of the stable version's.
+    canary_max_conversion_drop: float | None = None
+    canary_conversion_metric: str = "conversion_rate"   # or "ctr"
+    canary_conversion_alpha: float = 0.05
+    canary_min_impressions: int = 500      # items shown from the canary's lists before they can be judged
     # The encoder runtime of the new version; "" = the one the live repository already runs.
     runtime: str = ""
 
@@ -44,6 +53,16 @@ class RolloutSettings:
             raise ValueError("latency ratios must be positive")
         if self.latency_samples < 2 or self.canary_min_requests < 0 or self.canary_seconds < 0 or self.drain_seconds < 0:
             raise ValueError("sample counts and durations must not be negative (latency_samples >= 2)")
+        if self.canary_max_conversion_drop is not None and not 0 <= self.canary_max_conversion_drop < 1:
+            raise ValueError("canary_max_conversion_drop is a relative drop within [0, 1)")
+        if self.canary_conversion_metric not in METRICS:
+            raise ValueError(f"canary_conversion_metric must be one of {METRICS}")
+        if not 0 < self.canary_conversion_alpha < 0.5 or self.canary_min_impressions < 1:
+            raise ValueError("canary_conversion_alpha must be within (0, 0.5) and canary_min_impressions >= 1")
+
+    @property
+    def checks_conversion(self) -> bool:
+        return self.canary_max_conversion_drop is not None
 
 
 # ---- traffic between two metric reads -------------------------------------------------------------------
@@ -98,21 +117,53 @@ def validation_failures(v: Validation, stable: int, rollout: RolloutSettings) ->
 
 # ---- the canary: its traffic against the stable version's -------------------------------------------------
 @dataclass(frozen=True)
+class Responses:
+    """What users did with the lists of one encoder version: per-user sums of the metric over shown items."""
+
+    version: int
+    stats: RatioStats
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "users": self.stats.n, "shown": int(self.stats.sy),
+                "actions": int(self.stats.sx), "rate": self.stats.ratio}
+
+
+def conversion_failures(stable: Responses, canary: Responses, rollout: RolloutSettings) -> list[str]:
+    """Non-inferiority of the canary's conversion (or CTR) against the stable version's, on the canary window's
+    events; too few shown items on the canary is a failure too (no evidence, as with too few requests)."""
+    metric, drop = rollout.canary_conversion_metric, rollout.canary_max_conversion_drop
+    shown = int(canary.stats.sy)
+    if shown < rollout.canary_min_impressions:
+        return [f"{metric}: only {shown} items shown from canary v{canary.version}'s lists (need "
+                f"{rollout.canary_min_impressions}): are impressions with its encoder_version being recorded?"]
+    passes, lower = non_inferior(stable.stats, canary.stats, drop, rollout.canary_conversion_alpha)
+    if passes:
+        return []
+    return [f"{metric} {canary.stats.ratio:.4f} vs stable {stable.stats.ratio:.4f}: lift lower bound "
+            f"{lower:+.1%} at {1 - rollout.canary_conversion_alpha:.0%} is below -{drop:.1%}"]
+
+
+@dataclass(frozen=True)
 class CanaryVerdict:
     stable: Traffic
     canary: Traffic
     reasons: tuple[str, ...] = field(default=())
+    responses: tuple[Responses, Responses] | None = None   # (stable, canary), when conversion is checked
 
     @property
     def healthy(self) -> bool:
         return not self.reasons
 
     def to_json(self) -> dict:
-        return {"stable": self.stable.to_json(), "canary": self.canary.to_json(), "healthy": self.healthy,
-                "reasons": list(self.reasons)}
+        out = {"stable": self.stable.to_json(), "canary": self.canary.to_json(), "healthy": self.healthy,
+               "reasons": list(self.reasons)}
+        if self.responses is not None:
+            out["responses"] = {"stable": self.responses[0].to_json(), "canary": self.responses[1].to_json()}
+        return out
 
 
-def canary_verdict(stable: Traffic, canary: Traffic, rollout: RolloutSettings) -> CanaryVerdict:
+def canary_verdict(stable: Traffic, canary: Traffic, rollout: RolloutSettings,
+                   responses: tuple[Responses, Responses] | None = None) -> CanaryVerdict:
     reasons = []
     if canary.requests < rollout.canary_min_requests:
         reasons.append(f"only {canary.requests} canary requests (need {rollout.canary_min_requests}): "
@@ -122,7 +173,11 @@ def canary_verdict(stable: Traffic, canary: Traffic, rollout: RolloutSettings) -
     if stable.requests and canary.mean_ms > max(rollout.canary_max_latency_ratio * stable.mean_ms,
                                                 stable.mean_ms + rollout.canary_latency_slack_ms):
         reasons.append(f"mean latency {canary.mean_ms:.2f} ms vs stable {stable.mean_ms:.2f} ms")
-    return CanaryVerdict(stable, canary, tuple(reasons))
+    if rollout.checks_conversion:
+        if responses is None:
+            raise ValueError("the rollout checks conversion: the canary verdict needs both versions' responses")
+        reasons += conversion_failures(*responses, rollout)
+    return CanaryVerdict(stable, canary, tuple(reasons), responses)
 
 
 # ---- roles and shares, for `status` ----------------------------------------------------------------------

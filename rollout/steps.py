@@ -34,13 +34,15 @@ from pathlib import Path
 import numpy as np
 
 import logs
+from client.experiments.events import EventStore
+from client.experiments.report import METRIC_COLUMN, per_user
 from client.index import IndexStore, embed_index
 from client.triton import RetryPolicy, TritonClient
 from contracts.manifest import Manifest, ManifestError
 from contracts.runtime import Runtime
 from export.gate import load_gate_sentences
 from rollout.admin import Replica, TritonAdmin
-from rollout.policy import (RolloutRefused, RolloutSettings, Validation, canary_verdict, traffic,
+from rollout.policy import (Responses, RolloutRefused, RolloutSettings, Validation, canary_verdict, traffic,
                             validation_failures)
 from rollout.repository import LiveRepository, put_config, put_dir
 from rollout.status import status
@@ -156,13 +158,23 @@ def swap_in(live: LiveRepository, staging: Path, new_version: int, admin: Triton
     log.info("version %d is live as a canary (%s)", new_version, ", ".join(m.pinned_ensembles(new_version)))
 
 
-def watch_canary(live: LiveRepository, admin: TritonAdmin, rollout: RolloutSettings) -> dict:
-    """Compares the canary's error rate and latency with the stable version's, from Triton's metrics."""
+def responses(events: EventStore, since: float, stable: int, canary: int, metric: str) -> tuple[Responses, Responses]:
+    """Per version, what users did with the lists it produced since `since` (impression time)."""
+    slots = events.slots(since=since)
+    column = METRIC_COLUMN[metric]
+    return tuple(Responses(v, per_user(slots.take(slots.encoder_version == v), column)) for v in (stable, canary))
+
+
+def watch_canary(live: LiveRepository, admin: TritonAdmin, rollout: RolloutSettings,
+                 events: EventStore | None = None) -> dict:
+    """Compares the canary's error rate and latency with the stable version's, from Triton's metrics, and, when
+    the rollout checks conversion, what users did with each version's lists, from the event store."""
     m = live.settings.models
     stable, canary = live.stable, live.canary
     if canary is None:
         raise RolloutRefused("no canary is serving")
     canary_models = m.pinned_ensembles(canary)
+    since = time.time()
     before = admin.metrics()
     deadline = time.monotonic() + rollout.canary_seconds
     while (left := deadline - time.monotonic()) > 0:
@@ -170,7 +182,10 @@ def watch_canary(live: LiveRepository, admin: TritonAdmin, rollout: RolloutSetti
         seen = traffic(before, admin.metrics(), canary_models)
         log.info("canary: %d requests, %d failed, %.0f s left", seen.requests, seen.failures, max(left - 10, 0))
     after = admin.metrics()
-    verdict = canary_verdict(traffic(before, after, m.ensembles), traffic(before, after, canary_models), rollout)
+    seen_responses = (responses(events, since, stable, canary, rollout.canary_conversion_metric)
+                      if rollout.checks_conversion else None)
+    verdict = canary_verdict(traffic(before, after, m.ensembles), traffic(before, after, canary_models), rollout,
+                             seen_responses)
     s, c = verdict.stable, verdict.canary
     log.info("canary v%d: %d req, failure rate %.4f, mean %.2f ms | stable v%d: %d req, failure rate %.4f, mean %.2f ms"
              " -> %s", canary, c.requests, c.failure_rate, c.mean_ms, stable, s.requests, s.failure_rate, s.mean_ms,
@@ -252,10 +267,13 @@ def _retire(live: LiveRepository, admin: TritonAdmin, version: int, keep: int, r
 
 # ---- the whole rollout ------------------------------------------------------------------------------------
 def run(live: LiveRepository, admin: TritonAdmin, new_export: Path, rollout: RolloutSettings = RolloutSettings(),
-        golden: list[str] | None = None, store: IndexStore | None = None, client: TritonClient | None = None) -> dict:
+        golden: list[str] | None = None, store: IndexStore | None = None, client: TritonClient | None = None,
+        events: EventStore | None = None) -> dict:
     """stage -> validate -> swap in -> canary (-> re-embed the catalog index) -> promote, or roll back.
     Raises RolloutRefused if the new version never went live; otherwise returns a report whose `outcome` is
-    `promoted` or `rolled_back`."""
+    `promoted` or `rolled_back`. `events`: the experiment event store the conversion check reads."""
+    if rollout.checks_conversion and events is None:
+        raise RolloutRefused("canary_max_conversion_drop is set but no event store was given (--events)")
     golden = golden or load_gate_sentences()[0]
     report: dict = {"export": str(new_export), "settings": asdict(rollout), "started_at": time.time()}
     with live.lock():
@@ -266,7 +284,7 @@ def run(live: LiveRepository, admin: TritonAdmin, new_export: Path, rollout: Rol
             report["validation"] = validate(staging, live.settings, live.stable, new_version, golden, rollout)
             try:
                 swap_in(live, staging, new_version, admin)
-                report["canary"] = canary = watch_canary(live, admin, rollout)
+                report["canary"] = canary = watch_canary(live, admin, rollout, events)
                 index_name = None
                 if canary["healthy"] and store is not None:
                     index_name = reembed_index(live, client, store, new_version)

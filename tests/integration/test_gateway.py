@@ -168,6 +168,58 @@ def test_recommendations_equal_the_recommenders_own(served):
     assert status == 200 and [u["user_id"] for u in pushed["users"]] == [u for u, _ in expected_push]
 
 
+def test_experiment_arms_and_events_through_the_gateway(served, tmp_path):
+    """Recommendations carry the user's arm and a request id; impressions, clicks and conversions posted back are
+    stored once, a malformed batch is refused whole, and the report counts what was posted."""
+    from client.experiments import Arm, EventStore, Experiment, ExperimentRecommender
+    from client.experiments import report as reporting
+
+    gateway, client = served
+    experiment = Experiment("gw-ab", (Arm("control"), Arm("semantic", channels=("semantic",), diversify=False)))
+    events = EventStore(tmp_path / "events.sqlite")
+    events.register(experiment)
+    config = replace(gateway.config, port=free_port())
+    recommender = load_recommender(config, client)
+    app = create_app(config, client, KeyStore.from_plaintext([KEY]), None, recommender, events=events,
+                     experiment=experiment)
+    direct = ExperimentRecommender(recommender, experiment)
+    shown = []
+    with Gateway(app, config.port) as experimental:
+        url = experimental.url
+        for user in sorted(recommender.histories)[:8]:
+            status, _, body = post(f"{url}/v1/recommendations", {"user_id": user, "n": 5})
+            arm = experiment.assign(user)
+            assert status == 200 and body["experiment"] == "gw-ab" and body["arm"] == arm.name, body
+            _, expected, _ = direct.recommend_arm(arm, user, n=5)
+            assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in expected]
+            shown.append(body)
+        assert len({b["arm"] for b in shown}) == 2 and len({b["request_id"] for b in shown}) == len(shown)
+        batch = [{"event_id": f"imp-{b['request_id']}", "type": "impression", "request_id": b["request_id"],
+                  "user_id": b["user_id"], "experiment": b["experiment"], "arm": b["arm"],
+                  "encoder_version": b["encoder_version"], "items": [i["item_id"] for i in b["items"]]} for b in shown]
+        first = shown[0]
+        batch += [{"event_id": "click-1", "type": "click", "request_id": first["request_id"],
+                   "user_id": first["user_id"], "item_id": first["items"][1]["item_id"], "position": 1},
+                  {"event_id": "conv-1", "type": "conversion", "request_id": first["request_id"],
+                   "user_id": first["user_id"], "item_id": first["items"][1]["item_id"], "value": 9.5}]
+        status, _, stored = post(f"{url}/v1/events", {"events": batch})
+        assert status == 200 and stored == {"accepted": 10, "duplicates": 0}
+        counts = events.counts()
+        assert counts == {"impression": 8, "click": 1, "conversion": 1}
+        status, _, again = post(f"{url}/v1/events", {"events": batch})
+        assert status == 200 and again == {"accepted": 0, "duplicates": 10}  # retried: stored once
+        bad = [{**batch[0], "event_id": "new"}, {"event_id": "x", "type": "click", "request_id": "r", "user_id": 1}]
+        status, _, refused = post(f"{url}/v1/events", {"events": bad})
+        assert status == 422 and refused["error"]["reasons"] == ["event 1 (x): `item_id` is required"]
+        assert events.counts() == counts  # nothing of the refused batch was stored
+        assert post(f"{url}/v1/events", {"events": batch[:1]}, key=None)[0] == 401
+    report = reporting.build(events, "gw-ab")
+    arm = first["arm"]
+    assert report["arms"][arm]["clicks"] == 1 and report["arms"][arm]["conversions"] == 1
+    assert sum(a["impressions"] for a in report["arms"].values()) == 8
+    events.close()
+
+
 def test_health_and_metrics(served):
     gateway, _ = served
     with urllib.request.urlopen(f"{gateway.url}/health/ready", timeout=10) as response:

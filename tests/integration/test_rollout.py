@@ -152,6 +152,53 @@ def test_a_canary_that_gets_no_traffic_is_rolled_back_automatically(live, export
     assert_only_version(live, stable)
 
 
+def test_a_canary_whose_lists_convert_worse_is_rolled_back(live, export_dir, tmp_path):
+    """The canary is healthy by Triton's metrics, but users convert on its lists half as often as on the stable
+    version's (impressions and conversions written to the event store during the canary window, as an
+    application serving both versions would): the rollout rolls it back and says which metric failed."""
+    from client.experiments import EventStore
+
+    stable, canary = live.repository.stable, live.repository.stable + 1
+    events = EventStore(tmp_path / "events.sqlite")
+    done = threading.Event()
+
+    def shop():  # each second, 300 lists per version; conversions at 10% of shown items on stable, 5% on canary
+        batch = 0
+        while not done.is_set():
+            rows = []
+            for version, every in ((stable, 10), (canary, 20)):
+                for i in range(300):
+                    request = f"{batch}-{version}-{i}"
+                    rows.append({"event_id": f"i-{request}", "type": "impression", "request_id": request,
+                                 "user_id": f"u{version}-{i}", "encoder_version": version, "items": [1, 2]})
+                    if i % every < 2:
+                        rows.append({"event_id": f"c-{request}", "type": "conversion", "request_id": request,
+                                     "user_id": f"u{version}-{i}", "item_id": 1 + i % 2})
+            events.append(rows)
+            batch += 1
+            done.wait(1.0)
+
+    rollout = replace(FAST, canary_seconds=4, canary_max_conversion_drop=0.10, canary_min_impressions=500)
+    writer = threading.Thread(target=shop, daemon=True)
+    with pytest.raises(RolloutRefused, match="no event store"):
+        run(live.repository, live.admin, export_dir / "onnx-int8", rollout)
+    with Traffic(live, canary_share=0.5) as traffic:
+        writer.start()
+        try:
+            report = run(live.repository, live.admin, export_dir / "onnx-int8", rollout, events=events)
+        finally:
+            done.set()
+            writer.join(timeout=30)
+    events.close()
+    verdict = report["canary"]
+    assert report["outcome"] == "rolled_back", verdict
+    assert [r for r in verdict["reasons"] if r.startswith("conversion_rate")] == verdict["reasons"], verdict["reasons"]
+    seen = verdict["responses"]
+    assert seen["stable"]["rate"] == pytest.approx(0.10, abs=0.01) and seen["canary"]["rate"] == pytest.approx(0.05, abs=0.01)
+    assert traffic.failed == 0, traffic.errors[:3]
+    assert_only_version(live, stable)
+
+
 # ---- broken versions are refused before any traffic -----------------------------------------------------
 def _rewrite_manifest(directory: Path) -> None:
     from export.source import file_sha256

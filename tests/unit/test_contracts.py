@@ -48,7 +48,7 @@ def test_imports_only_go_down_the_layers(package):
 def test_the_client_imports_nothing_of_the_export_or_serving_side():
     for path in sources("client"):
         assert not imports(path) & CLIENT_MUST_NOT_IMPORT, f"{path.relative_to(ROOT)}: {imports(path) & CLIENT_MUST_NOT_IMPORT}"
-    modules = [f"client.{p.stem}" for p in sources("client") if p.stem != "__init__"]
+    modules = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in sources("client") if p.stem != "__init__"]
     probe = ("import importlib, json, sys\n"
              f"for m in {modules!r}: importlib.import_module(m)\n"
              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")

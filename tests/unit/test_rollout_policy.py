@@ -87,3 +87,37 @@ def test_roles_shares_and_settings_validation():
     with pytest.raises(ValueError, match="cosine"):
         RolloutSettings(parity_min_cosine=1.5)
     assert isinstance(canary_verdict(Traffic((), 0, 0, 0, 0), Traffic((), 0, 0, 0, 0), RolloutSettings()), CanaryVerdict)
+
+
+# ---- conversion of the canary's lists (client/experiments events) -------------------------------------------------
+def responses(version, users, shown_per_user, rate, seed):
+    import numpy as np
+
+    from client.experiments.stats import RatioStats
+    from rollout.policy import Responses
+
+    shown = np.full(users, shown_per_user)
+    return Responses(version, RatioStats.of(np.random.default_rng(seed).binomial(shown, rate), shown))
+
+
+def test_the_canary_must_show_its_conversion_is_not_worse_than_stables():
+    healthy = Traffic(("embed_v2",), 500, 0, 0.0, 5.0)
+    rollout = RolloutSettings(canary_min_requests=10, canary_max_conversion_drop=0.10, canary_min_impressions=1000)
+    stable = responses(1, 20_000, 10, 0.05, 1)
+    same = canary_verdict(healthy, healthy, rollout, (stable, responses(2, 20_000, 10, 0.05, 2)))
+    assert same.healthy and same.to_json()["responses"]["canary"]["shown"] == 200_000
+    worse = canary_verdict(healthy, healthy, rollout, (stable, responses(2, 20_000, 10, 0.035, 3)))
+    assert not worse.healthy and worse.reasons[0].startswith("conversion_rate 0.03")
+    assert "below -10.0%" in worse.reasons[0]
+    thin = canary_verdict(healthy, healthy, rollout, (stable, responses(2, 50, 10, 0.05, 4)))
+    assert not thin.healthy and "only 500 items shown" in thin.reasons[0]
+    with pytest.raises(ValueError, match="needs both versions' responses"):
+        canary_verdict(healthy, healthy, rollout)
+    assert canary_verdict(healthy, healthy, RolloutSettings(canary_min_requests=10)).responses is None  # not asked
+
+
+@pytest.mark.parametrize("bad", [dict(canary_max_conversion_drop=1.5), dict(canary_conversion_metric="revenue"),
+                                 dict(canary_conversion_alpha=0.9), dict(canary_min_impressions=0)])
+def test_conversion_settings_are_validated(bad):
+    with pytest.raises(ValueError):
+        RolloutSettings(**bad)
