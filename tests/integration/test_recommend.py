@@ -92,3 +92,30 @@ def test_evaluate_cli_prints_json_through_a_served_repository(triton, movielens_
     report = json.loads(result.stdout)
     assert report["users"] == 20 and "recall@10" in report["results"]["popularity"]
     assert "recall@10" in result.stderr  # the readable table
+
+
+def test_experiment_simulate_cli_replays_real_lists_and_prints_one_json(triton, movielens_slice, tmp_path):
+    """`make experiment-sim`'s command on a small slice: real lists through Triton, A/A and lift runs, and the
+    A/B/n replay through the event store with its report and plots."""
+    server = triton("onnx-int8")
+    result = subprocess.run(
+        [sys.executable, "-m", "client.experiments", "simulate", str(movielens_slice), "--url", server.server.grpc_url,
+         "--runs", "20", "--reads", "5", "--real-visitors", "600", "--out", str(tmp_path)],
+        cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout)
+    for key in ("aa_false_positive_rate", "alpha", "predicted_power", "observed_power"):
+        assert 0 <= out[key] <= 1, key
+    assert out["runs"] == 20 and out["real_arms"]["events"] > 600
+    assert set(out["real_arms"]["arms"]) == {"control", "no-cooccurrence", "no-mmr"}
+    assert (tmp_path / "channels-abn.md").exists() and (tmp_path / "simulation.png").exists()
+    report = subprocess.run(
+        [sys.executable, "-m", "client.experiments", "report", "channels-abn", "--db", str(tmp_path / "sim-events.sqlite"),
+         "--out", str(tmp_path / "again"), "--format", "json"],
+        cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["arms"]["control"]["users"] == out["real_arms"]["arms"]["control"]["users"]
+    missing = subprocess.run([sys.executable, "-m", "client.experiments", "report", "nope", "--db",
+                              str(tmp_path / "sim-events.sqlite"), "--out", str(tmp_path / "x")],
+                             cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no experiment 'nope'" in missing.stderr

@@ -138,6 +138,7 @@ def test_non_inferiority_needs_evidence_not_only_a_point_estimate():
 def test_wilson_interval():
     low, high = wilson(10, 100)
     assert low == pytest.approx(0.0552, abs=1e-3) and high == pytest.approx(0.1744, abs=1e-3)
+    assert wilson(0, 50)[0] == 0.0 and wilson(50, 50)[1] == 1.0  # the estimate itself is always inside
 
 
 # ---- the event store ------------------------------------------------------------------------------------------
