@@ -68,6 +68,27 @@ def test_index_from_another_encoder_is_refused(recommender):
         recommender.index.search(recommender.index.vectors[:1], 5, other)
 
 
+def test_experiment_arms_change_what_they_name_and_nothing_else(recommender):
+    from client.experiments import Arm, Experiment, ExperimentError, ExperimentRecommender
+
+    version = recommender.index.encoder_version
+    experiment = Experiment("arms", (Arm("control"), Arm("semantic", channels=("semantic",), diversify=False),
+                                     Arm("pinned", encoder_version=version), Arm("missing", encoder_version=version + 5)))
+    served = ExperimentRecommender(recommender, experiment)
+    user = sorted(recommender.histories)[0]
+    _, control, v = served.recommend_arm(experiment.arm("control"), user, n=8)
+    assert v == version and control == recommender.recommend(user, n=8)[1]
+    _, semantic, _ = served.recommend_arm(experiment.arm("semantic"), user, n=8)
+    assert [r["item_id"] for r in semantic] == [r["item_id"] for r in recommender.recommend(
+        user, n=8, channels=("semantic",), diversify=False)[1]]
+    assert served.recommend_arm(experiment.arm("pinned"), user, n=8)[1] == control  # the current index's version
+    with pytest.raises(ExperimentError, match=f"no catalog index embedded by encoder version {version + 5}"):
+        served.recommend_arm(experiment.arm("missing"), user, n=8)
+    listed = served.recommend(user, n=4)
+    assert listed.arm == experiment.assign(user).name and listed.experiment == "arms" and len(listed.request_id) == 32
+    assert listed.impression()["items"] == [r["item_id"] for r in listed.items]
+
+
 def test_evaluation_reports_every_metric_side_by_side(triton, movielens_slice):
     """Structure and sanity on a small slice; the quality goal (beating popularity on the full data set)
     is measured by `make evaluate`, not asserted on 80 users."""
