@@ -42,8 +42,8 @@ serve: repository                ## tritonserver on loopback: HTTP 8000, gRPC 80
 gateway: venv                    ## HTTP gateway beside `make serve`: 127.0.0.1:$${GATEWAY_PORT:-8080}, keys from GATEWAY_API_KEYS or GATEWAY_KEY_FILE
 	$(PY) -m gateway
 
-demo: repository                 ## export, build, start Triton, recommend for a MovieLens user, stop
-	$(PY) -m demo $(if $(DATA),--data $(DATA))
+demo: venv                       ## the data (DATA=dir, ../shared, the cache, or a verified download) first, then export, build, start Triton, recommend, stop
+	@data="$$($(PY) -m demo_data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))" && $(MAKE) --no-print-directory repository && $(PY) -m demo --data "$$data"
 
 test: venv loadtest-venv         ## the whole suite against a real tritonserver
 	$(PY) -m pytest -q tests
