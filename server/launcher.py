@@ -48,6 +48,23 @@ class ServerError(RuntimeError):
     pass
 
 
+def common_flags(admin_key: str, admin_header: str = ServerSettings.admin_header) -> list[str]:
+    """The flags every tritonserver of this project runs with: `make serve` here, and the container's entrypoint
+    (docker/serve.sh is generated from this by server/container.py, and a test keeps them equal)."""
+    restricted = f"{RESTRICTED_APIS}:{admin_header}={admin_key}"
+    return [
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
+        "--allow-metrics=true",
+        # Latency quantiles (p50/p90/p95/p99) per model, beside the cumulative counters: what p99 panels read.
+        "--metrics-config=summary_latencies=true",
+    ]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now (for tests and benchmarks that run their own server)."""
     import socket
@@ -157,20 +174,14 @@ class TritonServer:
 
     def command(self) -> list[str]:
         s = self.server
-        restricted = f"{RESTRICTED_APIS}:{s.admin_header}={s.admin_key}"
         return [
             str(pytriton_root() / "bin" / "tritonserver"),
             f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={prepare_backends()}",
-            "--model-control-mode=explicit",
-            "--load-model=*",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
+            *common_flags(s.admin_key, s.admin_header),
             f"--http-address={s.host}", f"--http-port={s.http_port}",
             f"--grpc-address={s.host}", f"--grpc-port={s.grpc_port}",
             f"--metrics-address={s.host}", f"--metrics-port={s.metrics_port}",
-            f"--http-restricted-api={restricted}",
-            f"--grpc-restricted-protocol={restricted}",
             # Our own prefix: this server's stubs and /dev/shm regions are recognisable as its own.
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
