@@ -23,6 +23,7 @@ import settings
 from client.experiments.events import EventStore
 from client.index import IndexStore
 from client.triton import TritonClient
+from rollout.admin import replicas_from_file
 from rollout.steps import (LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, promote, roll_back, run,
                            status)
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR, help="the live repository")
     parser.add_argument("--replica", action="append", default=[], metavar="GRPC_HOST:PORT,METRICS_HOST:PORT",
                         help="a server of the live repository (repeat for each replica; default: settings)")
+    parser.add_argument("--replicas-file", type=Path, default=None,
+                        help="re-read before every step: one GRPC_HOST:PORT,METRICS_HOST:PORT per line (k8s/rollout.sh)")
     parser.add_argument("--index-store", type=Path, default=None,
                         help="catalog IndexStore to re-embed with the new version and switch with it")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     s = settings.SETTINGS.server
     live = LiveRepository(args.repository, settings.SETTINGS)
     replicas = [Replica(*spec.split(",", 1)) for spec in args.replica] or [Replica(s.grpc_url, f"{s.host}:{s.metrics_port}")]
-    admin = TritonAdmin(replicas, admin_key(), s.admin_header)
+    if args.replicas_file:
+        admin = TritonAdmin([], admin_key(), s.admin_header, discover=replicas_from_file(args.replicas_file))
+    else:
+        admin = TritonAdmin(replicas, admin_key(), s.admin_header)
     store = IndexStore(args.index_store) if args.index_store else None
     try:
         if args.command == "status":

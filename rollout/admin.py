@@ -6,7 +6,9 @@ repository volume). Metrics are parsed with prometheus_client's own text-format 
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +30,15 @@ class AdminError(RuntimeError):
 class Replica:
     grpc_url: str      # host:port of Triton's gRPC endpoint (model control, readiness)
     metrics_url: str   # host:port of its metrics endpoint
+
+
+def replicas_from_file(path: Path) -> Callable[[], list[Replica]]:
+    """A discovery function: the replicas listed in `path` now, one `GRPC_HOST:PORT,METRICS_HOST:PORT` per line
+    (docker/k8s/rollout.sh keeps it current with the ready pods, so pods the HPA adds mid-rollout are reached)."""
+    def read() -> list[Replica]:
+        lines = Path(path).read_text().split()
+        return [Replica(*line.split(",", 1)) for line in lines if "," in line]
+    return read
 
 
 def parse_metrics(text: str, into: MetricSnapshot | None = None) -> MetricSnapshot:
@@ -52,19 +63,39 @@ class TritonAdmin:
     behind it (measured: HTTP `embed` calls stalled for the full 4-5 s of an encoder reload; over gRPC the
     worst call during the same reload took 53 ms)."""
 
-    def __init__(self, replicas: list[Replica], key: str, header: str = ServerSettings.admin_header):
-        if not replicas:
-            raise ValueError("no replicas to administer")
-        self.replicas = list(replicas)
+    def __init__(self, replicas: list[Replica], key: str, header: str = ServerSettings.admin_header,
+                 discover: Callable[[], list[Replica]] | None = None):
+        """`discover`, when given, is asked for the current replicas before every load, unload, readiness and
+        metrics read (replicas that appeared are administered from then on; an empty answer keeps the last)."""
         self.headers = grpc_admin_headers(key, header)
-        self._clients = {r: grpcclient.InferenceServerClient(r.grpc_url) for r in self.replicas}
+        self.discover = discover
+        self._clients: dict[Replica, grpcclient.InferenceServerClient] = {}
+        self._use(list(replicas) or (discover() if discover else []))
+        if not self.replicas:
+            raise ValueError("no replicas to administer")
+
+    def _use(self, replicas: list[Replica]) -> None:
+        for gone in set(self._clients) - set(replicas):
+            self._clients.pop(gone).close()
+        for replica in replicas:
+            if replica not in self._clients:
+                self._clients[replica] = grpcclient.InferenceServerClient(replica.grpc_url)
+        self.replicas = list(replicas)
+
+    def refresh(self) -> list[Replica]:
+        if self.discover is not None:
+            found = self.discover()
+            if found:
+                self._use(found)
+        return self.replicas
 
     @classmethod
     def single(cls, grpc_url: str, metrics_url: str, key: str, header: str = ServerSettings.admin_header) -> "TritonAdmin":
         return cls([Replica(grpc_url, metrics_url)], key, header)
 
     def _control(self, action: str, model: str) -> None:
-        for replica, client in self._clients.items():
+        self.refresh()
+        for replica, client in list(self._clients.items()):
             try:
                 if action == "load":
                     client.load_model(model, headers=self.headers, client_timeout=900)
@@ -81,6 +112,7 @@ class TritonAdmin:
 
     def ready(self, model: str) -> bool:
         """Ready on every replica."""
+        self.refresh()
         try:
             return all(client.is_model_ready(model) for client in self._clients.values())
         except Exception:  # unreachable replica: not ready
@@ -89,7 +121,7 @@ class TritonAdmin:
     def metrics(self) -> MetricSnapshot:
         """Triton's per-model counters, summed over replicas."""
         values: MetricSnapshot = {}
-        for replica in self.replicas:
+        for replica in self.refresh():
             with urllib.request.urlopen(f"http://{replica.metrics_url}/metrics", timeout=10) as response:
                 parse_metrics(response.read().decode(), into=values)
         return values

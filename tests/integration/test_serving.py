@@ -168,3 +168,30 @@ def test_server_binds_to_loopback_only(triton):
         with socket.socket() as probe:
             probe.settimeout(1)
             assert probe.connect_ex((address, server.server.http_port)) != 0
+
+
+# Triton's GPU metrics exist only on a server that sees a GPU; these are the names the dashboard may use.
+GPU_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes", "nv_gpu_power_usage"}
+
+
+def test_every_metric_the_dashboards_and_autoscaling_query_is_one_triton_exports(triton):
+    """PromQL in the prometheus-adapter values (HPA) and the Grafana dashboard names only metrics that
+    tritonserver 2.51 really exports on :8002 (read from the live server after some traffic)."""
+    import re
+
+    import yaml
+
+    server = triton("onnx-int8")
+    with client_for(server, "grpc") as client:
+        client.embed(["a few requests", "so every per-model family is there"])
+        client.score(["a profile"], np.ones((1, 3, 384), dtype=np.float32) / np.sqrt(384))
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as response:
+        exported = set(re.findall(r"^(nv_[a-z_]+)", response.read().decode(), re.M))
+    docker = settings.REPO_ROOT / "docker"
+    values = yaml.safe_load((docker / "k8s" / "helm" / "prometheus-adapter-values.yaml").read_text())
+    queries = [r[k] for r in values["rules"]["custom"] for k in ("seriesQuery", "metricsQuery")]
+    dashboard = json.loads((docker / "grafana" / "dashboards" / "triton.json").read_text())
+    queries += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for q in queries for name in re.findall(r"\bnv_[a-z_]+", q)}
+    assert "nv_inference_request_summary_us" in used and "nv_inference_queue_duration_us" in used
+    assert used - exported - GPU_METRICS == set(), f"not exported by tritonserver: {used - exported - GPU_METRICS}"
