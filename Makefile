@@ -14,10 +14,10 @@ EXPORT_ARGS ?=
 .PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -r requirements.txt
+	$(PY) -m pip install --quiet --no-compile -r requirements-dev.txt
 	touch $(STAMP)
 
 LOADTEST_VENV := .venv-loadtest

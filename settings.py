@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
-BUILD_DIR = Path(os.environ.get("BUILD_DIR", REPO_ROOT / "build"))
+# In a checkout, build/ beside the code; installed as a package (pip install .), build/ in the working directory.
+BUILD_DIR = Path(os.environ.get("BUILD_DIR") or
+                 (REPO_ROOT / "build" if (REPO_ROOT / "Makefile").exists() else Path.cwd() / "build"))
 EXPORT_DIR = BUILD_DIR / "export"
 MODEL_REPOSITORY_DIR = BUILD_DIR / "model_repository"
 # Experiment events (client/experiments): impressions, clicks, conversions, in SQLite.

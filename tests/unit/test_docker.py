@@ -16,7 +16,7 @@ BIN = Path(__import__("sys").executable).parent
 def tool(name):
     path = BIN / name
     if not path.exists():
-        pytest.fail(f"{name} is missing from the venv (requirements.txt installs it)")
+        pytest.fail(f"{name} is missing from the venv (requirements-dev.txt installs it)")
     return str(path)
 
 
