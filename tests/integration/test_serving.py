@@ -195,3 +195,31 @@ def test_every_metric_the_dashboards_and_autoscaling_query_is_one_triton_exports
     used = {name for q in queries for name in re.findall(r"\bnv_[a-z_]+", q)}
     assert "nv_inference_request_summary_us" in used and "nv_inference_queue_duration_us" in used
     assert used - exported - GPU_METRICS == set(), f"not exported by tritonserver: {used - exported - GPU_METRICS}"
+
+
+def test_the_readmes_first_calls_work_as_written(triton):
+    """The README's curl commands for `embed` and `score`, and its Python example, run against a real server."""
+    import re
+    import subprocess
+
+    server = triton("onnx-fp32")
+    readme = (settings.REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## First calls"):readme.index("## Public contract")]
+    shell, python = re.findall(r"```bash\n(.*?)```", section, re.S)[0], re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    shell = shell.replace("localhost:8000", server.server.http_url)
+    result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    decoder, answers, text = json.JSONDecoder(), [], result.stdout.strip()
+    while text:
+        answer, end = decoder.raw_decode(text)
+        answers.append(answer), (text := text[end:].strip())
+    embed, score = ({o["name"]: o for o in a["outputs"]} for a in answers)
+    assert embed["EMBEDDING"]["shape"] == [2, 384]
+    assert score["SCORES"]["shape"] == [1, 2] and score["QUERY_EMBEDDING"]["shape"] == [1, 384]
+    query = np.array(score["QUERY_EMBEDDING"]["data"])
+    assert np.allclose(score["SCORES"]["data"], [query[0], query[1]], atol=1e-5)  # cosines with unit axes 0 and 1
+    python = python.replace('"127.0.0.1:8001"', repr(server.server.grpc_url))
+    namespace: dict = {}
+    exec(compile(python, "README.md", "exec"), namespace)
+    assert namespace["vectors"].shape == (2, 384) and namespace["scores"].shape == (1, 2)
+    assert np.allclose(namespace["scores"][0], namespace["vectors"] @ namespace["vectors"][1], atol=1e-4)

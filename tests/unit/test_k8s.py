@@ -48,12 +48,12 @@ def test_pod_monitors_select_real_pods_by_named_ports():
             assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
 
 
-def test_the_admin_secret_the_deployment_reads_is_created_in_the_readme():
+def test_the_admin_secret_the_deployment_reads_is_created_in_the_deployment_steps():
     deployment = docs(K8S / "deployment.yaml")[0]
     env = {e["name"]: e for c in deployment["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
     ref = env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
-    readme = (settings.REPO_ROOT / "README.md").read_text()
-    assert re.search(rf"kubectl create secret generic {ref['name']} --from-literal={ref['key']}=", readme)
+    steps = (settings.REPO_ROOT / "docs" / "production.md").read_text()  # the README's Documentation links it
+    assert re.search(rf"kubectl create secret generic {ref['name']} --from-literal={ref['key']}=", steps)
 
 
 def test_discovered_replicas_are_administered_from_the_next_step_on(tmp_path):
