@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+import logs
 import settings
 from contracts.manifest import Manifest
 from export.runners import OrtRunner, TorchRunner
+
+log = logs.get("export")
 
 SHAPES = {"b1/s16": (1, 16), "b32/s128": (32, 128)}
 
@@ -56,6 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per runner and shape")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "export_bench.json")
     args = parser.parse_args(argv)
+    logs.configure()
 
     import torch
 
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         directory = args.export_dir / variant
         if not Manifest.exists(directory):
-            print(f"skipping {variant}: not exported (run `make export`)")
+            log.warning("skipping %s: not exported (run `make export`)", variant)
             continue
         runners.append(OrtRunner(directory / Manifest.read(directory).artifact.file, name=variant))
 
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
             row[label] = {"p50_ms": 1000 * float(np.median(times)), "p90_ms": 1000 * float(np.percentile(times, 90)),
                           "runs": len(times), "seq_per_s": batch / float(np.median(times))}
         rows.append(row)
-        print(f"  measured {runner.name}", flush=True)
+        log.info("measured %s", runner.name)
 
     base = rows[0]
     print(f"\nBare encoder, {source.path.name} ({source.num_layers} layers, dim {source.dim}); {machine()}")
