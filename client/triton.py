@@ -24,7 +24,7 @@ from client.errors import (InvalidRequest, Kind, ModelNotFound, ServingError, Se
 from settings import Settings
 
 PROTOCOLS = ("grpc", "http")
-__all__ = ["TritonClient", "RetryPolicy", "ServingView", "ServingError", "ServingTimeout", "Unavailable",
+__all__ = ["TritonClient", "AsyncTritonClient", "RetryPolicy", "ServingView", "ServingError", "ServingTimeout", "Unavailable",
            "InvalidRequest", "ModelNotFound"]
 
 
@@ -70,6 +70,27 @@ class ServingView:
         if version not in self.exports:
             raise ModelNotFound(f"encoder version {version} is not loaded (loaded: {list(self.versions)})")
         return {**self.exports[version], "export_version": str(version)}
+
+
+def failure(what: str, error: BaseException, timeout_s: float, attempts: int, retry_left: bool) -> BaseException | None:
+    """What a failed call raises: one of client.errors' types, `error` itself when it is not tritonclient's or
+    a transport's, or None when it may be retried (a down or overloaded server) and retries are left."""
+    kind = classify(error)
+    if kind is Kind.FOREIGN:
+        return error
+    if kind is Kind.TIMEOUT:
+        return ServingTimeout(f"{what}: no answer within {timeout_s:g} s (not retried: the server may still be "
+                              "working on it)")
+    if kind is Kind.NOT_FOUND:
+        return ModelNotFound(f"{what}: {message(error)}")
+    if kind is Kind.INVALID:
+        return InvalidRequest(f"{what}: {message(error)}")
+    if kind is Kind.FAILED:  # the server failed it (e.g. a dead stub)
+        return ServingError(f"{what}: {status_code(error)}: {message(error)}")
+    if retry_left:
+        return None
+    return Unavailable(f"{what} failed after {attempts} attempts: "
+                       f"{status_code(error) or type(error).__name__}: {message(error)}")
 
 
 @dataclass(frozen=True)
@@ -142,24 +163,14 @@ class TritonClient:
             try:
                 return fn()
             except Exception as error:  # tritonclient raises its own and transport exceptions
-                kind = classify(error)
-                if kind is Kind.FOREIGN:
-                    raise
-                if kind is Kind.TIMEOUT:
-                    self.close()  # the connection still carries the late answer: never reuse it
-                    raise ServingTimeout(f"{what}: no answer within {self.timeout_s:g} s (not retried: the server "
-                                         f"may still be working on it)") from None
-                if kind is Kind.NOT_FOUND:
-                    raise ModelNotFound(f"{what}: {message(error)}") from None
-                if kind is Kind.INVALID:
-                    raise InvalidRequest(f"{what}: {message(error)}") from None
-                if kind is Kind.FAILED:  # the server failed it (e.g. a dead stub)
-                    raise ServingError(f"{what}: {status_code(error)}: {message(error)}") from None
                 delay = next(delays, None)
-                if delay is None:
-                    raise Unavailable(f"{what} failed after {self.retry.attempts} attempts: "
-                                      f"{status_code(error) or type(error).__name__}: {message(error)}") from None
-                self.close()  # a fresh connection for the next attempt
+                typed = failure(what, error, self.timeout_s, self.retry.attempts, retry_left=delay is not None)
+                if typed is error:
+                    raise
+                if isinstance(typed, ServingTimeout) or typed is None:
+                    self.close()  # a late answer may still come on this connection; retries get a fresh one
+                if typed is not None:
+                    raise typed from None
                 time.sleep(delay)
 
     def _input(self, name: str, array: np.ndarray, dtype: str):
@@ -282,3 +293,56 @@ class TritonClient:
             dims = outputs[0]["dims"] if isinstance(outputs[0], dict) else outputs[0].dims
             self._dim = int(dims[-1])
         return self._dim
+
+
+class AsyncTritonClient:
+    """`embed` over gRPC asyncio (tritonclient.grpc.aio), for callers that run on an event loop (the gateway):
+    no thread per call and no hand-off between threads. The same retries and typed errors as TritonClient; the
+    stable version (`embed`) or a pinned one. The channel is opened on first use, in the running loop."""
+
+    def __init__(self, url: str | None = None, settings: Settings | None = None, retry: RetryPolicy = RetryPolicy(),
+                 timeout_s: float = 30.0):
+        self.settings = settings or settings_module.SETTINGS
+        self.url = url or self.settings.server.grpc_url
+        self.retry = retry
+        self.timeout_s = timeout_s
+        self._client = None
+
+    def _connection(self):
+        if self._client is None:
+            import tritonclient.grpc.aio as aio
+
+            self._client = aio.InferenceServerClient(self.url)
+        return self._client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def embed(self, texts: Sequence[str], encoder_version: int | None = None) -> np.ndarray:
+        import asyncio
+
+        import tritonclient.grpc.aio as aio
+
+        t, m = self.settings.tensors, self.settings.models
+        model = m.embed if encoder_version is None else m.pinned(m.embed, encoder_version)
+        batch = TritonClient._texts(texts)
+        delays = self.retry.delays()
+        while True:
+            tensor = aio.InferInput(t.text, list(batch.shape), "BYTES")
+            tensor.set_data_from_numpy(batch)
+            try:
+                result = await self._connection().infer(model, [tensor], outputs=[aio.InferRequestedOutput(t.embedding)],
+                                                        client_timeout=self.timeout_s)
+                return result.as_numpy(t.embedding)
+            except Exception as error:
+                delay = next(delays, None)
+                typed = failure(f"infer {model}", error, self.timeout_s, self.retry.attempts, delay is not None)
+                if typed is error:
+                    raise
+                if isinstance(typed, ServingTimeout) or typed is None:
+                    await self.close()
+                if typed is not None:
+                    raise typed from None
+                await asyncio.sleep(delay)

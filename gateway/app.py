@@ -16,6 +16,7 @@ Triton's own refusals map to HTTP: UNAVAILABLE (its queue policy, or down) -> 50
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 import time
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import logs
 from client.errors import InvalidRequest, ModelNotFound, ServingError, ServingTimeout, Unavailable
 from client.experiments import EventError, EventStore, Experiment, ExperimentError, ExperimentRecommender
+from client.triton import AsyncTritonClient
 from gateway.config import GatewaySettings
 from gateway.keys import KeyStore
 from gateway.ratelimit import RateLimiter
@@ -162,12 +164,14 @@ KNOWN_ROUTES = {"/v1/embeddings", "/v1/models", "/v1/recommendations", "/v1/push
 
 def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCounter | None = None,
                recommender=None, clock=time.monotonic, events: EventStore | None = None,
-               experiment: Experiment | None = None) -> FastAPI:
+               experiment: Experiment | None = None, embedder=None) -> FastAPI:
     """`client` is a client.triton.TritonClient (gRPC); the gateway owns no model code. `recommender` (a
     client.recommend.Recommender) enables the recommendation routes; without it they answer 501. `events`
-    enables /v1/events; `experiment` serves recommendations by the user's arm."""
+    enables /v1/events; `experiment` serves recommendations by the user's arm. `embedder` (default: a
+    client.triton.AsyncTritonClient on the same gRPC endpoint) serves /v1/embeddings."""
     if len(keys) == 0:
         raise ValueError("no API keys: set GATEWAY_API_KEYS or GATEWAY_KEY_FILE")
+
     metrics = Metrics()
     served = ExperimentRecommender(recommender, experiment) if recommender is not None else None
     limiter = RateLimiter(config.rate_rps, config.rate_texts_per_s, config.burst_s)
@@ -188,7 +192,7 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
             message = f"{field or 'body'}: {first.get('msg', 'invalid')}"
         return ApiError(422, message, param=field, code=first.get("type")).response()
 
-    def caller(request: Request) -> str:
+    async def caller(request: Request) -> str:  # async: a sync dependency would cost a thread hop per request
         """The key's name, checked by Guard before the request got here."""
         return request.state.api_key
 
@@ -201,24 +205,43 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
             raise ApiError(429, f"rate limit of this key reached; retry in {wait:.2f} s", type_="rate_limit_error",
                            code="rate_limited", headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
+    def http_error(error: ServingError) -> ApiError:
+        """Triton's failure (already typed by the client) as the HTTP status the caller gets."""
+        if isinstance(error, ModelNotFound):
+            return ApiError(404, str(error), code="model_not_found")
+        if isinstance(error, InvalidRequest):
+            return ApiError(400, str(error), param="input")
+        if isinstance(error, Unavailable):
+            return ApiError(503, f"the model server is overloaded or down: {error}", type_="server_error",
+                            code="unavailable", headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)})
+        if isinstance(error, ServingTimeout):
+            return ApiError(504, str(error), type_="server_error", code="timeout")
+        return ApiError(502, str(error), type_="server_error", code="model_failed")
+
     def serving(call):
         """Triton's answer, or its failure as an HTTP status."""
         try:
             return call()
-        except ModelNotFound as error:
-            raise ApiError(404, str(error), code="model_not_found") from None
-        except InvalidRequest as error:
-            raise ApiError(400, str(error), param="input") from None
-        except Unavailable as error:
-            raise ApiError(503, f"the model server is overloaded or down: {error}", type_="server_error",
-                           code="unavailable", headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}) from None
-        except ServingTimeout as error:
-            raise ApiError(504, str(error), type_="server_error", code="timeout") from None
-        except ServingError as error:
-            raise ApiError(502, str(error), type_="server_error", code="model_failed") from None
+        except (ServingError, InvalidRequest) as error:
+            raise http_error(error) from None
+
+    # `embed` is awaited on the event loop over gRPC asyncio: no worker thread per request (measured in
+    # loadtest/gateway_bench.py). The other routes call the synchronous client from FastAPI's thread pool.
+    if embedder is None:
+        if client.protocol != "grpc":
+            raise ValueError("the gateway talks to Triton over gRPC: give it a gRPC TritonClient")
+        embedder = AsyncTritonClient(client.url, settings=client.settings, retry=client.retry,
+                                     timeout_s=client.timeout_s)
+
+    async def embed_all(texts: list[str], size: int) -> np.ndarray:
+        try:
+            parts = await asyncio.gather(*(embedder.embed(texts[i:i + size]) for i in range(0, len(texts), size)))
+        except (ServingError, InvalidRequest) as error:
+            raise http_error(error) from None
+        return np.concatenate(parts)
 
     @app.post("/v1/embeddings")
-    def embeddings(body: EmbeddingRequest, key: str = Depends(caller)):
+    async def embeddings(body: EmbeddingRequest, key: str = Depends(caller)):
         texts = [body.input] if isinstance(body.input, str) else body.input
         if any(not isinstance(t, str) for t in texts):
             raise ApiError(400, "token ids are not accepted: send `input` as a string or a list of strings",
@@ -230,14 +253,19 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
         if body.model != config.model:
             raise ApiError(404, f"model {body.model!r} is not served here; use {config.model!r}", param="model",
                            code="model_not_found")
-        dim = serving(client.embedding_dim)
-        if body.dimensions is not None and body.dimensions != dim:
-            raise ApiError(400, f"dimensions={body.dimensions}: this model returns {dim} (no truncation)",
-                           param="dimensions")
+        if body.dimensions is not None:
+            dim = await asyncio.to_thread(serving, client.embedding_dim)  # read once, then cached
+            if body.dimensions != dim:
+                raise ApiError(400, f"dimensions={body.dimensions}: this model returns {dim} (no truncation)",
+                               param="dimensions")
         admit(key, len(texts))
-        size = client.settings.batching.max_batch_size
-        vectors = serving(lambda: np.concatenate([client.embed(texts[i:i + size]) for i in range(0, len(texts), size)]))
-        counted = tokens.count(texts) if tokens is not None else 0
+        vectors = await embed_all(texts, client.settings.batching.max_batch_size)
+        if tokens is None:
+            counted = 0
+        elif len(texts) <= 8:  # a few texts: counted here, faster than a thread hop
+            counted = tokens.count(texts)
+        else:
+            counted = await asyncio.to_thread(tokens.count, texts)
         if body.encoding_format == "base64":
             data = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         else:

@@ -18,4 +18,6 @@ class TokenCounter:
             self.tokenizer.enable_truncation(max_length=self.max_length)
 
     def count(self, texts: list[str]) -> int:
+        if len(texts) == 1:  # encode_batch would hand one text to the tokenizer's thread pool
+            return len(self.tokenizer.encode(texts[0]).ids)
         return sum(len(encoding.ids) for encoding in self.tokenizer.encode_batch(texts))

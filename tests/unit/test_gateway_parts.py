@@ -66,7 +66,7 @@ class FailingClient:
     def embedding_dim(self):
         return 384
 
-    def embed(self, texts):
+    async def embed(self, texts, encoder_version=None):  # as client.triton.AsyncTritonClient
         raise self.error
 
     def model_ready(self, model):
@@ -83,7 +83,8 @@ def test_tritons_failures_become_http_statuses(error, status, retry_after):
     import client.errors as errors
     from gateway.app import create_app
 
-    app = create_app(GatewaySettings(), FailingClient(getattr(errors, error)("what Triton said")), KeyStore.from_plaintext(["k"]))
+    failing = FailingClient(getattr(errors, error)("what Triton said"))
+    app = create_app(GatewaySettings(), failing, KeyStore.from_plaintext(["k"]), embedder=failing)
     with TestClient(app) as http:
         response = http.post("/v1/embeddings", json={"model": "embed", "input": "x"}, headers={"Authorization": "Bearer k"})
     assert response.status_code == status and "what Triton said" in response.json()["error"]["message"]
@@ -95,7 +96,7 @@ def test_readiness_follows_tritons_embed_and_auth_comes_before_the_body():
 
     from gateway.app import create_app
 
-    app = create_app(GatewaySettings(), FailingClient(ready=False), KeyStore.from_plaintext(["k"]))
+    app = create_app(GatewaySettings(), FailingClient(ready=False), KeyStore.from_plaintext(["k"]), embedder=FailingClient())
     with TestClient(app) as http:
         assert http.get("/health/ready").status_code == 503 and http.get("/health/live").status_code == 200
         # No key and a malformed body: 401, not 422 (the body of an unknown caller is never parsed).
