@@ -25,16 +25,29 @@ log = logs.get("export")
 SHAPES = {"b1/s16": (1, 16), "b32/s128": (32, 128)}
 
 
+# The ISA extensions that decide which runtime and precision win on a CPU (INT8 needs VNNI or AMX to pay off).
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+             "amx_int8", "amx_bf16")
+
+
+def cpu_model_and_flags(cpuinfo: str) -> tuple[str, list[str]]:
+    """The CPU's model name and which of ISA_FLAGS it has, from /proc/cpuinfo's text."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():  # every core repeats the same block: the first one says it all
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name") or platform.processor() or "cpu", [f for f in ISA_FLAGS if f in flags]
+
+
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
+    """What every benchmark figure is quoted with: CPU model, its ISA flags, cores, OS."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+        cpuinfo = ""
+    model, flags = cpu_model_and_flags(cpuinfo)
+    return f"{model} ({' '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) -> list[float]:

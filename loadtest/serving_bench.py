@@ -20,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+import logs
 import settings
 from contracts.manifest import Manifest
 from export.bench import machine, time_runner
 from export.runners import OrtRunner, tokenize
+
+log = logs.get("loadtest")
 
 # Real text (from this project's gate set), cut to the token lengths the export benchmark uses.
 SHORT_TEXT = "How do I reset my password if I no longer have access to my email?"  # 17 tokens with specials
@@ -53,25 +56,40 @@ def perf_analyzer_libs() -> Path:
     return target
 
 
-def run_perf_analyzer(url: str, model: str, batch: int, data: dict | list[dict], concurrency: int, seconds: float) -> dict:
-    """`data`: one input set, or a list that perf_analyzer cycles through."""
+# perf_analyzer's tries, in order: (window x, stability %, trials). On a noisy machine the first may never settle;
+# the last accepts what it measured, and the row says so (`stable: false`) instead of the benchmark crashing.
+STABILITY_LADDER = ((1, 20, 5), (2, 30, 5), (3, 1000, 3))
+
+
+def run_perf_analyzer(url: str, model: str, batch: int, data: dict | list[dict], concurrency: int, seconds: float,
+                      binary: Path | None = None) -> dict:
+    """`data`: one input set, or a list that perf_analyzer cycles through. -> p50, p99, throughput, and whether
+    the figure met perf_analyzer's stability criterion (20% over its windows) or had to be accepted looser."""
     import sys
 
-    binary = Path(sys.executable).parent / "perf_analyzer"
+    binary = binary or Path(sys.executable).parent / "perf_analyzer"
+    env = {**os.environ, "LD_LIBRARY_PATH": str(perf_analyzer_libs())}
+    failures = []
     with tempfile.TemporaryDirectory() as tmp:
-        data_file, csv_file = Path(tmp) / "data.json", Path(tmp) / "out.csv"
+        data_file = Path(tmp) / "data.json"
         data_file.write_text(json.dumps({"data": data if isinstance(data, list) else [data]}))
-        command = [str(binary), "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
-                   "--input-data", str(data_file), f"--concurrency-range={concurrency}",
-                   "--measurement-interval", str(int(seconds * 1000)), "--stability-percentage=20",
-                   "--max-trials=5", "-f", str(csv_file)]
-        env = {**os.environ, "LD_LIBRARY_PATH": str(perf_analyzer_libs())}
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        if result.returncode != 0 or not csv_file.exists():
-            raise RuntimeError(f"perf_analyzer failed:\n{result.stdout}\n{result.stderr}")
-        row = next(csv.DictReader(csv_file.open()))
-    return {"p50_ms": float(row["p50 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
-            "infer_per_s": float(row["Inferences/Second"]), "concurrency": concurrency, "batch": batch}
+        for attempt, (scale, stability, trials) in enumerate(STABILITY_LADDER):
+            csv_file = Path(tmp) / f"out{attempt}.csv"
+            command = [str(binary), "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
+                       "--input-data", str(data_file), f"--concurrency-range={concurrency}",
+                       "--measurement-interval", str(int(seconds * scale * 1000)),
+                       f"--stability-percentage={stability}", f"--max-trials={trials}", "-f", str(csv_file)]
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+            if result.returncode == 0 and csv_file.exists():
+                row = next(csv.DictReader(csv_file.open()))
+                return {"p50_ms": float(row["p50 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
+                        "infer_per_s": float(row["Inferences/Second"]), "concurrency": concurrency, "batch": batch,
+                        "stable": stability <= STABILITY_LADDER[0][1], "window_s": seconds * scale,
+                        "stability_percentage": stability}
+            failures.append(f"window {seconds * scale:g} s, stability {stability}%: exit {result.returncode}: "
+                            f"{(result.stderr or result.stdout).strip()[-300:]}")
+            log.warning("perf_analyzer %s b%d: no result (%s); trying a longer window", model, batch, failures[-1])
+    raise RuntimeError(f"perf_analyzer gave no figure for {model} b{batch}:\n" + "\n".join(failures))
 
 
 def main(argv=None) -> int:
@@ -80,6 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer measurement window")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "serving_bench.json")
     args = parser.parse_args(argv)
+    logs.configure()
 
     from transformers import AutoTokenizer
 
@@ -117,7 +136,8 @@ def main(argv=None) -> int:
     print(f"\nServing {args.variant} on the embedded runtime, perf_analyzer over gRPC, concurrency 1; {machine()}")
     print(f"{'path':<14}{'p50 ms':>10}{'seq/s':>10}")
     for name, row in rows.items():
-        print(f"{name:<14}{row['p50_ms']:>10.2f}{row['infer_per_s']:>10.0f}")
+        flag = "  (unstable: perf_analyzer accepted at a looser criterion)" if row.get("stable") is False else ""
+        print(f"{name:<14}{row['p50_ms']:>10.2f}{row['infer_per_s']:>10.0f}{flag}")
     overhead = rows["embed b1"]["p50_ms"] - rows["bare b1"]["p50_ms"]
     ratio = rows["embed b32"]["infer_per_s"] / rows["bare b32"]["infer_per_s"]
     print(f"\nembed b1 p50 {rows['embed b1']['p50_ms']:.2f} ms; overhead over the bare encoder {overhead:.2f} ms")

@@ -1,0 +1,55 @@
+"""Benchmarks on noisy machines: perf_analyzer's unstable windows give a flagged figure, not a crash, and every
+figure names the CPU model and its ISA flags."""
+from __future__ import annotations
+
+import pytest
+
+from export.bench import cpu_model_and_flags
+from loadtest.serving_bench import STABILITY_LADDER, run_perf_analyzer
+
+XEON = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+"""
+EPYC = "model name\t: AMD EPYC\nflags\t\t: fpu sse avx avx2 fma f16c\n"
+
+
+def test_cpu_model_and_isa_flags():
+    assert cpu_model_and_flags(XEON) == ("Intel(R) Xeon(R) Platinum 8480+",
+                                         ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                                          "amx_tile", "amx_int8", "amx_bf16"])
+    assert cpu_model_and_flags(EPYC) == ("AMD EPYC", ["avx2", "fma", "f16c"])
+
+
+FAKE = """#!/usr/bin/env bash
+# Fails (as an unstable perf_analyzer does) until it has been called $SETTLE_AFTER times, then writes its CSV.
+count=$(( $(cat "$STATE" 2>/dev/null || echo 0) + 1 )); echo "$count" > "$STATE"
+out=""; while [[ $# -gt 0 ]]; do [[ "$1" == -f ]] && out="$2"; shift; done
+if (( count <= SETTLE_AFTER )); then echo "Failed to obtain stable measurement within 5 measurement windows" >&2; exit 2; fi
+printf 'Concurrency,Inferences/Second,p50 latency,p99 latency\\n1,250.5,3900,8100\\n' > "$out"
+"""
+
+
+@pytest.mark.parametrize("settle_after, stable", [(0, True), (1, False), (2, False)])
+def test_an_unstable_perf_analyzer_gives_a_flagged_figure(tmp_path, monkeypatch, settle_after, stable):
+    binary = tmp_path / "perf_analyzer"
+    binary.write_text(FAKE)
+    binary.chmod(0o755)
+    monkeypatch.setenv("STATE", str(tmp_path / "calls"))
+    monkeypatch.setenv("SETTLE_AFTER", str(settle_after))
+    row = run_perf_analyzer("127.0.0.1:1", "embed", 1, {"TEXT": {"content": ["x"], "shape": [1]}}, 1, 2.0, binary)
+    assert row["p50_ms"] == 3.9 and row["p99_ms"] == 8.1 and row["infer_per_s"] == 250.5
+    assert row["stable"] is stable and row["window_s"] == 2.0 * STABILITY_LADDER[settle_after][0]
+
+
+def test_perf_analyzer_that_never_answers_names_every_try(tmp_path, monkeypatch):
+    binary = tmp_path / "perf_analyzer"
+    binary.write_text(FAKE)
+    binary.chmod(0o755)
+    monkeypatch.setenv("STATE", str(tmp_path / "calls"))
+    monkeypatch.setenv("SETTLE_AFTER", "99")
+    with pytest.raises(RuntimeError, match="no figure for embed b1") as failed:
+        run_perf_analyzer("127.0.0.1:1", "embed", 1, {}, 1, 1.0, binary)
+    assert str(failed.value).count("exit 2") == len(STABILITY_LADDER)
