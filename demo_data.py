@@ -16,7 +16,6 @@ Environment: DEMO_DATA_URL, DEMO_DATA_CACHE, DEMO_DOWNLOAD (0 = never download).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import logs
 import settings
+from contracts.digest import file_sha256
 
 log = logs.get("demo")
 URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
@@ -56,14 +56,6 @@ def default_cache() -> Path:
                 / "bert-recsys")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def problems(directory: Path) -> list[str]:
     """What differs from the pinned release: missing files and sha256 mismatches."""
     found = []
@@ -71,8 +63,8 @@ def problems(directory: Path) -> list[str]:
         path = directory / name
         if not path.is_file():
             found.append(f"{name} is missing")
-        elif sha256(path) != expected:
-            found.append(f"{name}: sha256 {sha256(path)[:16]}... is not the pinned {expected[:16]}...")
+        elif (actual := file_sha256(path)) != expected:
+            found.append(f"{name}: sha256 {actual[:16]}... is not the pinned {expected[:16]}...")
     return found
 
 

@@ -7,7 +7,6 @@ version and switches between them atomically during a rollout.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from contracts.digest import file_sha256
 
 FLAT_LIMIT = 50_000  # exact search up to here; IVF above (measured: loadtest/ann_bench.py)
 
@@ -31,11 +32,6 @@ class IndexFileError(ValueError):
 
 
 INDEX_FILES = ("vectors.npy", "item_ids.npy", "texts.json")
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class IndexKind(StrEnum):
@@ -133,7 +129,7 @@ class ItemIndex:
         np.save(directory / "item_ids.npy", self.item_ids)
         if self.texts is not None:
             (directory / "texts.json").write_text(json.dumps(self.texts))
-        files = {name: _sha256(directory / name) for name in INDEX_FILES if (directory / name).exists()}
+        files = {name: file_sha256(directory / name) for name in INDEX_FILES if (directory / name).exists()}
         meta = {"encoder": self.encoder, "kind": self.kind, "settings": self.settings.__dict__, "count": len(self),
                 "dim": int(self.vectors.shape[1]), "files": files}
         (directory / "index.json").write_text(json.dumps(meta, indent=2))  # last: its presence marks a whole index
@@ -156,7 +152,7 @@ class ItemIndex:
             path = directory / name
             if not path.exists():
                 raise IndexFileError(f"{path}: missing")
-            if _sha256(path) != digest:
+            if file_sha256(path) != digest:
                 raise IndexFileError(f"{path}: does not match the sha256 recorded in {meta_path.name} "
                                      "(truncated, damaged, or copied from another index)")
         item_ids = _load_array(directory / "item_ids.npy", 1, np.integer)

@@ -9,6 +9,7 @@ rollout runs one. Which versions exist is read from the encoder's config (not a 
 """
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -306,13 +307,14 @@ class AsyncTritonClient:
         self.url = url or self.settings.server.grpc_url
         self.retry = retry
         self.timeout_s = timeout_s
+        import tritonclient.grpc.aio as aio  # imported here: the synchronous client never needs it
+
+        self._aio = aio
         self._client = None
 
     def _connection(self):
         if self._client is None:
-            import tritonclient.grpc.aio as aio
-
-            self._client = aio.InferenceServerClient(self.url)
+            self._client = self._aio.InferenceServerClient(self.url)
         return self._client
 
     async def close(self) -> None:
@@ -321,11 +323,7 @@ class AsyncTritonClient:
             await client.close()
 
     async def embed(self, texts: Sequence[str], encoder_version: int | None = None) -> np.ndarray:
-        import asyncio
-
-        import tritonclient.grpc.aio as aio
-
-        t, m = self.settings.tensors, self.settings.models
+        aio, t, m = self._aio, self.settings.tensors, self.settings.models
         model = m.embed if encoder_version is None else m.pinned(m.embed, encoder_version)
         batch = TritonClient._texts(texts)
         delays = self.retry.delays()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from contracts.digest import file_sha256
+
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 
@@ -181,18 +183,13 @@ class Manifest:
         size = artifact.stat().st_size
         if size != self.artifact.bytes:
             problems.append(f"{artifact.name} is {size} bytes, manifest says {self.artifact.bytes}")
-        if _file_sha256(artifact) != self.artifact.sha256:
+        if file_sha256(artifact) != self.artifact.sha256:
             problems.append(f"{artifact.name} sha256 differs from the manifest")
         return problems
 
 
 _TYPED = {"schema_version", "variant", "format", "precision", "encoder", "artifact", "gate", "tokenizer",
           "exported_at", "recipe_sha256"}
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def artifact_problems(directory: Path) -> list[str]:

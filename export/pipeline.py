@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import logs
+from contracts.digest import file_sha256
 from contracts.manifest import SCHEMA_VERSION, Manifest, Precision, artifact_problems
 from export import onnx_export
 from export.calibration import calibration_batches, read_calibration_texts
 from export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, Reference, Thresholds, evaluate
 from export.runners import OrtRunner, TorchRunner, embed_texts
-from export.source import SourceModel, file_sha256, load_source
+from export.source import SourceModel, load_source
 from export.tensorrt_plan import ShapeProfile, TensorRTUnavailable, TrtRunner, build_plan, tensorrt_version
 from export.variants import Variant, VariantStatus
 

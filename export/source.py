@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from contracts.digest import file_sha256
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 POOLING_MODES = ("mean", "cls")
 
@@ -44,14 +46,6 @@ def directory_sha256(root: Path) -> str:
         digest.update(str(file.relative_to(root)).encode())
         digest.update(b"\0")
         digest.update(file_sha256(file).encode())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

@@ -283,19 +283,21 @@ class EventStore:
     def slots(self, experiment: str | None = None, since: float | None = None) -> "Slots":
         """Every shown (impression, position) with whether it was clicked or converted, oldest impression first.
         `experiment` None: all impressions (inside experiments or not); `since`: impressions at or after it."""
-        where, args = ["i.type = 'impression'"], []
+        where, args = ["type = 'impression'"], []
         if experiment is not None:
-            where.append("i.experiment = ?"), args.append(experiment)
+            where.append("experiment = ?"), args.append(experiment)
         if since is not None:
-            where.append("i.ts >= ?"), args.append(since)
+            where.append("ts >= ?"), args.append(since)
+        # Only the actions of the impressions asked for are aggregated (a rollout's window, one experiment).
         query = f"""
-            WITH acts AS (SELECT request_id, item_id, MAX(type = 'conversion') AS converted FROM events
-                          WHERE type != 'impression' GROUP BY request_id, item_id)
+            WITH i AS (SELECT request_id, user_id, arm, encoder_version, ts FROM events WHERE {' AND '.join(where)}),
+                 acts AS (SELECT a.request_id, a.item_id, MAX(a.type = 'conversion') AS converted
+                          FROM events a JOIN i ON a.request_id = i.request_id
+                          WHERE a.type != 'impression' GROUP BY a.request_id, a.item_id)
             SELECT i.request_id, i.user_id, COALESCE(i.arm, ''), COALESCE(i.encoder_version, 0), i.ts, s.position,
                    s.item_id, acts.request_id IS NOT NULL, COALESCE(acts.converted, 0)
-            FROM events i JOIN shown s ON s.request_id = i.request_id
+            FROM i JOIN shown s ON s.request_id = i.request_id
             LEFT JOIN acts ON acts.request_id = s.request_id AND acts.item_id = s.item_id
-            WHERE {' AND '.join(where)}
             ORDER BY i.ts, i.request_id, s.position"""
         with self._lock:
             rows = self._db.execute(query, args).fetchall()

@@ -106,7 +106,7 @@ def run_once(behaviour: Behaviour, visitors: int, salt: str, lift: float, rng: n
     (r0, v0), (r1, v1) = vectorised_ratio(*sums[0]), vectorised_ratio(*sums[1])
     diff, variance = r1 - r0, v0 + v1
     tau = np.maximum(r0 * mde, 1e-9)
-    log_lambda = np.array([msprt_log_lambda(d, v, t) for d, v, t in zip(diff, variance, tau)], dtype=np.float64)
+    log_lambda = msprt_log_lambda(diff, variance, tau)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(variance > 0, np.abs(diff) / np.sqrt(variance), 0.0)
     z_crit = NormalDist().inv_cdf(1 - alpha / 2)

@@ -11,7 +11,8 @@ import settings
 from export.gate import DEFAULT_THRESHOLDS, Reference, evaluate
 from contracts.manifest import SCHEMA_VERSION, Manifest, ManifestError, artifact_problems
 from export.runners import OrtRunner
-from export.source import file_sha256, load_source
+from contracts.digest import file_sha256
+from export.source import load_source
 
 REPO = settings.REPO_ROOT
 

@@ -201,7 +201,7 @@ def test_a_canary_whose_lists_convert_worse_is_rolled_back(live, export_dir, tmp
 
 # ---- broken versions are refused before any traffic -----------------------------------------------------
 def _rewrite_manifest(directory: Path) -> None:
-    from export.source import file_sha256
+    from contracts.digest import file_sha256
 
     manifest = json.loads((directory / "manifest.json").read_text())
     artifact = directory / manifest["artifact"]["file"]

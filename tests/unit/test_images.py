@@ -77,7 +77,7 @@ def entry_points(dockerfile: Path, root: Path) -> list[tuple[str, str]]:
             assert script.stat().st_mode & 0o111, f"{dockerfile.name}: {command[0]} is not executable"
             for line in script.read_text().splitlines():
                 if re.match(r"\s*(exec\s+)?python3?\s", line):
-                    scan(shlex.split(re.sub(r"\$\{[^}]*\}|\"\$\{[^}]*\}\"", "", line).replace("exec ", "", 1)))
+                    scan(shlex.split(re.sub(r"\$\{[^}]*\}", "", line).replace("exec ", "", 1)))
 
     scan(entry)
     return found
