@@ -97,11 +97,24 @@ class BatchingSettings:
 class InstanceSettings:
     # Two: tokenization is cheap, and with one instance Triton 2.51's queue policy stalls accepted requests
     # for ~0.5 s once it starts rejecting (measured here; see the README's backpressure section).
-    tokenizer: int = 2
+    # TOKENIZER_INSTANCES: more on a GPU machine, where one Python tokenizer instance binds long before the encoder.
+    tokenizer: int = int(os.environ.get("TOKENIZER_INSTANCES", 2))
     encoder: int = 1
     similarity: int = 1
     # ONNX Runtime threads per encoder instance (embedded runtime); 0 = ORT's default (all cores).
+    # The torch runtime on a CPU uses it for torch.set_num_threads.
     encoder_intra_op_threads: int = 0
+    # Where the torch runtime's encoder runs (ENCODER_DEVICE): "gpu" (a KIND_GPU instance group, one instance
+    # per GPU and count), "cpu", or "auto" = gpu when torch sees CUDA where the repository is rendered.
+    encoder_device: str = os.environ.get("ENCODER_DEVICE", "auto")
+    # The torch runtime on CUDA replays one CUDA graph per (batch, sequence) bucket; "false" runs eagerly.
+    cuda_graphs: bool = os.environ.get("ENCODER_CUDA_GRAPHS", "true").lower() not in ("0", "false", "no")
+
+    def __post_init__(self):
+        if self.encoder_device not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"ENCODER_DEVICE must be auto, gpu or cpu, not {self.encoder_device!r}")
+        if min(self.tokenizer, self.encoder, self.similarity) < 1:
+            raise ValueError("every model needs at least one instance")
 
 
 @dataclass(frozen=True)

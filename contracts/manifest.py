@@ -27,6 +27,7 @@ class ManifestError(ValueError):
 class VariantFormat(StrEnum):
     ONNX = "onnx"
     TENSORRT_PLAN = "tensorrt_plan"
+    TORCH = "torch"          # safetensors weights for encoders/torch_bert.py (the torch runtime)
 
 
 class Precision(StrEnum):

@@ -7,6 +7,7 @@ from enum import StrEnum
 class Runtime(StrEnum):
     EMBEDDED = "embedded"  # Python backend running ONNX Runtime: the pip-installed tritonserver
     NATIVE = "native"      # Triton's own onnxruntime_onnx / tensorrt_plan backends: the NGC image
+    TORCH = "torch"        # Python backend running torch (encoders/torch_bert.py): CUDA when present, else CPU
 
     @classmethod
     def parse(cls, text: str) -> "Runtime":
@@ -16,6 +17,9 @@ class Runtime(StrEnum):
             raise ValueError(f"unknown runtime {text!r}; choose from {', '.join(r.value for r in cls)}") from None
 
     @classmethod
-    def of_encoder_config(cls, backend: str, platform: str) -> "Runtime":
-        """From a rendered encoder config: the embedded runtime is the Python backend; anything else is native."""
+    def of_encoder_config(cls, backend: str, platform: str, declared: str = "") -> "Runtime":
+        """From a rendered encoder config: its `runtime` parameter when it has one; configs rendered before that
+        parameter existed are embedded (Python backend) or native (anything else)."""
+        if declared:
+            return cls.parse(declared)
         return cls.EMBEDDED if backend == "python" else cls.NATIVE

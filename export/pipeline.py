@@ -24,8 +24,8 @@ from pathlib import Path
 
 import logs
 from contracts.digest import file_sha256
-from contracts.manifest import SCHEMA_VERSION, Manifest, Precision, artifact_problems
-from export import onnx_export
+from contracts.manifest import SCHEMA_VERSION, Manifest, Precision, VariantFormat, artifact_problems
+from export import onnx_export, torch_variant
 from export.calibration import calibration_batches, read_calibration_texts
 from export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, Reference, Thresholds, evaluate
 from export.runners import OrtRunner, TorchRunner, embed_texts
@@ -68,6 +68,9 @@ class ExportOptions:
                 recipe["calibration_sha256"] = file_sha256(self.calibration_file) if self.calibration_file else None
         if variant.needs_tensorrt:
             recipe["profile"] = self.trt_profile
+        if variant.format == VariantFormat.TORCH:
+            # The served code is part of the recipe: a change to it re-gates; so does a GPU appearing.
+            recipe.update(module_sha256=file_sha256(torch_variant.MODULE), gate_device=torch_variant.gate_device())
         return recipe
 
 
@@ -243,6 +246,11 @@ class Exporter:
                 details["quantization"] = onnx_export.quantize_int8_static(fp32, artifact, self.calibration(), keep)
             else:
                 details["quantization"] = onnx_export.quantize_int8_dynamic(fp32, artifact, keep)
+        elif variant.format == VariantFormat.TORCH:
+            details["torch"] = torch_variant.write(self.torch_encoder, self.source, variant.precision, artifact)
+            runner = torch_variant.TorchBertRunner(artifact, variant.precision, name=variant.name)
+            details["torch"].update(runner.describe())
+            return details, runner
         elif variant.needs_tensorrt:
             profile = ShapeProfile.parse(self.options.trt_profile, self.source.max_length)
             onnx_input = self.intermediate("raw-qdq" if variant.precision == Precision.INT8 else "raw")

@@ -25,7 +25,8 @@ class Variant:
 
     @property
     def artifact(self) -> str:
-        return "model.onnx" if self.format == VariantFormat.ONNX else "model.plan"
+        return {VariantFormat.ONNX: "model.onnx", VariantFormat.TENSORRT_PLAN: "model.plan",
+                VariantFormat.TORCH: "model.safetensors"}[self.format]
 
     @property
     def needs_tensorrt(self) -> bool:
@@ -40,6 +41,9 @@ VARIANTS = {
         Variant("onnx-int8", VariantFormat.ONNX, Precision.INT8),
         Variant("trt-fp16", VariantFormat.TENSORRT_PLAN, Precision.FP16),
         Variant("trt-int8", VariantFormat.TENSORRT_PLAN, Precision.INT8),
+        # The torch runtime (RUNTIME=torch): FP16 for GPUs, FP32 for CPUs and as the exact reference.
+        Variant("torch-fp32", VariantFormat.TORCH, Precision.FP32),
+        Variant("torch-fp16", VariantFormat.TORCH, Precision.FP16),
     )
 }
 DEFAULT_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8")

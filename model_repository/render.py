@@ -6,9 +6,12 @@ printed with `text_format`, so a misspelt field fails here rather than at server
 Runtimes of the encoder (the tokenizer and similarity models are the same Python code in all of them):
 - embedded: Python backend running ONNX Runtime; the only option on the pip-installed tritonserver.
 - native:   `onnxruntime_onnx` (CUDA, TensorRT accelerator for FP16) or `tensorrt_plan`, for the NGC image.
+- torch:    Python backend running encoders/torch_bert.py (copied beside its model.py): a KIND_GPU instance
+            group with FP16 and CUDA graphs where there is a GPU, FP32 on the CPU otherwise.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -22,11 +25,28 @@ from settings import Settings
 
 RUNTIMES = tuple(r.value for r in Runtime)
 MODELS_SOURCE = Path(__file__).with_name("models")
+# The encoder's model.py per runtime (the Python-backend ones), and what the torch one imports beside it.
+ENCODER_SOURCES = {Runtime.EMBEDDED: "encoder_onnxruntime", Runtime.TORCH: "encoder_torch"}
+# Where it is found, without importing it (and torch with it) here.
+TORCH_BERT_SOURCE = Path(importlib.util.find_spec("encoders.torch_bert").origin)
+# The formats each runtime can serve.
+RUNTIME_FORMATS = {Runtime.EMBEDDED: {VariantFormat.ONNX}, Runtime.TORCH: {VariantFormat.TORCH},
+                   Runtime.NATIVE: {VariantFormat.ONNX, VariantFormat.TENSORRT_PLAN}}
 # (batch, sequence) shapes the encoder runs at load, so request one is not slow. The largest possible shape
 # (max batch x the model's max length) is among them: ONNX Runtime's memory arena grows to its peak at load
 # instead of jumping in production at the first large batch (measured by `make soak`: +21 MB on the encoder
 # stub two minutes into a soak without it).
 ENCODER_WARMUP = ((1, 16), (8, 128))
+
+
+def torch_encoder_on_gpu(settings: Settings) -> bool:
+    """ENCODER_DEVICE: gpu, cpu, or auto (a GPU when torch sees CUDA here, where the server will run)."""
+    device = settings.instances.encoder_device
+    if device != "auto":
+        return device == "gpu"
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def encoder_warmup_shapes(settings: Settings, max_length: int) -> list[tuple[int, int]]:
@@ -111,9 +131,26 @@ def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | st
         params["export_version"] = stable
     for version, version_manifest in sorted((versions or {}).items()):
         params.update(manifest_parameters(version_manifest, prefix=f"export_v{version}_"))
-    if runtime == Runtime.EMBEDDED:
-        if manifest.format != VariantFormat.ONNX:
-            raise ValueError(f"the embedded runtime serves ONNX variants; {manifest.variant} needs --runtime native")
+    for version_manifest in (versions or {1: manifest}).values():
+        if version_manifest.format not in RUNTIME_FORMATS[runtime]:
+            fits = [str(r) for r, formats in RUNTIME_FORMATS.items() if version_manifest.format in formats]
+            raise ValueError(f"the {runtime} runtime cannot serve {version_manifest.variant} "
+                             f"({version_manifest.format}); use --runtime {' or '.join(fits)}")
+    params["runtime"] = str(runtime)
+    if runtime == Runtime.TORCH:
+        config.backend = "python"
+        gpu = torch_encoder_on_gpu(settings)
+        _instances(config, settings.instances.encoder, gpu=gpu)
+        params.update(
+            artifact=manifest.artifact.file,
+            max_length=manifest.encoder.max_length,
+            cpu_threads=settings.instances.encoder_intra_op_threads,
+            cuda_graphs=str(settings.instances.cuda_graphs).lower(),
+            ids_input=t.input_ids,
+            mask_input=t.attention_mask,
+            embedding_output=t.encoder_output,
+        )
+    elif runtime == Runtime.EMBEDDED:
         config.backend = "python"
         _instances(config, settings.instances.encoder)
         params.update(
@@ -253,6 +290,7 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
     unreadable manifest."""
     out = Path(out)
     versions = {version: Manifest.read(directory) for version, directory in version_dirs.items()}
+    runtime = Runtime.parse(runtime)
     configs = render_generation(settings, versions, runtime, stable)
 
     staging = out.with_name(out.name + ".staging")
@@ -266,8 +304,10 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
             version_dir = staging / name / str(version)
             version_dir.mkdir()
             if config.backend == "python":
-                source = MODELS_SOURCE / ("encoder_onnxruntime" if name == m.encoder else name) / "model.py"
+                source = MODELS_SOURCE / (ENCODER_SOURCES[runtime] if name == m.encoder else name) / "model.py"
                 shutil.copyfile(source, version_dir / "model.py")
+                if name == m.encoder and runtime == Runtime.TORCH:
+                    shutil.copyfile(TORCH_BERT_SOURCE, version_dir / TORCH_BERT_SOURCE.name)
     for file in ("tokenizer.json", "serving.json"):
         shutil.copyfile(Path(tokenizer_dir) / file, staging / m.tokenizer / "1" / file)
     for version, directory in version_dirs.items():

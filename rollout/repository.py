@@ -39,7 +39,8 @@ class LiveRepository:
     def runtime(self) -> Runtime:
         """The runtime the live encoder was rendered for: a rollout keeps it."""
         config = self.encoder_config
-        return Runtime.of_encoder_config(config.backend, config.platform)
+        declared = config.parameters["runtime"].string_value if "runtime" in config.parameters else ""
+        return Runtime.of_encoder_config(config.backend, config.platform, declared)
 
     @property
     def stable(self) -> int:

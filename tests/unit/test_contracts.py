@@ -14,7 +14,7 @@ import settings
 
 ROOT = settings.REPO_ROOT
 # settings <- export / model_repository / server <- client <- rollout, gateway <- loadtest / training / demo
-LAYERS = {"settings": 0, "logs": 0, "contracts": 0, "export": 1, "model_repository": 1, "server": 1, "client": 2,
+LAYERS = {"settings": 0, "logs": 0, "contracts": 0, "encoders": 0, "export": 1, "model_repository": 1, "server": 1, "client": 2,
           "rollout": 3, "gateway": 3, "loadtest": 4, "training": 4, "demo": 4, "demo_data": 4}
 # The client is what other services install: it must not pull in the export (torch) or the server side.
 CLIENT_MUST_NOT_IMPORT = {"export", "model_repository", "server", "torch", "transformers", "onnx", "onnxruntime"}
