@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-VARIANT ?= onnx-int8
 RUNTIME ?= embedded
+# RUNTIME=torch serves a torch variant: FP16 where nvidia-smi sees a GPU, FP32 otherwise.
+TORCH_VARIANT = $(shell nvidia-smi -L >/dev/null 2>&1 && echo torch-fp16 || echo torch-fp32)
+VARIANT ?= $(if $(filter torch,$(RUNTIME)),$(TORCH_VARIANT),onnx-int8)
 EXPORT_ARGS ?=
 
 .PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean

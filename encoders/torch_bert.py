@@ -2,8 +2,8 @@
 
 One file, importing only torch, safetensors and the standard library: the model repository renderer copies it
 beside the torch encoder's model.py, so the Triton stub runs exactly what `python -m export` checked against
-PyTorch FP32 (transformers). No transformers at serving time, no pickle: weights and config come from one
-safetensors file (`model.safetensors`), the config as JSON in its metadata.
+PyTorch FP32 (transformers). No transformers at serving time, and nothing that runs code on load: weights and
+config come from one safetensors file (`model.safetensors`), the config as JSON in its metadata.
 
 (input_ids, attention_mask) INT64 [batch, seq] -> embedding FP32 [batch, dim], pooled and L2-normalized.
 Attention is `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA), Q, K and V are one

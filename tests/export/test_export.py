@@ -153,3 +153,19 @@ def test_named_tensorrt_variant_without_tensorrt_fails_clearly(export_dir):
     assert result.returncode == 1
     assert "trt-fp16    skipped" in result.stdout and "NGC" in result.stdout
     assert "onnx-fp32   up-to-date" in result.stdout
+
+
+def test_the_torch_variant_records_the_code_it_was_gated_with(export_dir):
+    """The served module is part of the recipe: editing encoders/torch_bert.py re-gates torch-fp32."""
+    from encoders import torch_bert
+    from export.torch_variant import MODULE
+
+    directory = export_dir / "torch-fp32"
+    manifest = Manifest.read(directory)
+    assert artifact_problems(directory) == [] and manifest.artifact.file == "model.safetensors"
+    assert manifest.gate.passed and manifest.gate.figures["cosine_min"] >= 0.9999
+    assert manifest.extra["recipe"]["module_sha256"] == file_sha256(MODULE)
+    assert manifest.extra["recipe"]["gate_device"] in ("cpu", "cuda")
+    assert manifest.extra["details"]["torch"]["format"] == torch_bert.FORMAT
+    model = torch_bert.load(directory / manifest.artifact.file)
+    assert model.config.hidden == manifest.encoder.dim and model.config.pooling == manifest.encoder.pooling

@@ -39,6 +39,43 @@ def test_embed_equals_the_variants_direct_onnx_runtime_output(triton, export_dir
     np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
 
 
+def test_torch_runtime_on_the_cpu_equals_onnx_fp32_alone_in_a_batch_and_under_concurrency(triton, protocol):
+    """`make serve RUNTIME=torch` on a machine without a GPU: the same torch code the GPU runs, in FP32."""
+    torch_server, onnx_server = triton("torch-fp32", "torch"), triton("onnx-fp32")
+    with client_for(torch_server, protocol) as client, client_for(onnx_server, protocol) as reference:
+        served = client.embed(SENTENCES)
+        expected = reference.embed(SENTENCES)
+        alone = np.concatenate([client.embed([text]) for text in SENTENCES[:8]])
+        with ThreadPoolExecutor(8) as pool:  # requests of different lengths, merged by the dynamic batcher
+            concurrent = np.concatenate(list(pool.map(lambda text: client.embed([text]), SENTENCES)))
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(torch_server.server.grpc_url) as raw:
+        config = raw.get_model_config(settings.SETTINGS.models.encoder, as_json=True)["config"]
+    assert served.shape == (len(SENTENCES), 384) and served.dtype == np.float32
+    assert cosines(served, expected).min() >= 0.9999
+    assert cosines(alone, served[:8]).min() >= 0.9999
+    assert cosines(concurrent, served).min() >= 0.9999
+    assert config["parameters"]["runtime"]["string_value"] == "torch"
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+
+
+def test_torch_encoder_refuses_mismatched_inputs_and_stays_up(triton):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    server = triton("torch-fp32", "torch")
+    t = settings.SETTINGS.tensors
+    with grpcclient.InferenceServerClient(server.server.grpc_url) as raw:
+        inputs = [grpcclient.InferInput(t.input_ids, [1, 8], "INT64"), grpcclient.InferInput(t.attention_mask, [1, 4], "INT64")]
+        inputs[0].set_data_from_numpy(np.ones((1, 8), np.int64))
+        inputs[1].set_data_from_numpy(np.ones((1, 4), np.int64))
+        with pytest.raises(InferenceServerException, match="differ"):
+            raw.infer(settings.SETTINGS.models.encoder, inputs)
+    with client_for(server, "grpc") as client:
+        assert client.embed(["still serving"]).shape == (1, 384)
+
+
 def test_fp32_embed_equals_sentence_transformers(triton, protocol):
     from sentence_transformers import SentenceTransformer
 

@@ -14,7 +14,8 @@ def manifest(variant="onnx-int8", fmt="onnx", precision="int8", dim=384, file_sh
     return Manifest.from_json({
         "schema_version": SCHEMA_VERSION, "variant": variant, "format": fmt, "precision": precision,
         "encoder": {"dim": dim, "max_length": 256},
-        "artifact": {"file": "model.onnx" if fmt == "onnx" else "model.plan", "sha256": "a" * 64, "bytes": 1},
+        "artifact": {"file": {"onnx": "model.onnx", "torch": "model.safetensors"}.get(fmt, "model.plan"),
+                     "sha256": "a" * 64, "bytes": 1},
         "gate": {"passed": True}, "tokenizer": {"sha256": "d" * 64},
         "source": {"sha256": "b" * 64}, "exported_at": "2026-01-01T00:00:00Z",
     }, file_sha256=file_sha256)
@@ -27,6 +28,8 @@ CASES = [
     ("native", manifest("onnx-int8", "onnx", "int8")),
     ("native", manifest("trt-fp16", "tensorrt_plan", "fp16")),
     ("native", manifest("trt-int8", "tensorrt_plan", "int8")),
+    ("torch", manifest("torch-fp16", "torch", "fp16")),
+    ("torch", manifest("torch-fp32", "torch", "fp32")),
 ]
 
 
@@ -88,6 +91,47 @@ def test_native_encoders_pick_the_backend_and_accelerator():
 def test_embedded_runtime_refuses_a_tensorrt_plan():
     with pytest.raises(ValueError, match="--runtime native"):
         render_configs(S, manifest("trt-fp16", "tensorrt_plan", "fp16"), "embedded")
+
+
+@pytest.mark.parametrize("runtime, variant, fmt, fits", [
+    ("torch", "onnx-fp32", "onnx", "embedded or native"),
+    ("embedded", "torch-fp16", "torch", "torch"),
+    ("native", "torch-fp32", "torch", "torch"),
+])
+def test_each_runtime_serves_only_its_formats_and_names_the_one_that_fits(runtime, variant, fmt, fits):
+    with pytest.raises(ValueError, match=f"use --runtime {fits}"):
+        render_configs(S, manifest(variant, fmt, variant[-4:]), runtime)
+
+
+@pytest.mark.parametrize("device, kind", [("gpu", mc.ModelInstanceGroup.KIND_GPU),
+                                          ("cpu", mc.ModelInstanceGroup.KIND_CPU)])
+def test_torch_encoder_is_a_python_model_on_the_device_asked_for(device, kind):
+    from dataclasses import replace
+
+    settings_ = replace(S, instances=replace(S.instances, encoder_device=device, cuda_graphs=False))
+    encoder = render_configs(settings_, manifest("torch-fp16", "torch", "fp16"), "torch")["encoder"]
+    assert encoder.backend == "python" and encoder.instance_group[0].kind == kind
+    params = {k: v.string_value for k, v in encoder.parameters.items()}
+    assert params["runtime"] == "torch" and params["artifact"] == "model.safetensors"
+    assert params["cuda_graphs"] == "false" and params["max_length"] == "256"
+
+
+def test_an_unknown_encoder_device_is_refused():
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="ENCODER_DEVICE"):
+        replace(S.instances, encoder_device="tpu")
+
+
+@pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m.variant}" for r, m in CASES])
+def test_the_runtime_a_config_declares_is_the_one_it_was_rendered_for(runtime, man):
+    from contracts.runtime import Runtime
+
+    encoder = render_configs(S, man, runtime)["encoder"]
+    declared = encoder.parameters["runtime"].string_value
+    assert Runtime.of_encoder_config(encoder.backend, encoder.platform, declared) == Runtime(runtime)
+    # Configs rendered before the parameter existed: the Python backend was always embedded.
+    assert Runtime.of_encoder_config("python", "") == Runtime.EMBEDDED
 
 
 def test_dims_come_from_the_manifest_not_from_code():
