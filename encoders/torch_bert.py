@@ -151,6 +151,42 @@ def from_transformers_state(state: dict[str, torch.Tensor], config: BertConfig) 
     return out
 
 
+def to_transformers_state(weights: dict[str, torch.Tensor], config: BertConfig) -> dict[str, torch.Tensor]:
+    """The inverse, for a Hugging Face `BertModel` (token type embeddings zero: type 0 is folded into positions)."""
+    out = {"embeddings.word_embeddings.weight": weights["embeddings.word"],
+           "embeddings.position_embeddings.weight": weights["embeddings.position"],
+           "embeddings.token_type_embeddings.weight": torch.zeros(2, config.hidden, dtype=weights["embeddings.word"].dtype),
+           "embeddings.LayerNorm.weight": weights["embeddings.norm.weight"],
+           "embeddings.LayerNorm.bias": weights["embeddings.norm.bias"]}
+    for i in range(config.layers):
+        hf, p = f"encoder.layer.{i}.", f"layers.{i}."
+        for part, name in (("weight", "qkv.weight"), ("bias", "qkv.bias")):
+            for chunk, which in zip(weights[p + name].chunk(3), ("query", "key", "value")):
+                out[f"{hf}attention.self.{which}.{part}"] = chunk
+        for ours, theirs in (("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
+                             ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense"), ("ffn_norm", "output.LayerNorm")):
+            for part in ("weight", "bias"):
+                out[f"{hf}{theirs}.{part}"] = weights[f"{p}{ours}.{part}"]
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def read(path) -> tuple[BertConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of a weights file, on the CPU, as stored."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        config = BertConfig.from_metadata(handle.metadata())
+        return config, {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def flops_per_sequence(config: BertConfig, seq: int) -> int:
+    """Multiply-adds x 2 of one sequence through the encoder: the dense layers, QK^T and AV (embeddings, norms,
+    softmax and pooling are a rounding error). For a fraction-of-peak figure."""
+    dense = 2 * seq * (4 * config.hidden * config.hidden + 2 * config.hidden * config.intermediate)
+    attention = 4 * seq * seq * config.hidden
+    return config.layers * (dense + attention)
+
+
 def save(path, config: BertConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """All tensors in `dtype` (F.layer_norm wants input and affine terms in one dtype; it keeps its statistics
     in FP32 itself)."""
@@ -162,13 +198,8 @@ def save(path, config: BertConfig, weights: dict[str, torch.Tensor], dtype: torc
 
 def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> TorchBert:
     """Reads the weights file onto `device`; `dtype` (default: as stored) is the compute precision."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device=str(device)) as handle:
-        config = BertConfig.from_metadata(handle.metadata())
-        weights = {name: handle.get_tensor(name) for name in handle.keys()}
-    if dtype is not None:
-        weights = {name: w.to(dtype) for name, w in weights.items()}
+    config, weights = read(path)
+    weights = {name: w.to(device=device, dtype=dtype or w.dtype) for name, w in weights.items()}
     return TorchBert(config, weights).eval()
 
 
@@ -193,6 +224,24 @@ def bucket_of(value: int, sizes: list[int]) -> int:
     raise ValueError(f"{value} exceeds the largest bucket {sizes[-1]}")
 
 
+def capture(model: TorchBert, ids: torch.Tensor, mask: torch.Tensor, pool=None) -> tuple:
+    """(graph, output) of `model` on the static CUDA tensors ids and mask: write new inputs into them, replay,
+    read the output. Warmed up on a side stream first, as CUDA graph capture requires."""
+    device = ids.device
+    with torch.inference_mode():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(ids, mask)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = model(ids, mask)
+    torch.cuda.synchronize(device)
+    return graph, out
+
+
 class GraphedEncoder:
     """One CUDA graph per (batch, sequence) bucket, all captured at construction (the warm-up covers every
     bucket), sharing one memory pool. A call pads its inputs into the bucket's static buffers (padding rows see
@@ -204,23 +253,13 @@ class GraphedEncoder:
         self.batches, self.seqs = batch_buckets(max_batch), sequence_buckets(max_length)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple] = {}
-        with torch.inference_mode():
-            # Largest first: the shared pool reaches its peak at the first capture and is reused after.
-            for batch in reversed(self.batches):
-                for seq in reversed(self.seqs):
-                    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-                    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-                    side = torch.cuda.Stream(device)
-                    side.wait_stream(torch.cuda.current_stream(device))
-                    with torch.cuda.stream(side):
-                        for _ in range(2):
-                            model(ids, mask)
-                    torch.cuda.current_stream(device).wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool):
-                        out = model(ids, mask)
-                    self.graphs[(batch, seq)] = (graph, ids, mask, out)
-        torch.cuda.synchronize(device)
+        # Largest first: the shared pool reaches its peak at the first capture and is reused after.
+        for batch in reversed(self.batches):
+            for seq in reversed(self.seqs):
+                ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+                mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+                graph, out = capture(model, ids, mask, self.pool)
+                self.graphs[(batch, seq)] = (graph, ids, mask, out)
         if log:
             log(f"captured {len(self.graphs)} CUDA graphs: batch {self.batches}, sequence {self.seqs}")
 

@@ -18,7 +18,6 @@ import numpy as np
 import logs
 import settings
 from contracts.manifest import Manifest
-from export.runners import OrtRunner, TorchRunner
 
 log = logs.get("export")
 
@@ -77,6 +76,7 @@ def main(argv=None) -> int:
     import torch
 
     from export.onnx_export import load_torch_encoder
+    from export.runners import OrtRunner, TorchRunner  # here, so machine() imports without onnx or torch
     from export.source import load_source
 
     torch.set_num_threads(os.cpu_count())

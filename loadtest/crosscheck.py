@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import replace
 
 import settings
-from loadtest.serving_bench import run_perf_analyzer
+from loadtest.perf import run_perf_analyzer
 from loadtest.workload import real_texts
 
 

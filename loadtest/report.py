@@ -124,7 +124,16 @@ def render(args) -> int:
         lines.append(f"| {name} | {r['requests']} | {r['failures']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | "
                      f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
     lines += ["", "`recommend` = profile, four recall channels, one `score` ensemble call, MMR assembly.", "",
-              "## GPU", "", "No GPU machine was available for this run; the GPU section is added when one is.", ""]
+              "## GPU (`make bench-gpu`, torch runtime)", ""]
+    gpu = REPORTS / "gpu" / "gpu_bench.json"
+    if gpu.exists():
+        from loadtest.gpu_bench import markdown
+
+        image = "gpu/gpu_bench.png" if (REPORTS / "gpu" / "gpu_bench.png").exists() else None
+        lines += ["From its own run (a GPU machine, not this one's):", "", *markdown(json.loads(gpu.read_text()), image)]
+    else:
+        lines += ["Not measured: no build/reports/gpu/gpu_bench.json. `make bench-gpu` on a GPU machine writes it "
+                  "(docs/gpu.md).", ""]
     (REPORTS / "REPORT.md").write_text("\n".join(lines))
     print(f"[report] written {REPORTS / 'REPORT.md'}")
     return 0

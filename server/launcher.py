@@ -155,6 +155,8 @@ class TritonServer:
     extra_args: tuple[str, ...] = ()
     supervise: bool = True        # reload a model whose stub died (server/supervisor.py)
     run_dir: Path = RUN_DIR
+    # Directories put first on the Python stubs' path (e.g. a numpy<2 for stubs on a numpy 2 machine).
+    stub_pythonpath: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.process: subprocess.Popen | None = None
@@ -194,6 +196,8 @@ class TritonServer:
         env["TRITON_STUB_NO_PYCACHE"] = "1"  # read by install_no_pycache_hook's .pth line in the stub
         env["HF_HUB_OFFLINE"] = "1"
         env.setdefault("TOKENIZERS_PARALLELISM", "true")
+        if self.stub_pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join([*map(str, self.stub_pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         return env
 
     def start(self) -> "TritonServer":
