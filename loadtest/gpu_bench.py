@@ -312,7 +312,13 @@ def served_section(bundle: Path, out: Path, perf_analyzer: Path | None, points: 
             rows.append(row)
             log.info("embed b%d c%d: %.0f sentences/s, p50 %.2f ms", batch, concurrency, row["sentences_per_s"],
                      row["p50_ms"])
-    return {"ready_s": ready_s, "b1": b1, "rows": rows, "best_sentences_per_s": max(r["sentences_per_s"] for r in rows)}
+        # The tokenizer step alone, at the largest point: whether tokenization is what binds `embed`.
+        batch, concurrency = max(points)
+        tokenizer = run_perf_analyzer(url, settings.SETTINGS.models.tokenizer, batch, data, concurrency, window_s,
+                                      perf_analyzer)
+        log.info("tokenizer alone b%d c%d: %.0f sentences/s", batch, concurrency, tokenizer["infer_per_s"])
+    return {"ready_s": ready_s, "b1": b1, "rows": rows, "best_sentences_per_s": max(r["sentences_per_s"] for r in rows),
+            "tokenizer_alone": tokenizer}
 
 
 def sentence_transformers_dir(torch, bundle: Path, target: Path) -> Path:
@@ -419,6 +425,7 @@ def summarize(sections: dict) -> dict:
         "encoder_seq_per_s": best_encoder, "goal_encoder_seq_per_s": 120_000,
         "encoder_fraction_of_peak": encoder_best.get("fraction_of_peak") if encoder_best else None,
         "b1_p50_ms": get("served", "b1", "p50_ms"), "goal_b1_p50_ms": 1.5,
+        "tokenizer_sentences_per_s": get("served", "tokenizer_alone", "infer_per_s"),
         "peer_sentence_transformers_per_s": get("peer", "sentences_per_s"),
         "fp16_gate_cosine_min": get("gate", "cosine_min"), "peak_tflops": get("peak", "tflops"),
     }
@@ -468,6 +475,8 @@ def markdown(data: dict, image: str | None = None) -> list[str]:
              f"| encoder, fraction of measured FP16 peak ({fmt(summary['peak_tflops'], '.0f')} TFLOP/s) | "
              f"{fmt(summary['encoder_fraction_of_peak'], '.1%')} | |",
              f"| `embed` b1 p50 ms | {fmt(summary['b1_p50_ms'], '.2f')} | <= 1.5 |",
+             f"| tokenizer step alone, sentences/s | {fmt(summary['tokenizer_sentences_per_s'], ',.0f')} | "
+             "above `embed`'s, or it binds |",
              f"| sentence-transformers FP16 `encode`, sentences/s (peer) | "
              f"{fmt(summary['peer_sentence_transformers_per_s'], ',.0f')} | |",
              f"| torch-fp16 on this GPU, min cosine to PyTorch FP32 | {fmt(summary['fp16_gate_cosine_min'], '.6f')} | "

@@ -34,6 +34,7 @@ def test_pack_then_run_smoke_measures_every_section_and_the_peer_computes_the_sa
     assert sections["gate"]["sts_pairs"] == 40 and abs(sections["gate"]["spearman_ratio"] - 1) < 1e-3
     assert [row["batch"] for row in sections["encoder"]["rows"]] == [1, 4]
     assert sections["served"]["b1"]["p50_ms"] > 0 and sections["served"]["best_sentences_per_s"] > 0
+    assert sections["served"]["tokenizer_alone"]["infer_per_s"] > 0
     # The peer is sentence-transformers' own code on the served weights: it must compute the same vectors.
     assert sections["peer"]["min_cosine_to_torch_runtime"] >= 0.9999
     assert sections["summary"]["embed_sentences_per_s"] == sections["served"]["best_sentences_per_s"]
