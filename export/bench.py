@@ -17,7 +17,7 @@ import numpy as np
 
 import logs
 import settings
-from contracts.manifest import Manifest
+from contracts.manifest import Manifest, Precision, VariantFormat
 
 log = logs.get("export")
 
@@ -67,7 +67,7 @@ def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
-    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8")
+    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8,torch-fp32")
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per runner and shape")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "export_bench.json")
     args = parser.parse_args(argv)
@@ -87,7 +87,13 @@ def main(argv=None) -> int:
         if not Manifest.exists(directory):
             log.warning("skipping %s: not exported (run `make export`)", variant)
             continue
-        runners.append(OrtRunner(directory / Manifest.read(directory).artifact.file, name=variant))
+        manifest = Manifest.read(directory)
+        if manifest.format == VariantFormat.TORCH:  # the torch runtime's code (encoders/torch_bert.py), FP32 here
+            from export.torch_variant import TorchBertRunner
+
+            runners.append(TorchBertRunner(directory / manifest.artifact.file, Precision.FP32, "cpu", name=variant))
+        else:
+            runners.append(OrtRunner(directory / manifest.artifact.file, name=variant))
 
     rows = []
     for runner in runners:

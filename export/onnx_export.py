@@ -130,6 +130,12 @@ def ffn_output_matmuls(model_path: Path, layers: Iterable[int]) -> list[str]:
     return sorted(names)
 
 
+def attention_nodes(model_path: Path) -> list[str]:
+    """Names of the fused Attention nodes (QKV projection + attention) of an ORT-fused graph."""
+    return sorted(n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node
+                  if n.op_type == "Attention")
+
+
 def quantize_int8_dynamic(fp32_path: Path, out_path: Path, exclude_nodes: list[str]) -> dict:
     """Per-channel dynamic INT8: weights quantized offline, activations per batch at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -144,6 +150,98 @@ def quantize_int8_dynamic(fp32_path: Path, out_path: Path, exclude_nodes: list[s
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return {"mode": "dynamic", "per_channel": True, "weight_type": "QInt8", "fp32_nodes": exclude_nodes}
+
+
+def _per_row_int8_matmul(prefix: str, x: str, y: str, weight: np.ndarray) -> tuple[list, list]:
+    """Nodes and initializers computing y = x @ weight with INT8 weights (per output channel, symmetric) and INT8
+    activations quantized per row, i.e. per token, at run time: a token's scale depends on that token only, so
+    the result does not depend on what else is in the batch (or on padding). x: [..., K] -> y: [..., N]."""
+    from onnx import helper, numpy_helper
+
+    k, n = weight.shape
+    w_scale = np.maximum(np.abs(weight).max(axis=0), 1e-8) / 127.0
+    w_q = np.clip(np.round(weight / w_scale), -127, 127).astype(np.int8)
+    p = prefix
+    inits = [numpy_helper.from_array(w_q, p + "w_q"), numpy_helper.from_array(w_scale.astype(np.float32), p + "w_scale"),
+             numpy_helper.from_array(np.array([-1, k], np.int64), p + "rows"),
+             numpy_helper.from_array(np.array([n], np.int64), p + "n")]
+    node = helper.make_node
+    nodes = [
+        node("Reshape", [x, p + "rows"], [p + "x2"]),                           # [R, K], one row per token
+        node("Abs", [p + "x2"], [p + "abs"]),
+        node("ReduceMax", [p + "abs"], [p + "absmax"], axes=[1], keepdims=0),   # [R]
+        node("Max", [p + "absmax", _PER_ROW + "eps"], [p + "absmax_eps"]),
+        node("Mul", [p + "absmax_eps", _PER_ROW + "inv127"], [p + "scale"]),     # symmetric: [-127, 127] + 128
+        node("Shape", [p + "scale"], [p + "rows_n"]),
+        node("Expand", [_PER_ROW + "zero_point", p + "rows_n"], [p + "zero_points"]),
+        node("QuantizeLinear", [p + "x2", p + "scale", p + "zero_points"], [p + "x_q"], axis=0),
+        node("MatMulInteger", [p + "x_q", p + "w_q", _PER_ROW + "zero_point"], [p + "y_int"]),
+        node("DequantizeLinear", [p + "y_int", p + "scale"], [p + "y_rows"], axis=0),
+        node("Mul", [p + "y_rows", p + "w_scale"], [p + "y2"]),
+        node("Shape", [x], [p + "x_shape"]),
+        node("Slice", [p + "x_shape", _PER_ROW + "zero", _PER_ROW + "minus_one"], [p + "lead"]),
+        node("Concat", [p + "lead", p + "n"], [p + "y_shape"], axis=0),
+        node("Reshape", [p + "y2", p + "y_shape"], [y]),
+    ]
+    return nodes, inits
+
+
+_PER_ROW = "per_row_int8/"
+
+
+def quantize_int8_per_row(fp32_path: Path, out_path: Path, exclude_nodes: list[str]) -> dict:
+    """Batch-invariant dynamic INT8 for the ORT-fused graph: every MatMul with constant weights, and the QKV
+    projection of every fused Attention (which becomes that projection + MultiHeadAttention), run with
+    per-channel INT8 weights and per-token INT8 activations. ORT's dynamic quantizer uses one activation scale
+    for the whole batch instead, so a text's vector depends on its batch-mates (min cosine ~0.96 here)."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(fp32_path))
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    excluded = set(exclude_nodes)
+    nodes, added, replaced = [], [], []
+    for index, n in enumerate(graph.node):
+        weight = initializers.get(n.input[1]) if len(n.input) > 1 else None
+        if weight is None or n.name in excluded or n.op_type not in ("MatMul", "Attention"):
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(weight).astype(np.float32)
+        prefix = f"{_PER_ROW}{index}/"
+        if n.op_type == "MatMul":
+            new, inits = _per_row_int8_matmul(prefix, n.input[0], n.output[0], w)
+        else:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if set(attrs) - {"num_heads", "mask_filter_value"} or len(n.input) != 4:
+                nodes.append(n)  # past state, unidirectional, qkv_hidden_sizes...: not a BERT encoder's attention
+                continue
+            new, inits = _per_row_int8_matmul(prefix, n.input[0], prefix + "qkv", w)
+            third = w.shape[1] // 3
+            inits.append(numpy_helper.from_array(np.array([third] * 3, np.int64), prefix + "split"))
+            new += [helper.make_node("Split", [prefix + "qkv", prefix + "split"],
+                                     [prefix + "q", prefix + "k", prefix + "v"], axis=-1),
+                    # The bias and the mask index go in as the fused op had them.
+                    helper.make_node("MultiHeadAttention", [prefix + "q", prefix + "k", prefix + "v", n.input[2],
+                                                            n.input[3]], list(n.output), name=n.name + "/mha",
+                                     domain="com.microsoft", num_heads=attrs["num_heads"],
+                                     mask_filter_value=attrs.get("mask_filter_value", -10000.0))]
+        graph.initializer.remove(weight)
+        nodes += new
+        added += inits
+        replaced.append(n.name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(1e-10, np.float32), _PER_ROW + "eps"),
+        numpy_helper.from_array(np.array(1.0 / 127.0, np.float32), _PER_ROW + "inv127"),
+        numpy_helper.from_array(np.array(128, np.uint8), _PER_ROW + "zero_point"),
+        numpy_helper.from_array(np.array([0], np.int64), _PER_ROW + "zero"),
+        numpy_helper.from_array(np.array([-1], np.int64), _PER_ROW + "minus_one"),
+        *added])
+    onnx.save(model, str(out_path))
+    return {"mode": "per-row", "weights": "INT8 per output channel, symmetric",
+            "activations": "INT8 per token (row), symmetric, at run time", "int8_nodes": len(replaced),
+            "fp32_nodes": sorted(excluded)}
 
 
 def quantize_int8_static(

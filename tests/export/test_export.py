@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 import settings
-from export.gate import DEFAULT_THRESHOLDS, Reference, evaluate
+from export.gate import DEFAULT_THRESHOLDS, Reference, evaluate, load_sts
 from contracts.manifest import SCHEMA_VERSION, Manifest, ManifestError, artifact_problems
 from export.runners import OrtRunner
 from contracts.digest import file_sha256
@@ -118,6 +118,36 @@ def test_cli_refuses_a_variant_below_its_threshold(export_dir, tmp_path):
     assert not (out / "onnx-int8").exists()
     refused = json.loads((out / "refused" / "onnx-int8" / "manifest.json").read_text())
     assert refused["gate"]["passed"] is False and refused["gate"]["figures"]["cosine_min"] < 0.99999
+
+
+def test_ort_dynamic_int8_is_refused_for_batch_invariance_and_per_row_int8_passes(export_dir, reference, tmp_path):
+    """ORT's dynamic INT8 scales activations per batch: a text's vector depends on its batch-mates, which the
+    default gate refuses. The default INT8 (per-row) quantizes per token and passes with the same weights."""
+    from export.onnx_export import attention_nodes, ffn_output_matmuls, quantize_int8_dynamic, quantize_int8_per_row
+
+    fp32 = export_dir / "onnx-fp32" / "model.onnx"
+    quantize_int8_dynamic(fp32, tmp_path / "dynamic.onnx", ffn_output_matmuls(fp32, [0]))
+    dynamic = evaluate(OrtRunner(tmp_path / "dynamic.onnx"), reference, DEFAULT_THRESHOLDS["int8"])
+    assert not dynamic.passed and any("batch invariance" in f for f in dynamic.failures), dynamic.failures
+    assert dynamic.figures["batch_invariance_min_cosine"] < 0.999
+    # Every projection per-row, attention included (the MultiHeadAttention rewrite): still invariant.
+    details = quantize_int8_per_row(fp32, tmp_path / "per-row.onnx", [])
+    assert details["int8_nodes"] == 24 and len(attention_nodes(fp32)) == 6
+    per_row = evaluate(OrtRunner(tmp_path / "per-row.onnx"), reference, DEFAULT_THRESHOLDS["int8"])
+    assert per_row.figures["batch_invariance_min_cosine"] >= 0.99999, per_row.figures
+    assert per_row.figures["cosine_mean"] >= 0.99
+
+
+def test_the_default_int8_keeps_its_quality_on_the_half_of_sts_b_no_recipe_was_chosen_on(export_dir):
+    """Recipes are chosen on the selection half of STS-B dev; the confirmation half is the figure to quote."""
+    from export.gate import sts_half
+
+    figures = Manifest.read(export_dir / "onnx-int8").gate.figures
+    if "spearman_ratio" not in figures:
+        pytest.skip("STS-B dev not available")
+    assert figures["spearman_ratio_confirmation"] >= 0.9985 and figures["batch_invariance_min_cosine"] >= 0.999
+    halves = [sts_half(a, b) for a, b, _ in load_sts(settings.STSB_DEV)]
+    assert 0.45 < halves.count("confirmation") / len(halves) < 0.55
 
 
 @pytest.mark.parametrize("args, message", [

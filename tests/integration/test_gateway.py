@@ -27,8 +27,8 @@ KEY = "test-gateway-key"
 
 @pytest.fixture(scope="module")
 def served(triton, movielens_slice, tmp_path_factory):
-    # FP32: batch-invariant, so one text alone and the same text in a batch get the same vector (dynamic INT8 does
-    # not, see issue 13), and the gateway's batches can be compared with direct calls.
+    # FP32: one text alone and the same text in a batch get the same vector to 1e-6, so the gateway's batches can
+    # be compared with direct calls at cosine 0.9999 (INT8 is batch-invariant too, but further from FP32).
     server = triton("onnx-fp32")
     s = server.server
     client = TritonClient(s.grpc_url, settings=replace(settings.SETTINGS, server=s))

@@ -330,7 +330,7 @@ def test_the_catalog_index_is_reembedded_and_switched_with_the_encoder(live, exp
     assert store.names() == [store.current_name()] == [report["index"]]
     assert index.encoder_version == new_version
     assert index.encoder["export_manifest_sha256"] == client.encoder_info()["export_manifest_sha256"]
-    # Its vectors are the new version's own (same batch size as the index build: dynamic INT8 is batch-dependent).
+    # Its vectors are the new version's own.
     again = client.embed_many(index.texts[:128], encoder_version=new_version)
     assert float(np.min(np.sum(again * index.vectors[:128], axis=1))) > 0.999
     client.close()

@@ -103,10 +103,9 @@ def test_score_ranks_candidates_by_cosine_and_any_output_subset_works(triton, pr
     np.testing.assert_allclose(query_only["QUERY_EMBEDDING"], queries, atol=1e-6)
 
 
-# Dynamic INT8 quantizes activations per batch, so a text's vector moves with its batch-mates, by an amount that
-# depends on the CPU's kernels: min cosine 0.959 (gate) on a Xeon with VNNI; 0.956 (gate) and 0.948 (this test) on
-# an AVX2-only AMD EPYC. The bound leaves room for that; rows mixed up by batching would give cosines near 0.
-@pytest.mark.parametrize("variant, min_cosine", [("onnx-fp32", 0.9999), ("onnx-int8", 0.93)])
+# Every served variant is batch-invariant (the gate refuses one below 0.999): a text alone and the same text
+# merged by the dynamic batcher with others get the same vector. Rows mixed up by batching would give ~0.
+@pytest.mark.parametrize("variant, min_cosine", [("onnx-fp32", 0.9999), ("onnx-int8", 0.999)])
 def test_concurrent_requests_batch_dynamically(triton, export_dir, variant, min_cosine):
     """FP32: batching changes nothing. Dynamic INT8: vectors move with batch-mates, within the bound above."""
     server = triton(variant)
