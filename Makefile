@@ -13,7 +13,7 @@ TORCH_VARIANT = $(shell nvidia-smi -L >/dev/null 2>&1 && echo torch-fp16 || echo
 VARIANT ?= $(if $(filter torch,$(RUNTIME)),$(TORCH_VARIANT),onnx-int8)
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving bench-gpu bench-gpu-pack evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving bench-gpu bench-gpu-pack bench-trace evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -93,6 +93,10 @@ GPU_OUT ?= build/reports/gpu
 GPU_BENCH_ARGS ?=
 bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),venv)  ## torch runtime on a GPU: encoder sweep, embed end to end, b1, FP16 gate, sentence-transformers peer -> $(GPU_OUT)
 	$(BENCH_PY) -m loadtest.gpu_bench run --out $(GPU_OUT) $(GPU_BENCH_ARGS)
+
+bench-trace: venv                ## embed b1 broken into steps by Triton's trace API (queue, input, compute, output per model; gRPC; client)
+	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)
+	$(PY) -m loadtest.trace_breakdown --variant $(VARIANT)
 
 bench-gpu-pack: venv             ## here, before a device call: build/device/bench (torch-fp16 repository, references) and build/device/triton.tar.xz
 	$(PY) -m export --variants torch-fp16 $(EXPORT_ARGS)

@@ -85,3 +85,38 @@ def test_stub_pythonpath_goes_first_on_the_stubs_path_only(monkeypatch, tmp_path
     monkeypatch.delenv("PYTHONPATH")
     assert TritonServer(tmp_path, stub_pythonpath=("/numpy1",)).environment()["PYTHONPATH"] == "/numpy1"
     assert "PYTHONPATH" not in TritonServer(tmp_path).environment()
+
+
+def test_trace_breakdown_pairs_each_ensemble_request_with_its_steps_and_the_clients_timing(tmp_path):
+    """A trace file as Triton 2.51 writes it: a trace's model line and each timestamp in separate objects."""
+    import json
+
+    from loadtest.trace_breakdown import breakdown, medians, read_traces
+
+    def stamps(trace_id, **ms):
+        return [{"id": trace_id, "timestamps": [{"name": name, "ns": int(value * 1e6)}]} for name, value in ms.items()]
+
+    entries = []
+    for n, base in ((1, 0.0), (4, 100.0)):  # two embed requests, each with a tokenizer and an encoder step
+        entries += [{"id": n, "model_name": "embed", "model_version": -1},
+                    *stamps(n, GRPC_WAITREAD_END=base + 0.0, REQUEST_START=base + 0.1, REQUEST_END=base + 3.1,
+                            GRPC_SEND_END=base + 3.3),
+                    {"id": n + 1, "model_name": "tokenizer", "model_version": 1, "parent_id": n},
+                    *stamps(n + 1, REQUEST_START=base + 0.2, QUEUE_START=base + 0.2, COMPUTE_START=base + 0.3,
+                            COMPUTE_INPUT_END=base + 0.4, COMPUTE_OUTPUT_START=base + 0.9, COMPUTE_END=base + 1.0,
+                            REQUEST_END=base + 1.0),
+                    {"id": n + 2, "model_name": "encoder", "model_version": 1, "parent_id": n},
+                    *stamps(n + 2, REQUEST_START=base + 1.1, QUEUE_START=base + 1.1, COMPUTE_START=base + 1.2,
+                            COMPUTE_INPUT_END=base + 1.3, COMPUTE_OUTPUT_START=base + 2.8, COMPUTE_END=base + 2.9,
+                            REQUEST_END=base + 3.0)]
+    (tmp_path / "trace.json").write_text(json.dumps(entries))
+    rows = breakdown(read_traces(tmp_path / "trace.json"), "embed", [4.0, 5.0])
+    assert len(rows) == 2
+    first = rows[0]
+    assert abs(first["server_total"] - 3.0) < 1e-6 and abs(first["grpc in"] - 0.1) < 1e-6
+    assert abs(first["client_and_protocol"] - (4.0 - 3.0 - 0.1 - 0.2)) < 1e-6
+    assert abs(first["encoder compute"] - 1.5) < 1e-6 and abs(first["tokenizer queue"] - 0.1) < 1e-6
+    assert abs(first["ensemble"] - (3.0 - 0.8 - 1.9)) < 1e-6
+    assert abs(medians(rows)["client_total"] - 4.5) < 1e-9
+    with pytest.raises(ValueError, match="2 traces of embed for 3 timed requests"):
+        breakdown(read_traces(tmp_path / "trace.json"), "embed", [1.0, 2.0, 3.0])

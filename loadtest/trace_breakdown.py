@@ -1,0 +1,170 @@
+"""python -m loadtest.trace_breakdown: where the b1 time of `embed` goes, step by step, from Triton's trace API.
+
+One server with tracing on (every request, TIMESTAMPS), one client sending b1 `embed` requests one at a time over
+gRPC, timed on the client. For each request, from the trace file Triton writes at shutdown:
+  client + protocol   client latency - the server's time from reading the request to sending the response
+  grpc in / out       request read -> REQUEST_START; REQUEST_END -> response sent (Triton's gRPC frontend)
+  ensemble            `embed` total - its steps' totals (scheduling between steps, tensor hand-over)
+  <step> queue        QUEUE_START -> COMPUTE_START (dynamic batcher)
+  <step> input        COMPUTE_START -> COMPUTE_INPUT_END (inputs to the backend: for a Python model, into the
+                      stub's shared memory)
+  <step> compute      COMPUTE_INPUT_END -> COMPUTE_OUTPUT_START (the model's own execute, stub IPC included)
+  <step> output       COMPUTE_OUTPUT_START -> COMPUTE_END
+  <step> other        the step's REQUEST_START -> REQUEST_END not covered above
+beside the bare encoder (ONNX Runtime in this process, same token ids) for the overhead figure. Medians over the
+requests; writes build/reports/trace_breakdown.json and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+import logs
+import settings
+
+log = logs.get("loadtest")
+SHORT_TEXT = "How do I reset my password if I no longer have access to my email?"  # 17 tokens with specials
+PHASES = (("queue", "QUEUE_START", "COMPUTE_START"), ("input", "COMPUTE_START", "COMPUTE_INPUT_END"),
+          ("compute", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START"), ("output", "COMPUTE_OUTPUT_START", "COMPUTE_END"))
+
+
+def trace_flags(path: Path) -> tuple[str, ...]:
+    """Every request traced with timestamps, written to `path` when the server shuts down."""
+    return ("--trace-config", f"triton,file={path}", "--trace-config", "triton,log-frequency=0",
+            "--trace-config", "rate=1", "--trace-config", "level=TIMESTAMPS", "--trace-config", "count=-1")
+
+
+def read_traces(path: Path) -> dict[int, dict]:
+    """Triton's trace file -> {id: {"model": name, "parent": id or None, "ts": {name: ns}}}. A trace's entries
+    (its model line, its timestamps) may be split over several objects with the same id."""
+    traces: dict[int, dict] = {}
+    for entry in json.loads(Path(path).read_text()):
+        trace = traces.setdefault(int(entry["id"]), {"model": None, "parent": None, "ts": {}})
+        if "model_name" in entry:
+            trace["model"] = entry["model_name"]
+            trace["parent"] = int(entry["parent_id"]) if entry.get("parent_id") not in (None, 0) else None
+        for stamp in entry.get("timestamps", []):
+            trace["ts"].setdefault(stamp["name"], int(stamp["ns"]))
+    return traces
+
+
+def span_ms(ts: dict, start: str, end: str) -> float | None:
+    return (ts[end] - ts[start]) / 1e6 if start in ts and end in ts else None
+
+
+def breakdown(traces: dict[int, dict], ensemble: str, client_ms: list[float]) -> list[dict]:
+    """One row of phase -> ms per `ensemble` request, the last len(client_ms) of them, in order, paired with the
+    client's own timings (the client sent them one at a time, in the same order)."""
+    children: dict[int, list[dict]] = {}
+    for trace in traces.values():
+        if trace["parent"] is not None:
+            children.setdefault(trace["parent"], []).append(trace)
+    tops = [i for i in sorted(traces) if traces[i]["model"] == ensemble and traces[i]["parent"] is None]
+    tops = tops[-len(client_ms):]
+    if len(tops) != len(client_ms):
+        raise ValueError(f"{len(tops)} traces of {ensemble} for {len(client_ms)} timed requests")
+    rows = []
+    for trace_id, client in zip(tops, client_ms):
+        top = traces[trace_id]["ts"]
+        total = span_ms(top, "REQUEST_START", "REQUEST_END")
+        row = {"client_total": client, "server_total": total}
+        grpc_in, grpc_out = span_ms(top, "GRPC_WAITREAD_END", "REQUEST_START"), span_ms(top, "REQUEST_END", "GRPC_SEND_END")
+        if grpc_in is not None and grpc_out is not None:
+            row.update({"grpc in": grpc_in, "grpc out": grpc_out})
+        row["client_and_protocol"] = client - total - (grpc_in or 0.0) - (grpc_out or 0.0)
+        steps_total = 0.0
+        for child in children.get(trace_id, []):
+            ts, name = child["ts"], child["model"]
+            step_total = span_ms(ts, "REQUEST_START", "REQUEST_END") or 0.0
+            steps_total += step_total
+            covered = 0.0
+            for phase, start, end in PHASES:
+                value = span_ms(ts, start, end)
+                if value is not None:
+                    row[f"{name} {phase}"] = value
+                    covered += value
+            row[f"{name} other"] = step_total - covered
+        row["ensemble"] = total - steps_total
+        rows.append(row)
+    return rows
+
+
+def medians(rows: list[dict]) -> dict[str, float]:
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return {key: statistics.median(row[key] for row in rows if key in row) for key in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.trace_breakdown", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="onnx-int8")
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "trace_breakdown.json")
+    args = parser.parse_args(argv)
+    logs.configure()
+
+    import tritonclient.grpc as grpcclient
+    from transformers import AutoTokenizer
+
+    from contracts.manifest import Manifest
+    from export.bench import machine
+    from export.runners import OrtRunner, tokenize
+    from model_repository.render import build_repository
+    from server.launcher import TritonServer, free_port
+
+    work = settings.BUILD_DIR / "trace_breakdown"
+    work.mkdir(parents=True, exist_ok=True)
+    trace_file = work / "trace.json"
+    trace_file.unlink(missing_ok=True)
+    repo = build_repository(settings.SETTINGS, settings.EXPORT_DIR, args.variant, "embedded", work / "repository")
+    server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
+                              metrics_port=free_port())
+    t = settings.SETTINGS.tensors
+    client_ms = []
+    with TritonServer(repo, server_settings, log_file=work / "triton.log", extra_args=trace_flags(trace_file)) as server:
+        with grpcclient.InferenceServerClient(server.server.grpc_url) as client:
+            text = grpcclient.InferInput(t.text, [1, 1], "BYTES")
+            text.set_data_from_numpy(np.array([[SHORT_TEXT.encode()]], dtype=object))
+            outputs = [grpcclient.InferRequestedOutput(t.embedding)]
+            for index in range(args.warmup + args.requests):
+                started = time.perf_counter()
+                client.infer(settings.SETTINGS.models.embed, [text], outputs=outputs)
+                if index >= args.warmup:
+                    client_ms.append(1000 * (time.perf_counter() - started))
+        log.info("%d requests timed; stopping the server to write the trace", len(client_ms))
+    rows = breakdown(read_traces(trace_file), settings.SETTINGS.models.embed, client_ms)
+    result = medians(rows)
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
+    ids, mask = tokenize(tokenizer, [SHORT_TEXT], 256)
+    bare = OrtRunner(settings.EXPORT_DIR / args.variant / Manifest.read(settings.EXPORT_DIR / args.variant).artifact.file)
+    for _ in range(20):
+        bare(ids, mask)
+    bare_ms = []
+    for _ in range(args.requests):
+        started = time.perf_counter()
+        bare(ids, mask)
+        bare_ms.append(1000 * (time.perf_counter() - started))
+    result["bare_encoder"] = statistics.median(bare_ms)
+    result["overhead"] = result["client_total"] - result["bare_encoder"]
+
+    print(f"\n`embed` b1 ({args.variant}, {ids.shape[1]} tokens), gRPC, one request at a time, medians of "
+          f"{len(rows)}; {machine()}")
+    for key, value in result.items():
+        print(f"  {key:<28}{value:>8.3f} ms")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "variant": args.variant, "requests": len(rows),
+                                    "medians_ms": result}, indent=2))
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
