@@ -10,10 +10,18 @@ export TOKENIZERS_PARALLELISM := false
 RUNTIME ?= embedded
 # RUNTIME=torch serves a torch variant: FP16 where nvidia-smi sees a GPU, FP32 otherwise.
 TORCH_VARIANT = $(shell nvidia-smi -L >/dev/null 2>&1 && echo torch-fp16 || echo torch-fp32)
-VARIANT ?= $(if $(filter torch,$(RUNTIME)),$(TORCH_VARIANT),onnx-int8)
+# `make tune` measures every gated ONNX variant on this machine and records the fastest: used unless VARIANT= is
+# given, and only on the machine it was measured on (same CPU model, flags, cores).
+ifeq ($(origin VARIANT),undefined)
+  ifeq ($(RUNTIME),torch)
+    VARIANT := $(TORCH_VARIANT)
+  else
+    VARIANT := $(or $(shell test -x $(PY) && $(PY) -m loadtest.tune --print-choice),onnx-int8)
+  endif
+endif
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving bench-gpu bench-gpu-pack bench-trace evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving bench-gpu bench-gpu-pack bench-trace tune evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -93,6 +101,10 @@ GPU_OUT ?= build/reports/gpu
 GPU_BENCH_ARGS ?=
 bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),venv)  ## torch runtime on a GPU: encoder sweep, embed end to end, b1, FP16 gate, sentence-transformers peer -> $(GPU_OUT)
 	$(BENCH_PY) -m loadtest.gpu_bench run --out $(GPU_OUT) $(GPU_BENCH_ARGS)
+
+tune: venv                       ## measure every gated variant through Triton here; make serve/demo then serve the fastest (build/tune.json)
+	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m loadtest.tune
 
 bench-trace: venv                ## embed b1 broken into steps by Triton's trace API (queue, input, compute, output per model; gRPC; client)
 	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)

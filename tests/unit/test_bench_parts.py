@@ -120,3 +120,32 @@ def test_trace_breakdown_pairs_each_ensemble_request_with_its_steps_and_the_clie
     assert abs(medians(rows)["client_total"] - 4.5) < 1e-9
     with pytest.raises(ValueError, match="2 traces of embed for 3 timed requests"):
         breakdown(read_traces(tmp_path / "trace.json"), "embed", [1.0, 2.0, 3.0])
+
+
+def test_tune_chooses_the_fastest_gated_variant_by_objective():
+    from loadtest.tune import choose
+
+    rows = [{"variant": "onnx-fp32", "gate_passed": True, "b1_p50_ms": 3.1, "b32_seq_per_s": 52.0},
+            {"variant": "onnx-int8", "gate_passed": True, "b1_p50_ms": 2.7, "b32_seq_per_s": 61.0},
+            {"variant": "onnx-fp16", "gate_passed": True, "b1_p50_ms": 2.5, "b32_seq_per_s": 53.0},
+            {"variant": "onnx-int8-dynamic", "gate_passed": False, "b1_p50_ms": 1.8, "b32_seq_per_s": 75.0}]
+    assert choose(rows)["variant"] == "onnx-int8"           # a refused variant never wins, however fast
+    assert choose(rows, "latency")["variant"] == "onnx-fp16"
+    with pytest.raises(ValueError, match="no measured variant passed"):
+        choose([rows[-1]])
+    with pytest.raises(ValueError, match="objective 'cost'"):
+        choose(rows, "cost")
+
+
+def test_a_tuned_choice_holds_only_on_the_machine_it_was_measured_on():
+    from loadtest.tune import tuned_variant
+
+    here = {"cpu": "AMD EPYC", "flags": ["avx2", "fma"], "cores": 2}
+    record = {"machine": here, "variant": "onnx-int8", "objective": "throughput", "measured_at": "t"}
+    assert tuned_variant(record, here, {"onnx-int8", "onnx-fp32"})[0] == "onnx-int8"
+    xeon = {"cpu": "Intel Xeon", "flags": ["avx2", "avx512_vnni"], "cores": 2}
+    variant, why = tuned_variant(record, xeon, {"onnx-int8"})
+    assert variant is None and "tuned on AMD EPYC" in why
+    assert tuned_variant(record, {**here, "cores": 16}, {"onnx-int8"})[0] is None
+    assert tuned_variant(record, here, {"onnx-fp32"})[0] is None        # no longer exported and gated
+    assert tuned_variant(None, here, {"onnx-int8"}) == (None, "not tuned here yet (make tune)")
