@@ -315,6 +315,13 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def megabytes(*directories: Path) -> int:
+    return round(sum(p.stat().st_size for d in directories for p in Path(d).rglob("*") if p.is_file()) / 2**20)
+
+
+RAW_ONNX_MB = 86  # the unfused FP32 export (and the FP32 variant) of all-MiniLM-L6-v2: ~86 MiB
+
+
 def tree(root: Path) -> dict[str, str]:
     """Every file under root with its sha256 (symlinks by target); the rollout's empty lock file aside."""
     found = {}
@@ -332,7 +339,8 @@ def test_a_full_disk_during_export_leaves_the_served_variant_untouched(export_di
     from export.pipeline import ExportOptions, run_export
     from export.variants import parse_variants
 
-    out = small_disk(40)  # room for what is there (~27 MB), not for the 90 MB raw ONNX export
+    there = megabytes(export_dir / "tokenizer", export_dir / "onnx-int8")
+    out = small_disk(there + RAW_ONNX_MB // 2)  # room for what is there, not for the raw ONNX export
     shutil.copytree(export_dir / "tokenizer", out / "tokenizer")
     shutil.copytree(export_dir / "onnx-int8", out / "onnx-int8")
     before, free_before = tree(out), shutil.disk_usage(out).free
@@ -351,7 +359,8 @@ def test_a_full_disk_during_export_leaves_the_served_variant_untouched(export_di
 def test_a_full_disk_while_staging_a_rollout_refuses_it_and_changes_nothing(export_dir, small_disk, tmp_path):
     from rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, TritonAdmin, run
 
-    disk = small_disk(60)  # the live INT8 repository (~27 MB) fits; a staged FP32 version (90 MB) does not
+    # The live INT8 repository fits; a staged FP32 version (~86 MiB more) does not.
+    disk = small_disk(megabytes(export_dir / "tokenizer", export_dir / "onnx-int8") + RAW_ONNX_MB // 2)
     live_path = int8_repository(export_dir, disk / "live")
     server_settings = on_free_ports(S.server, admin_key="k")
     client_settings = replace(S, server=server_settings)
