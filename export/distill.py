@@ -76,10 +76,11 @@ def read_texts(data_dir: Path, sources: list[str], limit: int, seed: int = 0) ->
             with open(path, encoding="utf-8", newline="") as handle:
                 for row in csv.DictReader(handle):
                     found.append(f"{row['title']} ({row['genres'].replace('|', ', ')})")
-        fresh = [t.strip() for t in found if t.strip() and t.strip() not in texts]
-        for text in fresh:
-            texts[text] = None
-        provenance[source] = {"file": str(path), "sha256": file_sha256(path), "texts": len(fresh)}
+        before = len(texts)
+        for text in found:
+            if text.strip():
+                texts.setdefault(text.strip(), None)
+        provenance[source] = {"file": str(path), "sha256": file_sha256(path), "texts": len(texts) - before}
     ordered = list(texts)
     random.Random(seed).shuffle(ordered)
     return ordered[:limit], provenance
