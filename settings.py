@@ -104,6 +104,10 @@ class InstanceSettings:
     # ONNX Runtime threads per encoder instance (embedded runtime); 0 = ORT's default (all cores).
     # The torch runtime on a CPU uses it for torch.set_num_threads.
     encoder_intra_op_threads: int = 0
+    # ONNX Runtime's intra-op threads spin-wait for work after each run (its default): fastest when the encoder
+    # has the cores to itself, costly when the tokenizer, Triton and the client share a few (measured by
+    # `make bench-trace`).
+    encoder_intra_op_spinning: bool = os.environ.get("ENCODER_INTRA_OP_SPINNING", "true").lower() not in ("0", "false", "no")
     # Where the torch runtime's encoder runs (ENCODER_DEVICE): "gpu" (a KIND_GPU instance group, one instance
     # per GPU and count), "cpu", or "auto" = gpu when torch sees CUDA where the repository is rendered.
     encoder_device: str = os.environ.get("ENCODER_DEVICE", "auto")

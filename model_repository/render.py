@@ -156,6 +156,7 @@ def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | st
         params.update(
             artifact=manifest.artifact.file,
             intra_op_threads=settings.instances.encoder_intra_op_threads,
+            intra_op_spinning=str(settings.instances.encoder_intra_op_spinning).lower(),
             ids_input=t.input_ids,
             mask_input=t.attention_mask,
             embedding_output=t.encoder_output,

@@ -26,12 +26,20 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # "false": intra-op threads sleep between runs instead of spinning on cores the other stubs need.
+        spinning = "1" if params.get("intra_op_spinning", "true") == "true" else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         self.session = ort.InferenceSession(
             str(version_dir / params.get("artifact", "model.onnx")), options, providers=["CPUExecutionProvider"]
         )
         self.onnx_inputs = [i.name for i in self.session.get_inputs()]
+        # Diagnostics only (`python -m loadtest.trace_breakdown --null-encoder`): zeros instead of the model, to
+        # measure what the serving path costs without any model work.
+        self.null_dim = int(params.get("diagnostic_null_encoder_dim", "0") or 0)
 
     def _run(self, ids, mask):
+        if self.null_dim:
+            return np.zeros((ids.shape[0], self.null_dim), dtype=np.float32)
         return self.session.run(None, {self.onnx_inputs[0]: ids, self.onnx_inputs[1]: mask})[0]
 
     def execute(self, requests):
