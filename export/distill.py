@@ -182,6 +182,7 @@ def distill(args) -> Path:
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup))))
     losses, step = [], 0
     rng = random.Random(args.seed)
+    training_started = time.perf_counter()
     # Batches of texts of similar length (little padding: titles and abstracts differ 10x), in random order.
     by_length = sorted(range(len(training)), key=lambda i: len(training[i]))
     batches = [by_length[start:start + args.batch] for start in range(0, len(by_length), args.batch)]
@@ -199,9 +200,9 @@ def distill(args) -> Path:
             step += 1
             epoch_losses.append(loss.item())
             if step == 1 or step % args.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - started
-                log.info("epoch %d step %d/%d loss %.5f (%.0f s, ~%.0f s left)", epoch + 1, step, total,
-                         epoch_losses[-1], elapsed, elapsed / step * (total - step))
+                spent = time.perf_counter() - training_started
+                log.info("epoch %d step %d/%d loss %.5f (%.0f s in all, ~%.0f s of training left)", epoch + 1, step,
+                         total, epoch_losses[-1], time.perf_counter() - started, spent / step * (total - step))
         losses.append({"epoch": epoch + 1, "first": epoch_losses[0], "mean": sum(epoch_losses) / len(epoch_losses),
                        "last": epoch_losses[-1]})
     student.eval()
