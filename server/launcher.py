@@ -118,7 +118,10 @@ def install_no_pycache_hook() -> Path:
 
     hook = Path(sysconfig.get_paths()["purelib"]) / NO_PYCACHE_HOOK
     if not hook.exists() or hook.read_text() != NO_PYCACHE_LINE:
-        hook.write_text(NO_PYCACHE_LINE)
+        try:
+            hook.write_text(NO_PYCACHE_LINE)
+        except OSError as error:  # a read-only system Python (a lent machine): stubs may then write __pycache__
+            log.warning("cannot install %s (%s): model directories may get __pycache__", hook, error.strerror)
     return hook
 
 
