@@ -39,14 +39,20 @@ def cpu_model_and_flags(cpuinfo: str) -> tuple[str, list[str]]:
     return fields.get("model name") or platform.processor() or "cpu", [f for f in ISA_FLAGS if f in flags]
 
 
-def machine() -> str:
-    """What every benchmark figure is quoted with: CPU model, its ISA flags, cores, OS."""
+def machine_identity() -> dict:
+    """This machine's CPU model, ISA flags and core count: what a measured choice (make tune) is valid for."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
     model, flags = cpu_model_and_flags(cpuinfo)
-    return f"{model} ({' '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    return {"cpu": model, "flags": flags, "cores": os.cpu_count()}
+
+
+def machine() -> str:
+    """What every benchmark figure is quoted with: CPU model, its ISA flags, cores, OS."""
+    m = machine_identity()
+    return f"{m['cpu']} ({' '.join(m['flags']) or 'no AVX2'}), {m['cores']} cores, {platform.system()} {platform.release()}"
 
 
 def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) -> list[float]:

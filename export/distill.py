@@ -96,26 +96,27 @@ def student_from(teacher, layers: list[int]):
     return student
 
 
-def encode(model, pooling, tokenizer, texts: list[str], max_length: int):
+def encode(encoder, tokenizer, texts: list[str], max_length: int):
+    """`encoder`: an export.onnx_export.SentenceEncoder (BERT + pooling + L2 normalization)."""
     import torch
 
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   token_type_ids=torch.zeros_like(batch["input_ids"])).last_hidden_state
-    return pooling(hidden, batch["attention_mask"])
+    from export.runners import tokenize
+
+    ids, mask = tokenize(tokenizer, texts, max_length)
+    return encoder(torch.from_numpy(ids), torch.from_numpy(mask))
 
 
-def embed_all(model, pooling, tokenizer, texts: list[str], max_length: int, batch_size: int, label: str):
+def embed_all(encoder, tokenizer, texts: list[str], max_length: int, batch_size: int, label: str):
     """Normalized embeddings in input order, length-sorted batches, a log line every ~10%."""
     import torch
 
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), model.config.hidden_size)
+    out = torch.empty(len(texts), encoder.bert.config.hidden_size)
     starts = list(range(0, len(texts), batch_size))
     with torch.inference_mode():
         for n, start in enumerate(starts):
             index = order[start:start + batch_size]
-            out[index] = encode(model, pooling, tokenizer, [texts[i] for i in index], max_length).float()
+            out[index] = encode(encoder, tokenizer, [texts[i] for i in index], max_length).float()
             if n % max(1, len(starts) // 10) == 0:
                 log.info("%s: %d/%d texts", label, min(start + batch_size, len(texts)), len(texts))
     return out
@@ -143,7 +144,7 @@ def distill(args) -> Path:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from export.onnx_export import Pooling
+    from export.onnx_export import SentenceEncoder
     from export.source import load_source
 
     torch.manual_seed(args.seed)
@@ -159,17 +160,17 @@ def distill(args) -> Path:
              teacher_source.path, teacher_source.num_layers, teacher_source.sha256[:12], layers, len(training), held)
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_source.transformer_path)
-    teacher = AutoModel.from_pretrained(teacher_source.transformer_path, attn_implementation="sdpa").eval()
-    pooling = Pooling(teacher_source.pooling)
+    bert = AutoModel.from_pretrained(teacher_source.transformer_path, attn_implementation="sdpa")
+    teacher = SentenceEncoder(bert, teacher_source.pooling).eval()
     started = time.perf_counter()
-    targets = embed_all(teacher, pooling, tokenizer, training, args.max_length, 128, "teacher embeddings")
-    held_targets = embed_all(teacher, pooling, tokenizer, validation, args.max_length, 128, "teacher, held out")
-    student = student_from(teacher, layers).train()
-    del teacher
+    targets = embed_all(teacher, tokenizer, training, args.max_length, 128, "teacher embeddings")
+    held_targets = embed_all(teacher, tokenizer, validation, args.max_length, 128, "teacher, held out")
+    student = SentenceEncoder(student_from(bert, layers), teacher_source.pooling).train()
+    del teacher, bert
 
     def held_cosine() -> float:
         student.eval()
-        vectors = embed_all(student, pooling, tokenizer, validation, args.max_length, 128, "student, held out")
+        vectors = embed_all(student, tokenizer, validation, args.max_length, 128, "student, held out")
         student.train()
         return float((vectors * held_targets).sum(dim=1).mean())
 
@@ -190,7 +191,7 @@ def distill(args) -> Path:
         rng.shuffle(batches)
         epoch_losses = []
         for index in batches:
-            predicted = encode(student, pooling, tokenizer, [training[i] for i in index], args.max_length)
+            predicted = encode(student, tokenizer, [training[i] for i in index], args.max_length)
             loss = (1 - (predicted * targets[index]).sum(dim=1)).mean()
             optimizer.zero_grad()
             loss.backward()
@@ -220,7 +221,7 @@ def distill(args) -> Path:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = args.out or settings.BUILD_DIR / "students" / f"student-l{len(layers)}"
-    return write_student(student, teacher_source.path, Path(out), lineage)
+    return write_student(student.bert, teacher_source.path, Path(out), lineage)
 
 
 def read_lineage(model_dir: Path) -> dict | None:

@@ -31,7 +31,6 @@ import logs
 import settings
 
 log = logs.get("loadtest")
-SHORT_TEXT = "How do I reset my password if I no longer have access to my email?"  # 17 tokens with specials
 PHASES = (("queue", "QUEUE_START", "COMPUTE_START"), ("input", "COMPUTE_START", "COMPUTE_INPUT_END"),
           ("compute", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START"), ("output", "COMPUTE_OUTPUT_START", "COMPUTE_END"))
 
@@ -122,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from contracts.manifest import Manifest
     from export.bench import machine
     from export.runners import OrtRunner, tokenize
+    from loadtest.serving_bench import SHORT_TEXT
     from model_repository.render import build_repository
     from server.launcher import TritonServer, free_port
 

@@ -22,20 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import settings
+from export.bench import machine_identity
 
 TUNE_FILE = settings.BUILD_DIR / "tune.json"
 OBJECTIVES = ("throughput", "latency")
-
-
-def this_machine() -> dict:
-    from export.bench import cpu_model_and_flags
-
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    model, flags = cpu_model_and_flags(cpuinfo)
-    return {"cpu": model, "flags": flags, "cores": os.cpu_count()}
 
 
 def choose(rows: list[dict], objective: str = "throughput") -> dict:
@@ -82,7 +72,7 @@ def passing_exports(export_dir: Path) -> dict[str, object]:
 
 def print_choice() -> int:
     record = json.loads(TUNE_FILE.read_text()) if TUNE_FILE.exists() else None
-    variant, why = tuned_variant(record, this_machine(), set(passing_exports(settings.EXPORT_DIR)))
+    variant, why = tuned_variant(record, machine_identity(), set(passing_exports(settings.EXPORT_DIR)))
     if record is not None:  # silent until someone tuned: then say which choice is used, or why not
         print(f"tune: {why}", file=sys.stderr)
     if variant:
@@ -138,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                      "spearman_ratio_confirmation": figures.get("spearman_ratio_confirmation"),
                      "batch_invariance_min_cosine": figures.get("batch_invariance_min_cosine")})
     best = choose(rows, args.objective)
-    record = {"machine": this_machine(), "machine_line": machine(), "objective": args.objective,
+    record = {"machine": machine_identity(), "machine_line": machine(), "objective": args.objective,
               "variant": best["variant"], "rows": rows,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     TUNE_FILE.parent.mkdir(parents=True, exist_ok=True)

@@ -137,30 +137,18 @@ def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | st
             raise ValueError(f"the {runtime} runtime cannot serve {version_manifest.variant} "
                              f"({version_manifest.format}); use --runtime {' or '.join(fits)}")
     params["runtime"] = str(runtime)
-    if runtime == Runtime.TORCH:
+    if runtime in ENCODER_SOURCES:  # a Python-backend encoder: names and its artifact come from the config
         config.backend = "python"
-        gpu = torch_encoder_on_gpu(settings)
-        _instances(config, settings.instances.encoder, gpu=gpu)
-        params.update(
-            artifact=manifest.artifact.file,
-            max_length=manifest.encoder.max_length,
-            cpu_threads=settings.instances.encoder_intra_op_threads,
-            cuda_graphs=str(settings.instances.cuda_graphs).lower(),
-            ids_input=t.input_ids,
-            mask_input=t.attention_mask,
-            embedding_output=t.encoder_output,
-        )
-    elif runtime == Runtime.EMBEDDED:
-        config.backend = "python"
-        _instances(config, settings.instances.encoder)
-        params.update(
-            artifact=manifest.artifact.file,
-            intra_op_threads=settings.instances.encoder_intra_op_threads,
-            intra_op_spinning=str(settings.instances.encoder_intra_op_spinning).lower(),
-            ids_input=t.input_ids,
-            mask_input=t.attention_mask,
-            embedding_output=t.encoder_output,
-        )
+        params.update(artifact=manifest.artifact.file, ids_input=t.input_ids, mask_input=t.attention_mask,
+                      embedding_output=t.encoder_output)
+        if runtime == Runtime.TORCH:
+            _instances(config, settings.instances.encoder, gpu=torch_encoder_on_gpu(settings))
+            params.update(max_length=manifest.encoder.max_length, cpu_threads=settings.instances.encoder_intra_op_threads,
+                          cuda_graphs=str(settings.instances.cuda_graphs).lower())
+        else:
+            _instances(config, settings.instances.encoder)
+            params.update(intra_op_threads=settings.instances.encoder_intra_op_threads,
+                          intra_op_spinning=str(settings.instances.encoder_intra_op_spinning).lower())
     elif manifest.format == VariantFormat.TENSORRT_PLAN:
         config.platform = "tensorrt_plan"
         config.default_model_filename = manifest.artifact.file

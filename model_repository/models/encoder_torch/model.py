@@ -84,21 +84,22 @@ class TritonPythonModel:
         if not batch:
             return responses
         # One forward for every request of the dynamic batch: shorter ones are padded with masked tokens,
-        # which pooling ignores.
-        width = max(ids.shape[1] for ids, _ in batch)
-        rows = sum(ids.shape[0] for ids, _ in batch)
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        mask = torch.zeros(rows, width, dtype=torch.long)
-        start = 0
-        for request_ids, request_mask in batch:
-            end = start + request_ids.shape[0]
-            ids[start:end, : request_ids.shape[1]] = request_ids
-            mask[start:end, : request_mask.shape[1]] = request_mask
-            start = end
+        # which pooling ignores. A single request (the usual case at low load) is used as it came.
+        if len(batch) == 1:
+            ids, mask = batch[0]
+        else:
+            width = max(ids.shape[1] for ids, _ in batch)
+            ids = torch.zeros(sum(ids.shape[0] for ids, _ in batch), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            start = 0
+            for request_ids, request_mask in batch:
+                end = start + request_ids.shape[0]
+                ids[start:end, : request_ids.shape[1]] = request_ids
+                mask[start:end, : request_mask.shape[1]] = request_mask
+                start = end
         with torch.inference_mode():
-            if self.device.type == "cuda":
-                ids, mask = ids.pin_memory().to(self.device, non_blocking=True), mask.pin_memory().to(self.device, non_blocking=True)
-            embeddings = self.run(ids, mask).float().cpu()
+            # Token ids are small: a plain copy to the GPU (pinning them first would cost more than it saves).
+            embeddings = self.run(ids.to(self.device), mask.to(self.device)).float().cpu()
         start = 0
         for index, (request_ids, _) in zip(good, batch):
             end = start + request_ids.shape[0]
