@@ -297,24 +297,33 @@ class TritonClient:
 
 
 class AsyncTritonClient:
-    """`embed` over gRPC asyncio (tritonclient.grpc.aio), for callers that run on an event loop (the gateway):
-    no thread per call and no hand-off between threads. The same retries and typed errors as TritonClient; the
-    stable version (`embed`) or a pinned one. The channel is opened on first use, in the running loop."""
+    """`embed` for callers that run on an event loop (the gateway): no thread per call and no hand-off between
+    threads. Over HTTP (client.kserve_http: keep-alive connections on the loop itself) or gRPC asyncio
+    (tritonclient.grpc.aio); `url` is the endpoint of that protocol. The same retries and typed errors as
+    TritonClient; the stable version (`embed`) or a pinned one. Connections are opened on first use, in the
+    running loop."""
 
     def __init__(self, url: str | None = None, settings: Settings | None = None, retry: RetryPolicy = RetryPolicy(),
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, protocol: str = "grpc"):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
         self.settings = settings or settings_module.SETTINGS
-        self.url = url or self.settings.server.grpc_url
+        self.protocol = protocol
+        self.url = url or (self.settings.server.grpc_url if protocol == "grpc" else self.settings.server.http_url)
         self.retry = retry
         self.timeout_s = timeout_s
-        import tritonclient.grpc.aio as aio  # imported here: the synchronous client never needs it
-
-        self._aio = aio
         self._client = None
 
     def _connection(self):
         if self._client is None:
-            self._client = self._aio.InferenceServerClient(self.url)
+            if self.protocol == "http":
+                from client.kserve_http import AsyncKServeHttp
+
+                self._client = AsyncKServeHttp(self.url)
+            else:
+                import tritonclient.grpc.aio as aio  # imported here: the synchronous client never needs it
+
+                self._client = aio.InferenceServerClient(self.url)
         return self._client
 
     async def close(self) -> None:
@@ -322,18 +331,28 @@ class AsyncTritonClient:
         if client is not None:
             await client.close()
 
-    async def embed(self, texts: Sequence[str], encoder_version: int | None = None) -> np.ndarray:
-        aio, t, m = self._aio, self.settings.tensors, self.settings.models
-        model = m.embed if encoder_version is None else m.pinned(m.embed, encoder_version)
+    async def _infer(self, model: str, texts: Sequence[str]) -> np.ndarray:
+        t = self.settings.tensors
+        if self.protocol == "http":
+            return await self._connection().infer(model, t.text, texts, t.embedding, self.timeout_s)
+        import tritonclient.grpc.aio as aio
+
         batch = TritonClient._texts(texts)
+        tensor = aio.InferInput(t.text, list(batch.shape), "BYTES")
+        tensor.set_data_from_numpy(batch)
+        result = await self._connection().infer(model, [tensor], outputs=[aio.InferRequestedOutput(t.embedding)],
+                                                client_timeout=self.timeout_s)
+        return result.as_numpy(t.embedding)
+
+    async def embed(self, texts: Sequence[str], encoder_version: int | None = None) -> np.ndarray:
+        m = self.settings.models
+        model = m.embed if encoder_version is None else m.pinned(m.embed, encoder_version)
+        if isinstance(texts, str):
+            raise TypeError("pass a list of texts, not a single string")
         delays = self.retry.delays()
         while True:
-            tensor = aio.InferInput(t.text, list(batch.shape), "BYTES")
-            tensor.set_data_from_numpy(batch)
             try:
-                result = await self._connection().infer(model, [tensor], outputs=[aio.InferRequestedOutput(t.embedding)],
-                                                        client_timeout=self.timeout_s)
-                return result.as_numpy(t.embedding)
+                return await self._infer(model, texts)
             except Exception as error:
                 delay = next(delays, None)
                 typed = failure(f"infer {model}", error, self.timeout_s, self.retry.attempts, delay is not None)

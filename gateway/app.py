@@ -16,54 +16,27 @@ Triton's own refusals map to HTTP: UNAVAILABLE (its queue policy, or down) -> 50
 """
 from __future__ import annotations
 
-import asyncio
-import base64
 import math
 import time
-from typing import Literal
 
-import numpy as np
-import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 import logs
-from client.errors import InvalidRequest, ModelNotFound, ServingError, ServingTimeout, Unavailable
+from client.errors import InvalidRequest, ServingError
 from client.experiments import EventError, EventStore, Experiment, ExperimentError, ExperimentRecommender
 from client.triton import AsyncTritonClient
 from gateway.config import GatewaySettings
+from gateway.embeddings import EmbeddingsEndpoint
+from gateway.errors import RETRY_AFTER_UNAVAILABLE_S, ApiError, http_error
 from gateway.keys import KeyStore
 from gateway.ratelimit import RateLimiter
 from gateway.tokens import TokenCounter
 
 log = logs.get("gateway")
-RETRY_AFTER_UNAVAILABLE_S = 1
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # the SDKs send fields we do not use (e.g. `user`)
-
-    input: str | list[str] | list[int] | list[list[int]]
-    model: str
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
 
 
 class RecommendationRequest(BaseModel):
@@ -98,10 +71,12 @@ class Metrics:
 
 class Guard:
     """Pure ASGI middleware, in front of everything: API keys on /v1/* (401 before the body is even read),
-    the body size cap (413), and metrics for every request."""
+    the body size cap (413), and metrics for every request. /v1/embeddings, the hot path, goes straight to its
+    plain ASGI endpoint (gateway/embeddings.py); every other route to the FastAPI app."""
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics, keys: KeyStore):
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics, keys: KeyStore, embeddings: EmbeddingsEndpoint):
         self.app, self.max_body_bytes, self.metrics, self.keys = app, max_body_bytes, metrics, keys
+        self.embeddings = embeddings
 
     def caller(self, headers: dict) -> str | None:
         header = headers.get(b"authorization", b"").decode("latin-1")
@@ -149,7 +124,7 @@ class Guard:
                 return message
 
             try:
-                await self.app(scope, limited_receive, send_status)
+                await (self.embeddings if path == "/v1/embeddings" else self.app)(scope, limited_receive, send_status)
             except ApiError as error:  # a chunked body that grew past the limit
                 await error.response()(scope, receive, send_status)
         finally:
@@ -168,7 +143,8 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
     """`client` is a client.triton.TritonClient (gRPC); the gateway owns no model code. `recommender` (a
     client.recommend.Recommender) enables the recommendation routes; without it they answer 501. `events`
     enables /v1/events; `experiment` serves recommendations by the user's arm. `embedder` (default: a
-    client.triton.AsyncTritonClient on the same gRPC endpoint) serves /v1/embeddings."""
+    client.triton.AsyncTritonClient over config.embed_protocol, to config.triton_http_url or the client's gRPC
+    endpoint) serves /v1/embeddings."""
     if len(keys) == 0:
         raise ValueError("no API keys: set GATEWAY_API_KEYS or GATEWAY_KEY_FILE")
 
@@ -205,19 +181,6 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
             raise ApiError(429, f"rate limit of this key reached; retry in {wait:.2f} s", type_="rate_limit_error",
                            code="rate_limited", headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
-    def http_error(error: ServingError) -> ApiError:
-        """Triton's failure (already typed by the client) as the HTTP status the caller gets."""
-        if isinstance(error, ModelNotFound):
-            return ApiError(404, str(error), code="model_not_found")
-        if isinstance(error, InvalidRequest):
-            return ApiError(400, str(error), param="input")
-        if isinstance(error, Unavailable):
-            return ApiError(503, f"the model server is overloaded or down: {error}", type_="server_error",
-                            code="unavailable", headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)})
-        if isinstance(error, ServingTimeout):
-            return ApiError(504, str(error), type_="server_error", code="timeout")
-        return ApiError(502, str(error), type_="server_error", code="model_failed")
-
     def serving(call):
         """Triton's answer, or its failure as an HTTP status."""
         try:
@@ -225,55 +188,17 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
         except (ServingError, InvalidRequest) as error:
             raise http_error(error) from None
 
-    # `embed` is awaited on the event loop over gRPC asyncio: no worker thread per request (measured in
-    # loadtest/gateway_bench.py). The other routes call the synchronous client from FastAPI's thread pool.
+    # `embed` is awaited on the event loop (HTTP or gRPC asyncio, config.embed_protocol): no worker thread per
+    # request (measured in loadtest/gateway_bench.py). The other routes call the synchronous gRPC client from
+    # FastAPI's thread pool.
     if embedder is None:
         if client.protocol != "grpc":
             raise ValueError("the gateway talks to Triton over gRPC: give it a gRPC TritonClient")
-        embedder = AsyncTritonClient(client.url, settings=client.settings, retry=client.retry,
-                                     timeout_s=client.timeout_s)
-
-    async def embed_all(texts: list[str], size: int) -> np.ndarray:
-        try:
-            parts = await asyncio.gather(*(embedder.embed(texts[i:i + size]) for i in range(0, len(texts), size)))
-        except (ServingError, InvalidRequest) as error:
-            raise http_error(error) from None
-        return np.concatenate(parts)
-
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, key: str = Depends(caller)):
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if any(not isinstance(t, str) for t in texts):
-            raise ApiError(400, "token ids are not accepted: send `input` as a string or a list of strings",
-                           param="input", code="token_input_unsupported")
-        if not texts:
-            raise ApiError(400, "`input` is empty", param="input")
-        if len(texts) > config.max_inputs:
-            raise ApiError(400, f"{len(texts)} inputs; at most {config.max_inputs} per request", param="input")
-        if body.model != config.model:
-            raise ApiError(404, f"model {body.model!r} is not served here; use {config.model!r}", param="model",
-                           code="model_not_found")
-        if body.dimensions is not None:
-            dim = await asyncio.to_thread(serving, client.embedding_dim)  # read once, then cached
-            if body.dimensions != dim:
-                raise ApiError(400, f"dimensions={body.dimensions}: this model returns {dim} (no truncation)",
-                               param="dimensions")
-        admit(key, len(texts))
-        vectors = await embed_all(texts, client.settings.batching.max_batch_size)
-        if tokens is None:
-            counted = 0
-        elif len(texts) <= 8:  # a few texts: counted here, faster than a thread hop
-            counted = tokens.count(texts)
-        else:
-            counted = await asyncio.to_thread(tokens.count, texts)
-        if body.encoding_format == "base64":
-            data = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
-        else:
-            data = list(np.ascontiguousarray(vectors, dtype=np.float32))  # orjson writes float32 rows natively
-        payload = {"object": "list", "model": body.model,
-                   "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-                   "usage": {"prompt_tokens": counted, "total_tokens": counted}}
-        return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+        url = (config.triton_http_url or client.settings.server.http_url) if config.embed_protocol == "http" else client.url
+        embedder = AsyncTritonClient(url, settings=client.settings, retry=client.retry, timeout_s=client.timeout_s,
+                                     protocol=config.embed_protocol)
+    embeddings = EmbeddingsEndpoint(config.model, config.max_inputs, client.settings.batching.max_batch_size,
+                                    embedder.embed, admit, client.embedding_dim, tokens.count if tokens else None)
 
     @app.get("/v1/models")
     def models(_: str = Depends(caller)):
@@ -349,4 +274,4 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
     def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Guard(app, config.max_body_bytes, metrics, keys)
+    return Guard(app, config.max_body_bytes, metrics, keys, embeddings)

@@ -10,6 +10,11 @@
     GATEWAY_MAX_BODY_BYTES=2000000
     GATEWAY_MAX_INPUTS=1000        texts per request (at most what one key's text bucket holds)
     GATEWAY_TRITON_URL=host:port   Triton's gRPC endpoint (default: settings.ServerSettings)
+    GATEWAY_TRITON_HTTP_URL=host:port  Triton's HTTP endpoint, for /v1/embeddings when GATEWAY_EMBED_PROTOCOL=http
+                                   (default: settings.ServerSettings)
+    GATEWAY_EMBED_PROTOCOL=http    how /v1/embeddings reaches Triton: http (keep-alive connections on the event
+                                   loop, client/kserve_http.py) or grpc (tritonclient.grpc.aio); `make
+                                   bench-gateway` measures both on the machine at hand
     GATEWAY_TOKENIZER_FILE=path    the served tokenizer.json, for usage.prompt_tokens (default: the local repository's)
     GATEWAY_DATA=dir               a MovieLens-format directory: enables the recommendation routes
     GATEWAY_INDEX_STORE=dir        the catalog IndexStore (default build/catalog_index): built through `embed`
@@ -44,6 +49,8 @@ class GatewaySettings:
     max_body_bytes: int = 2_000_000
     max_inputs: int = 1000
     triton_url: str = field(default_factory=lambda: settings.SETTINGS.server.grpc_url)
+    triton_http_url: str | None = None  # None: the http_url of the TritonClient's settings
+    embed_protocol: str = "http"
     # The served tokenizer, for `usage.prompt_tokens` (the same tokenizer.json the `tokenizer` model loads).
     tokenizer_file: Path = settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"
     model: str = settings.SETTINGS.models.embed
@@ -59,6 +66,8 @@ class GatewaySettings:
             raise ValueError("rates and the burst must be positive")
         if self.max_body_bytes < 1024 or self.max_inputs < 1:
             raise ValueError("max_body_bytes must be >= 1024 and max_inputs >= 1")
+        if self.embed_protocol not in ("http", "grpc"):
+            raise ValueError(f"embed_protocol must be http or grpc, not {self.embed_protocol!r}")
 
     @classmethod
     def from_env(cls, **overrides) -> "GatewaySettings":
@@ -71,6 +80,8 @@ class GatewaySettings:
             burst_s=float(_env("GATEWAY_BURST_S", "2")), max_body_bytes=int(_env("GATEWAY_MAX_BODY_BYTES", "2000000")),
             max_inputs=int(_env("GATEWAY_MAX_INPUTS", "1000")),
             triton_url=_env("GATEWAY_TRITON_URL", settings.SETTINGS.server.grpc_url),
+            triton_http_url=_env("GATEWAY_TRITON_HTTP_URL", "") or None,
+            embed_protocol=_env("GATEWAY_EMBED_PROTOCOL", "http"),
             tokenizer_file=Path(_env("GATEWAY_TOKENIZER_FILE", str(settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"))),
             data_dir=Path(_env("GATEWAY_DATA", "")) if _env("GATEWAY_DATA", "") else None,
             index_store=Path(_env("GATEWAY_INDEX_STORE", str(settings.BUILD_DIR / "catalog_index"))),

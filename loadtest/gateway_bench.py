@@ -2,8 +2,10 @@
 
 Starts its own tritonserver (onnx-int8, free loopback ports) and the gateway as a separate process
 (`python -m gateway`, as `make gateway` runs it), then, in one run:
-- b1: `embed` of one text, direct gRPC and through the gateway, interleaved; p50/p99 and the overhead;
-- b32: throughput at 4 concurrent callers, direct vs gateway (float JSON and base64, what the openai SDK asks);
+- b1: `embed` of one text, direct gRPC and through two gateways, one reaching Triton over HTTP (the default,
+  client/kserve_http.py) and one over gRPC asyncio, interleaved; p50/p99 and each one's overhead;
+- b32: throughput at 4 concurrent callers, direct vs the default gateway (float JSON and base64, what the openai
+  SDK asks);
 - rate limiter: 50 concurrent callers on one key against a configured rate; the admitted rate after the burst.
 Writes build/reports/gateway_bench.json.
 """
@@ -74,8 +76,9 @@ def throughput(call, workers: int, seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - started)
 
 
-def start_gateway(grpc_url: str, port: int, rate_rps: float, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "GATEWAY_API_KEYS": KEY, "GATEWAY_PORT": str(port), "GATEWAY_TRITON_URL": grpc_url,
+def start_gateway(server, port: int, rate_rps: float, out: Path, protocol: str = "http") -> subprocess.Popen:
+    env = {**os.environ, "GATEWAY_API_KEYS": KEY, "GATEWAY_PORT": str(port), "GATEWAY_TRITON_URL": server.grpc_url,
+           "GATEWAY_TRITON_HTTP_URL": server.http_url, "GATEWAY_EMBED_PROTOCOL": protocol,
            "GATEWAY_RATE_RPS": str(rate_rps), "GATEWAY_RATE_TEXTS_PER_S": "1000000", "GATEWAY_BURST_S": "1"}
     process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=settings.REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=open(out / f"gateway-{port}.log", "w"))
@@ -130,29 +133,40 @@ def main(argv: list[str] | None = None) -> int:
     with TritonServer(repository, server, log_file=work / "triton.log"):
         client_settings = replace(settings.SETTINGS, server=server)
         direct = TritonClient(server.grpc_url, settings=client_settings)
-        port = free_port()
-        gateway = start_gateway(server.grpc_url, port, rate_rps=1e6, out=work)
+        port, grpc_port = free_port(), free_port()
+        gateway = start_gateway(server, port, rate_rps=1e6, out=work)
+        via_grpc = None
         try:
-            web = Http(port)
+            via_grpc = start_gateway(server, grpc_port, rate_rps=1e6, out=work, protocol="grpc")
+            web = {"gateway": Http(port), "gateway_grpc": Http(grpc_port)}
             batch = [f"{TEXT} ({i})" for i in range(32)]
-            for _ in range(20):  # warm both paths
-                direct.embed([TEXT]), web.post("/v1/embeddings", {"model": "embed", "input": TEXT})
-            timings = {"direct": [], "gateway": []}
+            for _ in range(20):  # warm every path
+                direct.embed([TEXT])
+                for connection in web.values():
+                    connection.post("/v1/embeddings", {"model": "embed", "input": TEXT})
+            timings = {"direct": [], "gateway": [], "gateway_grpc": []}
+            order = list(timings)
             for i in range(args.samples):
-                for path in (("direct", "gateway") if i % 2 else ("gateway", "direct")):
+                for path in order[i % 3:] + order[:i % 3]:  # each path first, second and last in turn
                     started = time.perf_counter()
                     if path == "direct":
                         direct.embed([TEXT])
                     else:
-                        status, _ = web.post("/v1/embeddings", {"model": "embed", "input": TEXT})
+                        status, _ = web[path].post("/v1/embeddings", {"model": "embed", "input": TEXT})
                         assert status == 200, status
                     timings[path].append(time.perf_counter() - started)
+            stop(via_grpc)
+            via_grpc = None
             b1 = {path: percentiles(values) for path, values in timings.items()}
-            b1["overhead_p50_ms"] = round(b1["gateway"]["p50_ms"] - b1["direct"]["p50_ms"], 3)
-            b1["overhead_p99_ms"] = round(b1["gateway"]["p99_ms"] - b1["direct"]["p99_ms"], 3)
+            for name, path in (("", "gateway"), ("grpc_", "gateway_grpc")):
+                b1[f"{name}overhead_p50_ms"] = round(b1[path]["p50_ms"] - b1["direct"]["p50_ms"], 3)
+                b1[f"{name}overhead_p99_ms"] = round(b1[path]["p99_ms"] - b1["direct"]["p99_ms"], 3)
+            b1["gateway_upstream"] = "http"
             result["b1"] = b1
-            log.info("b1: direct p50 %.2f ms, gateway p50 %.2f ms (overhead %.2f ms p50, %.2f ms p99)",
-                     b1["direct"]["p50_ms"], b1["gateway"]["p50_ms"], b1["overhead_p50_ms"], b1["overhead_p99_ms"])
+            log.info("b1: direct p50 %.2f ms; gateway (HTTP to Triton) p50 %.2f ms, overhead %.2f ms p50, %.2f ms p99; "
+                     "gateway (gRPC to Triton) p50 %.2f ms, overhead %.2f ms p50, %.2f ms p99",
+                     b1["direct"]["p50_ms"], b1["gateway"]["p50_ms"], b1["overhead_p50_ms"], b1["overhead_p99_ms"],
+                     b1["gateway_grpc"]["p50_ms"], b1["grpc_overhead_p50_ms"], b1["grpc_overhead_p99_ms"])
 
             def direct_call():
                 own = TritonClient(server.grpc_url, settings=client_settings)
@@ -173,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_base64": round(rates["gateway_base64"] / rates["direct"], 3)}
             log.info("b32: %s", result["b32"])
         finally:
-            stop(gateway)
+            for process in (gateway, via_grpc):
+                if process is not None:
+                    stop(process)
             direct.close()
 
         limited_port = free_port()
-        limited = start_gateway(server.grpc_url, limited_port, rate_rps=args.limit_rps, out=work)
+        limited = start_gateway(server, limited_port, rate_rps=args.limit_rps, out=work)
         try:
             statuses: list[tuple[float, int]] = []
             stop_event = threading.Event()

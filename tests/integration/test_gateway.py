@@ -33,7 +33,7 @@ def served(triton, movielens_slice, tmp_path_factory):
     s = server.server
     client = TritonClient(s.grpc_url, settings=replace(settings.SETTINGS, server=s))
     tokenizer = server.repository / "tokenizer" / "1" / "tokenizer.json"
-    config = GatewaySettings(port=free_port(), triton_url=s.grpc_url, rate_rps=1000, rate_texts_per_s=100_000,
+    config = GatewaySettings(port=free_port(), triton_url=s.grpc_url, triton_http_url=s.http_url, rate_rps=1000, rate_texts_per_s=100_000,
                              max_body_bytes=64_000, tokenizer_file=tokenizer, data_dir=movielens_slice,
                              index_store=tmp_path_factory.mktemp("gateway-index"))
     tokens = TokenCounter(tokenizer)
@@ -117,7 +117,8 @@ def test_bad_requests_get_a_clear_status_and_the_next_good_one_succeeds(served, 
 
 def test_over_the_rate_limit_is_429_with_retry_after(served, triton):
     gateway, client = served
-    config = GatewaySettings(port=free_port(), rate_rps=2, rate_texts_per_s=1000, burst_s=1.0)
+    # This gateway reaches Triton over gRPC asyncio (the others over HTTP, the default).
+    config = GatewaySettings(port=free_port(), rate_rps=2, rate_texts_per_s=1000, burst_s=1.0, embed_protocol="grpc")
     app = create_app(config, client, KeyStore.from_plaintext([KEY, "other"]))
     with Gateway(app, config.port) as limited:
         url = f"{limited.url}/v1/embeddings"
@@ -128,6 +129,36 @@ def test_over_the_rate_limit_is_429_with_retry_after(served, triton):
         assert post(url, {"model": "embed", "input": "x"}, key="other")[0] == 200  # per key
         time.sleep(0.6)
         assert post(url, {"model": "embed", "input": "x"})[0] == 200  # refilled
+
+
+def test_the_async_client_over_http_and_grpc_agrees_with_embed_and_types_errors(served):
+    """client/kserve_http.py against the real Triton: the same vectors as the synchronous gRPC client, many calls
+    in flight at once (one connection each), and Triton's statuses typed as tritonclient's are."""
+    import asyncio
+
+    from client.errors import ModelNotFound
+    from client.triton import AsyncTritonClient
+
+    _, client = served
+    s, texts = client.settings.server, ["A man is playing a guitar.", "Der Hund schläft.", "x" * 3000]
+    direct = client.embed(texts)
+
+    async def scenario():
+        http = AsyncTritonClient(s.http_url, settings=client.settings, protocol="http")
+        grpc = AsyncTritonClient(s.grpc_url, settings=client.settings, protocol="grpc")
+        together = await http.embed(texts)
+        alone = await asyncio.gather(*(http.embed([t]) for t in texts * 4))
+        over_grpc = await grpc.embed(texts)
+        with pytest.raises(ModelNotFound):
+            await http.embed(["x"], encoder_version=99)
+        after = await http.embed(texts[:1])  # the connection that carried the error is still good
+        await http.close(), await grpc.close()
+        return together, alone, over_grpc, after
+
+    together, alone, over_grpc, after = asyncio.run(scenario())
+    for got in (together, np.concatenate(alone[:3]), over_grpc):
+        assert got.shape == direct.shape and np.min(np.sum(got * direct, axis=1)) >= 0.9999
+    assert float(np.dot(after[0], direct[0])) >= 0.9999
 
 
 def get(url, key=KEY):

@@ -102,3 +102,39 @@ def test_readiness_follows_tritons_embed_and_auth_comes_before_the_body():
         # No key and a malformed body: 401, not 422 (the body of an unknown caller is never parsed).
         assert http.post("/v1/embeddings", content=b"{not json").status_code == 401
         assert http.get("/v1/users/1/similar", headers={"Authorization": "Bearer k"}).status_code == 501
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b'{"model": "embed", "input": ', 422, None),                   # not JSON
+    (b'["embed"]', 422, None),                                      # not an object
+    (b'{"model": "embed"}', 422, "input"),                          # missing
+    (b'{"input": "x"}', 422, "model"),
+    (b'{"model": 3, "input": "x"}', 422, "model"),                  # wrong types
+    (b'{"model": "embed", "input": {"text": "x"}}', 422, "input"),
+    (b'{"model": "embed", "input": ["a", 2]}', 422, "input.1"),
+    (b'{"model": "embed", "input": "x", "encoding_format": "int8"}', 422, "encoding_format"),
+    (b'{"model": "embed", "input": "x", "dimensions": "384"}', 422, "dimensions"),
+    (b'{"model": "embed", "input": "x", "dimensions": true}', 422, "dimensions"),
+    (b'{"model": "embed", "input": [101, 2023, 102]}', 400, "input"),  # token ids, flat or nested
+    (b'{"model": "embed", "input": [[101, 102], [101]]}', 400, "input"),
+    (b'{"model": "embed", "input": []}', 400, "input"),
+])
+def test_embedding_requests_are_checked_field_by_field(body, status, param):
+    from gateway.embeddings import parse_request
+    from gateway.errors import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        parse_request(body)
+    assert (refused.value.status, refused.value.param) == (status, param)
+    assert refused.value.message and (param is None or param in refused.value.message or status == 400)
+
+
+def test_embedding_requests_as_the_sdks_send_them():
+    from gateway.embeddings import EmbeddingRequest, parse_request
+
+    assert parse_request(b'{"model": "embed", "input": "hi"}') == EmbeddingRequest(("hi",), "embed")
+    # the openai SDK asks for base64 and may send fields the gateway does not use
+    sdk = parse_request(b'{"model": "embed", "input": ["a", "b"], "encoding_format": "base64", "user": "u1", '
+                        b'"dimensions": 384}')
+    assert sdk == EmbeddingRequest(("a", "b"), "embed", "base64", 384)
+    assert parse_request(b'{"model": "embed", "input": "x", "dimensions": null}').dimensions is None
