@@ -7,7 +7,7 @@ Starts its own tritonserver (onnx-int8, free loopback ports) and the gateway as 
 - b32: throughput at 4 concurrent callers, direct vs the default gateway (float JSON and base64, what the openai
   SDK asks);
 - rate limiter: 50 concurrent callers on one key against a configured rate; the admitted rate after the burst.
-Writes build/reports/gateway_bench.json.
+Writes build/reports/gateway_bench.json and gateway_bench.png (the b1 latency distributions).
 """
 from __future__ import annotations
 
@@ -53,6 +53,32 @@ def percentiles(seconds: list[float]) -> dict:
     ms = 1000 * np.array(seconds)
     return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
             "n": len(ms)}
+
+
+def plot(timings: dict[str, list[float]], title: str, path: Path) -> Path:
+    """The b1 latency of each path as a cumulative distribution, the medians marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"direct": "direct gRPC (tritonclient)", "gateway": "gateway, HTTP to Triton (default)",
+              "gateway_grpc": "gateway, gRPC asyncio to Triton"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in timings.items():
+        ms = np.sort(1000 * np.array(values))
+        line, = ax.plot(ms, np.arange(1, len(ms) + 1) / len(ms), label=f"{labels.get(name, name)}: p50 "
+                                                                         f"{np.percentile(ms, 50):.2f} ms")
+        ax.axvline(np.percentile(ms, 50), color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xlim(right=float(np.percentile(1000 * np.concatenate([np.array(v) for v in timings.values()]), 99)))
+    ax.set_xlabel("b1 `embed` round trip (ms), one text")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def throughput(call, workers: int, seconds: float) -> float:
@@ -163,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 b1[f"{name}overhead_p99_ms"] = round(b1[path]["p99_ms"] - b1["direct"]["p99_ms"], 3)
             b1["gateway_upstream"] = "http"
             result["b1"] = b1
+            plot(timings, result["machine"], args.out / "gateway_bench.png")
             log.info("b1: direct p50 %.2f ms; gateway (HTTP to Triton) p50 %.2f ms, overhead %.2f ms p50, %.2f ms p99; "
                      "gateway (gRPC to Triton) p50 %.2f ms, overhead %.2f ms p50, %.2f ms p99",
                      b1["direct"]["p50_ms"], b1["gateway"]["p50_ms"], b1["overhead_p50_ms"], b1["overhead_p99_ms"],
