@@ -161,6 +161,44 @@ def test_the_async_client_over_http_and_grpc_agrees_with_embed_and_types_errors(
     assert float(np.dot(after[0], direct[0])) >= 0.9999
 
 
+def test_tritons_queue_policy_becomes_503_with_retry_after(export_dir, tmp_path):
+    """A Triton whose entry queue holds one request (max_queue_size=1) rejects a burst with UNAVAILABLE; the gateway
+    (retries off, so the rejection shows) answers those with 503 and Retry-After, the rest with 200, and serves
+    the next request once the burst is over."""
+    from client.triton import RetryPolicy
+    from model_repository.render import build_repository
+    from server.launcher import TritonServer, on_free_ports
+
+    bounded = replace(settings.SETTINGS, batching=replace(settings.SETTINGS.batching, max_queue_size=1))
+    path = build_repository(bounded, export_dir, "onnx-int8", "embedded", tmp_path / "bounded")
+    server_settings = on_free_ports(bounded.server, admin_key="")
+    with TritonServer(path, server_settings, log_file=tmp_path / "bounded.log"):
+        client = TritonClient(server_settings.grpc_url, settings=replace(bounded, server=server_settings),
+                              retry=RetryPolicy(attempts=1))
+        config = GatewaySettings(port=free_port(), rate_rps=10_000, rate_texts_per_s=1_000_000)
+        with Gateway(create_app(config, client, KeyStore.from_plaintext([KEY])), config.port) as gateway:
+            url, texts = f"{gateway.url}/v1/embeddings", [f"a burst of texts, number {i}" for i in range(16)]
+            answers: list[tuple[int, dict, dict]] = []
+            for _ in range(10):  # bursts of 24 concurrent requests until Triton rejects some
+                threads = [threading.Thread(target=lambda: answers.append(post(url, {"model": "embed", "input": texts})))
+                           for _ in range(24)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                if any(status == 503 for status, _, _ in answers):
+                    break
+            time.sleep(1.0)
+            after = post(url, {"model": "embed", "input": "the burst is over"})
+        client.close()
+    statuses = [status for status, _, _ in answers]
+    rejected = [(headers, body) for status, headers, body in answers if status == 503]
+    print(f"queue policy: {len(rejected)} of {len(statuses)} requests rejected with 503")
+    assert set(statuses) <= {200, 503} and rejected and statuses.count(200) > 0, statuses
+    assert all(h["retry-after"] == "1" and b["error"]["code"] == "unavailable" for h, b in rejected)
+    assert after[0] == 200
+
+
 def get(url, key=KEY):
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
     try:
