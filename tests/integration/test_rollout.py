@@ -1,5 +1,6 @@
 """Rollouts on a live tritonserver under load: promote, automatic rollback, broken versions refused before
-any traffic, the catalog index switched with the encoder, and Triton's reload traps avoided."""
+any traffic, the catalog index switched with the encoder (under the Locust rollout), and Triton's reload traps
+avoided."""
 from __future__ import annotations
 
 import json
@@ -102,9 +103,31 @@ def assert_only_version(live: Live, version: int) -> None:
     pytest.param(("onnx-fp32",), id="one"),
     pytest.param(("onnx-fp32", "onnx-int8", "onnx-fp32"), id="three", marks=pytest.mark.slow),
 ])
-def test_rollouts_under_locust_load_fail_no_request(live, export_dir, tmp_path, variants):
+def test_rollouts_under_locust_load_fail_no_request(live, export_dir, movielens_slice, tmp_path, variants):
+    """Each rollout also re-embeds the catalog index with the new version and switches it: a recommender calling
+    all along sees the old index, then the new one, never a mix."""
+    from client.catalog import load_movielens
+    from client.index import IndexStore, build_catalog_index
+    from client.recommend import Recommender
+
     if not settings.LOADTEST_PYTHON.exists():
         pytest.fail("the load-test venv is missing: `make test` builds it (make loadtest-venv)")
+    items, interactions, _ = load_movielens(movielens_slice)
+    client = live.client()
+    store = IndexStore(tmp_path / "indexes")
+    store.switch(store.publish(build_catalog_index(client, items)))
+    recommender = Recommender(items, store.load(), interactions, client, index_store=store)
+    seen, failures, stop = [], [], threading.Event()
+
+    def recommend_loop():
+        while not stop.is_set():
+            try:
+                recommender.recommend(1, n=10)
+                seen.append(recommender.index.encoder_version)
+            except Exception as error:
+                failures.append(repr(error)[:200])
+            time.sleep(0.05)
+
     s = live.server_settings
     locust = subprocess.Popen(
         [str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", "--host", s.host, "--http-port", str(s.http_port),
@@ -112,14 +135,19 @@ def test_rollouts_under_locust_load_fail_no_request(live, export_dir, tmp_path, 
          "--duration", "1200", "--tasks", "embed:6,score:3,recommend:0", "--think-ms", "100", "--canary-share", "0.2",
          "--out", str(tmp_path)],
         cwd=settings.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    thread = threading.Thread(target=recommend_loop, daemon=True)
     reports = []
+    start = live.repository.stable
     try:
         time.sleep(10)  # all 20 users running
         assert locust.poll() is None, locust.stdout.read()
-        start = live.repository.stable
+        thread.start()
         for variant in variants:
-            reports.append(run(live.repository, live.admin, export_dir / variant, FAST))
+            reports.append(run(live.repository, live.admin, export_dir / variant, FAST, store=store, client=client))
     finally:
+        time.sleep(1)
+        stop.set()
+        thread.join(timeout=60)
         locust.send_signal(signal.SIGTERM)
         output, _ = locust.communicate(timeout=180)
     print(output[-3000:])
@@ -139,6 +167,19 @@ def test_rollouts_under_locust_load_fail_no_request(live, export_dir, tmp_path, 
     assert not list(live.path.rglob("__pycache__"))
     history = (live.path.parent / "live.rollouts.jsonl").read_text().splitlines()
     assert len(history) >= n and json.loads(history[-1])["outcome"] == "promoted"
+
+    # The catalog index moved with the encoder: the recommender used the old index (and score_v<old>), then each
+    # new one in turn, never going back, and never failed.
+    assert not failures, failures[:3]
+    assert seen[0] == start and seen[-1] == start + n and seen == sorted(seen)
+    index = store.load()
+    assert store.names() == [store.current_name()] == [reports[-1]["index"]]
+    assert index.encoder_version == start + n
+    assert index.encoder["export_manifest_sha256"] == client.encoder_info()["export_manifest_sha256"]
+    # Its vectors are the new version's own.
+    again = client.embed_many(index.texts[:128], encoder_version=start + n)
+    assert float(np.min(np.sum(again * index.vectors[:128], axis=1))) > 0.999
+    client.close()
 
 
 # ---- automatic rollback ---------------------------------------------------------------------------------
@@ -287,53 +328,6 @@ def test_a_rollout_reaches_every_replica_sharing_the_repository(export_dir, tmp_
     finally:
         second.stop()
         first.server.stop()
-
-
-# ---- the catalog index moves with the encoder -----------------------------------------------------------
-def test_the_catalog_index_is_reembedded_and_switched_with_the_encoder(live, export_dir, movielens_slice, tmp_path):
-    from client.catalog import load_movielens
-    from client.index import IndexStore, build_catalog_index
-    from client.recommend import Recommender
-
-    items, interactions, _ = load_movielens(movielens_slice)
-    client = live.client()
-    store = IndexStore(tmp_path / "indexes")
-    old_version = live.repository.stable
-    store.switch(store.publish(build_catalog_index(client, items)))
-    recommender = Recommender(items, store.load(), interactions, client, index_store=store)
-    seen, failures, stop = [], [], threading.Event()
-
-    def recommend_loop():
-        while not stop.is_set():
-            try:
-                recommender.recommend(1, n=10)
-                seen.append(recommender.index.encoder_version)
-            except Exception as error:
-                failures.append(repr(error)[:200])
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=recommend_loop, daemon=True)
-    with Traffic(live):
-        thread.start()
-        try:
-            report = run(live.repository, live.admin, export_dir / "onnx-int8", FAST, store=store, client=client)
-        finally:
-            time.sleep(1)
-            stop.set()
-            thread.join(timeout=60)
-    assert report["outcome"] == "promoted"
-    new_version = report["new_version"]
-    assert not failures, failures[:3]
-    # The recommender used the old index (and score_v<old>), then the new one; never a third state.
-    assert seen[0] == old_version and seen[-1] == new_version and set(seen) == {old_version, new_version}
-    index = store.load()
-    assert store.names() == [store.current_name()] == [report["index"]]
-    assert index.encoder_version == new_version
-    assert index.encoder["export_manifest_sha256"] == client.encoder_info()["export_manifest_sha256"]
-    # Its vectors are the new version's own.
-    again = client.embed_many(index.texts[:128], encoder_version=new_version)
-    assert float(np.min(np.sum(again * index.vectors[:128], axis=1))) > 0.999
-    client.close()
 
 
 # ---- status --------------------------------------------------------------------------------------------
