@@ -61,8 +61,8 @@ test: venv loadtest-venv         ## the whole suite against a real tritonserver
 test-slow: venv loadtest-venv    ## the long reliability scenarios left out of `make test` (3 rollouts under load, scale-out, crash recovery)
 	$(PY) -m pytest -q -m slow tests
 
-bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX variant and the torch runtime's FP32
-	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8,torch-fp32 $(EXPORT_ARGS)
+bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX and OpenVINO variant and the torch runtime's FP32
+	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,torch-fp32 $(EXPORT_ARGS)
 	$(PY) -m export.bench
 
 bench-serving: venv              ## perf_analyzer: embed / encoder through Triton vs the bare encoder
@@ -87,7 +87,7 @@ loadtest: repository loadtest-venv  ## Locust headless against a local server: m
 		--users $(USERS) --duration $(DURATION) $(LOADTEST_ARGS)
 
 report: loadtest-venv venv       ## every benchmark in one run -> build/reports/REPORT.md with plots
-	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8,torch-fp32 $(EXPORT_ARGS)
+	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,torch-fp32 $(EXPORT_ARGS)
 	$(PY) -m loadtest.report --variant $(VARIANT)
 
 SOAK_MINUTES ?= 10

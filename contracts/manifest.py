@@ -28,11 +28,13 @@ class VariantFormat(StrEnum):
     ONNX = "onnx"
     TENSORRT_PLAN = "tensorrt_plan"
     TORCH = "torch"          # safetensors weights for encoders/torch_bert.py (the torch runtime)
+    OPENVINO = "openvino"    # OpenVINO IR: model.xml, with its weights in model.bin (a companion file)
 
 
 class Precision(StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"
     INT8 = "int8"
 
 
@@ -51,7 +53,7 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
-class Artifact:
+class ArtifactFile:
     file: str
     sha256: str
     bytes: int
@@ -59,6 +61,32 @@ class Artifact:
     def __post_init__(self):
         if "/" in self.file or self.file in ("", ".", ".."):
             raise ManifestError(f"artifact file must be a plain file name, not {self.file!r}")
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class Artifact(ArtifactFile):
+    """The file a runtime loads, and the files it needs beside it (`companions`: an OpenVINO IR's model.bin),
+    each with its own size and hash. Wherever the artifact goes (a repository, a new encoder version), they go."""
+
+    companions: tuple[ArtifactFile, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        companions = tuple(c if isinstance(c, ArtifactFile) else ArtifactFile(**c) for c in self.companions)
+        if len({f.file for f in (self, *companions)}) != 1 + len(companions):
+            raise ManifestError(f"artifact files must have distinct names: {[f.file for f in (self, *companions)]}")
+        object.__setattr__(self, "companions", companions)
+
+    @property
+    def files(self) -> tuple[ArtifactFile, ...]:
+        return (self, *self.companions)
+
+    def to_json(self) -> dict:
+        companions = {"companions": [c.to_json() for c in self.companions]} if self.companions else {}
+        return {**super().to_json(), **companions}
 
 
 @dataclass(frozen=True)
@@ -130,7 +158,7 @@ class Manifest:
             "variant": self.variant, "format": str(self.format), "precision": str(self.precision),
             "encoder": {"dim": self.encoder.dim, "max_length": self.encoder.max_length,
                         "pooling": self.encoder.pooling, "normalized": self.encoder.normalized},
-            "artifact": {"file": self.artifact.file, "sha256": self.artifact.sha256, "bytes": self.artifact.bytes},
+            "artifact": self.artifact.to_json(),
             "gate": self.gate.to_json(),
             "source": source,
             "tokenizer": {"sha256": self.tokenizer_sha256},
@@ -176,16 +204,18 @@ class Manifest:
         return path
 
     def artifact_problems(self, directory: Path) -> list[str]:
-        """Empty when the artifact in `directory` is the one this manifest describes."""
-        artifact = Path(directory) / self.artifact.file
-        if not artifact.exists():
-            return [f"artifact {artifact} is missing"]
+        """Empty when the artifact in `directory` (and every companion file) is the one this manifest describes."""
         problems = []
-        size = artifact.stat().st_size
-        if size != self.artifact.bytes:
-            problems.append(f"{artifact.name} is {size} bytes, manifest says {self.artifact.bytes}")
-        if file_sha256(artifact) != self.artifact.sha256:
-            problems.append(f"{artifact.name} sha256 differs from the manifest")
+        for expected in self.artifact.files:
+            path = Path(directory) / expected.file
+            if not path.exists():
+                problems.append(f"artifact {path} is missing")
+                continue
+            size = path.stat().st_size
+            if size != expected.bytes:
+                problems.append(f"{path.name} is {size} bytes, manifest says {expected.bytes}")
+            if file_sha256(path) != expected.sha256:
+                problems.append(f"{path.name} sha256 differs from the manifest")
         return problems
 
 

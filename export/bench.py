@@ -73,7 +73,7 @@ def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
-    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8,torch-fp32")
+    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,torch-fp32")
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per runner and shape")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "export_bench.json")
     args = parser.parse_args(argv)
@@ -98,6 +98,10 @@ def main(argv=None) -> int:
             from export.torch_variant import TorchBertRunner
 
             runners.append(TorchBertRunner(directory / manifest.artifact.file, Precision.FP32, "cpu", name=variant))
+        elif manifest.format == VariantFormat.OPENVINO:
+            from export.openvino_variant import OpenVinoRunner
+
+            runners.append(OpenVinoRunner(directory / manifest.artifact.file, manifest.precision, name=variant))
         else:
             runners.append(OrtRunner(directory / manifest.artifact.file, name=variant))
 

@@ -44,6 +44,8 @@ BATCH_INVARIANCE = 0.999
 DEFAULT_THRESHOLDS = {
     "fp32": Thresholds(min_cosine=0.9999, batch_invariance_min_cosine=BATCH_INVARIANCE),
     "fp16": Thresholds(min_cosine=0.999, batch_invariance_min_cosine=BATCH_INVARIANCE),
+    # BF16 keeps 8 bits of mantissa (FP16: 11): held to the Spearman ratio like INT8, and to a tighter mean cosine.
+    "bf16": Thresholds(mean_cosine=0.998, spearman_ratio=0.995, batch_invariance_min_cosine=BATCH_INVARIANCE),
     "int8": Thresholds(mean_cosine=0.99, spearman_ratio=0.99, batch_invariance_min_cosine=BATCH_INVARIANCE),
 }
 

@@ -26,7 +26,7 @@ class Variant:
     @property
     def artifact(self) -> str:
         return {VariantFormat.ONNX: "model.onnx", VariantFormat.TENSORRT_PLAN: "model.plan",
-                VariantFormat.TORCH: "model.safetensors"}[self.format]
+                VariantFormat.TORCH: "model.safetensors", VariantFormat.OPENVINO: "model.xml"}[self.format]
 
     @property
     def needs_tensorrt(self) -> bool:
@@ -44,9 +44,13 @@ VARIANTS = {
         # The torch runtime (RUNTIME=torch): FP16 for GPUs, FP32 for CPUs and as the exact reference.
         Variant("torch-fp32", VariantFormat.TORCH, Precision.FP32),
         Variant("torch-fp16", VariantFormat.TORCH, Precision.FP16),
+        # OpenVINO (export/openvino_variant.py): served by the embedded runtime too, or Triton's openvino backend.
+        Variant("ov-fp32", VariantFormat.OPENVINO, Precision.FP32),
+        Variant("ov-int8", VariantFormat.OPENVINO, Precision.INT8),
+        Variant("ov-bf16", VariantFormat.OPENVINO, Precision.BF16),  # only where the CPU computes BF16 natively
     )
 }
-DEFAULT_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8")
+DEFAULT_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "ov-fp32", "ov-int8", "ov-bf16", "trt-fp16", "trt-int8")
 
 
 def parse_variants(text: str) -> list[Variant]:

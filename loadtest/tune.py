@@ -2,7 +2,7 @@
 
 Which runtime and precision wins depends on the CPU (VNNI, AMX or AVX2 only): per-row INT8 gains ~1.3x over FP32
 on an AVX2 EPYC and more where VNNI is. So every exported variant that passed its gate is served in turn by the
-real tritonserver (embedded runtime) and measured by perf_analyzer on `embed`: b1 p50 with a short text, and
+real tritonserver (embedded runtime: ONNX Runtime for onnx-*, OpenVINO for ov-*) and measured by perf_analyzer on `embed`: b1 p50 with a short text, and
 sentences/s at b32 with 128-token texts. The fastest by the objective (throughput by default) is written to
 build/tune.json with the CPU model and ISA flags; `make serve`, `make demo` and the other targets use it unless
 VARIANT= is given, and only on a machine with the same CPU model, flags and core count (the CPU changes between
@@ -56,8 +56,11 @@ def tuned_variant(record: dict | None, machine: dict, exported: set[str]) -> tup
 
 
 def passing_exports(export_dir: Path) -> dict[str, object]:
-    """{variant: manifest} of ONNX variants in export_dir that passed their gate."""
-    from contracts.manifest import Manifest, ManifestError, VariantFormat
+    """{variant: manifest} of the variants in export_dir that passed their gate and the embedded runtime serves
+    (ONNX in ONNX Runtime, OpenVINO IR in OpenVINO)."""
+    from contracts.manifest import Manifest, ManifestError
+    from contracts.runtime import Runtime
+    from model_repository.render import RUNTIME_FORMATS
 
     found = {}
     for directory in sorted(Path(export_dir).iterdir()) if Path(export_dir).is_dir() else []:
@@ -65,7 +68,7 @@ def passing_exports(export_dir: Path) -> dict[str, object]:
             manifest = Manifest.read(directory)
         except ManifestError:
             continue
-        if manifest.format == VariantFormat.ONNX and manifest.gate.passed:
+        if manifest.format in RUNTIME_FORMATS[Runtime.EMBEDDED] and manifest.gate.passed:
             found[manifest.variant] = manifest
     return found
 
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure()
     candidates = passing_exports(settings.EXPORT_DIR)
     if not candidates:
-        raise SystemExit(f"no gated ONNX variant under {settings.EXPORT_DIR}: run make export first")
+        raise SystemExit(f"no gated variant under {settings.EXPORT_DIR}: run make export first")
     rows = []
     for variant, manifest in candidates.items():
         figures = manifest.gate.figures

@@ -4,8 +4,10 @@ Every config.pbtxt is built as a `ModelConfig` protobuf (Triton's own schema, sh
 printed with `text_format`, so a misspelt field fails here rather than at server start.
 
 Runtimes of the encoder (the tokenizer and similarity models are the same Python code in all of them):
-- embedded: Python backend running ONNX Runtime; the only option on the pip-installed tritonserver.
-- native:   `onnxruntime_onnx` (CUDA, TensorRT accelerator for FP16) or `tensorrt_plan`, for the NGC image.
+- embedded: Python backend running ONNX Runtime (onnx-*) or OpenVINO (ov-*), picked per encoder version by its
+            manifest; the only option on the pip-installed tritonserver.
+- native:   `onnxruntime_onnx` (CUDA, TensorRT accelerator for FP16), `openvino` (CPU) or `tensorrt_plan`, for the
+            NGC image.
 - torch:    Python backend running encoders/torch_bert.py (copied beside its model.py): a KIND_GPU instance
             group with FP16 and CUDA graphs where there is a GPU, FP32 on the CPU otherwise.
 """
@@ -26,12 +28,12 @@ from settings import Settings
 RUNTIMES = tuple(r.value for r in Runtime)
 MODELS_SOURCE = Path(__file__).with_name("models")
 # The encoder's model.py per runtime (the Python-backend ones), and what the torch one imports beside it.
-ENCODER_SOURCES = {Runtime.EMBEDDED: "encoder_onnxruntime", Runtime.TORCH: "encoder_torch"}
+ENCODER_SOURCES = {Runtime.EMBEDDED: "encoder_embedded", Runtime.TORCH: "encoder_torch"}
 # Where it is found, without importing it (and torch with it) here.
 TORCH_BERT_SOURCE = Path(importlib.util.find_spec("encoders.torch_bert").origin)
 # The formats each runtime can serve.
-RUNTIME_FORMATS = {Runtime.EMBEDDED: {VariantFormat.ONNX}, Runtime.TORCH: {VariantFormat.TORCH},
-                   Runtime.NATIVE: {VariantFormat.ONNX, VariantFormat.TENSORRT_PLAN}}
+RUNTIME_FORMATS = {Runtime.EMBEDDED: {VariantFormat.ONNX, VariantFormat.OPENVINO}, Runtime.TORCH: {VariantFormat.TORCH},
+                   Runtime.NATIVE: {VariantFormat.ONNX, VariantFormat.TENSORRT_PLAN, VariantFormat.OPENVINO}}
 # (batch, sequence) shapes the encoder runs at load, so request one is not slow. The largest possible shape
 # (max batch x the model's max length) is among them: ONNX Runtime's memory arena grows to its peak at load
 # instead of jumping in production at the first large batch (measured by `make soak`: +21 MB on the encoder
@@ -136,6 +138,10 @@ def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | st
             fits = [str(r) for r, formats in RUNTIME_FORMATS.items() if version_manifest.format in formats]
             raise ValueError(f"the {runtime} runtime cannot serve {version_manifest.variant} "
                              f"({version_manifest.format}); use --runtime {' or '.join(fits)}")
+    formats = {m.format for m in (versions or {1: manifest}).values()}
+    if runtime == Runtime.NATIVE and len(formats) > 1:
+        raise ValueError(f"a native encoder has one backend for all its versions; these are {sorted(formats)}: "
+                         "serve the new format from a new repository (or use --runtime embedded)")
     params["runtime"] = str(runtime)
     if runtime in ENCODER_SOURCES:  # a Python-backend encoder: names and its artifact come from the config
         config.backend = "python"
@@ -149,6 +155,8 @@ def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | st
             _instances(config, settings.instances.encoder)
             params.update(intra_op_threads=settings.instances.encoder_intra_op_threads,
                           intra_op_spinning=str(settings.instances.encoder_intra_op_spinning).lower())
+    elif manifest.format == VariantFormat.OPENVINO:
+        _openvino_native(config, settings, list((versions or {1: manifest}).values()))
     elif manifest.format == VariantFormat.TENSORRT_PLAN:
         config.platform = "tensorrt_plan"
         config.default_model_filename = manifest.artifact.file
@@ -171,6 +179,29 @@ def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | st
             warmup.inputs[name].zero_data = True
     _parameters(config, params)
     return config
+
+
+def _openvino_native(config: mc.ModelConfig, settings: Settings, manifests: list[Manifest]) -> None:
+    """Triton's `openvino` backend (NGC image): the IR on the CPU, one stream per instance, latency hint. Its
+    parameters are the model's, shared by every version, and it can ask for BF16 (HINT_BF16) but not insist on
+    FP32: on a CPU with AMX or AVX512-BF16 OpenVINO computes an FP32 IR in BF16 unless told otherwise, so there an
+    ov-fp32 version runs as ov-bf16 would (the embedded runtime sets the precision exactly)."""
+    formats = {m.format for m in manifests}
+    if formats != {VariantFormat.OPENVINO}:
+        raise ValueError(f"Triton's openvino backend serves OpenVINO IR only; these versions are {sorted(formats)}")
+    bf16 = {m.precision == Precision.BF16 for m in manifests}
+    if len(bf16) > 1:
+        raise ValueError("the openvino backend's precision hint is per model: BF16 and non-BF16 versions cannot "
+                         "load side by side; serve the new version from a new repository")
+    config.backend = "openvino"
+    config.default_model_filename = manifests[0].artifact.file
+    _instances(config, settings.instances.encoder)
+    values = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if settings.instances.encoder_intra_op_threads:
+        values["INFERENCE_NUM_THREADS"] = str(settings.instances.encoder_intra_op_threads)
+    if bf16 == {True}:
+        values["HINT_BF16"] = "YES"
+    _parameters(config, values)
 
 
 def similarity_config(settings: Settings, dim: int) -> mc.ModelConfig:
@@ -300,9 +331,9 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
     for file in ("tokenizer.json", "serving.json"):
         shutil.copyfile(Path(tokenizer_dir) / file, staging / m.tokenizer / "1" / file)
     for version, directory in version_dirs.items():
-        artifact = versions[version].artifact.file
         target = staging / m.encoder / str(version)
-        link_or_copy(Path(directory) / artifact, target / artifact)
+        for artifact in versions[version].artifact.files:  # an OpenVINO IR's model.bin goes with its model.xml
+            link_or_copy(Path(directory) / artifact.file, target / artifact.file)
         # The manifest's bytes travel unchanged: their sha256 is the version's identity.
         shutil.copyfile(Path(directory) / MANIFEST_NAME, target / MANIFEST_NAME)
 

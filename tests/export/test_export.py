@@ -199,3 +199,78 @@ def test_the_torch_variant_records_the_code_it_was_gated_with(export_dir):
     assert manifest.extra["details"]["torch"]["format"] == torch_bert.FORMAT
     model = torch_bert.load(directory / manifest.artifact.file)
     assert model.config.hidden == manifest.encoder.dim and model.config.pooling == manifest.encoder.pooling
+
+
+def test_the_openvino_variant_carries_its_weights_file_and_passes_the_fp32_gate(export_dir, tmp_path):
+    """ov-fp32: an IR whose weights (model.bin) are a companion of model.xml in the manifest, hashed like it."""
+    import shutil
+
+    directory = export_dir / "ov-fp32"
+    manifest = Manifest.read(directory)
+    assert [f.file for f in manifest.artifact.files] == ["model.xml", "model.bin"]
+    assert artifact_problems(directory) == []
+    assert manifest.artifact.companions[0].sha256 == file_sha256(directory / "model.bin")
+    assert manifest.gate.passed and manifest.gate.figures["cosine_min"] >= 0.9999
+    assert manifest.gate.figures["batch_invariance_min_cosine"] >= 0.999
+    assert manifest.extra["details"]["openvino"]["inference_precision"] == "f32"
+    assert manifest.extra["runtimes"]["openvino"] and manifest.extra["recipe"]["openvino"]
+    # A copy whose weights changed no longer matches (the xml alone would).
+    copy = shutil.copytree(directory, tmp_path / "ov-fp32")
+    with open(copy / "model.bin", "r+b") as handle:
+        handle.seek(4096)
+        handle.write(b"\x00\x01\x02\x03")
+    assert artifact_problems(copy) == ["model.bin sha256 differs from the manifest"]
+    (copy / "model.bin").unlink()
+    assert artifact_problems(copy) == [f"artifact {copy / 'model.bin'} is missing"]
+
+
+def test_nncf_int8_keeps_pooling_and_the_chosen_layers_fp32_and_is_batch_invariant(export_dir, tmp_path):
+    """ov-int8's quantizer on a small calibration set (the real export calibrates on 512 in-domain texts)."""
+    import openvino as ov
+    from transformers import AutoTokenizer
+
+    from export import openvino_variant
+    from export.calibration import calibration_batches
+    from export.gate import load_gate_sentences
+
+    raw = export_dir / ".work" / "raw.onnx"
+    assert raw.exists(), "the export fixture leaves the plain torch export in .work"
+    tokenizer = AutoTokenizer.from_pretrained(export_dir / "tokenizer")
+    sentences = load_gate_sentences()[0]
+    calibration = calibration_batches(tokenizer, sentences[:48], 256, batch_size=16)  # the gate set: ~40 texts
+    details = openvino_variant.quantize_int8(raw, tmp_path / "model.xml", calibration, fp32_layers=(0,))
+    assert details["quantization"]["calibration_texts"] == len(sentences[:48]) and (tmp_path / "model.bin").exists()
+
+    model = ov.Core().read_model(str(tmp_path / "model.xml"))
+    quantized_inputs = {}
+    for op in model.get_ordered_ops():
+        sources = [op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())]
+        quantized_inputs[op.get_friendly_name()] = "FakeQuantize" in sources
+    assert sum(quantized_inputs.values()) >= 20, "the encoder's MatMuls are quantized"
+    assert not any(q for name, q in quantized_inputs.items() if "/pool/" in name), "pooling stays FP32"
+    assert not quantized_inputs["/bert/encoder/layer.0/output/dense/MatMul"]
+    assert quantized_inputs["/bert/encoder/layer.1/output/dense/MatMul"]
+
+    int8 = openvino_variant.OpenVinoRunner(tmp_path / "model.xml", "int8")
+    fp32 = openvino_variant.OpenVinoRunner(export_dir / "ov-fp32" / "model.xml", "fp32")
+    from export.runners import tokenize
+
+    ids, mask = tokenize(tokenizer, sentences[:16], 256)
+    together = int8(ids, mask)
+    alone = np.concatenate([int8(*tokenize(tokenizer, [text], 256)) for text in sentences[:16]])
+    assert float(np.min(np.sum(together * alone, axis=1))) >= 0.999  # static scales: no batch-mate effect
+    assert float(np.mean(np.sum(together * fp32(ids, mask), axis=1))) >= 0.95
+
+
+def test_ov_bf16_is_built_only_where_the_cpu_computes_bf16(tmp_path):
+    from export import openvino_variant
+    from export.pipeline import ExportOptions, run_export
+    from export.variants import VariantStatus, parse_variants
+
+    options = ExportOptions(model_dir=settings.default_model_dir(), out_dir=tmp_path / "export",
+                            variants=parse_variants("ov-bf16"), sts_path=settings.STSB_DEV)
+    if "BF16" in openvino_variant.capabilities():
+        pytest.skip("this CPU computes BF16: `make export` builds and gates ov-bf16 here")
+    [outcome] = run_export(options)
+    assert outcome.status == VariantStatus.SKIPPED and "no BF16" in outcome.detail
+    assert not (tmp_path / "export" / "ov-bf16").exists()

@@ -285,7 +285,7 @@ def test_a_broken_version_is_refused_while_the_old_one_keeps_serving(live, expor
     if kind == "model-py-raising-at-init":
         export = export_dir / "onnx-fp32"
         models = shutil.copytree(render.MODELS_SOURCE, tmp_path / "models")
-        encoder_py = models / "encoder_onnxruntime" / "model.py"
+        encoder_py = models / "encoder_embedded" / "model.py"
         encoder_py.write_text(encoder_py.read_text().replace(
             "    def initialize(self, args):", "    def initialize(self, args):\n"
             "        raise RuntimeError('a bug shipped in the new model.py')\n\n    def _unused(self, args):", 1))

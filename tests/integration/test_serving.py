@@ -61,6 +61,35 @@ def test_torch_runtime_on_the_cpu_equals_onnx_fp32_alone_in_a_batch_and_under_co
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
 
 
+def test_openvino_and_onnx_runtime_serve_side_by_side_as_two_encoder_versions(export_dir, tmp_path):
+    """The embedded runtime picks the engine per encoder version from its manifest: ONNX Runtime for version 1
+    (onnx-fp32), OpenVINO for version 2 (ov-fp32). Both FP32: the same vectors, alone, batched or concurrent."""
+    from dataclasses import replace
+
+    from client.triton import TritonClient
+    from model_repository.render import write_generation
+    from server.launcher import TritonServer, on_free_ports
+
+    path = write_generation(settings.SETTINGS, export_dir / "tokenizer", {1: export_dir / "onnx-fp32",
+                                                                         2: export_dir / "ov-fp32"},
+                            "embedded", tmp_path / "repository", stable=1)
+    assert sorted(p.name for p in (path / "encoder" / "2").iterdir()) == ["manifest.json", "model.bin", "model.py",
+                                                                         "model.xml"]
+    server_settings = on_free_ports(settings.SETTINGS.server, admin_key="")
+    with TritonServer(path, server_settings, log_file=tmp_path / "triton.log"):
+        with TritonClient(server_settings.grpc_url, settings=replace(settings.SETTINGS, server=server_settings)) as client:
+            onnx = client.embed(SENTENCES, encoder_version=1)
+            openvino = client.embed(SENTENCES, encoder_version=2)
+            alone = np.concatenate([client.embed([text], encoder_version=2) for text in SENTENCES[:8]])
+            with ThreadPoolExecutor(8) as pool:
+                concurrent = np.concatenate(list(pool.map(lambda t: client.embed([t], encoder_version=2), SENTENCES)))
+            variants = {v: client.encoder_info(v)["export_variant"] for v in (1, 2)}
+    assert variants == {1: "onnx-fp32", 2: "ov-fp32"}
+    assert openvino.shape == onnx.shape == (len(SENTENCES), 384)
+    assert cosines(openvino, onnx).min() >= 0.9999
+    assert cosines(alone, openvino[:8]).min() >= 0.9999 and cosines(concurrent, openvino).min() >= 0.9999
+
+
 def test_torch_encoder_refuses_mismatched_inputs_and_stays_up(triton):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException

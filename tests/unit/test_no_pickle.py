@@ -8,7 +8,7 @@ from model_repository.render import build_repository
 
 UNSAFE = re.compile(r"\bpickle\b|torch\.load|joblib|allow_pickle\s*=\s*True|dill\b|cloudpickle")
 # The files that read what a repository or an index holds.
-READERS = ["model_repository/models/tokenizer/model.py", "model_repository/models/encoder_onnxruntime/model.py",
+READERS = ["model_repository/models/tokenizer/model.py", "model_repository/models/encoder_embedded/model.py",
            "model_repository/models/encoder_torch/model.py", "encoders/torch_bert.py",
            "model_repository/models/similarity/model.py", "client/index.py", "rollout/repository.py", "rollout/steps.py",
            "rollout/admin.py", "contracts/manifest.py"]

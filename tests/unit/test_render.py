@@ -14,8 +14,9 @@ def manifest(variant="onnx-int8", fmt="onnx", precision="int8", dim=384, file_sh
     return Manifest.from_json({
         "schema_version": SCHEMA_VERSION, "variant": variant, "format": fmt, "precision": precision,
         "encoder": {"dim": dim, "max_length": 256},
-        "artifact": {"file": {"onnx": "model.onnx", "torch": "model.safetensors"}.get(fmt, "model.plan"),
-                     "sha256": "a" * 64, "bytes": 1},
+        "artifact": {"file": {"onnx": "model.onnx", "torch": "model.safetensors", "openvino": "model.xml"}.get(fmt, "model.plan"),
+                     "sha256": "a" * 64, "bytes": 1,
+                     **({"companions": [{"file": "model.bin", "sha256": "e" * 64, "bytes": 2}]} if fmt == "openvino" else {})},
         "gate": {"passed": True}, "tokenizer": {"sha256": "d" * 64},
         "source": {"sha256": "b" * 64}, "exported_at": "2026-01-01T00:00:00Z",
     }, file_sha256=file_sha256)
@@ -30,6 +31,9 @@ CASES = [
     ("native", manifest("trt-int8", "tensorrt_plan", "int8")),
     ("torch", manifest("torch-fp16", "torch", "fp16")),
     ("torch", manifest("torch-fp32", "torch", "fp32")),
+    ("embedded", manifest("ov-int8", "openvino", "int8")),
+    ("native", manifest("ov-fp32", "openvino", "fp32")),
+    ("native", manifest("ov-bf16", "openvino", "bf16")),
 ]
 
 
@@ -86,6 +90,30 @@ def test_native_encoders_pick_the_backend_and_accelerator():
     assert int8.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     plan = render_configs(S, manifest("trt-int8", "tensorrt_plan", "int8"), "native")["encoder"]
     assert plan.platform == "tensorrt_plan" and plan.default_model_filename == "model.plan"
+
+
+def test_openvino_ir_runs_in_the_python_backend_or_tritons_openvino_backend():
+    embedded = render_configs(S, manifest("ov-int8", "openvino", "int8"), "embedded")["encoder"]
+    assert embedded.backend == "python" and embedded.parameters["runtime"].string_value == "embedded"
+    native = render_configs(S, manifest("ov-fp32", "openvino", "fp32"), "native")["encoder"]
+    assert (native.backend, native.default_model_filename, native.platform) == ("openvino", "model.xml", "")
+    assert native.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    params = {k: v.string_value for k, v in native.parameters.items()}
+    assert params["PERFORMANCE_HINT"] == "LATENCY" and params["NUM_STREAMS"] == "1" and "HINT_BF16" not in params
+    bf16 = render_configs(S, manifest("ov-bf16", "openvino", "bf16"), "native")["encoder"]
+    assert bf16.parameters["HINT_BF16"].string_value == "YES"
+
+
+def test_the_openvino_backend_cannot_mix_bf16_and_other_versions():
+    from model_repository.render import render_generation
+
+    versions = {1: manifest("ov-fp32", "openvino", "fp32"), 2: manifest("ov-bf16", "openvino", "bf16")}
+    with pytest.raises(ValueError, match="precision hint is per model"):
+        render_generation(S, versions, "native", stable=1)
+    mixed = {1: manifest("onnx-int8", "onnx", "int8"), 2: manifest("ov-int8", "openvino", "int8")}
+    assert render_generation(S, mixed, "embedded", stable=1)["encoder"].backend == "python"  # engine per version
+    with pytest.raises(ValueError, match="one backend for all its versions"):
+        render_generation(S, mixed, "native", stable=1)
 
 
 def test_embedded_runtime_refuses_a_tensorrt_plan():

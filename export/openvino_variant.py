@@ -1,0 +1,137 @@
+"""The OpenVINO variants: IR (model.xml, weights in model.bin) converted from the plain torch ONNX export (OpenVINO
+reads it, not the ORT-fused graph), run by OpenVINO's CPU plugin. Pooling and L2 normalization are in the graph.
+
+    ov-fp32   as converted, run at inference precision f32 (OpenVINO would pick bf16 by itself on a CPU with AMX
+              or AVX512-BF16, so the precision is always set, in the gate and in serving)
+    ov-int8   NNCF post-training static INT8 (ModelType.TRANSFORMER), calibrated on in-domain unlabeled text;
+              pooling and normalization stay FP32 (ignored scope), as do the FFN output projections of
+              `fp32_layers`; SmoothQuant off. Static scales: a text's vector does not depend on its batch-mates.
+
+ov-int8's recipe was chosen on the *selection* half of STS-B dev (export.gate.sts_half; 742 pairs), Spearman ratio
+to OpenVINO FP32, 512 calibration texts in padded batches of 16 (all-MiniLM-L6-v2; 2-core AMD EPYC, OpenVINO
+2026.4, NNCF 3.4):
+    everything quantized 0.99735; layer 0 FFN output FP32 0.99835; layers 0 and 5 0.99850;
+    layer 0 + SmoothQuant alpha 0.5: 0.99867; layer 0, SmoothQuant off: 0.99883 (chosen: the highest);
+    the same in batches of 1: 0.99755, of 32: 0.99741 (export.pipeline.OV_CALIBRATION_BATCH)
+    ov-bf16   the FP32 IR run at inference precision bf16: built only where the CPU computes BF16 natively
+              (OpenVINO reports "BF16" among its optimization capabilities); skipped elsewhere.
+
+Serving reads the precision from the manifest (details.openvino.inference_precision): the Python-backend encoder
+(model_repository/models/encoder_openvino) sets it; Triton's native `openvino` backend has only HINT_BF16.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from contracts.digest import file_sha256
+from contracts.manifest import ArtifactFile, Precision
+
+WEIGHTS = "model.bin"
+INFERENCE_PRECISION = {Precision.FP32: "f32", Precision.INT8: "f32", Precision.BF16: "bf16"}
+# Never quantized: mean pooling, its division by the token count, and the L2 normalization.
+POOLING_SCOPE = ".*/pool/.*"
+
+
+class OpenVinoUnavailable(RuntimeError):
+    """This machine cannot build or gate the variant (no native BF16): the variant is skipped, not failed."""
+
+
+def version() -> str | None:
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.__version__
+
+
+def capabilities() -> list[str]:
+    """What OpenVINO's CPU plugin can compute natively here: e.g. FP32, BF16, INT8 (AMX shows as BF16 + INT8)."""
+    import openvino as ov
+
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def require_bf16() -> None:
+    found = capabilities()
+    if "BF16" not in found:
+        raise OpenVinoUnavailable(f"this CPU computes no BF16 natively (OpenVINO's CPU capabilities: {', '.join(found)}): "
+                                  "ov-bf16 is built only on CPUs with AMX or AVX512-BF16")
+
+
+def ffn_output_names(layers: tuple[int, ...]) -> list[str]:
+    """The FFN down-projection MatMuls of `layers`, as named in the torch ONNX export."""
+    return [f"/bert/encoder/layer.{i}/output/dense/MatMul" for i in layers]
+
+
+def _save(model, xml: Path) -> dict:
+    import openvino as ov
+
+    ov.save_model(model, str(xml), compress_to_fp16=False)  # FP32 weights: the precision is the runtime's choice
+    return {"openvino": version(), "weights": WEIGHTS}
+
+
+def convert(raw_onnx: Path, xml: Path) -> dict:
+    import openvino as ov
+
+    return _save(ov.convert_model(str(raw_onnx)), xml)
+
+
+def quantize_int8(raw_onnx: Path, xml: Path, calibration: list[dict[str, np.ndarray]], fp32_layers: tuple[int, ...],
+                  smooth_quant: bool = False) -> dict:
+    """`calibration`: batches of {input_ids, attention_mask} (export.calibration.calibration_batches)."""
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    nncf.set_log_level(logging.WARNING)
+    model = ov.convert_model(str(raw_onnx))
+    kept = ffn_output_names(fp32_layers)
+    names = {op.get_friendly_name() for op in model.get_ordered_ops()}
+    missing = [name for name in kept if name not in names]
+    if missing:
+        raise ValueError(f"no node {missing[0]!r} in the graph: the torch export's layer names changed")
+    advanced = None if smooth_quant else AdvancedQuantizationParameters(
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))  # -1: SmoothQuant off
+    quantized = nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(calibration), advanced_parameters=advanced,
+                              ignored_scope=nncf.IgnoredScope(patterns=[POOLING_SCOPE], names=kept))
+    details = _save(quantized, xml)
+    details["quantization"] = {"method": "NNCF post-training static (ModelType.TRANSFORMER)", "nncf": nncf.__version__,
+                               "calibration_batches": len(calibration),
+                               "calibration_texts": int(sum(len(b["input_ids"]) for b in calibration)),
+                               "smooth_quant": smooth_quant,
+                               "fp32": ["pooling and normalization", *(f"layer {i} FFN output" for i in fp32_layers)]}
+    return details
+
+
+def weights_file(xml: Path) -> ArtifactFile:
+    path = Path(xml).with_name(WEIGHTS)
+    return ArtifactFile(WEIGHTS, file_sha256(path), path.stat().st_size)
+
+
+def compile_model(xml: Path, precision: str, threads: int = 0, latency: bool = True):
+    """The IR compiled for the CPU at `precision` (f32 or bf16). One stream for latency: requests come from
+    Triton's batcher one batch at a time per instance."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY" if latency else "THROUGHPUT"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(str(xml), "CPU", config)
+
+
+class OpenVinoRunner:
+    """The gate's (and the benchmark's) runner: the IR at the variant's inference precision."""
+
+    def __init__(self, xml: Path, precision: Precision | str, threads: int = 0, name: str | None = None):
+        self.precision = INFERENCE_PRECISION[Precision(precision)]
+        self.compiled = compile_model(xml, self.precision, threads)
+        self.request = self.compiled.create_infer_request()
+        self.name = name or Path(xml).parent.name
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        outputs = self.request.infer({0: input_ids, 1: attention_mask})
+        return np.array(outputs[self.compiled.output(0)], dtype=np.float32)

@@ -1,0 +1,102 @@
+"""Triton Python-backend model `encoder` (embedded runtime): ONNX Runtime or OpenVINO inside the Python backend.
+
+The pip-installed tritonserver (nvidia-pytriton) has no onnxruntime or openvino backend, so the exported
+artifact runs here, in the engine its format calls for: an ONNX graph (onnx-*) in ONNX Runtime, an OpenVINO IR
+(ov-*: model.xml + model.bin) in OpenVINO's CPU plugin, at the inference precision its manifest records (f32 or
+bf16; OpenVINO would otherwise pick bf16 by itself on AMX CPUs). Each version directory holds its own
+manifest.json, so one rollout can move from one engine to the other. In the NGC container the same repository
+renders this model for the native `onnxruntime_onnx`, `openvino` or `tensorrt_plan` backends instead (see
+model_repository/render.py).
+
+input_ids, attention_mask (INT64 [batch, seq]) -> embedding (FP32 [batch, dim], pooled + L2-normalized;
+pooling and normalization are inside the graph).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class OnnxRuntimeEngine:
+    def __init__(self, path, params):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # "false": intra-op threads sleep between runs instead of spinning on cores the other stubs need.
+        spinning = "1" if params.get("intra_op_spinning", "true") == "true" else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, ids, mask):
+        return self.session.run(None, {self.inputs[0]: ids, self.inputs[1]: mask})[0]
+
+
+class OpenVinoEngine:
+    def __init__(self, path, params, precision):
+        import openvino as ov
+
+        # One stream: Triton's batcher hands this instance one batch at a time.
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        threads = int(params.get("intra_op_threads", "0"))
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.output(0)
+
+    def __call__(self, ids, mask):
+        return np.array(self.request.infer({0: ids, 1: mask})[self.output], dtype=np.float32)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.input_names = (params["ids_input"], params["mask_input"])
+        self.output_name = params["embedding_output"]
+
+        # This version's own manifest says what its artifact is (the config's `artifact` is the stable one's).
+        manifest = json.loads((version_dir / "manifest.json").read_text())
+        artifact = version_dir / manifest["artifact"]["file"]
+        if manifest["format"] == "openvino":
+            precision = manifest["details"]["openvino"]["inference_precision"]
+            self.engine = OpenVinoEngine(artifact, params, precision)
+        else:
+            self.engine = OnnxRuntimeEngine(artifact, params)
+        # Diagnostics only (`python -m loadtest.trace_breakdown --null-encoder`): zeros instead of the model, to
+        # measure what the serving path costs without any model work.
+        self.null_dim = int(params.get("diagnostic_null_encoder_dim", "0") or 0)
+
+    def _run(self, ids, mask):
+        if self.null_dim:
+            return np.zeros((ids.shape[0], self.null_dim), dtype=np.float32)
+        return self.engine(ids, mask)
+
+    def execute(self, requests):
+        arrays = [
+            tuple(pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names)
+            for r in requests
+        ]
+        # The dynamic batcher only merges requests of equal shape, but stay correct if that ever changes:
+        # run one engine call per distinct sequence length.
+        outputs = [None] * len(requests)
+        by_length = {}
+        for index, (ids, _) in enumerate(arrays):
+            by_length.setdefault(ids.shape[1], []).append(index)
+        for indices in by_length.values():
+            ids = np.concatenate([arrays[i][0] for i in indices])
+            mask = np.concatenate([arrays[i][1] for i in indices])
+            embeddings = self._run(ids, mask)
+            start = 0
+            for i in indices:
+                rows = arrays[i][0].shape[0]
+                outputs[i] = embeddings[start : start + rows]
+                start += rows
+        return [
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)]) for out in outputs
+        ]
