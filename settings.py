@@ -24,6 +24,7 @@ LOADTEST_PYTHON = REPO_ROOT / ".venv-loadtest" / "bin" / "python"
 SHARED_DATA_DIR = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 STSB_DEV = SHARED_DATA_DIR / "stsbenchmark-train-dev" / "sts-dev.csv"
 MOVIELENS_DIR = SHARED_DATA_DIR / "movielens-latest-small"
+SCIFACT_TRAIN = SHARED_DATA_DIR / "scifact-train"
 
 
 def default_model_dir() -> Path:

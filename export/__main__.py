@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-file", type=Path, default=None, help="text file, one calibration text per line")
     p.add_argument("--sts", type=Path, default=settings.STSB_DEV, help="STS-B dev csv for the Spearman gate (default: %(default)s)")
     p.add_argument("--require-sts", action="store_true", help="fail INT8 variants when the STS-B file is missing")
+    p.add_argument("--retrieval", type=Path, default=settings.SCIFACT_TRAIN,
+                   help="SciFact train (BEIR) for the gate's retrieval nDCG@10 (default: %(default)s)")
+    p.add_argument("--no-retrieval", action="store_true", help="skip the retrieval task (faster; fewer figures)")
     p.add_argument("--threshold", action="append", default=[], metavar="TARGET.KEY=VALUE",
                    help="override a gate threshold; TARGET is a precision (fp32/fp16/int8) or a variant name; "
                         "KEY is min_cosine, mean_cosine or spearman_ratio")
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             calibration_file=args.calibration_file,
             sts_path=args.sts,
             require_sts=args.require_sts,
+            retrieval_dir=None if args.no_retrieval else args.retrieval,
             trt_profile=args.trt_profile,
             force=args.force,
         )
@@ -104,12 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print()
-    print(f"{'variant':<11} {'status':<11} {'cos mean':>9} {'cos min':>9} {'spearman':>9} {'ratio':>8}  detail")
+    print(f"{'variant':<11} {'status':<11} {'cos mean':>9} {'cos min':>9} {'spearman':>9} {'ratio':>8} {'nDCG@10':>8} "
+          f"{'ratio':>8}  detail")
     for o in outcomes:
         f = o.figures
         num = lambda k, fmt: format(f[k], fmt) if k in f else "-"  # noqa: E731
         print(f"{o.variant:<11} {o.status:<11} {num('cosine_mean', '.6f'):>9} {num('cosine_min', '.6f'):>9} "
-              f"{num('sts_spearman', '.5f'):>9} {num('spearman_ratio', '.5f'):>8}  {o.detail}")
+              f"{num('sts_spearman', '.5f'):>9} {num('spearman_ratio', '.5f'):>8} {num('retrieval_ndcg10', '.5f'):>8} "
+              f"{num('retrieval_ndcg_ratio', '.5f'):>8}  {o.detail}")
     bad = [o for o in outcomes if o.status in (VariantStatus.REFUSED, VariantStatus.FAILED)]
     bad += [o for o in outcomes if o.status == VariantStatus.SKIPPED and options.variants_named]
     return 1 if bad else 0

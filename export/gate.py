@@ -5,7 +5,9 @@ Two measurements:
   (`gate_sentences.txt`, whose sha256 goes into the manifest);
 - Spearman correlation of cosine similarity with the gold scores on STS-B dev, as a ratio to PyTorch FP32;
 - batch invariance: each gate sentence embedded alone vs in its batch, min cosine. The same text must get the same
-  vector at index time and at query time, whatever it is batched with.
+  vector at index time and at query time, whatever it is batched with;
+- retrieval nDCG@10 on a SciFact-train subset (export/retrieval.py) as a ratio to PyTorch FP32: a second task,
+  on which no recipe was chosen.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class Thresholds:
     batch_invariance_min_cosine: float | None = None
     # A distilled student (export.distill) against its teacher: STS-B Spearman ratio, whole dev.
     teacher_spearman_ratio: float | None = None
+    # SciFact retrieval nDCG@10 as a ratio to PyTorch FP32 (checked where the data is, like STS-B).
+    retrieval_ndcg_ratio: float | None = None
 
     def with_overrides(self, **values: float) -> "Thresholds":
         unknown = set(values) - set(asdict(self))
@@ -45,8 +49,10 @@ DEFAULT_THRESHOLDS = {
     "fp32": Thresholds(min_cosine=0.9999, batch_invariance_min_cosine=BATCH_INVARIANCE),
     "fp16": Thresholds(min_cosine=0.999, batch_invariance_min_cosine=BATCH_INVARIANCE),
     # BF16 keeps 8 bits of mantissa (FP16: 11): held to the Spearman ratio like INT8, and to a tighter mean cosine.
-    "bf16": Thresholds(mean_cosine=0.998, spearman_ratio=0.995, batch_invariance_min_cosine=BATCH_INVARIANCE),
-    "int8": Thresholds(mean_cosine=0.99, spearman_ratio=0.99, batch_invariance_min_cosine=BATCH_INVARIANCE),
+    "bf16": Thresholds(mean_cosine=0.998, spearman_ratio=0.995, batch_invariance_min_cosine=BATCH_INVARIANCE,
+                       retrieval_ndcg_ratio=0.98),
+    "int8": Thresholds(mean_cosine=0.99, spearman_ratio=0.99, batch_invariance_min_cosine=BATCH_INVARIANCE,
+                       retrieval_ndcg_ratio=0.98),
 }
 
 
@@ -105,12 +111,29 @@ class Reference:
     # A student's teacher, PyTorch FP32 on the same pairs (None: not a student, or no STS-B here).
     teacher_spearman: float | None = None
     teacher_spearman_halves: dict = field(default_factory=dict)
+    # The retrieval task (export.retrieval.RetrievalSet), PyTorch FP32's nDCG@10 on it, or why it was not run.
+    retrieval: Any = None
+    retrieval_ndcg: float | None = None
+    retrieval_note: str = "not run"
 
     def add_teacher(self, teacher_runner) -> None:
         if self.sts_pairs:
             a, b = self._embed_sts(teacher_runner, "teacher sts-b")
             self.teacher_spearman = sts_spearman(a, b, self.sts_gold)
             self.teacher_spearman_halves = spearman_by_half(a, b, self.sts_pairs)
+
+    def add_retrieval(self, retrieval, runner) -> None:
+        """`retrieval`: an export.retrieval.RetrievalSet; PyTorch FP32's nDCG@10 on it becomes the reference."""
+        self.retrieval = retrieval
+        self.retrieval_ndcg = self._ndcg(runner, "pytorch")
+        self.retrieval_note = f"{retrieval.name}: {len(retrieval.queries)} queries, {len(retrieval.documents)} documents"
+
+    def _ndcg(self, runner, label: str) -> float:
+        from export.retrieval import ndcg_at_k
+
+        queries = self.embed(runner, list(self.retrieval.queries), f"{label} retrieval queries")
+        documents = self.embed(runner, list(self.retrieval.documents), f"{label} retrieval documents")
+        return ndcg_at_k(queries, documents, self.retrieval.relevant)
 
     @classmethod
     def build(cls, embed_with, torch_runner, sts_path: Path | None) -> "Reference":
@@ -201,4 +224,12 @@ def evaluate(runner, reference: Reference, thresholds: Thresholds, require_sts: 
             failures.append(f"STS-B Spearman ratio {ratio:.5f} < {thresholds.spearman_ratio}")
     elif thresholds.spearman_ratio is not None and require_sts:
         failures.append(f"Spearman check required but {reference.sts_note}")
+    figures["retrieval"] = reference.retrieval_note
+    if reference.retrieval_ndcg is not None:
+        ndcg = reference._ndcg(runner, runner.name)
+        ratio = ndcg / reference.retrieval_ndcg
+        figures.update(retrieval_ndcg10=ndcg, retrieval_ndcg10_fp32=reference.retrieval_ndcg, retrieval_ndcg_ratio=ratio,
+                       retrieval_set=reference.retrieval.describe())
+        if thresholds.retrieval_ndcg_ratio is not None and ratio < thresholds.retrieval_ndcg_ratio:
+            failures.append(f"SciFact nDCG@10 ratio {ratio:.5f} < {thresholds.retrieval_ndcg_ratio}")
     return GateResult(figures=figures, failures=failures)

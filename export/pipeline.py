@@ -70,6 +70,8 @@ class ExportOptions:
     calibration_file: Path | None = None
     sts_path: Path | None = None
     require_sts: bool = False
+    # SciFact train in BEIR format: the gate's retrieval task (export.retrieval); None = not checked.
+    retrieval_dir: Path | None = None
     trt_profile: str = ""
     force: bool = False
     # A distilled student's teacher: gated against it too (export.distill). None = the one its lineage names,
@@ -174,6 +176,7 @@ class Exporter:
         self._reference: Reference | None = None
         self._torch_encoder = None
         self._intermediates: dict[str, Path] = {}
+        self.retrieval = self._load_retrieval()
 
     def _teacher(self) -> SourceModel | None:
         """The teacher of a distilled student: --teacher, else the directory its lineage names if it is here."""
@@ -215,6 +218,10 @@ class Exporter:
         if self._reference is None:
             log.info("computing the PyTorch FP32 reference (gate set + STS-B dev)")
             self._reference = Reference.build(self.embed_with, TorchRunner(self.torch_encoder), self.options.sts_path)
+            if self.retrieval is not None:
+                log.info(f"PyTorch FP32 retrieval nDCG@10 ({self.retrieval.name})")
+                self._reference.add_retrieval(self.retrieval, TorchRunner(self.torch_encoder))
+                log.info(f"PyTorch FP32 SciFact nDCG@10 = {self._reference.retrieval_ndcg:.5f}")
             if self.teacher is not None:
                 log.info(f"the teacher's PyTorch FP32 Spearman ({self.teacher.path})")
                 self._reference.add_teacher(TorchRunner(onnx_export.load_torch_encoder(self.teacher)))
@@ -393,9 +400,23 @@ class Exporter:
                        time.perf_counter() - started)
 
     def reference_sha(self) -> str:
+        """What the gate measures on: the gate sentences, and the retrieval subset when there is one."""
         from export.gate import load_gate_sentences
 
-        return load_gate_sentences()[1]
+        sentences = load_gate_sentences()[1]
+        return sentences if self.retrieval is None else f"{sentences}+retrieval:{self.retrieval.sha256}"
+
+    def _load_retrieval(self):
+        """The retrieval subset (export.retrieval); None where it is not asked for or not found."""
+        directory = self.options.retrieval_dir
+        if directory is None:
+            return None
+        if not (Path(directory) / "qrels" / "train.tsv").exists():
+            log.info(f"warning: retrieval gate not run: no SciFact train at {directory}")
+            return None
+        from export.retrieval import load_scifact
+
+        return load_scifact(directory)
 
     def manifest(self, variant: Variant, artifact: Path, details: dict, gate: dict, recipe: dict, key: str,
                  export_seconds: float) -> Manifest:

@@ -55,7 +55,7 @@ def test_a_distilled_student_trains_then_is_gated_against_its_teacher(export_dir
     sts.write_text("".join(settings.STSB_DEV.read_text(encoding="utf-8").splitlines(keepends=True)[:200]))
     out = tmp_path / "export"
     exported = subprocess.run([sys.executable, "-m", "export", "--model", str(student), "--out", str(out),
-                               "--variants", "onnx-fp32", "--sts", str(sts)],
+                               "--variants", "onnx-fp32", "--sts", str(sts), "--no-retrieval"],
                               cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600)
     where = out / "onnx-fp32" if exported.returncode == 0 else out / "refused" / "onnx-fp32"
     manifest = json.loads((where / "manifest.json").read_text())

@@ -149,3 +149,19 @@ def test_a_tuned_choice_holds_only_on_the_machine_it_was_measured_on():
     assert tuned_variant(record, {**here, "cores": 16}, {"onnx-int8"})[0] is None
     assert tuned_variant(record, here, {"onnx-fp32"})[0] is None        # no longer exported and gated
     assert tuned_variant(None, here, {"onnx-int8"}) == (None, "not tuned here yet (make tune)")
+
+
+def test_ndcg_at_10_with_binary_relevance():
+    import numpy as np
+
+    from export.retrieval import ndcg_at_k
+
+    documents = np.eye(4, dtype=np.float32)
+    # Query 0 ranks its one judged document first: 1.0. Query 1 ranks its judged document (3) second, behind 2:
+    # 1/log2(3). Query 2 has no judged document and is left out of the mean.
+    queries = np.array([[1, 0, 0, 0], [0, 0, 1, 0.5], [0, 1, 0, 0]], dtype=np.float32)
+    value = ndcg_at_k(queries, documents, [frozenset({0}), frozenset({3}), frozenset()], k=10)
+    assert abs(value - (1.0 + 1 / np.log2(3)) / 2) < 1e-9
+    # Two judged documents, found at ranks 1 and 3: (1 + 1/log2(4)) / (1 + 1/log2(3)).
+    two = ndcg_at_k(np.array([[1, 0, 0.5, 0.4]], dtype=np.float32), documents, [frozenset({0, 3})], k=10)
+    assert abs(two - (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))) < 1e-9
