@@ -105,8 +105,10 @@ class AsyncKServeHttp:
                    "Content-Type: application/octet-stream\r\n"
                    f"Inference-Header-Content-Length: {header_length}\r\nContent-Length: {len(body)}\r\n\r\n"
                    ).encode() + body
-        async with asyncio.timeout(timeout_s):
-            status, headers, payload = await self._exchange(request)
+        try:  # wait_for, not asyncio.timeout: the client package supports Python 3.10
+            status, headers, payload = await asyncio.wait_for(self._exchange(request), timeout_s)
+        except asyncio.TimeoutError:  # before 3.11 not the builtin TimeoutError that client.errors classifies
+            raise TimeoutError(f"no answer from Triton within {timeout_s:g} s") from None
         if status != 200:
             try:
                 text = json.loads(payload).get("error", "")
