@@ -1,7 +1,8 @@
 """What the load test sends: real texts, candidate vectors, and a recommender for the whole path.
 
 Loaded once per Locust process. The recommender's catalog index is embedded through the server under test
-on first use and cached in build/loadtest_index, keyed by the serving encoder's manifest hash.
+on first use and cached in build/loadtest_index, keyed by the serving encoder's manifest hash and the catalog's
+item ids (MovieLens from settings.MOVIELENS_DIR, i.e. $SHARED_DATA_DIR/movielens-latest-small).
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ class Workload:
         index = None
         if (cache / "index.json").exists():
             index = ItemIndex.load(cache)
-            if index.encoder != encoder:
+            same_catalog = [int(i) for i in index.item_ids] == [item.item_id for item in items]
+            if index.encoder != encoder or not same_catalog:  # another encoder, or another MovieLens directory
                 index = None
         if index is None:
             index = build_catalog_index(client, items)

@@ -1,5 +1,6 @@
 """A short Locust run against the real server (CI's load test): 0 failures, and the report is complete."""
 import json
+import os
 import subprocess
 
 import pytest
@@ -8,11 +9,21 @@ import settings
 
 
 
-def run_loadtest(server, out, *args):
+def run_loadtest(server, out, *args, shared_data=None):
+    """`shared_data`: a SHARED_DATA_DIR for the Locust process (its recommend task embeds that MovieLens catalog)."""
     s = server.server
     command = [str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", "--host", s.host, "--http-port", str(s.http_port),
                "--grpc-port", str(s.grpc_port), "--out", str(out), *args]
-    return subprocess.run(command, cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=400)
+    env = {**os.environ, **({"SHARED_DATA_DIR": str(shared_data)} if shared_data else {})}
+    return subprocess.run(command, cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=400, env=env)
+
+
+@pytest.fixture(scope="module")
+def small_shared_data(movielens_slice, tmp_path_factory):
+    """The 1,500-movie MovieLens slice as a SHARED_DATA_DIR: the recommend task's catalog is embedded in seconds."""
+    shared = tmp_path_factory.mktemp("shared")
+    (shared / "movielens-latest-small").symlink_to(movielens_slice, target_is_directory=True)
+    return shared
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,10 +33,10 @@ def loadtest_venv():
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_short_load_has_no_failures(triton, tmp_path, protocol):
+def test_short_load_has_no_failures(triton, tmp_path, protocol, small_shared_data):
     server = triton("onnx-int8")
     result = run_loadtest(server, tmp_path, "--protocol", protocol, "--users", "3", "--duration", "15",
-                          "--slo-failure-rate", "0")
+                          "--slo-failure-rate", "0", shared_data=small_shared_data)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     agg = summary["aggregated"]
