@@ -58,10 +58,6 @@ def parse_output(body: bytes, header_length: int | None, output_name: str) -> np
     raise ValueError(f"the response has no output {output_name!r}")
 
 
-class HttpStatusError(Exception):
-    """A non-200 answer; converted by AsyncKServeHttp to tritonclient's exception with its status."""
-
-
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes], bytes]:
     """One HTTP/1.1 response: status, lower-cased headers, body (Content-Length or chunked)."""
     head = await reader.readuntil(b"\r\n\r\n")

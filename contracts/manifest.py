@@ -62,6 +62,12 @@ class ArtifactFile:
         if "/" in self.file or self.file in ("", ".", ".."):
             raise ManifestError(f"artifact file must be a plain file name, not {self.file!r}")
 
+    @classmethod
+    def of(cls, path: Path) -> "ArtifactFile":
+        """The file at `path` as a manifest records it: its name, sha256 and size."""
+        path = Path(path)
+        return cls(path.name, file_sha256(path), path.stat().st_size)
+
     def to_json(self) -> dict:
         return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
 

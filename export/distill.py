@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import json
 import math
 import os
@@ -44,15 +45,27 @@ def kept_layers(total: int, keep: int) -> list[int]:
     return [round(i * total / keep) for i in range(keep)]
 
 
+def source_files(data_dir: Path) -> dict[str, Path]:
+    """Where each source of unlabeled in-domain text is in the shared data."""
+    data_dir = Path(data_dir)
+    return {"sts-train": data_dir / "stsbenchmark-train-dev" / "sts-train.csv",
+            "scifact": data_dir / "scifact-train" / "corpus.jsonl",
+            "movielens": data_dir / "movielens-latest-small" / "movies.csv"}
+
+
+def in_domain_sha256(data_dir: Path) -> str:
+    """One hash of every source file read_texts would read (a missing one counts as missing): what an in-domain
+    calibration depends on, so new data re-gates the variant."""
+    parts = [f"{name}:{file_sha256(path) if path.is_file() else 'missing'}" for name, path in source_files(data_dir).items()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def read_texts(data_dir: Path, sources: list[str], limit: int, seed: int = 0) -> tuple[list[str], dict]:
     """Unlabeled text from the shared data: -> (texts, provenance by source). Deduplicated, shuffled, capped."""
     unknown = set(sources) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown data source {sorted(unknown)}; choose from {', '.join(SOURCES)}")
-    data_dir = Path(data_dir)
-    files = {"sts-train": data_dir / "stsbenchmark-train-dev" / "sts-train.csv",
-             "scifact": data_dir / "scifact-train" / "corpus.jsonl",
-             "movielens": data_dir / "movielens-latest-small" / "movies.csv"}
+    files = source_files(data_dir)
     texts: dict[str, None] = {}
     provenance = {}
     for source in sources:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.digest import file_sha256
 from contracts.manifest import ArtifactFile, Precision
 
 WEIGHTS = "model.bin"
@@ -108,8 +107,7 @@ def quantize_int8(raw_onnx: Path, xml: Path, calibration: list[dict[str, np.ndar
 
 
 def weights_file(xml: Path) -> ArtifactFile:
-    path = Path(xml).with_name(WEIGHTS)
-    return ArtifactFile(WEIGHTS, file_sha256(path), path.stat().st_size)
+    return ArtifactFile.of(Path(xml).with_name(WEIGHTS))
 
 
 def compile_model(xml: Path, precision: str, threads: int = 0, latency: bool = True):

@@ -25,10 +25,11 @@ from pathlib import Path
 import logs
 import settings as settings_module
 from contracts.digest import file_sha256
-from contracts.manifest import SCHEMA_VERSION, Manifest, Precision, VariantFormat, artifact_problems
+from contracts.manifest import (SCHEMA_VERSION, Artifact, ArtifactFile, Manifest, Precision, VariantFormat,
+                                artifact_problems)
 from export import onnx_export, openvino_variant, torch_variant
 from export.calibration import calibration_batches, read_calibration_texts
-from export.distill import SOURCES, read_lineage, read_texts
+from export.distill import SOURCES, in_domain_sha256, read_lineage, read_texts
 from export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, TEACHER_SPEARMAN_RATIO, Reference, Thresholds, evaluate
 from export.runners import OrtRunner, TorchRunner, embed_texts
 from export.source import SourceModel, load_source
@@ -85,6 +86,10 @@ class ExportOptions:
         merged = {**self.threshold_overrides.get(variant.precision, {}), **self.threshold_overrides.get(variant.name, {})}
         return base.with_overrides(**merged)
 
+    def ov_int8_fp32_layers(self) -> tuple[int, ...]:
+        """ov-int8's FP32 FFN layers: --int8-fp32-layers when given ('' = none), else OV_INT8_FP32_LAYERS."""
+        return OV_INT8_FP32_LAYERS if self.int8_fp32_layers is None else self.int8_fp32_layers
+
     def recipe(self, variant: Variant, teacher_sha256: str | None = None) -> dict:
         """Everything that decides the artifact and its verdict; a change rebuilds the variant."""
         thresholds = self.thresholds(variant, student=teacher_sha256 is not None)
@@ -92,9 +97,10 @@ class ExportOptions:
         if teacher_sha256:
             recipe["teacher_sha256"] = teacher_sha256
         if variant.precision == Precision.INT8 and variant.format == VariantFormat.OPENVINO:
-            recipe.update(int8_fp32_layers=self.int8_fp32_layers or OV_INT8_FP32_LAYERS, smooth_quant=False,
+            recipe.update(int8_fp32_layers=self.ov_int8_fp32_layers(), smooth_quant=False,
                           calibration_batch=OV_CALIBRATION_BATCH,
-                          calibration_sha256=file_sha256(self.calibration_file) if self.calibration_file else "in-domain")
+                          calibration_sha256=file_sha256(self.calibration_file) if self.calibration_file
+                          else in_domain_sha256(settings_module.SHARED_DATA_DIR))
         elif variant.precision == Precision.INT8:
             recipe.update(int8_mode=self.int8_mode, int8_fp32_layers=self.int8_fp32_layers)
             if self.int8_mode == "per-row":
@@ -322,9 +328,9 @@ class Exporter:
                 details["quantization"] = onnx_export.quantize_int8_dynamic(fp32, artifact, keep)
         elif variant.format == VariantFormat.OPENVINO:
             if variant.precision == Precision.INT8:
-                layers = self.options.int8_fp32_layers or OV_INT8_FP32_LAYERS
                 details["openvino"] = openvino_variant.quantize_int8(self.intermediate("raw"), artifact,
-                                                                     self.calibration(True, OV_CALIBRATION_BATCH), layers)
+                                                                     self.calibration(True, OV_CALIBRATION_BATCH),
+                                                                     self.options.ov_int8_fp32_layers())
             else:
                 details["openvino"] = openvino_variant.convert(self.intermediate("raw"), artifact)
             details["openvino"]["inference_precision"] = openvino_variant.INFERENCE_PRECISION[variant.precision]
@@ -438,9 +444,8 @@ class Exporter:
             "outputs": [{"name": onnx_export.OUTPUT_NAME, "dtype": "FP32", "shape": ["batch", self.source.dim]}],
             "opset": onnx_export.OPSET,
             "runtimes": runtime_versions(),
-            "artifact": {"file": artifact.name, "sha256": file_sha256(artifact), "bytes": artifact.stat().st_size,
-                         **({"companions": [openvino_variant.weights_file(artifact).to_json()]}
-                            if variant.format == VariantFormat.OPENVINO else {})},
+            "artifact": Artifact(**ArtifactFile.of(artifact).to_json(), companions=(
+                openvino_variant.weights_file(artifact),) if variant.format == VariantFormat.OPENVINO else ()).to_json(),
             "tokenizer": {"sha256": file_sha256(tokenizer_json) if tokenizer_json.exists() else None},
             "details": details,
             "gate": gate,
