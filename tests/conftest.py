@@ -17,6 +17,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import settings  # noqa: E402
 from server.launcher import on_free_ports  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import process_guard  # noqa: E402
+
+# Nothing the suite starts may outlive it (tests/process_guard.py): each test's leftovers are traced to it.
+GUARD = process_guard.ProcessGuard()
+
+
+def pytest_configure(config):
+    GUARD.install()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    GUARD.observe(item.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leftovers, regions = GUARD.leftovers(grace_s=20.0)
+    if leftovers or regions:
+        GUARD.clean(leftovers, regions)
+        session.config.get_terminal_writer().line(process_guard.report(leftovers, regions), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 # torch-fp16 is left out: its gate computes FP16 on the CPU here (80 s); CI serves torch-fp32 (RUNTIME=torch).
 # ov-int8 is left out too: NNCF's calibration takes ~20-60 s here; its quantizer is tested on a small calibration set.
 EXPORTED_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "torch-fp32", "ov-fp32")
