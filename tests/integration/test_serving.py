@@ -90,6 +90,39 @@ def test_openvino_and_onnx_runtime_serve_side_by_side_as_two_encoder_versions(ex
     assert cosines(alone, openvino[:8]).min() >= 0.9999 and cosines(concurrent, openvino).min() >= 0.9999
 
 
+def test_the_encoder_gives_the_same_vectors_whatever_padding_it_is_sent(triton, export_dir, hf_tokenizer):
+    """The embedded encoder drops the columns no row attends to (the tokenizer pads to a multiple of 8 for the
+    batcher): a text padded to 64 columns, a batch of two lengths and the bare text all give the bare vectors."""
+    import tritonclient.grpc as grpcclient
+
+    from export.runners import tokenize
+
+    t = settings.SETTINGS.tensors
+    texts = ["a short text", "a somewhat longer text, with a clause and a few more words in it"]
+    ids, mask = tokenize(hf_tokenizer, texts, 256)
+    direct = OrtRunner(export_dir / "onnx-fp32" / "model.onnx")
+
+    def served(raw, ids, mask):
+        inputs = [grpcclient.InferInput(t.input_ids, list(ids.shape), "INT64"),
+                  grpcclient.InferInput(t.attention_mask, list(mask.shape), "INT64")]
+        inputs[0].set_data_from_numpy(ids)
+        inputs[1].set_data_from_numpy(mask)
+        return raw.infer(settings.SETTINGS.models.encoder, inputs).as_numpy(t.encoder_output)
+
+    def padded(array, width):
+        return np.pad(array, ((0, 0), (0, width - array.shape[1])))
+
+    with grpcclient.InferenceServerClient(triton("onnx-fp32").server.grpc_url) as raw:
+        short = int(mask[0].sum())
+        alone = served(raw, ids[:1, :short], mask[:1, :short])
+        alone_padded = served(raw, padded(ids[:1, :short], 64), padded(mask[:1, :short], 64))
+        batch_padded = served(raw, padded(ids, 64), padded(mask, 64))
+    expected = direct(ids, mask)
+    assert cosines(alone, expected[:1]).min() >= 0.99999
+    assert cosines(alone_padded, expected[:1]).min() >= 0.99999
+    assert cosines(batch_padded, expected).min() >= 0.99999
+
+
 def test_torch_encoder_refuses_mismatched_inputs_and_stays_up(triton):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
