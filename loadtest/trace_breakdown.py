@@ -13,12 +13,15 @@ gRPC, timed on the client. For each request, from the trace file Triton writes a
   <step> other        the step's REQUEST_START -> REQUEST_END not covered above
 beside the bare encoder (ONNX Runtime in this process, same token ids) for the overhead figure, twice: back to
 back, and after the same idle time the served encoder has between requests (sleeping as long as the rest of the
-path takes). Medians over the requests (so the rows do not add up exactly); writes
+path takes). The overhead is measured first, on a server without tracing (tracing costs time of its own), with
+served and bare calls alternating in blocks of 50 so that the machine's noise falls on both alike; then the
+same requests go to a traced server for the breakdown. Medians over the requests (so the rows do not add up exactly); writes
 build/reports/trace_breakdown.json and prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -31,6 +34,8 @@ import logs
 import settings
 
 log = logs.get("loadtest")
+BLOCK, SETTLE = 50, 5  # calls per block counted, and not counted at the start of each block
+PAUSE_S = 0.2  # between blocks: the last block's spinning threads go to sleep
 PHASES = (("queue", "QUEUE_START", "COMPUTE_START"), ("input", "COMPUTE_START", "COMPUTE_INPUT_END"),
           ("compute", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START"), ("output", "COMPUTE_OUTPUT_START", "COMPUTE_END"))
 
@@ -146,45 +151,68 @@ def main(argv: list[str] | None = None) -> int:
     server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
                               metrics_port=free_port())
     t = settings.SETTINGS.tensors
-    client_ms = []
-    with TritonServer(repo, server_settings, log_file=work / "triton.log", extra_args=trace_flags(trace_file)) as server:
-        with grpcclient.InferenceServerClient(server.server.grpc_url) as client:
-            text = grpcclient.InferInput(t.text, [1, 1], "BYTES")
-            text.set_data_from_numpy(np.array([[SHORT_TEXT.encode()]], dtype=object))
-            outputs = [grpcclient.InferRequestedOutput(t.embedding)]
-            for index in range(args.warmup + args.requests):
-                started = time.perf_counter()
-                client.infer(settings.SETTINGS.models.embed, [text], outputs=outputs)
-                if index >= args.warmup:
-                    client_ms.append(1000 * (time.perf_counter() - started))
-        log.info("%d requests timed; stopping the server to write the trace", len(client_ms))
-    rows = breakdown(read_traces(trace_file), settings.SETTINGS.models.embed, client_ms)
-    result = medians(rows)
-
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     ids, mask = tokenize(tokenizer, [SHORT_TEXT], 256)
     bare = OrtRunner(settings.EXPORT_DIR / args.variant / Manifest.read(settings.EXPORT_DIR / args.variant).artifact.file)
     for _ in range(20):
         bare(ids, mask)
-    bare_ms = []
-    for _ in range(args.requests):
+
+    def timed(call) -> float:
         started = time.perf_counter()
-        bare(ids, mask)
-        bare_ms.append(1000 * (time.perf_counter() - started))
+        call()
+        return 1000 * (time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def embed_client(trace: Path | None):
+        """A server (traced or not) and a function that sends it one b1 `embed` request."""
+        extra = trace_flags(trace) if trace else ()
+        with TritonServer(repo, server_settings, log_file=work / "triton.log", extra_args=extra) as server:
+            with grpcclient.InferenceServerClient(server.server.grpc_url) as client:
+                text = grpcclient.InferInput(t.text, [1, 1], "BYTES")
+                text.set_data_from_numpy(np.array([[SHORT_TEXT.encode()]], dtype=object))
+                outputs = [grpcclient.InferRequestedOutput(t.embedding)]
+                yield lambda: client.infer(settings.SETTINGS.models.embed, [text], outputs=outputs)
+
+    rounds = -(-args.requests // BLOCK)
+    # 1. The overhead, on a server without tracing (tracing costs ~0.1-0.3 ms of its own here, even switched off
+    # at run time): served and bare calls alternate in blocks, so this machine's noise (other tenants, frequency)
+    # falls on both alike. The first calls of each block are not counted: the other side's threads may spin.
+    served_ms, bare_ms, idle_ms = [], [], []
+    with embed_client(None) as served:
+        for _ in range(args.warmup):
+            served()
+        for round_ in range(rounds):
+            served_ms.extend([timed(served) for _ in range(SETTLE + BLOCK)][SETTLE:])
+            time.sleep(PAUSE_S)
+            bare_ms.extend([timed(lambda: bare(ids, mask)) for _ in range(SETTLE + BLOCK)][SETTLE:])
+            time.sleep(PAUSE_S)
+            # Served, the encoder idles between requests (while the client, gRPC and the tokenizer work); back to
+            # back it never does. On a VM an idle core comes back slow: the same bare call after the same idle
+            # time is the fair comparison for what serving itself adds.
+            idle_s = max(0.0, (statistics.median(served_ms) - statistics.median(bare_ms)) / 1000)
+            for index in range(SETTLE + BLOCK):
+                time.sleep(idle_s)
+                elapsed = timed(lambda: bare(ids, mask))
+                if index >= SETTLE:
+                    idle_ms.append(elapsed)
+            time.sleep(PAUSE_S)
+            log.info("round %d/%d: served p50 %.3f ms, bare %.3f ms", round_ + 1, rounds,
+                     statistics.median(served_ms), statistics.median(bare_ms))
+
+    # 2. The breakdown, on a traced server: the same requests, one at a time, each timed on the client too.
+    client_ms = []
+    with embed_client(trace_file) as served:
+        for _ in range(args.warmup + args.requests):
+            client_ms.append(timed(served))
+    log.info("%d requests traced; server stopped, trace written", args.requests)
+    client_ms = client_ms[args.warmup:]
+    rows = breakdown(read_traces(trace_file), settings.SETTINGS.models.embed, client_ms)
+    result = medians(rows)
+    result["client_total_untraced"] = statistics.median(served_ms)
     result["bare_encoder"] = statistics.median(bare_ms)
-    result["overhead"] = result["client_total"] - result["bare_encoder"]
-    # Served, the encoder idles between requests (while the client, gRPC and the tokenizer work); back to back it
-    # never does. On a VM an idle core comes back slow: the same bare call after the same idle time is the fair
-    # comparison for what serving itself adds.
-    idle_s = max(0.0, (result["client_total"] - result.get("encoder compute", 0.0)) / 1000)
-    idle_ms = []
-    for _ in range(args.requests):
-        time.sleep(idle_s)
-        started = time.perf_counter()
-        bare(ids, mask)
-        idle_ms.append(1000 * (time.perf_counter() - started))
+    result["overhead"] = result["client_total_untraced"] - result["bare_encoder"]
     result["bare_encoder_after_idle"] = statistics.median(idle_ms)
-    result["overhead_vs_idle_bare"] = result["client_total"] - result["bare_encoder_after_idle"]
+    result["overhead_vs_idle_bare"] = result["client_total_untraced"] - result["bare_encoder_after_idle"]
 
     print(f"\n`embed` b1 ({args.variant}, {ids.shape[1]} tokens), gRPC, one request at a time, medians of "
           f"{len(rows)}; encoder threads {instances.encoder_intra_op_threads or 'all'}, spinning "
