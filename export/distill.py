@@ -3,8 +3,11 @@
     python -m export.distill --layers 3                    # 3 of all-MiniLM-L6-v2's 6 layers -> build/students/
     python -m export --model build/students/<name> --out build/export-student --variants onnx-fp32,onnx-int8
 
-The student is the teacher with k of its layers kept (evenly spaced, the first included: 0, 2, 4 of 6), its
-embeddings and pooling unchanged, trained to reproduce the teacher's L2-normalized sentence embeddings
+The student is the teacher with k of its layers kept, its embeddings and pooling unchanged. Which k layers: by
+default (`--keep auto`) every combination is tried untrained, and the one whose embeddings are closest to the
+teacher's (mean cosine on 300 training texts, before any training) is trained. For all-MiniLM-L6-v2 and k=3
+that is 0, 4, 5 (held-out cosine 0.715 untrained), against 0.326 for the evenly spaced 0, 2, 4. `--keep even` keeps evenly spaced layers from the first;
+`--keep 0,2,4` names them. The student is trained to reproduce the teacher's L2-normalized sentence embeddings
 (loss 1 - cosine) on text of the kinds it will serve: STS-B train sentences, SciFact-train titles and abstracts,
 MovieLens titles. STS-B dev, where the gate measures, is never trained on. The directory written is a
 sentence-transformers model like the teacher, plus `distill.json`: its lineage (teacher path and sha256, layers
@@ -19,6 +22,7 @@ import argparse
 import copy
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -43,6 +47,30 @@ def kept_layers(total: int, keep: int) -> list[int]:
     if not 1 <= keep <= total:
         raise ValueError(f"a student keeps between 1 and {total} layers, not {keep}")
     return [round(i * total / keep) for i in range(keep)]
+
+
+def choose_layers(scores: dict[tuple[int, ...], float]) -> list[int]:
+    """The combination of kept layers whose untrained student came closest to the teacher (mean cosine on
+    training texts, before any training); a tie goes to the combination listed first."""
+    if not scores:
+        raise ValueError("no combination of layers was scored")
+    best = max(scores.values())
+    return list(next(layers for layers, score in scores.items() if score == best))
+
+
+def score_layer_choices(bert, pooling, tokenizer, texts: list[str], targets, keep: int, max_length: int):
+    """-> {layers: mean cosine to the teacher} for every combination of `keep` of the teacher's layers, each
+    student untrained (the teacher's own weights), on `texts` whose teacher embeddings are `targets`. 20
+    combinations for 3 of 6 layers, ~5 s each for 300 texts on 2 cores."""
+    from export.onnx_export import SentenceEncoder
+
+    scores = {}
+    for layers in itertools.combinations(range(bert.config.num_hidden_layers), keep):
+        student = SentenceEncoder(student_from(bert, list(layers)), pooling).eval()
+        vectors = embed_all(student, tokenizer, texts, max_length, 128, "", progress=False)
+        scores[layers] = float((vectors * targets).sum(dim=1).mean())
+        log.info("layers %s untrained: mean cosine to the teacher %.4f", list(layers), scores[layers])
+    return scores
 
 
 def source_files(data_dir: Path) -> dict[str, Path]:
@@ -119,7 +147,8 @@ def encode(encoder, tokenizer, texts: list[str], max_length: int):
     return encoder(torch.from_numpy(ids), torch.from_numpy(mask))
 
 
-def embed_all(encoder, tokenizer, texts: list[str], max_length: int, batch_size: int, label: str):
+def embed_all(encoder, tokenizer, texts: list[str], max_length: int, batch_size: int, label: str,
+              progress: bool = True):
     """Normalized embeddings in input order, length-sorted batches, a log line every ~10%."""
     import torch
 
@@ -130,7 +159,7 @@ def embed_all(encoder, tokenizer, texts: list[str], max_length: int, batch_size:
         for n, start in enumerate(starts):
             index = order[start:start + batch_size]
             out[index] = encode(encoder, tokenizer, [texts[i] for i in index], max_length).float()
-            if n % max(1, len(starts) // 10) == 0:
+            if progress and n % max(1, len(starts) // 10) == 0:
                 log.info("%s: %d/%d texts", label, min(start + batch_size, len(texts)), len(texts))
     return out
 
@@ -163,14 +192,19 @@ def distill(args) -> Path:
     torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     teacher_source = load_source(args.teacher)
-    layers = [int(i) for i in args.keep.split(",")] if args.keep else kept_layers(teacher_source.num_layers, args.layers)
-    if sorted(set(layers)) != layers or layers[-1] >= teacher_source.num_layers:
-        raise ValueError(f"--keep {args.keep}: increasing layer indices below {teacher_source.num_layers}")
+    if args.keep == "even":
+        layers = kept_layers(teacher_source.num_layers, args.layers)
+    elif args.keep != "auto":
+        layers = [int(i) for i in args.keep.split(",")]
+        if sorted(set(layers)) != layers or layers[-1] >= teacher_source.num_layers:
+            raise ValueError(f"--keep {args.keep}: increasing layer indices below {teacher_source.num_layers}")
+    elif not 1 <= args.layers <= teacher_source.num_layers:
+        raise ValueError(f"a student keeps between 1 and {teacher_source.num_layers} layers, not {args.layers}")
     texts, provenance = read_texts(args.data, args.sources.split(","), args.max_texts, args.seed)
     held = max(1, len(texts) // 50)
     validation, training = texts[:held], texts[held:]
-    log.info("teacher %s (%d layers, sha256 %s); student keeps layers %s; %d training texts, %d held out",
-             teacher_source.path, teacher_source.num_layers, teacher_source.sha256[:12], layers, len(training), held)
+    log.info("teacher %s (%d layers, sha256 %s); %d training texts, %d held out", teacher_source.path,
+             teacher_source.num_layers, teacher_source.sha256[:12], len(training), held)
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_source.transformer_path)
     bert = AutoModel.from_pretrained(teacher_source.transformer_path, attn_implementation="sdpa")
@@ -178,6 +212,16 @@ def distill(args) -> Path:
     started = time.perf_counter()
     targets = embed_all(teacher, tokenizer, training, args.max_length, 128, "teacher embeddings")
     held_targets = embed_all(teacher, tokenizer, validation, args.max_length, 128, "teacher, held out")
+    choice = {"rule": args.keep if args.keep in ("auto", "even") else "given"}
+    if args.keep == "auto":
+        # Chosen on training texts (before any training), so the held-out figure stays clean; never on STS-B dev,
+        # where the gate measures.
+        probe = min(len(training), args.probe_texts)
+        scores = score_layer_choices(bert, teacher_source.pooling, tokenizer, training[:probe], targets[:probe],
+                                     args.layers, args.max_length)
+        layers = choose_layers(scores)
+        choice.update(texts=probe, mean_cosine={",".join(map(str, k)): round(v, 5) for k, v in scores.items()})
+    log.info("the student keeps the teacher's layers %s (%s)", layers, choice["rule"])
     student = SentenceEncoder(student_from(bert, layers), teacher_source.pooling).train()
     del teacher, bert
 
@@ -226,7 +270,7 @@ def distill(args) -> Path:
     lineage = {
         "teacher": {"path": str(teacher_source.path), "sha256": teacher_source.sha256,
                     "layers": teacher_source.num_layers},
-        "layers_kept": layers, "data": provenance, "texts": {"training": len(training), "held_out": held},
+        "layers_kept": layers, "layer_choice": choice, "data": provenance, "texts": {"training": len(training), "held_out": held},
         "training": {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "max_length": args.max_length,
                      "steps": total, "seed": args.seed, "loss": "1 - cosine to the teacher's normalized embedding",
                      "losses": losses, "seconds": round(seconds, 1)},
@@ -247,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=None, help="default: all-MiniLM-L6-v2")
     parser.add_argument("--layers", type=int, default=3, help="how many of the teacher's layers to keep")
-    parser.add_argument("--keep", default="", help="which layers, e.g. 0,2,4 (overrides --layers)")
+    parser.add_argument("--keep", default="auto",
+                        help="auto: the combination of --layers layers closest to the teacher untrained, on training "
+                             "texts before training; even: evenly spaced from the first; or the layers, e.g. 0,2,4 "
+                             "(overrides --layers)")
+    parser.add_argument("--probe-texts", type=int, default=300,
+                        help="training texts that score each combination (--keep auto)")
     parser.add_argument("--data", type=Path, default=settings.SHARED_DATA_DIR)
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--max-texts", type=int, default=30_000)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import settings
-from export.distill import SOURCES, kept_layers, read_texts
+from export.distill import SOURCES, choose_layers, kept_layers, read_texts
 
 
 def test_kept_layers_are_evenly_spaced_from_the_first():
@@ -15,6 +15,13 @@ def test_kept_layers_are_evenly_spaced_from_the_first():
     assert kept_layers(12, 4) == [0, 3, 6, 9]
     with pytest.raises(ValueError, match="between 1 and 6"):
         kept_layers(6, 7)
+
+
+def test_the_layers_kept_are_those_whose_untrained_student_came_closest_to_the_teacher():
+    assert choose_layers({(0, 2, 4): 0.326, (0, 4, 5): 0.715, (1, 3, 5): 0.495}) == [0, 4, 5]
+    assert choose_layers({(0, 3): 0.5, (1, 4): 0.5}) == [0, 3]  # a tie: the first listed
+    with pytest.raises(ValueError, match="no combination"):
+        choose_layers({})
 
 
 def test_training_text_comes_from_every_source_deduplicated_and_never_from_sts_dev():
@@ -39,12 +46,17 @@ def test_a_distilled_student_trains_then_is_gated_against_its_teacher(export_dir
         pytest.skip("STS-B dev not here")
     student = tmp_path / "student"
     trained = subprocess.run([sys.executable, "-m", "export.distill", "--layers", "2", "--max-texts", "240",
-                              "--epochs", "2", "--batch", "32", "--max-length", "64", "--out", str(student)],
+                              "--epochs", "2", "--batch", "32", "--max-length", "64", "--probe-texts", "40",
+                              "--out", str(student)],
                              cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "step 16/16" in trained.stderr  # progress, with timestamps, on stderr
     lineage = json.loads((student / "distill.json").read_text())
-    assert lineage["layers_kept"] == [0, 3] and lineage["teacher"]["layers"] == 6
+    # --keep auto: all 15 pairs of the 6 layers scored untrained, the closest one kept.
+    choice = lineage["layer_choice"]
+    assert choice["rule"] == "auto" and choice["texts"] == 40 and len(choice["mean_cosine"]) == 15
+    best = max(choice["mean_cosine"], key=choice["mean_cosine"].get)
+    assert lineage["layers_kept"] == [int(i) for i in best.split(",")] and lineage["teacher"]["layers"] == 6
     losses = lineage["training"]["losses"]
     assert losses[-1]["mean"] < losses[0]["first"]
     assert lineage["held_out_cosine"]["after"] > lineage["held_out_cosine"]["before"]
