@@ -187,6 +187,7 @@ def test_rollouts_under_locust_load_fail_no_request(live, export_dir, movielens_
 
 
 # ---- automatic rollback ---------------------------------------------------------------------------------
+@pytest.mark.slow  # 78 s; the verdict itself is unit-tested (test_rollout_policy), the rollback path by the next test
 def test_a_canary_that_gets_no_traffic_is_rolled_back_automatically(live, export_dir):
     stable = live.repository.stable
     with Traffic(live, canary_share=0.0) as traffic:  # nobody sends the canary a share: no evidence
