@@ -6,8 +6,8 @@
 The student is the teacher with k of its layers kept, its embeddings and pooling unchanged. Which k layers: by
 default (`--keep auto`) every combination is tried untrained, and the one whose embeddings are closest to the
 teacher's (mean cosine on 300 training texts, before any training) is trained. For all-MiniLM-L6-v2 and k=3
-that is 0, 4, 5 (held-out cosine 0.715 untrained), against 0.326 for the evenly spaced 0, 2, 4. `--keep even` keeps evenly spaced layers from the first;
-`--keep 0,2,4` names them. The student is trained to reproduce the teacher's L2-normalized sentence embeddings
+that is 0, 4, 5 (held-out cosine 0.715 untrained), against 0.326 for the evenly spaced 0, 2, 4. `--keep even`
+keeps evenly spaced layers from the first; `--keep 0,2,4` names them. The student is trained to reproduce the teacher's L2-normalized sentence embeddings
 (loss 1 - cosine) on text of the kinds it will serve: STS-B train sentences, SciFact-train titles and abstracts,
 MovieLens titles. STS-B dev, where the gate measures, is never trained on. The directory written is a
 sentence-transformers model like the teacher, plus `distill.json`: its lineage (teacher path and sha256, layers
@@ -54,8 +54,7 @@ def choose_layers(scores: dict[tuple[int, ...], float]) -> list[int]:
     training texts, before any training); a tie goes to the combination listed first."""
     if not scores:
         raise ValueError("no combination of layers was scored")
-    best = max(scores.values())
-    return list(next(layers for layers, score in scores.items() if score == best))
+    return list(max(scores, key=scores.get))  # max keeps the first of equals
 
 
 def score_layer_choices(bert, pooling, tokenizer, texts: list[str], targets, keep: int, max_length: int):
@@ -270,7 +269,8 @@ def distill(args) -> Path:
     lineage = {
         "teacher": {"path": str(teacher_source.path), "sha256": teacher_source.sha256,
                     "layers": teacher_source.num_layers},
-        "layers_kept": layers, "layer_choice": choice, "data": provenance, "texts": {"training": len(training), "held_out": held},
+        "layers_kept": layers, "layer_choice": choice, "data": provenance,
+        "texts": {"training": len(training), "held_out": held},
         "training": {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "max_length": args.max_length,
                      "steps": total, "seed": args.seed, "loss": "1 - cosine to the teacher's normalized embedding",
                      "losses": losses, "seconds": round(seconds, 1)},

@@ -15,8 +15,8 @@ beside the bare encoder (ONNX Runtime in this process, same token ids) for the o
 back, and after the same idle time the served encoder has between requests (sleeping as long as the rest of the
 path takes). The overhead is measured first, on a server without tracing (tracing costs time of its own), with
 served and bare calls alternating in blocks of 50 so that the machine's noise falls on both alike; then the
-same requests go to a traced server for the breakdown. Medians over the requests (so the rows do not add up exactly); writes
-build/reports/trace_breakdown.json and prints the table.
+same requests go to a traced server for the breakdown. Medians over the requests (so the rows do not add up
+exactly); writes build/reports/trace_breakdown.json and prints the table.
 """
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.processes import SHM_DIR, SHM_PREFIX_BASE, shm_regions as regions_with
+
 TEST_SESSION_ENV = "BERT_SERVING_TEST_SESSION"
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
 def marked_processes(token: str, exclude: frozenset[int] = frozenset()) -> dict[int, str]:
@@ -45,10 +45,8 @@ def marked_processes(token: str, exclude: frozenset[int] = frozenset()) -> dict[
 
 
 def shm_regions() -> set[str]:
-    try:
-        return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIX)}
-    except OSError:
-        return set()
+    """Every Python-backend region in /dev/shm, whichever server made it."""
+    return {p.name for p in regions_with(SHM_PREFIX_BASE)}
 
 
 @dataclass
