@@ -206,7 +206,6 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if not (Path(self.repository) / settings.SETTINGS.models.embed / "config.pbtxt").exists():
             raise ServerError(f"{self.repository} is not a built model repository: run `make repository` first")
-        processes.become_subreaper()  # stubs orphaned by a dying server come to us, and are reaped when ended
         runs = processes.RunDirectory(self.run_dir)
         runs.reap_orphans()
         log_handle = open(self.log_file, "ab") if self.log_file else None

@@ -160,58 +160,6 @@ class Reaped:
         return bool(self.terminated or self.killed or self.shm_removed)
 
 
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
-
-
-def become_subreaper() -> bool:
-    """Makes this process the one that adopts its orphaned descendants instead of init.
-
-    Why: when tritonserver dies first (SIGKILL, a crash), its stubs are orphans. Adopted by init, each one we end
-    stays a zombie until init gets round to reaping it: a `triton_python_b` entry in the process table, seen after
-    a test had passed. Adopted by us, `reap` collects them at once. Linux only; elsewhere nothing changes."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _adopted_stubs() -> dict[int, str]:
-    """pid -> state of the stubs whose parent is this process: orphans of a server that died, adopted by us."""
-    me, found = os.getpid(), {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == me and STUB_BINARY.startswith(comm):
-            found[int(entry.name)] = fields[0]
-    return found
-
-
-def collect_adopted_stubs(timeout_s: float = 3.0) -> int:
-    """Reaps the adopted stubs (see become_subreaper) as they end, for at most `timeout_s`: once `reap` has ended
-    them, a dying stub may take a moment to become a zombie. Only stubs: our own children (tritonserver itself)
-    are waited for by whoever started them."""
-    deadline, reaped = time.monotonic() + timeout_s, 0
-    while True:
-        adopted = _adopted_stubs()
-        for pid, state in adopted.items():
-            if state in "ZX":
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                    reaped += 1
-                except ChildProcessError:
-                    pass
-        if not adopted or time.monotonic() >= deadline:
-            return reaped
-        time.sleep(0.05)
-
-
 def _signal_all(pids, sig) -> None:
     for pid in pids:
         try:
@@ -245,7 +193,6 @@ def reap(record: ServerRecord, grace_s: float = 5.0) -> Reaped:
             result.killed = len(left) - len(still)
             if still:
                 log.error("server %s: processes %s survived SIGKILL", record.server_id, still)
-    collect_adopted_stubs()
     for region in shm_regions(record.shm_prefix):
         try:
             region.unlink()

@@ -87,20 +87,6 @@ class Load:
         return [e for e in self.events if start < e[0] < end]
 
 
-def zombie_stubs_of(parent: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        if stat and "(triton_python_b" in stat:
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] == "Z" and int(fields[1]) == parent:
-                found.append(int(entry.name))
-    return found
-
-
 # ---- tritonserver SIGKILLed under load ---------------------------------------------------------------------
 def test_sigkill_under_load_gives_clear_errors_then_recovers_and_leaves_nothing(export_dir, tmp_path):
     """Callers on both protocols at once: gRPC sees UNAVAILABLE, HTTP a refused connection; both get ServingError."""
@@ -131,9 +117,6 @@ def test_sigkill_under_load_gives_clear_errors_then_recovers_and_leaves_nothing(
                 second.stop()
     assert first.reaped is not None and first.reaped.terminated + first.reaped.killed >= 3  # 2 tokenizers, encoder, ...
     assert not any(leftovers(second.shm_prefix))
-    # The killed server's stubs were orphans: adopted by this process (server.processes.become_subreaper) and
-    # reaped once ended, not left as zombies in the process table.
-    assert not zombie_stubs_of(os.getpid())
     figures = []
     for protocol, load in (("grpc", grpc_load), ("http", http_load)):
         before = load.between(0, killed_at)
