@@ -21,7 +21,7 @@ ifeq ($(origin VARIANT),undefined)
 endif
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-ceiling bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -64,6 +64,11 @@ test-slow: venv loadtest-venv    ## the long reliability scenarios left out of `
 bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX and OpenVINO variant and the torch runtime's FP32
 	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,torch-fp32 $(EXPORT_ARGS)
 	$(PY) -m export.bench
+
+CEILING_GOAL ?= 2.5
+bench-ceiling: venv              ## the most INT8 can speed the encoder up on this CPU: its GEMMs FP32 vs INT8, the rest as is
+	$(PY) -m export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m export.ceiling --goal $(CEILING_GOAL)
 
 bench-serving: venv              ## perf_analyzer: embed / encoder through Triton vs the bare encoder
 	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "static: calibrated QDQ, needs --calibration-file")
     p.add_argument("--int8-fp32-layers", default=None,
                    help="comma-separated layer indices whose FFN output projection stays FP32 "
-                        "(default: first and last layer; '' = quantize every layer)")
+                        "(default: the INT8 mode's, export.pipeline.INT8_FP32_LAYERS: layer 0 for per-row, the first "
+                        "and last for dynamic and static; '' = quantize every layer)")
     p.add_argument("--int8-attention", action="store_true",
                    help="per-row: quantize the attention's QKV projection too (~8%% faster, Spearman ratio ~0.997)")
     p.add_argument("--calibration-file", type=Path, default=None, help="text file, one calibration text per line")

@@ -55,19 +55,25 @@ def machine() -> str:
     return f"{m['cpu']} ({' '.join(m['flags']) or 'no AVX2'}), {m['cores']} cores, {platform.system()} {platform.release()}"
 
 
-def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) -> list[float]:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 29000, size=(batch, seq), dtype=np.int64)
-    mask = np.ones_like(ids)
-    for _ in range(3):
-        runner(ids, mask)
+def time_calls(call, budget_s: float, max_runs: int, warmup: int = 3) -> list[float]:
+    """Seconds per call of `call()`, after `warmup` untimed calls: at least 5 runs, then until the budget or
+    max_runs is spent."""
+    for _ in range(warmup):
+        call()
     times = []
     start = time.perf_counter()
     while len(times) < max_runs and (time.perf_counter() - start < budget_s or len(times) < 5):
         t0 = time.perf_counter()
-        runner(ids, mask)
+        call()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) -> list[float]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 29000, size=(batch, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    return time_calls(lambda: runner(ids, mask), budget_s, max_runs)
 
 
 def main(argv=None) -> int:

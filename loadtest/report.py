@@ -1,7 +1,7 @@
 """python -m loadtest.report (`make report`): every benchmark in one run, one markdown report with plots.
 
 Runs, in order, on this machine:
-1. the bare encoder by variant (export.bench);
+1. the bare encoder by variant (export.bench), and the most INT8 can give on this CPU (export.ceiling);
 2. `embed` and the bare `encoder` through Triton at b1 and b32, via perf_analyzer (loadtest.serving_bench),
    which also gives the ensemble overhead;
 3. a step load on `embed` over HTTP to find the knee (Locust);
@@ -55,6 +55,25 @@ def bar_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def ceiling_section(path: Path) -> list[str]:
+    """What INT8 can give at most on this CPU (export.ceiling), or why it is not in the report."""
+    if not path.exists():
+        return ["Not measured: the INT8 ceiling (`python -m export.ceiling`).", ""]
+    report = json.loads(path.read_text())
+    c = report["ceiling"]
+    lines = ["## What INT8 can give at most on this CPU (`python -m export.ceiling`)", "",
+             f"b{report['batch']}/s{report['seq']}: every weight GEMM of the FP32 graph timed in FP32 and in INT8 "
+             f"(MatMulInteger, no quantization cost), the rest of the graph as it is.", "",
+             "| | ms | vs PyTorch |", "|---|---|---|"]
+    rows = [("PyTorch FP32", c["reference_ms"]), ("ONNX Runtime FP32", c["fp32_ms"]),
+            (f"INT8 ceiling (GEMMs {c['gemm_speedup']:.2f}x faster)", c["int8_ideal_ms"])]
+    if "int8" in report["end_to_end_ms"]:
+        rows.append(("INT8 variant measured", report["end_to_end_ms"]["int8"]))
+    for label, ms in rows:
+        lines.append(f"| {label} | {ms:.1f} | {c['reference_ms'] / ms:.2f}x |")
+    return lines + ["", "![INT8 ceiling](int8_ceiling.png)", ""]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__)
     parser.add_argument("--variant", default="onnx-int8")
@@ -72,6 +91,7 @@ def main(argv=None) -> int:
 def measure(args) -> None:
     py = sys.executable
     step("bare encoder by variant", [py, "-m", "export.bench"])
+    step("INT8 ceiling on this CPU", [py, "-m", "export.ceiling"])
     step("Triton vs bare encoder (perf_analyzer)", [py, "-m", "loadtest.serving_bench", "--variant", args.variant])
     step("model repository", [py, "-m", "model_repository", "build", "--variant", args.variant])
     step("knee (step load, embed over HTTP)", served(["--protocol", "http", "--tasks", "embed:1", "--step", args.step,
@@ -100,7 +120,7 @@ def render(args) -> int:
         lines.append(f"| {r['runtime']} | {r['b1/s16']['p50_ms']:.2f} | {base['b1/s16']['p50_ms'] / r['b1/s16']['p50_ms']:.2f}x | "
                      f"{r['b32/s128']['p50_ms']:.1f} | {r['b32/s128']['seq_per_s']:.0f} | "
                      f"{r['b32/s128']['seq_per_s'] / base['b32/s128']['seq_per_s']:.2f}x |")
-    lines += ["", "![bare encoder](encoder.png)", "",
+    lines += ["", "![bare encoder](encoder.png)", "", *ceiling_section(REPORTS / "int8_ceiling.json"),
               f"## `embed` through Triton ({serving['variant']}, perf_analyzer over gRPC, concurrency 1)", "",
               "| path | p50 ms | seq/s |", "|---|---|---|"]
     for name, row in serving["rows"].items():

@@ -19,7 +19,7 @@ import numpy as np
 import logs
 import settings
 from contracts.manifest import Manifest
-from export.bench import machine, time_runner
+from export.bench import machine, time_calls
 from export.runners import OrtRunner, tokenize
 from loadtest.perf import run_perf_analyzer
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                      name=args.variant)
     rows = {}
     for key, (ids, mask) in encoded.items():
-        times = time_runner(lambda a, b, i=ids, m=mask: bare(i, m), *ids.shape, budget_s=args.seconds, max_runs=3000)
+        times = time_calls(lambda i=ids, m=mask: bare(i, m), args.seconds, max_runs=3000)
         rows[f"bare {key}"] = {"p50_ms": 1000 * float(np.median(times)), "infer_per_s": shapes[key] / float(np.median(times))}
     print("bare encoder measured", flush=True)
 

@@ -165,3 +165,74 @@ def test_ndcg_at_10_with_binary_relevance():
     # Two judged documents, found at ranks 1 and 3: (1 + 1/log2(4)) / (1 + 1/log2(3)).
     two = ndcg_at_k(np.array([[1, 0, 0.5, 0.4]], dtype=np.float32), documents, [frozenset({0, 3})], k=10)
     assert abs(two - (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))) < 1e-9
+
+
+def _graph_with_gemms():
+    """MatMul x W[4,8] twice, an activation x activation MatMul, a Gemm with transB over W[6,4], a fused
+    Attention with QKV weight [4,12], and a MatMul whose constant is not a matrix."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.zeros(shape, np.float32), name)
+             for name, shape in (("w48", (4, 8)), ("w64", (6, 4)), ("qkv", (4, 12)), ("w3d", (2, 4, 8)))]
+    node = helper.make_node
+    nodes = [node("MatMul", ["x", "w48"], ["a"]), node("MatMul", ["x", "w48"], ["b"]),
+             node("MatMul", ["a", "b"], ["c"]), node("Gemm", ["x", "w64"], ["d"], transB=1),
+             node("Attention", ["x", "qkv", "bias", "mask"], ["e"], domain="com.microsoft", num_heads=2),
+             node("MatMul", ["x", "w3d"], ["f"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph)
+
+
+def test_the_ceiling_counts_every_weight_gemm_and_nothing_else():
+    from export.ceiling import Gemm, weight_gemms
+
+    assert weight_gemms(_graph_with_gemms()) == [Gemm(4, 8, 2), Gemm(4, 6, 1), Gemm(4, 12, 1)]
+
+
+def test_the_int8_gemm_timed_computes_the_product_it_stands_for():
+    """MatMulInteger with the activations' zero point 128: (x - 128) @ w exactly, in int32."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from export.ceiling import Gemm, gemm_model, time_gemm
+
+    model = gemm_model(16, 24, int8=True)
+    weight = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")).astype(np.int64)
+    x = np.random.default_rng(2).integers(0, 256, (5, 16)).astype(np.uint8)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.dtype == np.int32 and np.array_equal(got, (x.astype(np.int64) - 128) @ weight)
+    timing = time_gemm(Gemm(16, 24, 3), rows=8, budget_s=0.05)
+    assert timing.fp32_ms > 0 and timing.int8_ms > 0 and timing.gemm.count == 3
+
+
+def test_the_ceiling_is_the_reference_over_the_rest_plus_int8_gemms():
+    from export.ceiling import Gemm, GemmTiming, ceiling, goal_verdict
+
+    timings = [GemmTiming(Gemm(384, 1536, 6), fp32_ms=20.0, int8_ms=10.0),
+               GemmTiming(Gemm(384, 384, 12), fp32_ms=5.0, int8_ms=2.0)]
+    result = ceiling(reference_ms=600.0, fp32_ms=500.0, timings=timings)
+    assert (result.gemm_fp32_ms, result.gemm_int8_ms, result.rest_ms) == (180.0, 84.0, 320.0)
+    assert result.ratio == 600.0 / 404.0 and result.gemm_speedup == 180.0 / 84.0
+    assert "out of reach" in goal_verdict(result, 2.5) and "1.49x" in goal_verdict(result, 2.5)
+    assert "within the ceiling" in goal_verdict(result, 1.4)
+    # GEMMs timed alone can add up to more than the whole graph took: nothing is left, never less than nothing.
+    assert ceiling(600.0, 150.0, timings).rest_ms == 0.0
+
+
+def test_op_times_leave_the_warm_up_run_out_and_average_the_rest():
+    from export.ceiling import op_times
+
+    def run(ts, dur):
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
+
+    def node(ts, op, us):
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": us, "args": {"op_name": op}}
+
+    events = [run(0, 100), node(10, "MatMul", 9000),                                   # warm-up: left out
+              run(200, 100), node(210, "MatMul", 3000), node(250, "Gelu", 1000),
+              run(400, 100), node(410, "MatMul", 5000), node(450, "Gelu", 1000),
+              {"cat": "Node", "name": "n460_fence_before", "ts": 460, "dur": 7000, "args": {"op_name": "Gelu"}}]
+    assert op_times(events) == {"MatMul": 4.0, "Gelu": 1.0}
+    with pytest.raises(ValueError, match="1 model runs"):
+        op_times(events[:2])
