@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     result = ceiling(end_to_end["reference"], end_to_end["fp32"], timings)
 
     print(f"\nINT8 ceiling, {graph_path} at b{args.batch}/s{args.seq} ({rows} rows); reference PyTorch FP32 (SDPA) "
-          f"of {source.path.name}; {machine()}")
+          f"of the {source.num_layers}-layer {source.path.parent.name}/{source.path.name}; {machine()}")
     print(f"{'weight GEMM':<14}{'nodes':>6}{'FP32 ms':>9}{'INT8 ms':>9}{'INT8 speed-up':>15}")
     for t in timings:
         print(f"{t.gemm.label():<14}{t.gemm.count:>6}{t.fp32_ms:>9.2f}{t.int8_ms:>9.2f}{t.speedup:>14.2f}x")
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
         print(f"\n{verdict}")
 
     report = {"machine": machine(), "graph": str(graph_path), "batch": args.batch, "seq": args.seq,
-              "reference": f"PyTorch FP32 (SDPA), {source.path.name}", "end_to_end_ms": end_to_end,
+              "reference": f"PyTorch FP32 (SDPA), {source.path}", "end_to_end_ms": end_to_end,
               "gemms": [{**asdict(t.gemm), "fp32_ms": t.fp32_ms, "int8_ms": t.int8_ms} for t in timings],
               "ceiling": {**asdict(result), "rest_ms": result.rest_ms, "int8_ideal_ms": result.int8_ideal_ms,
                           "ratio": result.ratio, "gemm_speedup": result.gemm_speedup},
