@@ -69,6 +69,31 @@ def time_calls(call, budget_s: float, max_runs: int, warmup: int = 3) -> list[fl
     return times
 
 
+def time_interleaved(calls: dict, rounds: int, per_round: int = 1, skip: int = 0, warmup: int = 2,
+                     pause_s: float = 0.1) -> dict[str, list[float]]:
+    """Seconds per call for each named call, measured in blocks taken in turns (a block of a, one of b, one of c,
+    then again, `rounds` times), so a slow spell of a noisy machine falls on all of them, not on whichever one was
+    being measured then.
+
+    Each block starts after `pause_s`, and its first `skip` calls are not counted: ONNX Runtime's and PyTorch's
+    worker threads spin-wait a while after a run and would take cores from the next block, and the first calls
+    after a switch find the caches holding the other one's data (seen here: GEMMs taken one call each in turn
+    ran 1.5-2x slower than back to back, which is how they run inside the model)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            time.sleep(pause_s)
+            for index in range(skip + per_round):
+                t0 = time.perf_counter()
+                call()
+                if index >= skip:
+                    times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) -> list[float]:
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 29000, size=(batch, seq), dtype=np.int64)

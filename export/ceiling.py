@@ -5,8 +5,8 @@ norms, GELU, and the attention's softmax and score/context products cost what th
 machine at hand this measures:
 
   1. every weight GEMM of the variant's FP32 ONNX graph at batch x seq rows, in FP32 (ONNX Runtime MatMul) and
-     in INT8 (MatMulInteger, u8 activations x s8 weights: the kernel the per-row and dynamic INT8 variants
-     run). The INT8 GEMM gets its input already quantized, so quantizing costs nothing here;
+     in INT8 (MatMulInteger, u8 activations x s8 weights: the QGEMM kernel the INT8 variants run, also behind
+     MatMulIntegerToFloat). The INT8 GEMM gets its input already quantized, so quantizing costs nothing here;
   2. the FP32 graph end to end. What is not GEMM = end to end - its GEMMs;
   3. the reference: PyTorch FP32 (SDPA) of the teacher, the baseline the speed goals are set against.
 
@@ -31,7 +31,7 @@ import numpy as np
 import logs
 import settings
 from contracts.manifest import Manifest, Precision, VariantFormat
-from export.bench import machine, time_calls
+from export.bench import machine, time_interleaved
 
 log = logs.get("export")
 
@@ -126,21 +126,22 @@ def gemm_model(k: int, n: int, int8: bool):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def time_gemm(gemm: Gemm, rows: int, budget_s: float, threads: int = 0) -> GemmTiming:
+def time_gemm(gemm: Gemm, rows: int, rounds: int, threads: int = 0) -> GemmTiming:
+    """FP32 and INT8 medians of one GEMM, measured in turns."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     rng = np.random.default_rng(1)
-    medians = {}
+    calls = {}
     for int8 in (False, True):
         session = ort.InferenceSession(gemm_model(gemm.k, gemm.n, int8).SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
         x = (rng.integers(1, 256, (rows, gemm.k)).astype(np.uint8) if int8
              else rng.standard_normal((rows, gemm.k)).astype(np.float32))
-        times = time_calls(lambda: session.run(None, {"x": x}), budget_s, max_runs=500)
-        medians[int8] = 1000 * float(np.median(times))
-    return GemmTiming(gemm, fp32_ms=medians[False], int8_ms=medians[True])
+        calls[int8] = lambda session=session, x=x: session.run(None, {"x": x})
+    times = time_interleaved(calls, rounds, per_round=8, skip=2)
+    return GemmTiming(gemm, fp32_ms=1000 * float(np.median(times[False])), int8_ms=1000 * float(np.median(times[True])))
 
 
 def ceiling(reference_ms: float, fp32_ms: float, timings: list[GemmTiming]) -> Ceiling:
@@ -198,7 +199,9 @@ def main(argv=None) -> int:
                         help="PyTorch FP32 baseline (default: the teacher, as in `python -m export.bench`)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--seconds", type=float, default=6.0, help="time budget per measurement")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="rounds of measurement: in each, every graph runs a block in turn (then every GEMM, "
+                             "in FP32 and INT8, half as many rounds)")
     parser.add_argument("--goal", type=float, default=None, help="a speed-up over the reference to check")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "int8_ceiling.json")
     args = parser.parse_args(argv)
@@ -235,14 +238,14 @@ def main(argv=None) -> int:
 
     ids = np.random.default_rng(0).integers(1000, 29000, size=(args.batch, args.seq), dtype=np.int64)
     mask = np.ones_like(ids)
-    end_to_end = {}
-    for name, runner in runners.items():
-        times = time_calls(lambda: runner(ids, mask), args.seconds, max_runs=200)
-        end_to_end[name] = 1000 * float(np.median(times))
-        log.info("%s end to end: %.1f ms (%d runs)", name, end_to_end[name], len(times))
+    log.info("end to end, %d rounds of %s in turn", args.rounds, ", ".join(runners))
+    times = time_interleaved({name: lambda runner=runner: runner(ids, mask) for name, runner in runners.items()},
+                             args.rounds, per_round=2, skip=1)
+    end_to_end = {name: 1000 * float(np.median(t)) for name, t in times.items()}
+    log.info("end to end: %s", ", ".join(f"{name} {ms:.1f} ms" for name, ms in end_to_end.items()))
     timings = []
     for gemm in gemms:
-        timings.append(time_gemm(gemm, rows, args.seconds / 2))
+        timings.append(time_gemm(gemm, rows, rounds=max(args.rounds // 2, 1)))
         log.info("GEMM %d x %s: FP32 %.2f ms, INT8 %.2f ms", rows, gemm.label(), timings[-1].fp32_ms, timings[-1].int8_ms)
     result = ceiling(end_to_end["reference"], end_to_end["fp32"], timings)
 

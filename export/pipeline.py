@@ -104,7 +104,7 @@ class ExportOptions:
         elif variant.precision == Precision.INT8:
             recipe.update(int8_mode=self.int8_mode, int8_fp32_layers=self.int8_fp32_layers)
             if self.int8_mode == "per-row":
-                recipe["int8_attention"] = self.int8_attention
+                recipe.update(int8_attention=self.int8_attention, int8_graph=onnx_export.PER_ROW_GRAPH)
             if self.int8_mode == "static" or variant.needs_tensorrt:
                 recipe["calibration_sha256"] = file_sha256(self.calibration_file) if self.calibration_file else None
         if variant.format == VariantFormat.OPENVINO:

@@ -202,7 +202,7 @@ def test_the_int8_gemm_timed_computes_the_product_it_stands_for():
     x = np.random.default_rng(2).integers(0, 256, (5, 16)).astype(np.uint8)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert got.dtype == np.int32 and np.array_equal(got, (x.astype(np.int64) - 128) @ weight)
-    timing = time_gemm(Gemm(16, 24, 3), rows=8, budget_s=0.05)
+    timing = time_gemm(Gemm(16, 24, 3), rows=8, rounds=2)
     assert timing.fp32_ms > 0 and timing.int8_ms > 0 and timing.gemm.count == 3
 
 
@@ -236,3 +236,14 @@ def test_op_times_leave_the_warm_up_run_out_and_average_the_rest():
     assert op_times(events) == {"MatMul": 4.0, "Gelu": 1.0}
     with pytest.raises(ValueError, match="1 model runs"):
         op_times(events[:2])
+
+
+def test_interleaved_timing_takes_turns_after_warming_each_up():
+    from export.bench import time_interleaved
+
+    order = []
+    times = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3, per_round=2,
+                             skip=1, warmup=1, pause_s=0)
+    assert order == ["a", "b"] + ["a", "a", "a", "b", "b", "b"] * 3
+    # The first call of each block is not counted.
+    assert [len(t) for t in times.values()] == [6, 6] and all(x >= 0 for t in times.values() for x in t)
