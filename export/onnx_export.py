@@ -192,8 +192,9 @@ def _per_row_int8_matmul(prefix: str, x: str, y: str, weight: np.ndarray) -> tup
 _PER_ROW = "per_row_int8/"
 # The per-row graph's layout, part of the INT8 recipe (export.pipeline), so a change to it re-exports and re-gates.
 # 2: MatMulIntegerToFloat + one row-scale Mul, where 1 had MatMulInteger, DequantizeLinear and a Mul: one pass
-# less over every GEMM's output, ~2.5% faster at b32/s128 on a 2-core AVX2 EPYC, the same at b1. (max |x| as
-# max(ReduceMax, -ReduceMin) instead of Abs + ReduceMax saved another 1-2% at b32 but cost 2-3% at b1/s16.)
+# less over every GEMM's output. On a 2-core AVX2 EPYC, A/B in turns: b32/s128 -5.3% (-2.4% in a shorter run),
+# b1/s16 +1% (0.03 ms). max |x| as max(ReduceMax, -ReduceMin) instead of Abs + ReduceMax saved another 1-2% at
+# b32 but cost 2-3% at b1/s16, so it was left out.
 PER_ROW_GRAPH = 2
 
 
