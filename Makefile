@@ -21,7 +21,7 @@ ifeq ($(origin VARIANT),undefined)
 endif
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow bench bench-ceiling bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow finetune bench bench-ceiling bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -74,11 +74,19 @@ bench-serving: venv              ## perf_analyzer: embed / encoder through Trito
 	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)
 	$(PY) -m loadtest.serving_bench --variant $(VARIANT)
 
-DATA ?= ../shared/data/movielens-latest-small
-evaluate: repository             ## offline quality on a MovieLens-format directory: make evaluate DATA=dir
-	$(PY) -m server --free-ports -- $(PY) -m client.evaluate $(DATA)
+# Where the catalog comes from (demo_data): DATA=dir, else ../shared's MovieLens with its TMDB overviews linked in.
+DATA_DIR = $$($(PY) -m demo_data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))
+EVAL_SPLITS ?=
+evaluate: repository             ## warm, item cold start (3 seeds) and temporal; TF-IDF, EASE^R, base and fine-tuned encoders: make evaluate DATA=dir [EVAL_SPLITS=none]
+	@data="$(DATA_DIR)" && $(PY) -m training.evaluation "$$data" --variant $(VARIANT) $(if $(EVAL_SPLITS),--splits $(EVAL_SPLITS))
+
+FINETUNE_ARGS ?=
+finetune: venv                   ## the recommendation encoder: fine-tuned on DATA's interactions, gated against the base model, exported to build/export-rec (served as rec_embed)
+	@data="$(DATA_DIR)" && $(PY) -m training.finetune "$$data" --out build/finetuned/rec $(FINETUNE_ARGS)
+	$(PY) -m export --model build/finetuned/rec --out build/export-rec --variants $(VARIANT) $(EXPORT_ARGS)
 
 RUNS ?= 400
+DATA ?= ../shared/data/movielens-latest-small
 experiment-sim: venv             ## A/A + injected-lift simulations and a real A/B/n replay on MovieLens: make experiment-sim DATA=dir (stdout: one JSON object)
 	@$(MAKE) --no-print-directory repository >&2
 	@$(PY) -m server --free-ports -- $(PY) -m client.experiments simulate $(DATA) --runs $(RUNS)

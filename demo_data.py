@@ -6,12 +6,17 @@
     4. Otherwise ml-latest-small is downloaded from GroupLens (DEMO_DATA_URL) unless DEMO_DOWNLOAD=0, and every
        file is checked against the sha256 pinned below before the copy is renamed into the cache; a failed or
        tampered download leaves nothing behind.
+Rich item text: a directory without an overviews.csv gets one when OVERVIEWS=file names one, or when the TMDB
+overviews for ml-latest-small lie beside the checkout (settings.MOVIE_OVERVIEWS): the MovieLens files and the
+overviews are then linked side by side into build/data/<name>-overviews/, and that directory is printed (nothing is
+copied or changed in either source). OVERVIEWS=none keeps title and genres only.
+
 Prints the directory on stdout; on failure exits 2 with a message that says to pass DATA=.
 
 The data's license (GroupLens, README.txt in the copy): research use; redistribution, transformations included,
 only under the same conditions; no commercial use without GroupLens' permission. It is shown on download.
 
-Environment: DEMO_DATA_URL, DEMO_DATA_CACHE, DEMO_DOWNLOAD (0 = never download).
+Environment: DEMO_DATA_URL, DEMO_DATA_CACHE, DEMO_DOWNLOAD (0 = never download), OVERVIEWS (a file, or none).
 """
 from __future__ import annotations
 
@@ -137,6 +142,33 @@ def resolve(data: Path | None, cache: Path | None = None, url: str | None = None
     return fetch(url or os.environ.get("DEMO_DATA_URL", URL), cache)
 
 
+def with_overviews(directory: Path, overviews: Path | None, out_root: Path | None = None) -> Path:
+    """`directory` itself if it has an overviews.csv or `overviews` is None or missing; else a directory under
+    `out_root` (build/data) linking the MovieLens files and `overviews` as overviews.csv, rebuilt each time."""
+    directory = Path(directory).resolve()
+    if (directory / "overviews.csv").exists() or overviews is None or not Path(overviews).is_file():
+        return directory
+    target = Path(out_root or settings.BUILD_DIR / "data") / f"{directory.name}-overviews"
+    incoming = target.with_name(target.name + ".incoming")
+    shutil.rmtree(incoming, ignore_errors=True)
+    incoming.mkdir(parents=True)
+    for source in directory.iterdir():
+        if source.is_file() and source.suffix in (".csv", ".txt"):
+            (incoming / source.name).symlink_to(source.resolve())
+    (incoming / "overviews.csv").symlink_to(Path(overviews).resolve())
+    shutil.rmtree(target, ignore_errors=True)
+    incoming.rename(target)
+    log.info("item text: %s with the overviews of %s -> %s", directory, overviews, target)
+    return target
+
+
+def overviews_file(value: str | None) -> Path | None:
+    """OVERVIEWS: a file, "none", or unset (the overviews beside the checkout, where present)."""
+    if value is not None and value.strip().lower() in ("none", "off", "0", ""):
+        return None
+    return Path(value) if value else settings.MOVIE_OVERVIEWS
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--url", default=None)
     parser.add_argument("--no-download", action="store_true")
+    parser.add_argument("--overviews", default=os.environ.get("OVERVIEWS"),
+                        help="an overviews.csv to add as rich item text, or 'none' (default: the one beside the checkout)")
     args = parser.parse_args(argv)
     logs.configure()
     try:
@@ -151,7 +185,7 @@ def main(argv=None) -> int:
     except DataUnavailable as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2
-    print(path)
+    print(with_overviews(path, overviews_file(args.overviews)))
     return 0
 
 

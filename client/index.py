@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -18,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from client.item_text import DEFAULT_TEMPLATE, TextTemplate
+from client.item_text import template as text_template
 from contracts.digest import file_sha256
 
 FLAT_LIMIT = 50_000  # exact search up to here; IVF above (measured: loadtest/ann_bench.py)
@@ -31,7 +34,12 @@ class IndexFileError(ValueError):
     """An index file is missing, truncated, corrupt or belongs to another index. The message names the file."""
 
 
-INDEX_FILES = ("vectors.npy", "item_ids.npy", "texts.json")
+class TemplateMismatch(ValueError):
+    """The index was embedded from item texts rendered by another template (client.item_text) than the one
+    asked for: its vectors are not comparable with the new ones. The message names both templates."""
+
+
+INDEX_FILES = ("vectors.npy", "item_ids.npy", "texts.json", "centre.npy")
 
 
 class IndexKind(StrEnum):
@@ -49,21 +57,36 @@ class IndexSettings:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 64
+    # Subtract the catalog's mean vector (then re-normalise): all-MiniLM's item vectors share a strong common
+    # direction (mean cosine between two movies 0.2-0.45), which drowns what tells items apart. The mean is
+    # fitted when the index is built (on the vectors it is built from, or a `centre` given by the caller, e.g.
+    # fitted on training items only) and kept: items added later are centred with the same mean.
+    centre: bool = False
 
 
 class ItemIndex:
     def __init__(self, item_ids: np.ndarray, vectors: np.ndarray, encoder: dict, settings: IndexSettings = IndexSettings(),
-                 texts: Sequence[str] | None = None):
+                 texts: Sequence[str] | None = None, template: str | None = None, centre: np.ndarray | None = None):
+        """`vectors` are the encoder's (L2-normalised); `template` is the identity of the item text template the
+        texts were rendered with (client.item_text); `centre` overrides the mean that `settings.centre` fits."""
         import faiss
 
         if len(item_ids) != len(vectors):
             raise ValueError(f"{len(item_ids)} ids for {len(vectors)} vectors")
         if texts is not None and len(texts) != len(item_ids):
             raise ValueError(f"{len(texts)} texts for {len(item_ids)} items")
+        if len(set(np.asarray(item_ids).tolist())) != len(item_ids):
+            raise ValueError("item ids must be unique")
+        self._lock = threading.RLock()
         # The texts the vectors were embedded from: a rollout re-embeds the catalog from them.
         self.texts = list(texts) if texts is not None else None
+        self.template = template
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.raw_vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if centre is None and settings.centre:
+            centre = self.raw_vectors.mean(axis=0)
+        self.centre = None if centre is None else np.asarray(centre, dtype=np.float32)
+        self.vectors = self.transform(self.raw_vectors)
         self.encoder = dict(encoder)
         self.settings = settings
         self.position = {int(item): row for row, item in enumerate(self.item_ids)}
@@ -94,6 +117,47 @@ class ItemIndex:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    def transform(self, vectors: np.ndarray) -> np.ndarray:
+        """Encoder vectors -> the index's space: centred on the index's mean and re-normalised, where it has one."""
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if self.centre is None:
+            return vectors
+        moved = vectors - self.centre
+        return np.ascontiguousarray(moved / np.maximum(np.linalg.norm(moved, axis=1, keepdims=True), 1e-12))
+
+    def check_template(self, expected: str | None) -> None:
+        """TemplateMismatch unless the index was embedded from texts rendered by the template `expected` names."""
+        if expected is not None and self.template != expected:
+            raise TemplateMismatch(f"catalog index embedded from item texts of template {self.template!r}, but "
+                                   f"template {expected!r} was asked for: rebuild the index (its vectors are not "
+                                   "comparable with the new template's)")
+
+    def add(self, item_ids: Sequence[int], vectors: np.ndarray, texts: Sequence[str] | None = None) -> None:
+        """New items, live: searchable as soon as this returns, with no rebuild. `vectors` are the encoder's;
+        they are centred with the index's own mean. An id the index already holds is refused."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        raw = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if len(item_ids) != len(raw) or raw.shape[1] != self.raw_vectors.shape[1]:
+            raise ValueError(f"{len(item_ids)} ids for vectors of shape {raw.shape}; the index holds dim "
+                             f"{self.raw_vectors.shape[1]}")
+        if not np.isfinite(raw).all():
+            raise ValueError("vectors hold NaN or infinite values")
+        if (self.texts is None) != (texts is None) or (texts is not None and len(texts) != len(item_ids)):
+            raise ValueError("texts must be given for every new item exactly when the index keeps texts")
+        with self._lock:
+            taken = [int(i) for i in item_ids if int(i) in self.position]
+            if taken or len(set(item_ids.tolist())) != len(item_ids):
+                raise ValueError(f"item ids already in the index (or repeated): {taken[:10] or item_ids.tolist()}")
+            moved = self.transform(raw)
+            self.index.add(moved)
+            start = len(self.item_ids)
+            self.raw_vectors = np.concatenate([self.raw_vectors, raw])
+            self.vectors = np.concatenate([self.vectors, moved])
+            self.item_ids = np.concatenate([self.item_ids, item_ids])
+            if texts is not None:
+                self.texts = [*self.texts, *texts]
+            self.position = {**self.position, **{int(i): start + k for k, i in enumerate(item_ids)}}
+
     @property
     def encoder_version(self) -> int | None:
         """The encoder version whose pinned ensembles (`embed_v<N>`, `score_v<N>`) match these vectors."""
@@ -111,12 +175,15 @@ class ItemIndex:
         """-> (item ids [n, k], cosine scores [n, k]); id -1 where fewer than k items exist."""
         self.check_encoder(encoder)
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        scores, rows = self.index.search(queries, min(k, len(self)))
-        ids = np.where(rows >= 0, self.item_ids[np.clip(rows, 0, None)], -1)
+        with self._lock:
+            scores, rows = self.index.search(queries, min(k, len(self)))
+            ids = np.where(rows >= 0, self.item_ids[np.clip(rows, 0, None)], -1)
         return ids, scores
 
     def vectors_of(self, item_ids: Sequence[int]) -> np.ndarray:
-        return self.vectors[[self.position[int(i)] for i in item_ids]]
+        """Vectors in the index's space (centred where the index is)."""
+        with self._lock:
+            return self.vectors[[self.position[int(i)] for i in item_ids]]
 
     def has(self, item_id: int) -> bool:
         return int(item_id) in self.position
@@ -125,19 +192,24 @@ class ItemIndex:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "vectors.npy", self.vectors)
-        np.save(directory / "item_ids.npy", self.item_ids)
-        if self.texts is not None:
-            (directory / "texts.json").write_text(json.dumps(self.texts))
+        with self._lock:
+            np.save(directory / "vectors.npy", self.raw_vectors)
+            np.save(directory / "item_ids.npy", self.item_ids)
+            if self.texts is not None:
+                (directory / "texts.json").write_text(json.dumps(self.texts))
+            if self.centre is not None:
+                np.save(directory / "centre.npy", self.centre)
+            count = len(self)
         files = {name: file_sha256(directory / name) for name in INDEX_FILES if (directory / name).exists()}
-        meta = {"encoder": self.encoder, "kind": self.kind, "settings": self.settings.__dict__, "count": len(self),
-                "dim": int(self.vectors.shape[1]), "files": files}
+        meta = {"encoder": self.encoder, "kind": self.kind, "settings": self.settings.__dict__, "count": count,
+                "dim": int(self.vectors.shape[1]), "template": self.template, "files": files}
         (directory / "index.json").write_text(json.dumps(meta, indent=2))  # last: its presence marks a whole index
 
     @classmethod
-    def load(cls, directory: Path) -> "ItemIndex":
+    def load(cls, directory: Path, template: str | None = None) -> "ItemIndex":
         """Reads an index written by `save`, checking each file against index.json before FAISS sees it: a
-        truncated, corrupt or foreign file raises IndexFileError naming it."""
+        truncated, corrupt or foreign file raises IndexFileError naming it. With `template` (an identity from
+        client.item_text), an index embedded from another template raises TemplateMismatch naming both."""
         directory = Path(directory)
         meta_path = directory / "index.json"
         if not meta_path.exists():
@@ -146,6 +218,7 @@ class ItemIndex:
             meta = json.loads(meta_path.read_text())
             settings = IndexSettings(**meta["settings"])
             encoder, count = dict(meta["encoder"]), int(meta["count"])
+            stored_template = meta.get("template")
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise IndexFileError(f"{meta_path}: not an index description ({type(error).__name__}: {error})") from None
         for name, digest in meta.get("files", {}).items():
@@ -155,6 +228,9 @@ class ItemIndex:
             if file_sha256(path) != digest:
                 raise IndexFileError(f"{path}: does not match the sha256 recorded in {meta_path.name} "
                                      "(truncated, damaged, or copied from another index)")
+        if template is not None and stored_template != template:
+            raise TemplateMismatch(f"{directory}: catalog index embedded from item texts of template "
+                                   f"{stored_template!r}, but template {template!r} was asked for: rebuild the index")
         item_ids = _load_array(directory / "item_ids.npy", 1, np.integer)
         vectors = _load_array(directory / "vectors.npy", 2, np.floating)
         if len(item_ids) != count or len(vectors) != count:
@@ -174,7 +250,10 @@ class ItemIndex:
                 raise IndexFileError(f"{texts_path}: unreadable ({error})") from None
             if not isinstance(texts, list) or len(texts) != count:
                 raise IndexFileError(f"{texts_path}: expected a list of {count} texts")
-        return cls(item_ids, vectors, encoder, settings, texts)
+        centre = _load_array(directory / "centre.npy", 1, np.floating) if "centre.npy" in meta.get("files", {}) else None
+        if centre is not None and len(centre) != vectors.shape[1]:
+            raise IndexFileError(f"{directory / 'centre.npy'}: a mean of dim {len(centre)} for vectors of dim {vectors.shape[1]}")
+        return cls(item_ids, vectors, encoder, settings, texts, stored_template, centre)
 
 
 def _load_array(path: Path, ndim: int, kind) -> np.ndarray:
@@ -190,23 +269,27 @@ def _load_array(path: Path, ndim: int, kind) -> np.ndarray:
     return array
 
 
-def build_catalog_index(client, items, settings: IndexSettings = IndexSettings(), concurrency: int = 4,
-                        encoder_version: int | None = None) -> ItemIndex:
-    """Embeds every item's text through Triton and indexes it, tagged with the encoder version that made it.
-    The requests are pinned to that version (`embed_v<N>`), so a rollout midway cannot mix two encoders."""
-    return embed_index(client, np.array([item.item_id for item in items]), [item.text for item in items], settings,
-                       concurrency, encoder_version)
+def build_catalog_index(client, items, template: "str | TextTemplate" = DEFAULT_TEMPLATE,
+                        settings: IndexSettings = IndexSettings(), concurrency: int = 4,
+                        encoder_version: int | None = None, centre: np.ndarray | None = None) -> ItemIndex:
+    """Embeds every item's text (rendered by `template`, client.item_text) through Triton and indexes it, tagged
+    with the encoder version that made it and the template. The requests are pinned to that version
+    (`embed_v<N>`), so a rollout midway cannot mix two encoders."""
+    chosen = text_template(template)
+    return embed_index(client, np.array([item.item_id for item in items]), chosen.render_all(items), settings,
+                       concurrency, encoder_version, template=chosen.identity, centre=centre)
 
 
 def embed_index(client, item_ids: np.ndarray, texts: list[str], settings: IndexSettings = IndexSettings(),
-                concurrency: int = 4, encoder_version: int | None = None) -> ItemIndex:
+                concurrency: int = 4, encoder_version: int | None = None, template: str | None = None,
+                centre: np.ndarray | None = None) -> ItemIndex:
     encoder = client.encoder_info(encoder_version)
     version = int(encoder["export_version"])
     vectors = client.embed_many(texts, concurrency=concurrency, progress=f"embedding catalog (encoder v{version})",
                                 encoder_version=version)
     if client.encoder_info(version) != encoder:
         raise EncoderMismatch(f"encoder version {version} changed while the catalog was being embedded: index again")
-    return ItemIndex(item_ids, vectors, encoder, settings, texts)
+    return ItemIndex(item_ids, vectors, encoder, settings, texts, template, centre)
 
 
 class IndexStore:
@@ -224,7 +307,9 @@ class IndexStore:
 
     @staticmethod
     def name_for(index: ItemIndex) -> str:
-        return f"v{index.encoder_version}-{index.encoder['export_manifest_sha256'][:12]}"
+        """`v<version>-<manifest hash>`, and `-<template name>-<hash>` for an index that records its template."""
+        name = f"v{index.encoder_version}-{index.encoder['export_manifest_sha256'][:12]}"
+        return f"{name}-{index.template.replace('@', '-')}" if index.template else name
 
     def publish(self, index: ItemIndex) -> str:
         """Writes the index beside the others (renamed into place whole); does not switch to it."""
@@ -250,11 +335,11 @@ class IndexStore:
         link = self.root / "current"
         return os.readlink(link) if link.is_symlink() else None
 
-    def load(self, name: str | None = None) -> ItemIndex:
+    def load(self, name: str | None = None, template: str | None = None) -> ItemIndex:
         name = name or self.current_name()
         if name is None:
             raise FileNotFoundError(f"{self.root} has no current index")
-        return ItemIndex.load(self.root / name)
+        return ItemIndex.load(self.root / name, template)
 
     def names(self) -> list[str]:
         if not self.root.exists():

@@ -57,9 +57,27 @@ def mmr(vectors: np.ndarray, scores: np.ndarray, n: int, category_of: Callable[[
     return chosen
 
 
-def explain(candidate: Candidate, profile: UserProfile, title_of: Callable[[int], str]) -> str:
+def with_fresh(chosen: list[int], fresh: list[int], n: int) -> list[int]:
+    """The list `chosen` (rows, best first, cut to n) with every `fresh` row (new items) in it: those already in
+    the list stay where they are; the others take the list's free places, then replace its last established
+    items, and go at its end. So the established items keep their order, and at most len(fresh) of them leave."""
+    out = list(chosen[:n])
+    missing = [row for row in fresh if row not in out]
+    surplus = len(out) + len(missing) - n
+    for position in range(len(out) - 1, -1, -1):
+        if surplus <= 0:
+            break
+        if out[position] not in fresh:
+            del out[position]
+            surplus -= 1
+    return (out + missing)[:n]
+
+
+def explain(candidate: Candidate, profile: UserProfile, title_of: Callable[[int], str], new: bool = False) -> str:
     """One line a user can read: which channel proposed the item, and because of which history item."""
     channels, because = candidate.scores, candidate.because
+    if new and because is not None:
+        return f"new: because you liked {title_of(because)}"
     parts = []
     if RecallChannel.COOCCURRENCE in channels and because is not None:
         parts.append(f"liked by people who liked {title_of(because)}")

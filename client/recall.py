@@ -96,6 +96,7 @@ class InteractionModel:
     item_ids: np.ndarray                 # the catalog index's items, in its order
     column: dict[int, int]               # item id -> position in `item_ids`
     popularity: np.ndarray               # positive interactions per item
+    interacted: np.ndarray               # True for an item with any training interaction (False: a new item)
     cooccurrence: sparse.csr_matrix      # cosine-normalised item-item co-occurrence of positives
     histories: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # user -> (items, ratings, times), oldest first
 
@@ -104,6 +105,8 @@ class InteractionModel:
         column = {int(i): c for c, i in enumerate(item_ids)}
         pos = train.take(train.rating >= positive_rating)
         popularity = np.bincount([column[int(i)] for i in pos.item], minlength=len(item_ids)).astype(np.float32)
+        interacted = np.zeros(len(item_ids), dtype=bool)
+        interacted[[column[int(i)] for i in np.unique(train.item) if int(i) in column]] = True
         users = np.unique(train.user)
         user_row = {int(u): r for r, u in enumerate(users)}
         rows = np.array([user_row[int(u)] for u in pos.user], dtype=np.int64)
@@ -119,7 +122,7 @@ class InteractionModel:
         ends = np.r_[starts[1:], len(train)]
         for a, b in zip(starts, ends):
             histories[int(train.user[a])] = (train.item[a:b], train.rating[a:b], train.time[a:b])
-        return cls(np.asarray(item_ids), column, popularity, (norm @ cooc @ norm).tocsr(), histories)
+        return cls(np.asarray(item_ids), column, popularity, interacted, (norm @ cooc @ norm).tocsr(), histories)
 
 
 # ---- the channels --------------------------------------------------------------------------------------
@@ -131,6 +134,8 @@ class Seeds:
     recent_weights: np.ndarray
     interests: np.ndarray         # [m, D]
     interest_weights: np.ndarray  # [m]
+    interest_index: ItemIndex | None = None   # where `interests` live (the recommendation encoder's index), if not
+                                              # the catalog index
 
     @property
     def cold(self) -> bool:
@@ -182,7 +187,8 @@ class SemanticChannel:
     def propose(self, seeds: Seeds, index: ItemIndex, wanted: int) -> Proposals | None:
         if seeds.cold:
             return None
-        ids, scores = index.search(seeds.interests, wanted, index.encoder)
+        space = seeds.interest_index or index
+        ids, scores = space.search(seeds.interests, wanted, space.encoder)
         weighted = scores * seeds.interest_weights[:, None]
         flat = np.argsort(-weighted.ravel())
         return Proposals(ids.ravel()[flat], weighted.ravel()[flat])

@@ -19,9 +19,11 @@ import numpy as np
 from client import ranking
 from client.catalog import Interactions, Item
 from client.errors import ModelNotFound
-from client.index import ItemIndex
+from client.index import ItemIndex, TemplateMismatch
+from client.item_text import TextTemplate, by_identity
 from client.profiles import ProfileCache, ProfileSettings, UserProfile, build_profile
-from client.recall import ALL_CHANNELS, InteractionModel, RecallChannel, Seeds, default_channels, recall
+from client.recall import ALL_CHANNELS, Candidate, InteractionModel, RecallChannel, Seeds, default_channels, recall
+from client.scorers import content_scores
 
 CHANNELS = tuple(c.value for c in ALL_CHANNELS)  # the names, for callers that pass strings
 __all__ = ["Recommender", "RecommenderSettings", "UserProfile", "RecallChannel", "CHANNELS"]
@@ -41,6 +43,12 @@ class RecommenderSettings:
     profile_weight: float = 0.2
     mmr_lambda: float = 0.9           # 1 = pure relevance, 0 = pure diversity
     category_cap: int = 5             # at most this many items sharing a first category in one list
+    # New items (no interaction yet) cannot compete on co-occurrence or popularity: up to `fresh_slots` of a list
+    # go to the new items with the best content score (client.scorers.content_scores: "more like this" from the
+    # catalog index, plus taste from the recommendation encoder's index where there is one), at least
+    # `fresh_min_score`, explained by the liked item they resemble most.
+    fresh_slots: int = 1
+    fresh_min_score: float = 0.3
 
     def __post_init__(self):
         for name in ("quotas", "weights"):
@@ -51,26 +59,87 @@ class RecommenderSettings:
             object.__setattr__(self, name, {RecallChannel(k): v for k, v in given.items()})
         if not 0.0 <= self.mmr_lambda <= 1.0:
             raise ValueError(f"mmr_lambda must be within [0, 1], not {self.mmr_lambda}")
+        if self.fresh_slots < 0:
+            raise ValueError(f"fresh_slots must be >= 0, not {self.fresh_slots}")
 
     @property
     def profiles(self) -> ProfileSettings:
         return ProfileSettings(self.positive_rating, self.half_life_days, self.max_interests)
 
 
+@dataclass
+class TasteIndex:
+    """The recommendation encoder's catalog index (`rec_embed`, training.finetune) and the client that embeds
+    with it: the semantic channel's interest vectors and the taste of new items come from it."""
+
+    index: ItemIndex
+    client: object
+
+
 class Recommender:
-    """Fitted on interactions (never on evaluated positives); serves any user through Triton."""
+    """Fitted on interactions (never on evaluated positives); serves any user through Triton.
+
+    `index` is the catalog embedded by the general encoder (`embed`): item-to-item recall ("more like this"),
+    Triton's profile score, diversity. With `taste`, the recommendation encoder's index holds the users' interest
+    vectors (the semantic channel) and the taste term of new items; without it, `index` serves those too."""
 
     def __init__(self, items: list[Item], index: ItemIndex, train: Interactions, client,
-                 settings: RecommenderSettings = RecommenderSettings(), index_store=None):
+                 settings: RecommenderSettings = RecommenderSettings(), index_store=None,
+                 taste: TasteIndex | None = None):
         self.items = {item.item_id: item for item in items}
         self.client = client
         self.settings = settings
+        self.taste = taste
+        if taste is not None and not np.array_equal(np.sort(taste.index.item_ids), np.sort(index.item_ids)):
+            raise ValueError("the taste index holds other items than the catalog index")
         self.fitted = InteractionModel.fit(train, index.item_ids, settings.positive_rating)
         self.channels = default_channels(self.fitted)
         # With an IndexStore, the index follows the store's `current` link (a rollout switches it).
         self.index_store = index_store
         self.index_name = index_store.current_name() if index_store is not None else None
         self._use_index(index)
+
+    # ---- new items, live --------------------------------------------------------------------------------
+    @property
+    def template(self) -> TextTemplate | None:
+        """The item text template the index was embedded from (client.item_text), if it is a known one."""
+        return by_identity(self.index.template)
+
+    def add_item(self, item: Item, template: TextTemplate | None = None) -> np.ndarray:
+        """A new item, live: its text (rendered by the index's template) is embedded through Triton by the index's
+        encoder version and added to the index, with no rebuild and no restart. It has no interactions, so it is
+        recommended on its text alone (`fresh_slots`). Returns its vector in the index's space."""
+        index = self.index
+        chosen = template or self.template
+        if chosen is None:
+            raise TemplateMismatch(f"the index was embedded from template {index.template!r}, which is not a built-in "
+                                   "one: pass the TextTemplate it was built with")
+        index.check_template(chosen.identity)
+        if int(item.item_id) in self.items or index.has(item.item_id):
+            raise ValueError(f"item {item.item_id} is already in the catalog")
+        text = chosen.render(item)
+        vector = self.client.embed([text], encoder_version=index.encoder_version)
+        if self.taste is not None:
+            self.taste.index.check_template(chosen.identity)
+            taste = self.taste.client.embed([text], encoder_version=self.taste.index.encoder_version)
+            self.taste.index.add([int(item.item_id)], taste, [text] if self.taste.index.texts is not None else None)
+        index.add([int(item.item_id)], vector, [text] if index.texts is not None else None)
+        self.items[int(item.item_id)] = item
+        self._new_items = None
+        return index.vectors_of([item.item_id])[0]
+
+    def is_new(self, item_id: int) -> bool:
+        """True for an item with no training interaction (added live, or not yet interacted with)."""
+        column = self.fitted.column.get(int(item_id))
+        return column is None or not self.fitted.interacted[column]
+
+    def new_items(self, index: ItemIndex) -> np.ndarray:
+        """Ids of the index's items with no training interaction (cached until an item is added)."""
+        cached = getattr(self, "_new_items", None)
+        if cached is None or cached[0] is not index:
+            ids = np.array([i for i in index.item_ids.tolist() if self.is_new(i)], dtype=np.int64)
+            self._new_items = cached = (index, ids)
+        return cached[1]
 
     # What the fitted interactions hold, for callers (evaluation, load tests).
     @property
@@ -91,6 +160,7 @@ class Recommender:
         # vectors, its encoder version, its profiles) even if another thread switches the index meanwhile.
         self.profiles = ProfileCache(self.fitted.histories, self.items, self.settings.profiles)
         self._similar_users = None
+        self._new_items = None
         self.index = index
         self.encoder = index.encoder
 
@@ -112,13 +182,17 @@ class Recommender:
                 history: Sequence[int] | None = None) -> UserProfile:
         """A known user's profile (cached), or, with `history` (item ids, oldest first, all taken as liked), a
         profile built from that history alone for a user the fitted data does not know (not cached)."""
-        index = index or self.index
+        index = self.interest_index(index or self.index)
         if history is not None and int(user_id) not in self.histories:
             ids = np.array([int(i) for i in history if int(i) in self.items], dtype=np.int64)
             liked = (ids, np.full(len(ids), 5.0, dtype=np.float32), np.arange(len(ids), dtype=np.int64) * 86400)
             profile = build_profile(user_id, liked, index, self.items, self.settings.profiles)
             return replace(profile, attributes=dict(attributes)) if attributes else profile
         return self.profiles.get(user_id, index, attributes)
+
+    def interest_index(self, index: ItemIndex) -> ItemIndex:
+        """Where the users' interest vectors live: the taste index where there is one, else `index`."""
+        return self.taste.index if self.taste is not None else index
 
     def similar_users(self, user_id: int, k: int = 10) -> list[tuple[int, float]]:
         """Top-k users by cosine of their mean interest vectors, centred on the population's mean (uncentred,
@@ -146,7 +220,8 @@ class Recommender:
     # ---- recall ------------------------------------------------------------------------------------
     def seeds(self, profile: UserProfile) -> Seeds:
         n = self.settings.recent_items
-        return Seeds(profile.liked[-n:], profile.liked_weights[-n:], profile.interests, profile.interest_weights)
+        return Seeds(profile.liked[-n:], profile.liked_weights[-n:], profile.interests, profile.interest_weights,
+                     self.taste.index if self.taste is not None else None)
 
     def recall(self, profile: UserProfile, exclude: set[int], index: ItemIndex | None = None):
         """-> {item id: Candidate} from every channel, up to each channel's quota."""
@@ -184,6 +259,14 @@ class Recommender:
         profile = self.profile(user_id, attributes, index, history)
         exclude = set(int(i) for i in profile.history) | set(blocked)
         candidates = list(recall(self.channels, self.seeds(profile), index, exclude, s.quotas).using(channels).values())
+        content = RecallChannel.ITEM2ITEM in channels or RecallChannel.SEMANTIC in channels
+        fresh_candidates = self._fresh(profile, index, exclude) if content else []
+        known = {c.item_id: row for row, c in enumerate(candidates)}
+        for candidate in fresh_candidates:
+            if candidate.item_id not in known:
+                known[candidate.item_id] = len(candidates)
+                candidates.append(candidate)
+        fresh = [known[c.item_id] for c in fresh_candidates]
         if not candidates:
             return profile, []
         ids = np.array([c.item_id for c in candidates])
@@ -199,11 +282,35 @@ class Recommender:
                                  s.category_cap)
         else:
             chosen = list(np.argsort(-scores)[:n])
+        chosen = ranking.with_fresh(chosen, fresh, n)
         title = lambda item_id: self.items[item_id].title  # noqa: E731
         return profile, [{"item_id": int(ids[row]), "title": self.items[int(ids[row])].title,
                           "categories": self.items[int(ids[row])].categories, "score": float(scores[row]),
-                          "profile_score": float(profile_scores[row]),
-                          "why": ranking.explain(candidates[row], profile, title)} for row in chosen]
+                          "profile_score": float(profile_scores[row]), "new": row in fresh,
+                          "why": ranking.explain(candidates[row], profile, title, new=row in fresh)} for row in chosen]
+
+    def _fresh(self, profile: UserProfile, index: ItemIndex, exclude: set[int]) -> list[Candidate]:
+        """The new items (no interactions) to place in the list, best first: every one is scored by
+        client.scorers.content_scores against all the user's likes, and the best `fresh_slots` of at least
+        `fresh_min_score` are kept, each with the liked item it resembles most."""
+        s = self.settings
+        if not s.fresh_slots or profile.is_cold:
+            return []
+        new = np.array([i for i in self.new_items(index).tolist() if i not in exclude], dtype=np.int64)
+        if not len(new):
+            return []
+        liked = profile.liked
+        similar, liked_vectors = index.vectors_of(new), index.vectors_of(liked)
+        # Taste from the recommendation encoder where there is one, else from the catalog index's own vectors.
+        taste = ((self.taste.index.vectors_of(new), self.taste.index.vectors_of(liked)) if self.taste is not None
+                 else (similar, liked_vectors))
+        scores = content_scores(similar, liked_vectors, *taste)
+        best = [row for row in np.argsort(-scores, kind="stable")[: s.fresh_slots] if scores[row] >= s.fresh_min_score]
+        out = []
+        for row in best:
+            cause = int(liked[int(np.argmax(liked_vectors @ similar[row]))])
+            out.append(Candidate(int(new[row]), {RecallChannel.ITEM2ITEM: float(scores[row])}, because=cause))
+        return out
 
     def _profile_scores(self, profile: UserProfile, vectors: np.ndarray, index: ItemIndex) -> np.ndarray:
         """Triton's `score`: the profile's text against every candidate's vector, encoded by the version that
@@ -222,8 +329,8 @@ class Recommender:
                      pushes_so_far: dict[int, int] | None = None, per_user_cap: int = 3) -> list[tuple[int, float]]:
         """Users whose interests match a new item (embedded through Triton) above `threshold`, best first,
         skipping users who already got `per_user_cap` pushes."""
-        index = self.index
-        vector = self.client.embed([item_text], encoder_version=index.encoder_version)[0]
+        index, client = (self.taste.index, self.taste.client) if self.taste is not None else (self.index, self.client)
+        vector = index.transform(client.embed([item_text], encoder_version=index.encoder_version))[0]
         pushes_so_far = pushes_so_far or {}
         matches = []
         for uid in self.histories:

@@ -281,9 +281,17 @@ def distill(args) -> Path:
     return write_student(student.bert, teacher_source.path, Path(out), lineage)
 
 
+# A model directory's lineage: a distilled student's (this module) or a recommendation fine-tune's (training/).
+LINEAGE_FILES = (LINEAGE_FILE, "finetune.json")
+
+
 def read_lineage(model_dir: Path) -> dict | None:
-    path = Path(model_dir) / LINEAGE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The lineage file a trainer left in `model_dir` (distill.json or finetune.json), or None."""
+    for name in LINEAGE_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,6 +149,16 @@ def describe_failure(error: BaseException, out: Path) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def recommendation_gate_failures(lineage: dict | None) -> list[str]:
+    """A recommendation fine-tune (training.finetune) carries its own gate against the base model, on the
+    recommendation task: a model that failed it is refused here, whatever its numerical fidelity."""
+    gate = (lineage or {}).get("recommendation_gate")
+    if gate is None or gate.get("passed"):
+        return []
+    return [f"recommendation gate failed in training: {gate.get('metric')} {gate['finetuned'][gate['metric']]:.4f} "
+            f"(fine-tuned) vs {gate['base'][gate['metric']]:.4f} (base) on the validation items ({gate.get('rule')})"]
+
+
 def recipe_sha(source: SourceModel, recipe: dict, gate_sha: str) -> str:
     blob = json.dumps({"source": source.sha256, "gate": gate_sha, "gate_version": GATE_VERSION, **recipe}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -187,7 +197,7 @@ class Exporter:
     def _teacher(self) -> SourceModel | None:
         """The teacher of a distilled student: --teacher, else the directory its lineage names if it is here."""
         path = self.options.teacher_dir
-        if path is None and self.lineage:
+        if path is None and self.lineage and "teacher" in self.lineage:
             named = Path(self.lineage["teacher"]["path"])
             if named.is_dir():
                 path = named
@@ -385,6 +395,7 @@ class Exporter:
         log.info(f"{variant.name}: gate against PyTorch FP32")
         thresholds = self.options.thresholds(variant, student=self.teacher is not None)
         result = evaluate(runner, self.reference, thresholds, require_sts=self.options.require_sts)
+        result.failures.extend(recommendation_gate_failures(self.lineage))
         manifest = self.manifest(variant, staging / variant.artifact, details, result.to_json(thresholds), recipe, key,
                                  export_seconds=round(time.perf_counter() - started, 2))
         manifest.write(staging)

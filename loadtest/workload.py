@@ -50,13 +50,14 @@ class Workload:
         return workload
 
     def _load_recommender(self, grpc_url: str) -> None:
-        from client.catalog import load_movielens
+        from client.catalog import load_catalog
         from client.index import ItemIndex, build_catalog_index
         from client.recommend import Recommender
         from client.triton import TritonClient
 
         client = TritonClient(grpc_url, protocol="grpc")
-        items, interactions, _ = load_movielens(settings.MOVIELENS_DIR)
+        catalog = load_catalog(settings.MOVIELENS_DIR)
+        items, interactions = catalog.items, catalog.interactions
         cache = settings.BUILD_DIR / "loadtest_index"
         encoder = client.encoder_info()
         index = None

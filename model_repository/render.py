@@ -21,6 +21,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from contracts.digest import files_identity
 from contracts.manifest import MANIFEST_NAME, Manifest, ManifestError, Precision, VariantFormat
 from contracts.runtime import Runtime
 from settings import Settings
@@ -103,14 +104,21 @@ def tokenizer_config(settings: Settings, max_length: int) -> mc.ModelConfig:
 
 def manifest_parameters(manifest: Manifest, prefix: str = "export_") -> dict:
     """What `GET /v2/models/encoder/config` shows about an export. The manifest file's own sha256 is the
-    encoder version's identity (catalog indexes are tagged with it)."""
-    return {
+    encoder version's identity (catalog indexes are tagged with it). A recommendation fine-tune also says what it
+    was trained on (`trained_split`, `trained_template`, `trained_data_sha256`): the evaluation uses a version
+    only for the split it was trained for."""
+    params = {
         f"{prefix}variant": manifest.variant,
         f"{prefix}manifest_sha256": manifest.file_sha256,
         f"{prefix}artifact_sha256": manifest.artifact.sha256,
         f"{prefix}source_sha256": manifest.source_sha256,
         f"{prefix}exported_at": manifest.exported_at,
     }
+    lineage = manifest.extra.get("lineage") or {}
+    if "split" in lineage and "data" in lineage:  # a recommendation fine-tune (training.finetune)
+        params.update({f"{prefix}trained_split": lineage["split"]["name"], f"{prefix}trained_template": lineage["template"],
+                       f"{prefix}trained_data_sha256": files_identity(lineage["data"]["files"])})
+    return params
 
 
 def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | str,
@@ -301,10 +309,11 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict[int, Path], runtime: Runtime | str,
                      out: Path, stable: int) -> Path:
-    """Writes a complete repository to `out` (built aside, swapped in whole). `version_dirs` maps each
-    encoder version to a directory holding its manifest.json and artifact: an export variant directory, or
-    a version directory of an existing repository. Raises ManifestError (a ValueError) for a missing or
-    unreadable manifest."""
+    """Writes the models of `settings.models.family` to the repository `out` (built aside, swapped in whole);
+    the models of other families already in `out` are carried over unchanged. `version_dirs` maps each encoder
+    version to a directory holding its manifest.json and artifact: an export variant directory, or a version
+    directory of an existing repository. Raises ManifestError (a ValueError) for a missing or unreadable
+    manifest."""
     out = Path(out)
     versions = {version: Manifest.read(directory) for version, directory in version_dirs.items()}
     runtime = Runtime.parse(runtime)
@@ -321,7 +330,9 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
             version_dir = staging / name / str(version)
             version_dir.mkdir()
             if config.backend == "python":
-                source = MODELS_SOURCE / (ENCODER_SOURCES[runtime] if name == m.encoder else name) / "model.py"
+                # Every family runs the same Python models: rec_tokenizer is tokenizer's model.py, and so on.
+                base = {m.encoder: ENCODER_SOURCES.get(runtime), m.tokenizer: "tokenizer", m.similarity: "similarity"}[name]
+                source = MODELS_SOURCE / base / "model.py"
                 shutil.copyfile(source, version_dir / "model.py")
                 if name == m.encoder and runtime == Runtime.TORCH:
                     shutil.copyfile(TORCH_BERT_SOURCE, version_dir / TORCH_BERT_SOURCE.name)
@@ -334,6 +345,11 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
         # The manifest's bytes travel unchanged: their sha256 is the version's identity.
         shutil.copyfile(Path(directory) / MANIFEST_NAME, target / MANIFEST_NAME)
 
+    # The other families' models in the repository stay as they are (hard links into the new generation).
+    for other in sorted(out.iterdir()) if out.is_dir() else ():
+        if other.is_dir() and not other.name.startswith(".") and not m.owns(other.name):
+            shutil.copytree(other, staging / other.name, copy_function=lambda a, b: link_or_copy(Path(a), Path(b)))
+
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -341,6 +357,22 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def remove_family(settings: Settings, out: Path) -> list[str]:
+    """Removes the models of `settings.models.family` from the repository `out` (each renamed aside, then
+    deleted); returns their names. Only a named family ("rec"): the general one is the public contract."""
+    if not settings.models.family:
+        raise ValueError("the general family (embed, score) is not removed")
+    removed = []
+    for model in sorted(Path(out).iterdir()) if Path(out).is_dir() else ():
+        if model.is_dir() and not model.name.startswith(".") and settings.models.owns(model.name):
+            aside = model.with_name(f".{model.name}.removed")
+            shutil.rmtree(aside, ignore_errors=True)
+            model.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            removed.append(model.name)
+    return removed
 
 
 def build_repository(settings: Settings, export_dir: Path, variant: str, runtime: Runtime | str, out: Path,

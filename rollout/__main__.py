@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-read before every step: one GRPC_HOST:PORT,METRICS_HOST:PORT per line (k8s/rollout.sh)")
     parser.add_argument("--index-store", type=Path, default=None,
                         help="catalog IndexStore to re-embed with the new version and switch with it")
+    parser.add_argument("--family", choices=[f or "general" for f in settings.FAMILIES], default="general",
+                        help="which encoder: general (embed, score) or rec (rec_embed, rec_score: make finetune)")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="roll out one exported variant directory")
     run_parser.add_argument("export", type=Path, help="an export variant directory (with manifest.json)")
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure()
 
     s = settings.SETTINGS.server
-    live = LiveRepository(args.repository, settings.SETTINGS)
+    family = settings.SETTINGS.for_family("" if args.family == "general" else args.family)
+    live = LiveRepository(args.repository, family)
     replicas = [Replica(*spec.split(",", 1)) for spec in args.replica] or [Replica(s.grpc_url, f"{s.host}:{s.metrics_port}")]
     if args.replicas_file:
         admin = TritonAdmin([], admin_key(), s.admin_header, discover=replicas_from_file(args.replicas_file))
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     roll_back(live, admin, RolloutSettings(), store)
             return 0
         rollout = RolloutSettings(**{f.name: getattr(args, f.name) for f in fields(RolloutSettings)})
-        client = TritonClient(s.grpc_url) if store is not None else None
+        client = TritonClient(s.grpc_url, settings=family) if store is not None else None
         events = EventStore(args.events) if args.events else None
         report = run(live, admin, args.export, rollout, store=store, client=client, events=events)
         print(json.dumps(report, indent=2))

@@ -199,7 +199,8 @@ def reembed_index(live: LiveRepository, client: TritonClient, store: IndexStore,
     if current.texts is None:
         raise RolloutRefused(f"index {store.current_name()} has no texts to re-embed: rebuild it with this version")
     started = time.perf_counter()
-    index = embed_index(client, current.item_ids, current.texts, current.settings, encoder_version=version)
+    index = embed_index(client, current.item_ids, current.texts, current.settings, encoder_version=version,
+                        template=current.template)
     name = store.publish(index)
     log.info("catalog index re-embedded by version %d: %d items in %.1f s -> %s", version, len(index),
              time.perf_counter() - started, store.root / name)

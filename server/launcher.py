@@ -204,7 +204,8 @@ class TritonServer:
         return env
 
     def start(self) -> "TritonServer":
-        if not (Path(self.repository) / settings.SETTINGS.models.embed / "config.pbtxt").exists():
+        embeds = [settings.ModelNames.for_family(f).embed for f in settings.FAMILIES]
+        if not any((Path(self.repository) / embed / "config.pbtxt").exists() for embed in embeds):
             raise ServerError(f"{self.repository} is not a built model repository: run `make repository` first")
         runs = processes.RunDirectory(self.run_dir)
         runs.reap_orphans()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import logs
 import settings
-from client.catalog import load_movielens
-from client.evaluate import future_ratings
+from client.catalog import load_catalog
+from client.protocols import future_ratings
 from client.experiments import report as reporting
 from client.experiments.design import Arm, Experiment, ExperimentError
 from client.experiments.events import EventStore
@@ -36,7 +36,7 @@ DEFAULT_OUT = settings.BUILD_DIR / "reports" / "experiments"
 
 
 def first_categories(data_dir: Path) -> dict[int, str]:
-    items, _, _ = load_movielens(data_dir)
+    items = load_catalog(data_dir).items
     return {item.item_id: (item.categories[0] if item.categories else "(none)") for item in items}
 
 
@@ -71,7 +71,8 @@ REAL_ARMS = Experiment(
 
 def cmd_simulate(args) -> int:
     started = time.perf_counter()
-    items, interactions, _ = load_movielens(args.data)
+    catalog = load_catalog(args.data)
+    items, interactions = catalog.items, catalog.interactions
     history, future = future_ratings(interactions)
     users = sorted(future)
     log.info("%d items; %d users with held-out positives to replay", len(items), len(users))

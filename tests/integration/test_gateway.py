@@ -209,12 +209,13 @@ def get(url, key=KEY):
 
 
 def test_recommendations_equal_the_recommenders_own(served):
-    from client.catalog import load_movielens
+    from client.catalog import load_catalog
     from client.index import IndexStore
     from client.recommend import Recommender
 
     gateway, client = served
-    items, interactions, _ = load_movielens(gateway.config.data_dir)
+    catalog = load_catalog(gateway.config.data_dir)
+    items, interactions = catalog.items, catalog.interactions
     direct = Recommender(items, IndexStore(gateway.config.index_store).load(), interactions, client)
     users = sorted(direct.histories)[:5]
     for user in users:

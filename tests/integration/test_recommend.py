@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import settings
-from client.catalog import load_movielens
+from client.catalog import load_catalog
 from client.evaluate import evaluate
 from client.index import EncoderMismatch, build_catalog_index
 from client.recommend import Recommender
@@ -17,7 +17,8 @@ from tests.conftest import client_for
 @pytest.fixture(scope="module")
 def recommender(triton, movielens_slice):
     client = client_for(triton("onnx-int8"), "grpc")
-    items, interactions, errors = load_movielens(movielens_slice)
+    catalog = load_catalog(movielens_slice)
+    items, interactions, errors = catalog.items, catalog.interactions, catalog.errors
     assert not errors
     index = build_catalog_index(client, items)
     yield Recommender(items, index, interactions, client)
@@ -56,10 +57,41 @@ def test_similar_users_and_push(recommender):
     assert similar == sorted(similar, key=lambda s: -s[1])
     profile = recommender.profile(1)
     favourite = recommender.items[int(profile.liked[-1])]
-    targets = recommender.push_targets(favourite.text, threshold=0.3, max_users=80)
+    targets = recommender.push_targets(recommender.template.render(favourite), threshold=0.3, max_users=80)
     assert 1 in [u for u, _ in targets] and all(s >= 0.3 for _, s in targets)
-    capped = recommender.push_targets(favourite.text, threshold=0.3, pushes_so_far={1: 3}, per_user_cap=3)
+    capped = recommender.push_targets(recommender.template.render(favourite), threshold=0.3, pushes_so_far={1: 3}, per_user_cap=3)
     assert 1 not in [u for u, _ in capped]
+
+
+def test_a_new_item_added_through_triton_is_recommended_within_a_second(triton, movielens_slice):
+    """Item cold start, live: a new item (no interaction) is embedded by Triton's `embed`, added to the live index
+    with no rebuild or restart, and recommended to the user whose recent likes it resembles, with the reason."""
+    import time
+
+    from client.catalog import Item
+    from client.index import IndexSettings
+
+    client = client_for(triton("onnx-int8"), "grpc")
+    catalog = load_catalog(movielens_slice)
+    # Only rated movies, so the one added below is the only new item (an unrated movie would compete with it).
+    rated = set(catalog.interactions.item.tolist())
+    items = [item for item in catalog.items if item.item_id in rated]
+    index = build_catalog_index(client, items, settings=IndexSettings(centre=True))
+    recommender = Recommender(items, index, catalog.interactions, client)
+    user = 1
+    liked = recommender.items[int(recommender.profile(user).liked[-1])]
+    sequel = Item(10**6, liked.title.replace(" (", " 2 ("), liked.categories)
+    assert sequel.item_id not in [r["item_id"] for r in recommender.recommend(user, n=10)[1]]
+    started = time.perf_counter()
+    recommender.add_item(sequel)
+    _, recs = recommender.recommend(user, n=10)
+    seconds = time.perf_counter() - started
+    placed = [r for r in recs if r["item_id"] == sequel.item_id]
+    assert placed, [r["title"] for r in recs]
+    assert placed[0]["new"] and placed[0]["why"].startswith("new: because you liked ")
+    assert seconds < 1.0, f"adding and recommending took {seconds:.2f} s"
+    assert len(index) == len(items) + 1 and index.template == recommender.template.identity
+    client.close()
 
 
 def test_index_from_another_encoder_is_refused(recommender):
@@ -103,16 +135,27 @@ def test_evaluation_reports_every_metric_side_by_side(triton, movielens_slice):
     assert recommender["auc"] > 0.5 and 0 < recommender["coverage"] <= 1
 
 
-def test_evaluate_cli_prints_json_through_a_served_repository(triton, movielens_slice):
+def test_evaluate_cli_prints_json_through_a_served_repository(triton, movielens_slice, tmp_path):
+    """`make evaluate`'s client half on a small slice: warm and item cold start (one seed) through Triton, the
+    baselines beside the encoder, a table on stderr, the JSON and the plot in --out."""
     server = triton("onnx-int8")
     result = subprocess.run(
         [sys.executable, "-m", "client.evaluate", str(movielens_slice), "--url", server.server.grpc_url,
-         "--no-ablations", "--max-users", "20"],
-        cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+         "--no-ablations", "--max-users", "20", "--protocols", "warm,cold", "--seeds", "1", "--out", str(tmp_path)],
+        cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["users"] == 20 and "recall@10" in report["results"]["popularity"]
-    assert "recall@10" in result.stderr  # the readable table
+    assert {"ease", "random", "recommender"} <= set(report["results"])
+    cold = report["cold"]["systems"]
+    assert {"random", "genres", "tfidf title", "tfidf rich", "popularity", "base centred semantic",
+            "base centred item2item", "base centred profile", "content: base (+ base taste)"} <= set(cold)
+    for system in cold.values():
+        assert system["pooled"]["users"] <= 20 and 0 <= system["pooled"]["ndcg@10"] <= 1
+    assert report["cold"]["headline"]["served"] == "content: base (+ base taste)"
+    assert report["item_text"]["items"] == 1500 and report["recommendation_encoder"]["served"] is False
+    assert "recall@10" in result.stderr and "item cold start" in result.stderr  # the readable table
+    assert (tmp_path / "evaluate.json").exists() and (tmp_path / "evaluate.png").exists()
 
 
 def test_experiment_simulate_cli_replays_real_lists_and_prints_one_json(triton, movielens_slice, tmp_path):

@@ -106,13 +106,14 @@ def assert_only_version(live: Live, version: int) -> None:
 def test_rollouts_under_locust_load_fail_no_request(live, export_dir, movielens_slice, tmp_path, variants):
     """Each rollout also re-embeds the catalog index with the new version and switches it: a recommender calling
     all along sees the old index, then the new one, never a mix."""
-    from client.catalog import load_movielens
+    from client.catalog import load_catalog
     from client.index import IndexStore, build_catalog_index
     from client.recommend import Recommender
 
     if not settings.LOADTEST_PYTHON.exists():
         pytest.fail("the load-test venv is missing: `make test` builds it (make loadtest-venv)")
-    items, interactions, _ = load_movielens(movielens_slice)
+    catalog = load_catalog(movielens_slice)
+    items, interactions = catalog.items, catalog.interactions
     client = live.client()
     store = IndexStore(tmp_path / "indexes")
     # 400 of the slice's movies (and their ratings): each rollout re-embeds the catalog under the Locust load, and

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from client.catalog import read_interactions, read_items
-from client.evaluate import ranking_metrics, time_split
+from client.evaluate import ranking_metrics
+from client.protocols import time_split
+from client.item_text import template
 from client.index import EncoderMismatch, IndexSettings, ItemIndex
 from client.triton import RetryPolicy, ServingError, TritonClient
 from server.launcher import free_port
@@ -22,7 +24,7 @@ def test_malformed_catalog_rows_are_reported_by_line_and_the_rest_is_kept(tmp_pa
     items, errors = read_items(movies)
     assert [i.item_id for i in items] == [1, 2, 5]
     assert items[1].title == "Heat, The (1995)" and items[2].categories == ()
-    assert items[0].text == "Toy Story (1995). Genres: Adventure, Animation"
+    assert template("title").render(items[0]) == "Toy Story (1995). Genres: Adventure, Animation"
     assert [(e.line, e.reason.split()[0]) for e in errors] == [(3, "movieId"), (5, "empty"), (6, "duplicate"), (7, "expected")]
     ratings = tmp_path / "ratings.csv"
     ratings.write_text("userId,movieId,rating,timestamp\n1,1,4.0,20\n1,2,five,30\n2,99,3.0,10\n1,5,3.5,10\n")

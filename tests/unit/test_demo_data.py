@@ -98,3 +98,22 @@ def test_make_demo_on_a_machine_without_data_stops_before_export_in_seconds(tmp_
     assert result.returncode != 0 and "make demo DATA=" in result.stderr, result.stderr[-2000:]
     assert elapsed < 10, f"took {elapsed:.1f} s"
     assert not (tmp_path / "build" / "export").exists()  # nothing was exported first
+
+
+def test_overviews_are_linked_beside_the_movielens_files_and_none_keeps_the_titles(tmp_path):
+    source = tmp_path / "ml"
+    source.mkdir()
+    (source / "movies.csv").write_text("movieId,title,genres\n1,Toy Story (1995),Animation\n")
+    (source / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,5.0,1\n")
+    overviews = tmp_path / "overviews.csv"
+    overviews.write_text("movieId,overview\n1,Toys come alive.\n")
+    rich = demo_data.with_overviews(source, overviews, tmp_path / "build")
+    assert rich == tmp_path / "build" / "ml-overviews"
+    assert sorted(p.name for p in rich.iterdir()) == ["movies.csv", "overviews.csv", "ratings.csv"]
+    assert (rich / "overviews.csv").resolve() == overviews.resolve() and not (source / "overviews.csv").exists()
+    from client.catalog import load_catalog
+
+    assert load_catalog(rich).items[0].description == "Toys come alive."
+    assert demo_data.with_overviews(source, None, tmp_path / "build") == source.resolve()
+    assert demo_data.with_overviews(source, tmp_path / "missing.csv", tmp_path / "build") == source.resolve()
+    assert demo_data.overviews_file("none") is None and demo_data.overviews_file(None) == settings.MOVIE_OVERVIEWS

@@ -155,3 +155,61 @@ def test_an_unknown_user_with_a_recent_history_is_profiled_from_it(world):
     # A known user's own history wins over one passed in; nothing is cached for the unknown one.
     assert recommender.profile(1, history=horror).top_categories[0][0] == "Drama"
     assert recommender.profile(10**6).is_cold
+
+
+def test_fresh_rows_join_the_list_without_reordering_it():
+    from client.ranking import with_fresh
+
+    assert with_fresh([1, 2, 3, 4], [9], 4) == [1, 2, 3, 9]        # the last established item makes room
+    assert with_fresh([1, 9, 3, 4], [9], 4) == [1, 9, 3, 4]        # already placed: stays where it is
+    assert with_fresh([1, 2, 3], [9], 4) == [1, 2, 3, 9]           # a free place first
+    assert with_fresh([1, 2, 3, 4], [8, 9], 4) == [1, 2, 8, 9]
+    assert with_fresh([1, 2, 3, 4, 5], [], 4) == [1, 2, 3, 4]
+
+
+def test_a_new_item_added_live_is_recommended_to_the_user_whose_likes_it_resembles():
+    """The offline half of the live path (tests/integration/test_recommend.py runs it through Triton): the new
+    item has no interaction, enters by the item-to-item channel, takes a fresh slot and says why."""
+    items, bare = catalog()
+    with pytest.raises(Exception, match="not a built-in one"):
+        Recommender(items, bare, interactions(), EmbedClient(bare)).add_item(Item(9000, "x"))  # no template recorded
+    index = ItemIndex(bare.item_ids, bare.raw_vectors, ENCODER, template=TEMPLATE.identity)
+    data = interactions()
+    recommender = Recommender(items, index, data, EmbedClient(index))
+    user = 1  # likes genre 0 (Drama)
+    liked = recommender.profile(user).liked
+    assert 9000 not in [r["item_id"] for r in recommender.recommend(user, n=10)[1]]
+    twin = index.vectors_of([int(liked[-1])])[0]
+    EmbedClient.next_vector = twin + 0.01
+    new = Item(9000, "Brand new drama (2026)", ("Drama",), "a film nobody has rated yet")
+    with pytest.raises(TemplateMismatch, match="title@"):
+        recommender.add_item(new, template=TEMPLATES["title"])
+    recommender.add_item(new)
+    assert recommender.is_new(9000) and index.has(9000)
+    _, recs = recommender.recommend(user, n=10)
+    fresh = [r for r in recs if r["item_id"] == 9000]
+    assert fresh and fresh[0]["new"] and fresh[0]["why"].startswith("new: because you liked ")
+    assert sum(r["new"] for r in recs) == recommender.settings.fresh_slots
+    with pytest.raises(ValueError, match="already in the catalog"):
+        recommender.add_item(new)
+    other_user = 2  # likes genre 1: the drama is not close enough to anything it liked
+    assert 9000 not in [r["item_id"] for r in recommender.recommend(other_user, n=10)[1]]
+
+
+class EmbedClient(FakeScoreClient):
+    """A stand-in for Triton's `embed` (and `score`) over the test catalog's vectors."""
+
+    next_vector = None
+
+    def __init__(self, index):
+        super().__init__(index.vectors[0])
+
+    def embed(self, texts, encoder_version=None):
+        vector = np.asarray(self.next_vector, dtype=np.float32)
+        return (vector / np.linalg.norm(vector))[None, :]
+
+
+from client.index import TemplateMismatch  # noqa: E402
+from client.item_text import TEMPLATES  # noqa: E402
+
+TEMPLATE = TEMPLATES["rich"]

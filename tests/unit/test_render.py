@@ -208,3 +208,46 @@ def test_versions_of_different_shapes_cannot_share_a_generation():
     versions = {1: manifest(dim=384), 2: manifest(dim=768)}
     with pytest.raises(ValueError, match="disagree"):
         render_generation(S, versions, "embedded", stable=1)
+
+
+def test_two_families_share_one_repository_and_each_is_rebuilt_or_removed_alone(tmp_path):
+    """The general family (embed, score) and the recommendation encoder (rec_embed, rec_score) side by side:
+    building one keeps the other's models as they are; the rec family can be removed, the general one cannot."""
+    import json
+
+    from model_repository.render import build_repository, remove_family
+
+    def export(root, sha):
+        variant = root / "onnx-int8"
+        variant.mkdir(parents=True)
+        (variant / "model.onnx").write_bytes(b"onnx")
+        (variant / "manifest.json").write_text(json.dumps({
+            "schema_version": SCHEMA_VERSION, "variant": "onnx-int8", "format": "onnx", "precision": "int8",
+            "encoder": {"dim": 384, "max_length": 256},
+            "artifact": {"file": "model.onnx", "sha256": sha, "bytes": 4},
+            "gate": {"passed": True}, "tokenizer": {"sha256": "d" * 64}, "source": {"sha256": "b" * 64},
+            "exported_at": "2026-01-01T00:00:00Z"}))
+        (root / "tokenizer").mkdir()
+        for name in ("tokenizer.json", "serving.json"):
+            (root / "tokenizer" / name).write_text("{}")
+        return root
+
+    general, rec = export(tmp_path / "general", "a" * 64), export(tmp_path / "rec", "f" * 64)
+    out = tmp_path / "repository"
+    build_repository(S, general, "onnx-int8", "embedded", out)
+    build_repository(S.for_family("rec"), rec, "onnx-int8", "embedded", out)
+    names = {p.name for p in out.iterdir()}
+    assert {"embed", "score", "encoder", "tokenizer", "rec_embed", "rec_score", "rec_encoder", "rec_tokenizer",
+            "rec_similarity", "rec_embed_v1"} <= names
+    config = text_format.Parse((out / "rec_embed" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert [s.model_name for s in config.ensemble_scheduling.step] == ["rec_tokenizer", "rec_encoder"]
+    rec_config = (out / "rec_encoder" / "config.pbtxt").read_text()
+    build_repository(S, general, "onnx-int8", "embedded", out)  # the general family again: rec stays as it was
+    assert (out / "rec_encoder" / "config.pbtxt").read_text() == rec_config
+    assert (out / "rec_encoder" / "1" / "manifest.json").exists()
+    assert remove_family(S.for_family("rec"), out) and not any(p.name.startswith("rec_") for p in out.iterdir())
+    assert (out / "embed" / "config.pbtxt").exists()
+    with pytest.raises(ValueError, match="not removed"):
+        remove_family(S, out)
+    with pytest.raises(ValueError, match="unknown model family"):
+        S.for_family("ads")
