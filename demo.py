@@ -27,7 +27,7 @@ def gateway_call(server_settings) -> None:
     from gateway.background import BackgroundGateway
     from gateway.config import GatewaySettings
     from gateway.keys import KeyStore
-    from gateway.tokens import TokenCounter
+    from client.tokens import TokenCounter
 
     key = secrets.token_urlsafe(16)
     config = GatewaySettings(port=free_port(), triton_url=server_settings.grpc_url)

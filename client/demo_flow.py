@@ -10,7 +10,8 @@ import numpy as np
 from client.catalog import Item, load_catalog
 from client.index import IndexSettings, build_catalog_index
 from client.item_text import DEFAULT_TEMPLATE, TemplateUse, template
-from client.recommend import Recommender
+from client.recommend import Recommender, TasteIndex
+from client.tokens import TokenCounter
 from client.triton import TritonClient
 
 # Fictional new releases (no rating yet), added to the live index during the demo: item cold start.
@@ -52,17 +53,23 @@ def run_demo(server_settings, protocol: str, data_dir: Path, user_id: int | None
         chosen = template(DEFAULT_TEMPLATE)
         use = TemplateUse.of(chosen, items)
         rec_client = recommendation_client(client, protocol, url)
-        catalog_client = rec_client or client
         started = time.perf_counter()
-        index = build_catalog_index(catalog_client, items, chosen, IndexSettings(centre=True))
+        index = build_catalog_index(client, items, chosen, IndexSettings(centre=True))
         seconds = time.perf_counter() - started
-        words = sum(len(t.split()) for t in index.texts)
+        tokenizer = settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"
+        tokens = TokenCounter(tokenizer).count(index.texts) if tokenizer.exists() else None
         print(f"[demo] item text {use.template}: {use.with_description} of {use.items} items with an overview, "
               f"{use.fallback} on title and genres only")
-        print(f"[demo] embedded {len(items)} items through Triton's {catalog_client.settings.models.embed} "
-              f"({index.encoder['export_variant']}) in {seconds:.1f} s ({words / seconds:.0f} words/s), "
-              f"{index.kind} index")
-        recommender = Recommender(items, index, interactions, catalog_client)
+        print(f"[demo] embedded {len(items)} items through Triton's {client.settings.models.embed} "
+              f"({index.encoder['export_variant']}) in {seconds:.1f} s"
+              + (f" ({tokens} tokens, {tokens / seconds:.0f} tokens/s)" if tokens else "") + f", {index.kind} index")
+        taste = None
+        if rec_client is not None:
+            started = time.perf_counter()
+            taste = TasteIndex(build_catalog_index(rec_client, items, chosen, IndexSettings(centre=True)), rec_client)
+            print(f"[demo] and through {rec_client.settings.models.embed} (the taste of users and new items) in "
+                  f"{time.perf_counter() - started:.1f} s")
+        recommender = Recommender(items, index, interactions, client, taste=taste)
         if user_id is None:  # a user with a long, recent history makes the most telling demo
             users, counts = np.unique(interactions.user, return_counts=True)
             user_id = int(users[np.argsort(-counts)][5])
@@ -95,8 +102,9 @@ def recommendation_client(client: TritonClient, protocol: str, url: str) -> Trit
     rec = TritonClient(url, protocol=protocol, settings=rec_settings)
     if rec.model_ready(rec_settings.models.embed):
         info = rec.encoder_info()
-        print(f"[demo] the catalog index uses the recommendation encoder {rec_settings.models.embed} "
-              f"({info['export_variant']}, trained for split {info.get('export_trained_split', '?')})")
+        print(f"[demo] the recommendation encoder {rec_settings.models.embed} is served beside "
+              f"{client.settings.models.embed} ({info['export_variant']}, trained on split "
+              f"{info.get('export_trained_split', '?')}): interest vectors and the taste of new items come from it")
         return rec
     rec.close()
     print(f"[demo] no {rec_settings.models.embed} served (make finetune builds one): the catalog index uses "

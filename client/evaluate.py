@@ -260,9 +260,19 @@ def warm(catalog: Catalog, index, client: TritonClient, max_users: int | None, a
 
 
 # ---- the whole evaluation ---------------------------------------------------------------------------------
+def count_tokens(texts: list[str], tokenizer_file: Path | None) -> int | None:
+    """Tokens the served tokenizer makes of `texts` (padding aside), or None without its tokenizer.json."""
+    if tokenizer_file is None or not Path(tokenizer_file).exists():
+        return None
+    from client.tokens import TokenCounter
+
+    return TokenCounter(tokenizer_file).count(list(texts))
+
+
 def evaluate(data_dir: Path, client: TritonClient, max_users: int | None = None, use_triton_score: bool = True,
              ablations: bool = True, protocols: tuple[str, ...] = ("warm",), seeds: tuple[int, ...] = (0, 1, 2),
-             template: str = DEFAULT_TEMPLATE, rec_client: TritonClient | None = None) -> dict:
+             template: str = DEFAULT_TEMPLATE, rec_client: TritonClient | None = None,
+             tokenizer_file: Path | None = None) -> dict:
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {PROTOCOLS}")
@@ -281,10 +291,12 @@ def evaluate(data_dir: Path, client: TritonClient, max_users: int | None = None,
     started = time.perf_counter()
     index = build_catalog_index(client, catalog.items, chosen, IndexSettings(centre=True))
     seconds = time.perf_counter() - started
-    tokens = sum(len(t.split()) for t in index.texts)
+    tokens = count_tokens(index.texts, tokenizer_file)
     report["catalog_embedding"] = {"items": len(index), "seconds": round(seconds, 1), "items_per_s": len(index) / seconds,
-                                   "words_per_s": tokens / seconds, "encoder": index.encoder}
-    log.info("catalog of %d items embedded through Triton and indexed in %.1f s (%s, %s)", len(index), seconds,
+                                   "tokens": tokens, "tokens_per_s": tokens / seconds if tokens else None,
+                                   "encoder": index.encoder}
+    log.info("catalog of %d items (%s tokens) embedded through Triton and indexed in %.1f s: %.0f items/s%s (%s, %s)",
+             len(index), tokens or "?", seconds, len(index) / seconds, f", {tokens / seconds:.0f} tokens/s" if tokens else "",
              index.kind, index.encoder.get("export_variant"))
     report["encoder"] = index.encoder
     report["recommendation_encoder"] = {"versions": {s: v for s, v in encoders.rec_versions.items()},
@@ -417,6 +429,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports",
                         help="where evaluate.json and evaluate.png go")
+    parser.add_argument("--tokenizer", type=Path, default=settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json",
+                        help="the served tokenizer.json, to count tokens/s (absent: not counted)")
     args = parser.parse_args(argv)
     logs.configure()
     protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
@@ -430,7 +444,8 @@ def main(argv=None) -> int:
                 rec_client.close()
                 rec_client = None
             report = evaluate(args.data, client, args.max_users, ablations=not args.no_ablations, protocols=protocols,
-                              seeds=tuple(range(args.seeds)), template=args.template, rec_client=rec_client)
+                              seeds=tuple(range(args.seeds)), template=args.template, rec_client=rec_client,
+                              tokenizer_file=args.tokenizer)
         except ValueError as error:
             print(f"client.evaluate: error: {error}", file=sys.stderr)
             return 2

@@ -14,7 +14,7 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.keys import KeyFileError, KeyStore
 from gateway.recommender import load_recommender
-from gateway.tokens import TokenCounter
+from client.tokens import TokenCounter
 
 log = logs.get("gateway")
 

@@ -5,6 +5,8 @@
     POST /v1/recommendations            a user's top n, with explanations (client.recommend.Recommender)
     GET  /v1/users/{user_id}/similar    users with the nearest interests
     POST /v1/push                       users whose interests match a new item's text
+    POST /v1/items                      a new item, embedded through Triton into the live index (no rebuild, no
+                                        restart): recommended at once to users whose likes it resembles
     POST /v1/events         impressions, clicks, conversions -> the experiment event store (client/experiments)
     GET  /health/live       the process answers
     GET  /health/ready      Triton's `embed` is ready
@@ -26,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field
 
 import logs
+from client.catalog import Item
 from client.errors import InvalidRequest, ServingError
 from client.experiments import EventError, EventStore, Experiment, ExperimentError, ExperimentRecommender
 from client.triton import AsyncTritonClient
@@ -34,7 +37,7 @@ from gateway.embeddings import EmbeddingsEndpoint
 from gateway.errors import RETRY_AFTER_UNAVAILABLE_S, ApiError, http_error
 from gateway.keys import KeyStore
 from gateway.ratelimit import RateLimiter
-from gateway.tokens import TokenCounter
+from client.tokens import TokenCounter
 
 log = logs.get("gateway")
 
@@ -49,6 +52,15 @@ class RecommendationRequest(BaseModel):
 
 class EventsRequest(BaseModel):
     events: list = Field(min_length=1, max_length=10_000)  # each event is checked by the event store
+
+
+class ItemRequest(BaseModel):
+    item_id: int
+    title: str = Field(min_length=1, max_length=1000)
+    text: str = Field("", max_length=100_000)          # the description (an overview)
+    categories: list[str] = Field(default_factory=list, max_length=100)
+    tagline: str = Field("", max_length=1000)
+    keywords: list[str] = Field(default_factory=list, max_length=100)
 
 
 class PushRequest(BaseModel):
@@ -211,7 +223,7 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
     def recommendations_enabled():
         if recommender is None:
             raise ApiError(501, "recommendations are not enabled: start the gateway with GATEWAY_DATA "
-                                "(a MovieLens-format directory)", type_="server_error", code="not_enabled")
+                                "(a catalog directory)", type_="server_error", code="not_enabled")
         return recommender
 
     @app.post("/v1/recommendations")
@@ -258,6 +270,21 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
         users = serving(lambda: rec.push_targets(body.text, body.threshold, body.max_users, body.pushes_so_far,
                                                  body.per_user_cap))
         return {"users": [{"user_id": u, "score": round(score, 6)} for u, score in users]}
+
+    @app.post("/v1/items", status_code=201)
+    def add_item(body: ItemRequest, key: str = Depends(caller)):
+        rec = recommendations_enabled()
+        if body.item_id in rec.items:
+            raise ApiError(409, f"item {body.item_id} is already in the catalog", param="item_id", code="item_exists")
+        admit(key, 1)
+        item = Item(body.item_id, body.title.strip(), tuple(c.strip() for c in body.categories if c.strip()),
+                    description=" ".join(body.text.split()), tagline=" ".join(body.tagline.split()),
+                    keywords=tuple(k.strip().lower() for k in body.keywords if k.strip()))
+        started = time.perf_counter()
+        serving(lambda: rec.add_item(item))
+        return {"item_id": item.item_id, "indexed": True, "catalog_items": len(rec.index),
+                "encoder_version": rec.index.encoder_version, "template": rec.index.template,
+                "seconds": round(time.perf_counter() - started, 4)}
 
     @app.get("/health/live")
     def live():

@@ -16,7 +16,8 @@
                                    loop, client/kserve_http.py) or grpc (tritonclient.grpc.aio); `make
                                    bench-gateway` measures both on the machine at hand
     GATEWAY_TOKENIZER_FILE=path    the served tokenizer.json, for usage.prompt_tokens (default: the local repository's)
-    GATEWAY_DATA=dir               a MovieLens-format directory: enables the recommendation routes
+    GATEWAY_DATA=dir               a catalog directory (MovieLens, or items.csv + interactions.csv): enables the
+                                   recommendation routes and POST /v1/items
     GATEWAY_INDEX_STORE=dir        the catalog IndexStore (default build/catalog_index): built through `embed`
                                    when empty; a rollout with --index-store switches it and the gateway follows
     GATEWAY_EVENTS_DB=path         the experiment event store, SQLite (default build/experiments/events.sqlite;

@@ -103,7 +103,7 @@ async def read_body(receive) -> bytes | None:
 class EmbeddingsEndpoint:
     """The ASGI endpoint. `embed(texts)` is client.triton.AsyncTritonClient.embed; `admit(key, n_texts)` raises
     ApiError 429/400 from the key's token buckets; `dimension()` is the served D (a blocking call, read once);
-    `count_tokens(texts)` is gateway.tokens.TokenCounter.count, or None (usage is then 0)."""
+    `count_tokens(texts)` is client.tokens.TokenCounter.count, or None (usage is then 0)."""
 
     def __init__(self, model: str, max_inputs: int, max_batch_size: int,
                  embed: Callable[[list[str]], Awaitable[np.ndarray]], admit: Callable[[str, int], None],

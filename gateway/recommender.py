@@ -1,48 +1,41 @@
 """The gateway's Recommender: catalog and interactions from a catalog directory (client.catalog), the catalog
-index from an IndexStore (embedded through Triton on first start), following the store across rollouts.
+index from an IndexStore (embedded through Triton's `embed` on first start), following the store across rollouts.
 
-The index is embedded by the recommendation encoder (`rec_embed`, make finetune) where the repository serves one,
-else by the general `embed`; from the item texts of the default template (client.item_text), centred on the
-catalog's mean. An index in the store from another encoder or another template is embedded again.
+Where the repository also serves the recommendation encoder (`rec_embed`, make finetune), its own index of the
+catalog (the store's `rec/` directory) holds the users' interest vectors and the taste of new items
+(client.recommend.TasteIndex). Both are embedded from the item texts of the default template (client.item_text)
+and centred on the catalog's mean; an index in a store from another encoder or another template is embedded again.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import logs
-from client.catalog import load_catalog
-from client.index import IndexSettings, IndexStore, build_catalog_index
-from client.item_text import DEFAULT_TEMPLATE, TemplateUse, template
-from client.recommend import Recommender
+from client.catalog import Item, load_catalog
+from client.index import IndexSettings, IndexStore, ItemIndex, build_catalog_index
+from client.item_text import DEFAULT_TEMPLATE, TemplateUse, TextTemplate, template
+from client.recommend import Recommender, TasteIndex
 from client.triton import TritonClient
 from gateway.config import GatewaySettings
 
 log = logs.get("gateway")
 
 
-def catalog_client(client: TritonClient) -> TritonClient:
-    """The recommendation encoder's client when `rec_embed` is served, else `client` itself."""
+def rec_client(client: TritonClient) -> TritonClient | None:
+    """A client of the recommendation encoder when `rec_embed` is served, else None."""
     rec_settings = replace(client.settings.for_family("rec"), server=client.settings.server)
     rec = TritonClient(client.url, protocol=client.protocol, settings=rec_settings)
     if rec.model_ready(rec_settings.models.embed):
-        log.info("the catalog index uses the recommendation encoder %s", rec_settings.models.embed)
         return rec
     rec.close()
-    return client
+    return None
 
 
-def load_recommender(config: GatewaySettings, client) -> Recommender:
-    catalog = load_catalog(config.data_dir)
-    items, interactions, errors = catalog.items, catalog.interactions, catalog.errors
-    if errors:
-        log.warning("%s: skipped %d malformed rows, first: %s", config.data_dir, len(errors), errors[0])
-    chosen = template(DEFAULT_TEMPLATE)
-    use = TemplateUse.of(chosen, items)
-    log.info("item text %s: %d of %d items with a description, %d on title and categories only", use.template,
-             use.with_description, use.items, use.fallback)
-    client = catalog_client(client)
-    store = IndexStore(config.index_store)
+def stored_index(store: IndexStore, client: TritonClient, items: list[Item], chosen: TextTemplate) -> ItemIndex:
+    """The store's current index if the serving encoder made it from this template; else embedded again and
+    published."""
     serving = client.encoder_info()["export_manifest_sha256"]
     current = store.load() if store.current_name() is not None else None
     if current is not None and current.encoder.get("export_manifest_sha256") != serving:
@@ -57,9 +50,29 @@ def load_recommender(config: GatewaySettings, client) -> Recommender:
         started = time.perf_counter()
         index = build_catalog_index(client, items, chosen, IndexSettings(centre=True))
         store.switch(store.publish(index))
-        log.info("catalog index built through `embed`: %d items in %.1f s -> %s", len(index),
-                 time.perf_counter() - started, config.index_store)
-    recommender = Recommender(items, store.load(template=chosen.identity), interactions, client, index_store=store)
+        log.info("catalog index built through `%s`: %d items in %.1f s -> %s", client.settings.models.embed, len(index),
+                 time.perf_counter() - started, store.root)
+    return store.load(template=chosen.identity)
+
+
+def load_recommender(config: GatewaySettings, client) -> Recommender:
+    catalog = load_catalog(config.data_dir)
+    items, interactions, errors = catalog.items, catalog.interactions, catalog.errors
+    if errors:
+        log.warning("%s: skipped %d malformed rows, first: %s", config.data_dir, len(errors), errors[0])
+    chosen = template(DEFAULT_TEMPLATE)
+    use = TemplateUse.of(chosen, items)
+    log.info("item text %s: %d of %d items with a description, %d on title and categories only", use.template,
+             use.with_description, use.items, use.fallback)
+    store = IndexStore(config.index_store)
+    index = stored_index(store, client, items, chosen)
+    taste = None
+    rec = rec_client(client)
+    if rec is not None:
+        taste = TasteIndex(stored_index(IndexStore(Path(config.index_store) / "rec"), rec, items, chosen), rec)
+        log.info("interest vectors and the taste of new items from the recommendation encoder %s",
+                 rec.settings.models.embed)
+    recommender = Recommender(items, index, interactions, client, index_store=store, taste=taste)
     if recommender.histories:  # the similar-users matrix (a profile per user): built now, not by a request
         recommender.similar_users(next(iter(recommender.histories)), k=1)
     log.info("recommendations on: %d items, %d users, index %s", len(items), len(recommender.histories),

@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     with TritonServer(repository, server, log_file=args.work / "triton.log"):
         code = evaluate.main([str(args.data), "--url", server.grpc_url, "--protocols", args.protocols, "--seeds",
                               str(args.seeds), "--template", args.template, "--out", str(args.out),
+                              "--tokenizer", str(repository / "tokenizer" / "1" / "tokenizer.json"),
                               *(["--max-users", str(args.max_users)] if args.max_users else [])])
     report = args.out / "evaluate.json"
     if code == 0 and report.exists():

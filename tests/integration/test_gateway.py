@@ -19,7 +19,7 @@ from gateway.background import BackgroundGateway as Gateway
 from gateway.config import GatewaySettings
 from gateway.keys import KeyStore
 from gateway.recommender import load_recommender
-from gateway.tokens import TokenCounter
+from client.tokens import TokenCounter
 from server.launcher import free_port
 
 KEY = "test-gateway-key"
@@ -37,9 +37,10 @@ def served(triton, movielens_slice, tmp_path_factory):
                              max_body_bytes=64_000, tokenizer_file=tokenizer, data_dir=movielens_slice,
                              index_store=tmp_path_factory.mktemp("gateway-index"))
     tokens = TokenCounter(tokenizer)
-    app = create_app(config, client, KeyStore.from_plaintext([KEY]), tokens, load_recommender(config, client))
+    recommender = load_recommender(config, client)
+    app = create_app(config, client, KeyStore.from_plaintext([KEY]), tokens, recommender)
     with Gateway(app, config.port) as gateway:
-        gateway.tokens, gateway.config = tokens, config
+        gateway.tokens, gateway.config, gateway.recommender = tokens, config, recommender
         yield gateway, client
     client.close()
 
@@ -236,6 +237,23 @@ def test_recommendations_equal_the_recommenders_own(served):
                                                      "threshold": 0.3, "max_users": 5})
     expected_push = direct.push_targets("Toy Story 5 (2026). Genres: Animation, Children", 0.3, 5)
     assert status == 200 and [u["user_id"] for u in pushed["users"]] == [u for u, _ in expected_push]
+
+
+def test_a_new_item_posted_to_the_gateway_is_embedded_into_the_live_index(served):
+    gateway, client = served
+    rec = gateway.recommender
+    before = len(rec.index)
+    body = {"item_id": 10**7, "title": "Toy Story 5 (2026)", "categories": ["Animation", "Children"],
+            "text": "Woody and Buzz face a new rival: screens.", "keywords": ["toy", "Sequel"]}
+    status, _, answer = post(f"{gateway.url}/v1/items", body)
+    assert status == 201 and answer["indexed"] and answer["catalog_items"] == before + 1, answer
+    assert rec.index.has(10**7) and rec.is_new(10**7) and rec.items[10**7].keywords == ("toy", "sequel")
+    expected = client.embed([rec.template.render(rec.items[10**7])])
+    np.testing.assert_allclose(rec.index.raw_vectors[-1], expected[0], atol=1e-5)  # embedded by Triton's `embed`
+    assert post(f"{gateway.url}/v1/items", body)[0] == 409  # an id the catalog holds
+    assert post(f"{gateway.url}/v1/items", {**body, "item_id": 10**7 + 1, "title": ""})[0] == 422  # as every field error
+    assert post(f"{gateway.url}/v1/items", body, key=None)[0] == 401
+    assert len(rec.index) == before + 1
 
 
 def test_experiment_arms_and_events_through_the_gateway(served, tmp_path):

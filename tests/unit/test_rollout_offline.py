@@ -96,3 +96,21 @@ def test_the_rollout_keeps_the_runtime_the_live_encoder_runs(export_dir, tmp_pat
     # Asked for explicitly, another runtime is rendered instead.
     embedded, _ = stage(native, export_dir / "onnx-fp16", tmp_path / "work2", RolloutSettings(runtime="embedded"))
     assert LiveRepository(embedded, S).runtime is Runtime.EMBEDDED
+
+
+def test_a_rollout_of_the_rec_family_stages_only_rec_models(export_dir, tmp_path):
+    """Two families in one live repository (embed and rec_embed): staging a new rec_encoder version renders the rec
+    family alone, and the general family's models are neither staged nor changed."""
+    rec = S.for_family("rec")
+    path = build_repository(S, export_dir, "onnx-int8", "embedded", tmp_path / "live")
+    build_repository(rec, export_dir, "onnx-int8", "embedded", path)
+    general_config = (path / "encoder" / "config.pbtxt").read_text()
+    live = LiveRepository(path, rec)
+    assert (live.stable, live.versions) == (1, [1])
+    staging, version = stage(live, export_dir / "onnx-fp32", tmp_path / "work", RolloutSettings())
+    staged = {p.name for p in staging.iterdir()}
+    assert version == 2 and {"rec_embed_v2", "rec_encoder", "rec_embed", "rec_tokenizer"} <= staged
+    assert not staged & {"embed", "encoder", "tokenizer", "score"}
+    assert LiveRepository(staging, rec).manifest(2).variant == "onnx-fp32"
+    assert (path / "encoder" / "config.pbtxt").read_text() == general_config
+    assert LiveRepository(path, S).versions == [1] and status(LiveRepository(path, rec))

@@ -1,5 +1,6 @@
-"""`usage.prompt_tokens`, counted with the served tokenizer (the tokenizer.json Triton's `tokenizer` model loads,
-with its special tokens, truncated at the served max length)."""
+"""Token counts with the served tokenizer (the tokenizer.json Triton's `tokenizer` model loads, with its special
+tokens, truncated at the served max length): the gateway's `usage.prompt_tokens`, and the tokens/s of a catalog
+embedded through Triton."""
 from __future__ import annotations
 
 import json
