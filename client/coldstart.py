@@ -3,8 +3,8 @@
 Systems scored on the item cold-start split (each test user ranks every hidden item):
 
     random, genres                      the floor, and category overlap
-    tfidf <text>                        word overlap on the title text and on the rich text (the user's liked
-                                        items' TF-IDF vectors, the user representation chosen on validation)
+    tfidf <text>                        word overlap on the title text, the rich text, and the rich text with
+                                        keywords (each text's n-grams and user representation chosen on validation)
     popularity                          training positives: zero for every hidden item (why CF cannot help here)
     <encoder> semantic / item2item      the recommender's content channels on that encoder's vectors: interest
                                         vectors (weighted k-means), and the mean of the 3 best similarities to the
@@ -38,7 +38,8 @@ log = logs.get("client")
 C = RecallChannel
 
 # Chosen on the validation split of seed 0 (docs/client.md, "Cold start: what was chosen where"), not on the test.
-TFIDF = {"title": dict(representation="mean", ngrams=2), "rich": dict(representation="maxsim", m=3, ngrams=2)}
+TFIDF = {"title": dict(representation="mean", ngrams=2), "rich": dict(representation="maxsim", m=3, ngrams=1),
+         "rich-keywords": dict(representation="maxsim", m=3, ngrams=2)}
 ITEM2ITEM_M = 3          # item-to-item: the mean of the m best similarities to the recent likes
 RECENT = 20              # the recommender's recent likes (RecommenderSettings.recent_items)
 

@@ -100,6 +100,18 @@ def summarise(per_user, lists, vectors_of, popularity, n_items) -> dict:
 
 
 # ---- encoders through Triton ------------------------------------------------------------------------------
+def unusable_version(export: dict, data_sha256: str, template: str) -> str | None:
+    """Why a recommendation encoder version (its export_* parameters) may not be evaluated on this data, or None.
+    It must say which split it was trained for, on these very files, from these item texts."""
+    if not export.get("export_trained_split"):
+        return "no trained_split: not a recommendation fine-tune"
+    if export.get("export_trained_data_sha256") != data_sha256:
+        return "trained on other data than this directory's"
+    if export.get("export_trained_template") != template:
+        return f"trained on template {export.get('export_trained_template')}, not {template}"
+    return None
+
+
 class Encoders:
     """The general encoder and, where served, the recommendation encoder's versions by the split each was trained
     for; catalogs embedded through Triton once per (encoder, version, template)."""
@@ -125,13 +137,7 @@ class Encoders:
                      f"; not used: {self.rec_refused}" if self.rec_refused else "")
 
     def _mismatch(self, export: dict) -> str | None:
-        if not export.get("export_trained_split"):
-            return "no trained_split: not a recommendation fine-tune"
-        if export.get("export_trained_data_sha256") != self.data_sha256:
-            return "trained on other data than this directory's"
-        if export.get("export_trained_template") != self.template.identity:
-            return f"trained on template {export.get('export_trained_template')}, not {self.template.identity}"
-        return None
+        return unusable_version(export, self.data_sha256, self.template.identity)
 
     def embed(self, client: TritonClient, texts: list[str], version: int | None, label: str) -> tuple[np.ndarray, dict]:
         encoder = client.encoder_info(version)
@@ -303,7 +309,7 @@ def evaluate(data_dir: Path, client: TritonClient, max_users: int | None = None,
                                         "not_used": encoders.rec_refused, "served": rec_client is not None}
     rich = chosen.render_all(catalog.items)
     title = text_template("title").render_all(catalog.items)
-    texts = {"title": title, "rich": rich}
+    texts = {"title": title, "rich": rich, "rich-keywords": text_template("rich-keywords").render_all(catalog.items)}
     if "cold" in protocols or "temporal" in protocols:
         base = EncodedCatalog("base", index.raw_vectors, index.encoder,
                               encoders.profile_score(client, int(index.encoder["export_version"])))

@@ -8,7 +8,6 @@ import pytest
 
 import settings
 from client.catalog import load_catalog
-from client.evaluate import evaluate
 from client.index import EncoderMismatch, build_catalog_index
 from client.recommend import Recommender
 from tests.conftest import client_for
@@ -121,23 +120,10 @@ def test_experiment_arms_change_what_they_name_and_nothing_else(recommender):
     assert listed.impression()["items"] == [r["item_id"] for r in listed.items]
 
 
-def test_evaluation_reports_every_metric_side_by_side(triton, movielens_slice):
-    """Structure and sanity on a small slice; the quality goal (beating popularity on the full data set)
-    is measured by `make evaluate`, not asserted on 80 users."""
-    with client_for(triton("onnx-int8"), "grpc") as client:
-        report = evaluate(movielens_slice, client, ablations=False)
-    keys = {"recall@10", "recall@50", "ndcg@10", "auc", "coverage", "diversity", "novelty"}
-    assert {"recommender", "popularity", "random"} <= set(report["results"])
-    for row in report["results"].values():
-        assert keys <= set(row)
-    recommender, random = report["results"]["recommender"], report["results"]["random"]
-    assert recommender["recall@10"] > random["recall@10"] and recommender["recall@50"] > random["recall@50"]
-    assert recommender["auc"] > 0.5 and 0 < recommender["coverage"] <= 1
-
-
 def test_evaluate_cli_prints_json_through_a_served_repository(triton, movielens_slice, tmp_path):
     """`make evaluate`'s client half on a small slice: warm and item cold start (one seed) through Triton, the
-    baselines beside the encoder, a table on stderr, the JSON and the plot in --out."""
+    baselines beside the encoder, a table on stderr, the JSON and the plot in --out. Structure and sanity: the
+    quality goals are measured by `make evaluate` on the full data, not asserted on 20 users."""
     server = triton("onnx-int8")
     result = subprocess.run(
         [sys.executable, "-m", "client.evaluate", str(movielens_slice), "--url", server.server.grpc_url,
@@ -147,6 +133,10 @@ def test_evaluate_cli_prints_json_through_a_served_repository(triton, movielens_
     report = json.loads(result.stdout)
     assert report["users"] == 20 and "recall@10" in report["results"]["popularity"]
     assert {"ease", "random", "recommender"} <= set(report["results"])
+    keys = {"recall@10", "recall@50", "ndcg@10", "auc", "coverage", "diversity", "novelty"}
+    assert all(keys <= set(row) for row in report["results"].values())
+    warm = report["results"]
+    assert warm["recommender"]["recall@50"] > warm["random"]["recall@50"] and warm["recommender"]["auc"] > 0.5
     cold = report["cold"]["systems"]
     assert {"random", "genres", "tfidf title", "tfidf rich", "popularity", "base centred semantic",
             "base centred item2item", "base centred profile", "content: base (+ base taste)"} <= set(cold)

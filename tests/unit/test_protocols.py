@@ -125,3 +125,16 @@ def test_genre_tfidf_random_and_ease_baselines_rank_the_obvious_item_first():
     assert rank(ease, user, np.array([2, 3, 4]))[0] == 2
     assert ease.score(user, np.array([99]))[0] == -np.inf  # an item it never saw
     assert set(histories(train)) == {0, 1, 2, 3, 4, 9}
+
+
+def test_the_evaluation_uses_a_fine_tuned_version_only_for_its_own_data_template_and_split():
+    from client.evaluate import unusable_version
+    from client.protocols import parse_split
+
+    good = {"export_trained_split": "cold:1", "export_trained_data_sha256": "d" * 64, "export_trained_template": "rich@x"}
+    assert unusable_version(good, "d" * 64, "rich@x") is None and parse_split(good["export_trained_split"]) == "cold:1"
+    assert "not a recommendation fine-tune" in unusable_version({"export_variant": "onnx-int8"}, "d" * 64, "rich@x")
+    assert "other data" in unusable_version(good, "e" * 64, "rich@x")
+    assert "template title@y" in unusable_version({**good, "export_trained_template": "title@y"}, "d" * 64, "rich@x")
+    with pytest.raises(ValueError, match="unknown split"):
+        parse_split("cold:one")
