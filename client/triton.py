@@ -107,6 +107,15 @@ class RetryPolicy:
             delay = min(delay * 2, self.max_backoff_s)
 
 
+def length_batches(texts: Sequence[str], size: int) -> list[np.ndarray]:
+    """Indexes of `texts` in batches of at most `size`, longest texts first (by characters, a close enough
+    proxy for tokens), so each batch pads to a length near its own texts'. Every index appears exactly once."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    order = np.argsort([-len(text) for text in texts], kind="stable")
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 class TritonClient:
     def __init__(self, url: str | None = None, protocol: str = "grpc", settings: Settings | None = None,
                  retry: RetryPolicy = RetryPolicy(), timeout_s: float = 30.0, canary_share: float = 0.0,
@@ -243,15 +252,24 @@ class TritonClient:
 
     def embed_many(self, texts: Sequence[str], batch_size: int | None = None, concurrency: int = 4,
                    progress: str | None = None, encoder_version: int | None = None) -> np.ndarray:
-        """Many texts: batched requests, `concurrency` in flight, results in input order."""
+        """Many texts: batched requests, `concurrency` in flight, results in input order.
+
+        The texts are sent longest first, in batches of similar length (`length_batches`): the tokenizer pads a
+        batch to its longest text, so batches in input order spend most of their time on padding when short and
+        long texts are mixed (titles without an overview beside full synopses)."""
         from tqdm import tqdm
 
         size = batch_size or self.settings.batching.max_batch_size
-        chunks = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
+        chunks = length_batches(texts, size)
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            parts = list(tqdm(pool.map(lambda chunk: self.embed(chunk, encoder_version), chunks), total=len(chunks), desc=progress,
-                              disable=None if progress else True, unit="batch"))
-        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+            parts = list(tqdm(pool.map(lambda chunk: self.embed([texts[i] for i in chunk], encoder_version), chunks),
+                              total=len(chunks), desc=progress, disable=None if progress else True, unit="batch"))
+        if not parts:
+            return np.zeros((0, 0), dtype=np.float32)
+        out = np.empty((len(texts), parts[0].shape[1]), dtype=parts[0].dtype)
+        for chunk, part in zip(chunks, parts):
+            out[chunk] = part
+        return out
 
     def score(self, texts: Sequence[str], candidates: np.ndarray, outputs: Sequence[str] | None = None,
               encoder_version: int | None = None) -> dict[str, np.ndarray]:

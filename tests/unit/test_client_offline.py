@@ -132,3 +132,29 @@ def test_the_client_routes_a_share_to_the_canary_and_pinned_calls_to_their_versi
     assert 0.2 < sum(shares) / len(shares) < 0.3
     with pytest.raises(ValueError, match="canary_share"):
         TritonClient("127.0.0.1:1", canary_share=1.5)
+
+
+def test_many_texts_go_in_batches_of_similar_length_and_come_back_in_input_order(monkeypatch):
+    from client.triton import length_batches
+
+    rng = np.random.default_rng(3)
+    texts = ["x" * int(n) for n in rng.integers(1, 300, size=203)]
+    batches = length_batches(texts, 64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(203))  # each text exactly once
+    assert [len(b) for b in batches] == [64, 64, 64, 11]
+    lengths = [[len(texts[i]) for i in b] for b in batches]
+    assert all(min(a) >= max(b) for a, b in zip(lengths, lengths[1:]))  # longest first, no overlap
+    with pytest.raises(ValueError, match="batch size"):
+        length_batches(texts, 0)
+
+    client = TritonClient("127.0.0.1:1")
+    sent = []
+
+    def embed(chunk, encoder_version=None):
+        sent.append([len(t) for t in chunk])
+        return np.array([[len(t), encoder_version or 0] for t in chunk], dtype=np.float32)
+
+    monkeypatch.setattr(client, "embed", embed)
+    out = client.embed_many(texts, batch_size=64, concurrency=3, encoder_version=7)
+    assert out[:, 0].tolist() == [len(t) for t in texts] and set(out[:, 1]) == {7}
+    assert max(max(b) - min(b) for b in sent) < 100  # padding inside a batch is bounded by the length spread
