@@ -20,10 +20,23 @@ def min_max(values: np.ndarray) -> np.ndarray:
     return np.where(present, (values - low) / (high - low) if high > low else 1.0, 0.0).astype(np.float32)
 
 
+def fill_scores(candidates: Sequence[Candidate], channel: RecallChannel, scores: np.ndarray | None) -> None:
+    """Gives every candidate `channel`'s score (NaN: the channel cannot score it, left out), keeping the best
+    score where the channel proposed it already. The explanation (`because`) stays the proposing channel's."""
+    if scores is None:
+        return
+    for candidate, score in zip(candidates, scores):
+        if not np.isnan(score) and score > candidate.scores.get(channel, -np.inf):
+            candidate.scores[channel] = float(score)
+
+
 def blend(candidates: Sequence[Candidate], channels: Sequence[RecallChannel],
           weights: dict[RecallChannel, float]) -> np.ndarray:
-    """Sum over `channels` of weight x the channel's score, each min-max normalised over these candidates."""
+    """Sum over `channels` of weight x the channel's score, each min-max normalised over these candidates. Where
+    every channel asked for weighs 0 (an ablation keeping only popularity, say), each weighs 1 instead."""
     total = np.zeros(len(candidates), dtype=np.float32)
+    if not any(weights[channel] for channel in channels):
+        weights = {channel: 1.0 for channel in channels}
     for channel in channels:
         raw = np.array([c.scores.get(channel, np.nan) for c in candidates], dtype=np.float32)
         if (~np.isnan(raw)).any():
@@ -35,7 +48,7 @@ def mmr(vectors: np.ndarray, scores: np.ndarray, n: int, category_of: Callable[[
         category_cap: int, pool: int | None = None) -> list[int]:
     """Greedy maximal marginal relevance with a per-category cap: rows of `vectors`/`scores`, best first.
     Only the top `pool` rows by score are considered (default max(10 n, 100))."""
-    order = list(np.argsort(-scores)[: pool or max(n * 10, 100)])
+    order = list(np.argsort(-scores, kind="stable")[: pool or max(n * 10, 100)])  # ties: in recall order
     chosen: list[int] = []
     per_category: Counter = Counter()
     while order and len(chosen) < n:
@@ -44,7 +57,7 @@ def mmr(vectors: np.ndarray, scores: np.ndarray, n: int, category_of: Callable[[
             marginal = mmr_lambda * scores[order] - (1 - mmr_lambda) * redundancy
         else:
             marginal = scores[order]
-        for position in np.argsort(-marginal):
+        for position in np.argsort(-marginal, kind="stable"):
             row = order[position]
             first = category_of(row)
             if per_category[first] < category_cap:

@@ -1,13 +1,16 @@
 """Recall: the channels that propose candidates for one user, each a small object behind one interface.
 
-    cooccurrence  items liked by the same users as the user's recent likes (training interactions only)
+    cooccurrence  items liked by the same users as the user's likes: EASE^R's item-item weights over all the likes
+                  (catalogs up to `ease_max_items`), else cosine co-occurrence of the recent likes
     item2item     content neighbours (catalog index) of the recent likes
     semantic      the user's interest vectors against the whole catalog
     popularity    the fallback for cold start, and a prior for everyone
 
 Each channel returns its proposals best first; a `CandidatePool` takes up to the channel's quota of them,
 skipping excluded items, and keeps per candidate the best score per channel and the history item that caused
-it (for the explanation). Everything here is plain numpy/scipy: no server is involved.
+it (for the explanation). Each channel can also score any item (`score`), so the ranker sees every channel's
+score for every candidate, not only for the ones that channel proposed. Everything here is plain numpy/scipy: no
+server is involved.
 """
 from __future__ import annotations
 
@@ -89,9 +92,43 @@ class CandidatePool:
 
 
 # ---- what the interactions teach: fitted once ----------------------------------------------------------
+EASE_LAMBDA = 100.0       # chosen on the warm protocol's inner time split of ml-latest-small (client.evaluate)
+EASE_MAX_ITEMS = 20_000   # EASE^R keeps a dense [n, n] matrix (1.6 GB at 20k items): above this, co-occurrence
+
+
+def ease_weights(positives: sparse.spmatrix, lam: float) -> np.ndarray:
+    """EASE^R (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019): from a binary
+    [users, items] matrix, B = I - P diag(1/diag(P)) with P = (X'X + lam I)^-1 and a zero diagonal, in closed
+    form. [items, items] float32; an item without positives gets zero weights both ways (and is left out of the
+    inverse, which is what it would give it anyway)."""
+    from scipy.linalg import lapack
+
+    if lam <= 0:
+        raise ValueError(f"EASE^R's lambda must be > 0, not {lam}")
+    x = sparse.csc_matrix(positives, dtype=np.float32)
+    active = np.flatnonzero(np.diff(x.indptr) > 0)
+    x = x[:, active]
+    gram = np.asarray((x.T @ x).todense(), dtype=np.float32)
+    gram[np.diag_indices_from(gram)] += lam
+    # X'X + lam I is symmetric positive definite: a Cholesky factor, then the inverse from it (half LU's work),
+    # in float32 (lam keeps it well conditioned; 9.7k items take seconds, not tens of seconds).
+    factor, info = lapack.spotrf(gram, lower=True, overwrite_a=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE^R: Cholesky failed (info {info})")
+    p, info = lapack.spotri(factor, lower=True, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE^R: inverse failed (info {info})")
+    p = np.tril(p) + np.tril(p, -1).T
+    b = p / (-np.diag(p))
+    b[np.diag_indices_from(b)] = 0.0
+    out = np.zeros((positives.shape[1], positives.shape[1]), dtype=np.float32)
+    out[np.ix_(active, active)] = b
+    return out
+
+
 @dataclass
 class InteractionModel:
-    """Popularity, item-item co-occurrence and every user's history, from training interactions only."""
+    """Popularity, item-item collaborative filtering and every user's history, from training interactions only."""
 
     item_ids: np.ndarray                 # the catalog index's items, in its order
     column: dict[int, int]               # item id -> position in `item_ids`
@@ -99,9 +136,12 @@ class InteractionModel:
     interacted: np.ndarray               # True for an item with any training interaction (False: a new item)
     cooccurrence: sparse.csr_matrix      # cosine-normalised item-item co-occurrence of positives
     histories: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # user -> (items, ratings, times), oldest first
+    ease: np.ndarray | None = None       # EASE^R weights [items, items], where the catalog is small enough
 
     @classmethod
-    def fit(cls, train: Interactions, item_ids: np.ndarray, positive_rating: float) -> "InteractionModel":
+    def fit(cls, train: Interactions, item_ids: np.ndarray, positive_rating: float,
+            ease_lambda: float | None = EASE_LAMBDA, ease_max_items: int = EASE_MAX_ITEMS) -> "InteractionModel":
+        """`ease_lambda` None (or a catalog over `ease_max_items`) leaves EASE^R out: co-occurrence only."""
         column = {int(i): c for c, i in enumerate(item_ids)}
         pos = train.take(train.rating >= positive_rating)
         popularity = np.bincount([column[int(i)] for i in pos.item], minlength=len(item_ids)).astype(np.float32)
@@ -122,7 +162,12 @@ class InteractionModel:
         ends = np.r_[starts[1:], len(train)]
         for a, b in zip(starts, ends):
             histories[int(train.user[a])] = (train.item[a:b], train.rating[a:b], train.time[a:b])
-        return cls(np.asarray(item_ids), column, popularity, interacted, (norm @ cooc @ norm).tocsr(), histories)
+        ease = ease_weights(matrix, ease_lambda) if ease_lambda is not None and len(item_ids) <= ease_max_items else None
+        return cls(np.asarray(item_ids), column, popularity, interacted, (norm @ cooc @ norm).tocsr(), histories, ease)
+
+    def columns(self, item_ids) -> np.ndarray:
+        """Positions of `item_ids` in the model; -1 for an item it does not know (added after it was fitted)."""
+        return np.array([self.column.get(int(i), -1) for i in item_ids], dtype=np.int64)
 
 
 # ---- the channels --------------------------------------------------------------------------------------
@@ -136,6 +181,11 @@ class Seeds:
     interest_weights: np.ndarray  # [m]
     interest_index: ItemIndex | None = None   # where `interests` live (the recommendation encoder's index), if not
                                               # the catalog index
+    liked: np.ndarray | None = None           # every liked item id, oldest first (EASE^R reads them all)
+
+    @property
+    def all_liked(self) -> np.ndarray:
+        return self.recent if self.liked is None else self.liked
 
     @property
     def cold(self) -> bool:
@@ -148,23 +198,50 @@ class Channel(Protocol):
     def propose(self, seeds: Seeds, index: ItemIndex, wanted: int) -> Proposals | None:
         """Proposals best first, at least `wanted` of them where there are that many; None if it has none."""
 
+    def score(self, seeds: Seeds, index: ItemIndex, item_ids: np.ndarray) -> np.ndarray | None:
+        """The score `propose` would give each of `item_ids` (NaN where it cannot score one); None if none."""
+
 
 @dataclass(frozen=True)
 class CooccurrenceChannel:
     model: InteractionModel
     channel: RecallChannel = RecallChannel.COOCCURRENCE
 
-    def propose(self, seeds: Seeds, index: ItemIndex, wanted: int) -> Proposals | None:
+    def _contributions(self, seeds: Seeds):
+        """[likes, items]: each like's weight on every item, and the likes behind the rows."""
+        m = self.model
+        if m.ease is not None:
+            liked = np.array([i for i in seeds.all_liked if int(i) in m.column], dtype=np.int64)
+            return m.ease[m.columns(liked)], liked
+        recent = np.array([i for i in seeds.recent if int(i) in m.column], dtype=np.int64)
+        weights = seeds.recent_weights[[k for k, i in enumerate(seeds.recent) if int(i) in m.column]]
+        return m.cooccurrence[m.columns(recent)].multiply(weights[:, None]).tocsc(), recent
+
+    def _totals(self, seeds: Seeds):
+        """(contributions, the likes behind its rows, their sum per item), or None for a user with no known like."""
         if seeds.cold:
             return None
-        rows = self.model.cooccurrence[[self.model.column[int(i)] for i in seeds.recent]]
-        contributions = rows.multiply(seeds.recent_weights[:, None]).tocsc()
-        totals = np.asarray(contributions.sum(axis=0)).ravel()
+        contributions, likes = self._contributions(seeds)
+        if not len(likes):
+            return None
+        return contributions, likes, np.asarray(contributions.sum(axis=0)).ravel()
+
+    def propose(self, seeds: Seeds, index: ItemIndex, wanted: int) -> Proposals | None:
+        if (found := self._totals(seeds)) is None:
+            return None
+        contributions, likes, totals = found
         top = np.argsort(-totals)[:wanted]
         top = top[totals[top] > 0]
-        # For each candidate, the recent like that contributed most: one sparse argmax, not a slice per item.
-        causes = seeds.recent[np.asarray(contributions[:, top].argmax(axis=0)).ravel()] if len(top) else np.zeros(0)
+        # For each candidate, the like that contributed most: one argmax over the rows, not a slice per item.
+        causes = likes[np.asarray(contributions[:, top].argmax(axis=0)).ravel()] if len(top) else np.zeros(0)
         return Proposals(self.model.item_ids[top], totals[top], causes)
+
+    def score(self, seeds: Seeds, index: ItemIndex, item_ids: np.ndarray) -> np.ndarray | None:
+        if (found := self._totals(seeds)) is None:
+            return None
+        totals = found[2]
+        cols = self.model.columns(item_ids)
+        return np.where(cols >= 0, totals[np.maximum(cols, 0)], np.nan)
 
 
 @dataclass(frozen=True)
@@ -178,6 +255,12 @@ class ItemToItemChannel:
         ids, scores = index.search(index.vectors_of(seeds.recent), self.neighbours, index.encoder)
         flat = np.argsort(-scores.ravel())
         return Proposals(ids.ravel()[flat], scores.ravel()[flat], np.repeat(seeds.recent, ids.shape[1])[flat])
+
+    def score(self, seeds: Seeds, index: ItemIndex, item_ids: np.ndarray) -> np.ndarray | None:
+        if seeds.cold:
+            return None
+        similarity = index.vectors_of(item_ids) @ index.vectors_of(seeds.recent).T
+        return similarity.max(axis=1)
 
 
 @dataclass(frozen=True)
@@ -193,6 +276,16 @@ class SemanticChannel:
         flat = np.argsort(-weighted.ravel())
         return Proposals(ids.ravel()[flat], weighted.ravel()[flat])
 
+    def score(self, seeds: Seeds, index: ItemIndex, item_ids: np.ndarray) -> np.ndarray | None:
+        if seeds.cold:
+            return None
+        space = seeds.interest_index or index
+        known = np.array([space.has(i) for i in item_ids])
+        out = np.full(len(item_ids), np.nan, dtype=np.float32)
+        if known.any():
+            out[known] = (space.vectors_of(item_ids[known]) @ (seeds.interests * seeds.interest_weights[:, None]).T).max(axis=1)
+        return out
+
 
 @dataclass(frozen=True)
 class PopularityChannel:
@@ -203,6 +296,11 @@ class PopularityChannel:
         order = np.argsort(-self.model.popularity)
         pop = self.model.popularity[order]
         return Proposals(self.model.item_ids[order], np.log1p(pop) / max(np.log1p(pop[0]), 1e-12))
+
+    def score(self, seeds: Seeds, index: ItemIndex, item_ids: np.ndarray) -> np.ndarray | None:
+        pop = self.model.popularity
+        cols = self.model.columns(item_ids)
+        return np.where(cols >= 0, np.log1p(pop[np.maximum(cols, 0)]), 0.0) / max(np.log1p(pop.max(initial=0.0)), 1e-12)
 
 
 def default_channels(model: InteractionModel) -> dict[RecallChannel, Channel]:

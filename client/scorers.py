@@ -23,7 +23,7 @@ import numpy as np
 
 from client.catalog import Item, Interactions
 from client.profiles import weighted_kmeans
-from client.recall import RecallChannel
+from client.recall import RecallChannel, ease_weights
 
 
 @dataclass(frozen=True)
@@ -257,27 +257,25 @@ class PopularityScorer:
 class EaseScorer:
     """EASE^R (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019): an item-item weight
     matrix B = I - P diag(1/diag(P)), P = (X'X + lambda I)^-1, closed form, from binary training positives.
-    The collaborative-filtering baseline for warm items: on MovieLens-sized data it matches or beats implicit ALS
+    The collaborative-filtering baseline for warm items (the recommender's co-occurrence channel uses the same
+    `client.recall.ease_weights`): on MovieLens-sized data it matches or beats implicit ALS
     and neural CF in published comparisons, it has one setting (lambda, chosen on validation), and it needs
-    no package beyond numpy. Items without a training positive get no weights (it cannot score new items)."""
+    no package beyond numpy and scipy. Items without a training positive get no weights (it cannot score new items)."""
 
     name = "ease"
 
     def __init__(self, train: Interactions, lam: float = 500.0, positive: float = 4.0):
+        from scipy import sparse
+
         pos = train.take(train.rating >= positive)
         self.item_ids = np.unique(pos.item)
         self.column = {int(i): c for c, i in enumerate(self.item_ids)}
         users = np.unique(pos.user)
         row = np.searchsorted(users, pos.user)
         col = np.searchsorted(self.item_ids, pos.item)
-        x = np.zeros((len(users), len(self.item_ids)), dtype=np.float64)
-        x[row, col] = 1.0
-        gram = x.T @ x
-        gram[np.diag_indices_from(gram)] += lam
-        p = np.linalg.inv(gram)
-        b = p / (-np.diag(p))
-        b[np.diag_indices_from(b)] = 0.0
-        self.weights = b.astype(np.float32)
+        x = sparse.csr_matrix((np.ones(len(row), dtype=np.float32), (row, col)), shape=(len(users), len(self.item_ids)))
+        x.data[:] = 1.0
+        self.weights = ease_weights(x, lam)
 
     def score(self, user: UserHistory, candidates: np.ndarray) -> np.ndarray:
         known = [self.column[int(i)] for i in user.liked if int(i) in self.column]
