@@ -33,14 +33,16 @@ def fill_scores(candidates: Sequence[Candidate], channel: RecallChannel, scores:
 def blend(candidates: Sequence[Candidate], channels: Sequence[RecallChannel],
           weights: dict[RecallChannel, float]) -> np.ndarray:
     """Sum over `channels` of weight x the channel's score, each min-max normalised over these candidates. Where
-    every channel asked for weighs 0 (an ablation keeping only popularity, say), each weighs 1 instead."""
+    every channel that scored something weighs 0 (a cold user, whom only popularity can serve; an ablation
+    keeping popularity alone), each of those weighs 1 instead."""
     total = np.zeros(len(candidates), dtype=np.float32)
-    if not any(weights[channel] for channel in channels):
-        weights = {channel: 1.0 for channel in channels}
-    for channel in channels:
-        raw = np.array([c.scores.get(channel, np.nan) for c in candidates], dtype=np.float32)
-        if (~np.isnan(raw)).any():
-            total += weights[channel] * min_max(raw)
+    raws = {channel: np.array([c.scores.get(channel, np.nan) for c in candidates], dtype=np.float32)
+            for channel in channels}
+    present = [channel for channel, raw in raws.items() if (~np.isnan(raw)).any()]
+    if not any(weights[channel] for channel in present):
+        weights = {channel: 1.0 for channel in present}
+    for channel in present:
+        total += weights[channel] * min_max(raws[channel])
     return total
 
 

@@ -87,6 +87,10 @@ def test_blend_normalises_each_channel_and_ignores_the_ones_left_out():
     assert scores.tolist() == pytest.approx([0.0 + 0.0, 1.0, 0.3])  # min-max per channel, absent = 0
     assert blend([a, b, c], [C.COOCCURRENCE], weights).tolist() == pytest.approx([0.0, 1.0, 0.0])
     assert min_max(np.array([2.0, 2.0, np.nan])).tolist() == [1.0, 1.0, 0.0]
+    # Popularity weighs 0 by default, yet a user only popularity can serve is still ranked by it.
+    only_popular = [Candidate(1, {C.POPULARITY: 0.2}), Candidate(2, {C.POPULARITY: 0.9})]
+    assert RecommenderSettings().weights[C.POPULARITY] == 0.0
+    assert blend(only_popular, list(C), RecommenderSettings().weights).tolist() == pytest.approx([0.0, 1.0])
 
 
 def test_mmr_trades_relevance_for_diversity_and_caps_categories():
