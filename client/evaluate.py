@@ -38,7 +38,7 @@ from client.item_text import DEFAULT_TEMPLATE, TemplateUse, TextTemplate
 from client.item_text import template as text_template
 from client.protocols import TEST_FRACTION, parse_split, time_split
 from client.recall import RecallChannel
-from client.recommend import Recommender, TasteIndex
+from client.recommend import Recommender, RecommenderSettings, TasteIndex
 from client.scorers import EaseScorer, histories, rank
 from client.triton import TritonClient
 from contracts.digest import directory_files, files_identity
@@ -198,7 +198,10 @@ def warm(catalog: Catalog, index, client: TritonClient, max_users: int | None, a
     items, interactions = catalog.items, catalog.interactions
     history, truth = time_split(interactions)
     log.info("warm: %d items, %d interactions, %d users with test positives", len(items), len(interactions), len(truth))
-    recommender = Recommender(items, index, history, client)
+    # EASE^R's lambda, chosen on the history part, serves both the baseline and the recommender's CF channel.
+    lam, choice = ease_lambda(history)
+    fitted_with = RecommenderSettings(ease_lambda=lam)
+    recommender = Recommender(items, index, history, client, fitted_with)
     n_items = len(items)
     popularity_counts = recommender.popularity / max(recommender.popularity.sum(), 1)
     popularity = {int(i): float(p) for i, p in zip(recommender.item_ids, popularity_counts)}
@@ -210,7 +213,7 @@ def warm(catalog: Catalog, index, client: TritonClient, max_users: int | None, a
     score = use_triton_score
     systems = {"recommender": (recommender, dict(channels=every, use_triton_score=score))}
     if rec is not None:
-        systems["recommender (fine-tuned)"] = (Recommender(items, index, history, client, taste=TasteIndex(*rec)),
+        systems["recommender (fine-tuned)"] = (Recommender(items, index, history, client, fitted_with, taste=TasteIndex(*rec)),
                                                dict(channels=every, use_triton_score=score))
     if ablations:
         systems.update({
@@ -236,7 +239,6 @@ def warm(catalog: Catalog, index, client: TritonClient, max_users: int | None, a
         results[name] = summarise(per_user, lists, system.index.vectors_of, popularity, n_items)
         results[name]["seconds_per_user"] = (time.perf_counter() - t0) / len(users)
         log.info("warm: %s recall@10 %.4f", name, results[name]["recall@10"])
-    lam, choice = ease_lambda(history)
     ease = EaseScorer(history, lam)
     known = histories(history)
     for name in ("popularity", "random", "ease"):

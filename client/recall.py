@@ -134,9 +134,11 @@ class InteractionModel:
     column: dict[int, int]               # item id -> position in `item_ids`
     popularity: np.ndarray               # positive interactions per item
     interacted: np.ndarray               # True for an item with any training interaction (False: a new item)
-    cooccurrence: sparse.csr_matrix      # cosine-normalised item-item co-occurrence of positives
     histories: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # user -> (items, ratings, times), oldest first
-    ease: np.ndarray | None = None       # EASE^R weights [items, items], where the catalog is small enough
+    # The item-item CF, one of the two: EASE^R's weights [items, items] where the catalog is small enough, else
+    # the cosine-normalised co-occurrence of positives.
+    ease: np.ndarray | None = None
+    cooccurrence: sparse.csr_matrix | None = None
 
     @classmethod
     def fit(cls, train: Interactions, item_ids: np.ndarray, positive_rating: float,
@@ -153,17 +155,21 @@ class InteractionModel:
         cols = np.array([column[int(i)] for i in pos.item], dtype=np.int64)
         matrix = sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(users), len(item_ids)))
         matrix.data[:] = 1.0
-        counts = np.asarray(matrix.sum(axis=0)).ravel()
-        norm = sparse.diags(1.0 / np.sqrt(np.maximum(counts, 1)))
-        cooc = (matrix.T @ matrix).tocsr()
-        cooc.setdiag(0)
         histories = {}
         starts = np.flatnonzero(np.r_[True, train.user[1:] != train.user[:-1]])
         ends = np.r_[starts[1:], len(train)]
         for a, b in zip(starts, ends):
             histories[int(train.user[a])] = (train.item[a:b], train.rating[a:b], train.time[a:b])
-        ease = ease_weights(matrix, ease_lambda) if ease_lambda is not None and len(item_ids) <= ease_max_items else None
-        return cls(np.asarray(item_ids), column, popularity, interacted, (norm @ cooc @ norm).tocsr(), histories, ease)
+        model = cls(np.asarray(item_ids), column, popularity, interacted, histories)
+        if ease_lambda is not None and len(item_ids) <= ease_max_items:
+            model.ease = ease_weights(matrix, ease_lambda)
+        else:
+            counts = np.asarray(matrix.sum(axis=0)).ravel()
+            norm = sparse.diags(1.0 / np.sqrt(np.maximum(counts, 1)))
+            cooc = (matrix.T @ matrix).tocsr()
+            cooc.setdiag(0)
+            model.cooccurrence = (norm @ cooc @ norm).tocsr()
+        return model
 
     def columns(self, item_ids) -> np.ndarray:
         """Positions of `item_ids` in the model; -1 for an item it does not know (added after it was fitted)."""
@@ -182,6 +188,8 @@ class Seeds:
     interest_index: ItemIndex | None = None   # where `interests` live (the recommendation encoder's index), if not
                                               # the catalog index
     liked: np.ndarray | None = None           # every liked item id, oldest first (EASE^R reads them all)
+    # What a channel computed for these seeds, kept for the rest of this one request (recall, then scoring).
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def all_liked(self) -> np.ndarray:
@@ -218,13 +226,15 @@ class CooccurrenceChannel:
         return m.cooccurrence[m.columns(recent)].multiply(weights[:, None]).tocsc(), recent
 
     def _totals(self, seeds: Seeds):
-        """(contributions, the likes behind its rows, their sum per item), or None for a user with no known like."""
+        """(contributions, the likes behind its rows, their sum per item), or None for a user with no known like;
+        computed once per request (`Seeds.memo`): recall proposes from it, then the ranker scores from it."""
         if seeds.cold:
             return None
-        contributions, likes = self._contributions(seeds)
-        if not len(likes):
-            return None
-        return contributions, likes, np.asarray(contributions.sum(axis=0)).ravel()
+        if self.channel not in seeds.memo:
+            contributions, likes = self._contributions(seeds)
+            seeds.memo[self.channel] = (contributions, likes, np.asarray(contributions.sum(axis=0)).ravel()) \
+                if len(likes) else None
+        return seeds.memo[self.channel]
 
     def propose(self, seeds: Seeds, index: ItemIndex, wanted: int) -> Proposals | None:
         if (found := self._totals(seeds)) is None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from client.catalog import Item, Interactions
 from client.profiles import weighted_kmeans
-from client.recall import RecallChannel, ease_weights
+from client.recall import EASE_LAMBDA, RecallChannel, ease_weights
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ class EaseScorer:
 
     name = "ease"
 
-    def __init__(self, train: Interactions, lam: float = 500.0, positive: float = 4.0):
+    def __init__(self, train: Interactions, lam: float = EASE_LAMBDA, positive: float = 4.0):
         from scipy import sparse
 
         pos = train.take(train.rating >= positive)

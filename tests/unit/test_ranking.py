@@ -242,7 +242,7 @@ def test_every_channel_scores_any_item_as_it_proposes_it_and_the_ranker_sees_all
     from client.recall import default_channels
 
     items, index, recommender, _ = world
-    assert recommender.fitted.ease is not None      # 60 items: EASE^R, not co-occurrence
+    assert recommender.fitted.ease is not None and recommender.fitted.cooccurrence is None  # 60 items: EASE^R
     profile = recommender.profile(1)
     seeds = recommender.seeds(profile)
     for name, channel in default_channels(recommender.fitted).items():
@@ -253,6 +253,7 @@ def test_every_channel_scores_any_item_as_it_proposes_it_and_the_ranker_sees_all
             best.setdefault(int(i), float(score))
         scored = channel.score(seeds, index, np.array(list(best)))
         assert np.allclose(scored, list(best.values()), atol=1e-5), name
+    assert C.COOCCURRENCE in seeds.memo  # the CF totals of this request: summed once, for recall and scoring
     # A candidate proposed by one channel only gets the others' scores; a better score already there stays.
     candidates = [Candidate(100, {C.POPULARITY: 0.5}), Candidate(101, {C.ITEM2ITEM: 0.9})]
     fill_scores(candidates, C.ITEM2ITEM, np.array([0.2, 0.4]))
@@ -260,5 +261,5 @@ def test_every_channel_scores_any_item_as_it_proposes_it_and_the_ranker_sees_all
     assert candidates[0].scores == {C.POPULARITY: 0.5, C.ITEM2ITEM: 0.2}
     assert candidates[1].scores == {C.ITEM2ITEM: 0.9, C.SEMANTIC: 0.3}
     small = Recommender(items, index, interactions(), world[3], RecommenderSettings(ease_max_items=10))
-    assert small.fitted.ease is None                # over the limit: cosine co-occurrence of the recent likes
+    assert small.fitted.ease is None and small.fitted.cooccurrence is not None  # over the limit: co-occurrence
     assert small.recommend(1, n=5)[1]
