@@ -21,7 +21,7 @@ ifeq ($(origin VARIANT),undefined)
 endif
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv export repository serve gateway demo test test-slow finetune bench bench-ceiling bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv monitoring-tools export repository serve gateway demo test test-slow finetune bench bench-ceiling bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -55,10 +55,13 @@ gateway: venv                    ## HTTP gateway beside `make serve`: 127.0.0.1:
 demo: venv                       ## the data (DATA=dir, ../shared, the cache, or a verified download) first, then export, build, start Triton, recommend, stop
 	@data="$$($(PY) -m demo_data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))" && $(MAKE) --no-print-directory repository && $(PY) -m demo --data "$$data"
 
-test: venv loadtest-venv         ## the whole suite against a real tritonserver
+monitoring-tools:                ## Debian's prometheus and promtool where missing (the monitoring tests skip, saying why, where apt cannot run)
+	@scripts/install-monitoring-tools.sh
+
+test: venv loadtest-venv monitoring-tools  ## the whole suite against a real tritonserver
 	$(PY) -m pytest -q tests
 
-test-slow: venv loadtest-venv    ## the long reliability scenarios left out of `make test` (3 rollouts under load, scale-out, crash recovery)
+test-slow: venv loadtest-venv monitoring-tools  ## the long scenarios left out of `make test` (3 rollouts under load, scale-out, crash recovery, a real Prometheus's alerts)
 	$(PY) -m pytest -q -m slow tests
 
 bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX and OpenVINO variant and the torch runtime's FP32

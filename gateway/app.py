@@ -10,7 +10,8 @@
     POST /v1/events         impressions, clicks, conversions -> the experiment event store (client/experiments)
     GET  /health/live       the process answers
     GET  /health/ready      Triton's `embed` is ready
-    GET  /metrics           Prometheus: latency per route, responses per status, in flight, 429s
+    GET  /metrics           Prometheus: latency per route, responses per route, status and key name, in flight
+                            (traffic only: /metrics and /health/* are left out of these)
 
 `/v1/*` needs `Authorization: Bearer <key>` (401 otherwise) and is rate-limited per key (429 with Retry-After).
 Triton's own refusals map to HTTP: UNAVAILABLE (its queue policy, or down) -> 503 with Retry-After, a timeout ->
@@ -76,9 +77,17 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.latency = Histogram("gateway_request_seconds", "Latency per route", ["route"], registry=self.registry,
                                  buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
-        self.responses = Counter("gateway_responses", "Responses per route and status", ["route", "status"],
-                                 registry=self.registry)
+        # `key` is the API key's name (keys.py), never the key: "none" where no known key was presented (a 401, or a
+        # route outside /v1). Names are few and chosen by the operator, so the label's cardinality stays bounded.
+        self.responses = Counter("gateway_responses", "Responses per route, status and API key name",
+                                 ["route", "status", "key"], registry=self.registry)
         self.in_flight = Gauge("gateway_in_flight", "Requests being served", registry=self.registry)
+
+
+# Probes and scrapes are not traffic: counting them would put Prometheus's own scrapes and the orchestrator's
+# health checks into the request rates, latencies and in-flight gauge that dashboards and alerts read.
+UNMETERED = frozenset({"/metrics", "/health/live", "/health/ready"})
+NO_KEY = "none"
 
 
 class Guard:
@@ -99,9 +108,11 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        if path in UNMETERED:
+            return await self.app(scope, receive, send)
         route = ("/v1/users/{user_id}/similar" if path.startswith("/v1/users/")
                  else path if path in KNOWN_ROUTES else "other")
-        started, status = time.perf_counter(), [500]
+        started, status, key = time.perf_counter(), [500], NO_KEY
         self.metrics.in_flight.inc()
 
         async def send_status(message):
@@ -118,7 +129,7 @@ class Guard:
                                    type_="authentication_error", code="invalid_api_key",
                                    headers={"WWW-Authenticate": "Bearer"}).response()(scope, receive, send_status)
                     return
-                scope.setdefault("state", {})["api_key"] = name
+                scope.setdefault("state", {})["api_key"] = key = name
             length = headers.get(b"content-length")
             if length is not None and int(length) > self.max_body_bytes:
                 await ApiError(413, f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes}",
@@ -142,11 +153,10 @@ class Guard:
         finally:
             self.metrics.in_flight.dec()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-            self.metrics.responses.labels(route, str(status[0])).inc()
+            self.metrics.responses.labels(route, str(status[0]), key).inc()
 
 
-KNOWN_ROUTES = {"/v1/embeddings", "/v1/models", "/v1/recommendations", "/v1/push", "/v1/events", "/health/live",
-                "/health/ready", "/metrics"}
+KNOWN_ROUTES = {"/v1/embeddings", "/v1/models", "/v1/recommendations", "/v1/push", "/v1/events", "/v1/items"}
 
 
 def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCounter | None = None,

@@ -310,12 +310,23 @@ def test_experiment_arms_and_events_through_the_gateway(served, tmp_path):
 
 def test_health_and_metrics(served):
     gateway, _ = served
+    assert post(f"{gateway.url}/v1/embeddings", {"model": "embed", "input": "x"})[0] == 200
     with urllib.request.urlopen(f"{gateway.url}/health/ready", timeout=10) as response:
         assert response.status == 200
     with urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    assert 'gateway_responses_total{route="/v1/embeddings",status="200"}' in text
+    assert 'gateway_responses_total{key="key1",route="/v1/embeddings",status="200"}' in text
     assert 'gateway_request_seconds_bucket{le="0.001",route="/v1/embeddings"}' in text
+    # A 401 is counted under no key name; the key itself never appears.
+    assert post(f"{gateway.url}/v1/embeddings", {"model": "embed", "input": "x"}, key="not-a-key")[0] == 401
+    for _ in range(3):  # probes and scrapes are not traffic
+        urllib.request.urlopen(f"{gateway.url}/health/live", timeout=10).close()
+        urllib.request.urlopen(f"{gateway.url}/health/ready", timeout=10).close()
+    with urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'gateway_responses_total{key="none",route="/v1/embeddings",status="401"}' in text
+    assert KEY not in text and "not-a-key" not in text
+    assert "/health/" not in text and 'route="/metrics"' not in text
 
 
 @pytest.mark.slow

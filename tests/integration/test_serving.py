@@ -269,16 +269,14 @@ def test_server_binds_to_loopback_only(triton):
             assert probe.connect_ex((address, server.server.http_port)) != 0
 
 
-# Triton's GPU metrics exist only on a server that sees a GPU; these are the names the dashboard may use.
-GPU_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes", "nv_gpu_power_usage"}
-
-
 def test_every_metric_the_dashboards_and_autoscaling_query_is_one_triton_exports(triton):
-    """PromQL in the prometheus-adapter values (HPA) and the Grafana dashboard names only metrics that
-    tritonserver 2.51 really exports on :8002 (read from the live server after some traffic)."""
+    """PromQL in the prometheus-adapter values (HPA), the Grafana dashboards and the recording and alert rules
+    names only metrics that tritonserver 2.51 really exports on :8002 (read from the live server after some
+    traffic); GPU metrics only where the server sees a GPU."""
     import re
 
     import yaml
+    from monitoring_queries import GPU_METRICS, dashboard_queries, rule_queries
 
     server = triton("onnx-int8")
     with client_for(server, "grpc") as client:
@@ -289,8 +287,7 @@ def test_every_metric_the_dashboards_and_autoscaling_query_is_one_triton_exports
     docker = settings.REPO_ROOT / "docker"
     values = yaml.safe_load((docker / "k8s" / "helm" / "prometheus-adapter-values.yaml").read_text())
     queries = [r[k] for r in values["rules"]["custom"] for k in ("seriesQuery", "metricsQuery")]
-    dashboard = json.loads((docker / "grafana" / "dashboards" / "triton.json").read_text())
-    queries += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [expr for _, _, expr in dashboard_queries()] + [expr for _, expr in rule_queries()]
     used = {name for q in queries for name in re.findall(r"\bnv_[a-z_]+", q)}
     assert "nv_inference_request_summary_us" in used and "nv_inference_queue_duration_us" in used
     assert used - exported - GPU_METRICS == set(), f"not exported by tritonserver: {used - exported - GPU_METRICS}"

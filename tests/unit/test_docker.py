@@ -62,10 +62,9 @@ def test_container_entrypoint_is_generated_from_the_launchers_flags():
 
 
 def test_grafana_dashboard_covers_the_required_panels():
-    import json
+    from monitoring_queries import dashboard_queries
 
-    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "triton.json").read_text())
-    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    exprs = " ".join(expr for name, _, expr in dashboard_queries() if name == "triton.json")
     for metric in ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_queue_duration_us",
                    "nv_inference_compute_infer_duration_us", "nv_inference_exec_count", "nv_gpu_utilization"):
         assert metric in exprs
