@@ -82,12 +82,15 @@ class Metrics:
         self.responses = Counter("gateway_responses", "Responses per route, status and API key name",
                                  ["route", "status", "key"], registry=self.registry)
         self.in_flight = Gauge("gateway_in_flight", "Requests being served", registry=self.registry)
+        self.upstream_ready = Gauge("gateway_upstream_ready", "1 when Triton reports the served model ready to this "
+                                    "gateway, else 0 (asked at each scrape)", ["model"], registry=self.registry)
 
 
 # Probes and scrapes are not traffic: counting them would put Prometheus's own scrapes and the orchestrator's
 # health checks into the request rates, latencies and in-flight gauge that dashboards and alerts read.
 UNMETERED = frozenset({"/metrics", "/health/live", "/health/ready"})
 NO_KEY = "none"
+READY_TIMEOUT_S = 2.0   # the readiness question asked at each scrape (Prometheus's scrape timeout is 10 s)
 
 
 class Guard:
@@ -302,13 +305,17 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
 
     @app.get("/health/ready")
     def ready():
-        if client.model_ready(config.model):
+        if client.model_ready(config.model, timeout_s=READY_TIMEOUT_S):
             return {"status": "ready"}
         return JSONResponse({"status": "not ready", "reason": f"Triton's {config.model!r} is not ready"},
                             status_code=503, headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)})
 
     @app.get("/metrics")
     def prometheus():
+        # Triton can answer its own metrics while its model is not ready (strict readiness): the readiness that
+        # the gateway's callers depend on is asked here, bounded so that a black-holed Triton cannot stall a scrape.
+        ready = client.model_ready(config.model, timeout_s=READY_TIMEOUT_S)
+        metrics.upstream_ready.labels(config.model).set(1 if ready else 0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return Guard(app, config.max_body_bytes, metrics, keys, embeddings)

@@ -25,5 +25,11 @@ if ! "${sudo[@]}" apt-get install -y --no-install-recommends prometheus >/dev/nu
   "${sudo[@]}" apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 \
     || echo "monitoring-tools: apt-get install prometheus failed: the Prometheus tests will skip" >&2
 fi
-# The package may start a service where an init system runs; the tests start their own Prometheus on a free port.
+# Where an init system runs, the package starts a Prometheus service listening on all interfaces (:9090). The
+# tests start their own on loopback and a free port, so that service is stopped and disabled: nothing of ours
+# listens beyond loopback.
+if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+  "${sudo[@]}" systemctl disable --now prometheus >/dev/null 2>&1 \
+    && echo "monitoring-tools: stopped and disabled the prometheus service the package started" >&2
+fi
 exit 0

@@ -6,6 +6,10 @@
 
 Binds to loopback by default. Settings come from settings.ServerSettings (TRITON_HOST, TRITON_HTTP_PORT,
 TRITON_GRPC_PORT, TRITON_METRICS_PORT, TRITON_ADMIN_KEY); flags override them.
+
+A tritonserver that dies while serving is reaped and started again on the same ports with the same admin key,
+after a backoff (server/restart.py); more than --max-restarts crashes within --restart-window seconds is a crash
+loop: the launcher says so and exits 1.
 """
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import logs
 import settings
 from server.launcher import ServerError, TritonServer, free_port
+from server.restart import RestartPolicy, restart_delay
 
 log = logs.get("server")
 
@@ -35,8 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=s.grpc_port)
     parser.add_argument("--metrics-port", type=int, default=s.metrics_port)
     parser.add_argument("--free-ports", action="store_true", help="pick unused ports instead of the defaults")
+    parser.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
+                        help="restarts of a dead tritonserver allowed within --restart-window (0: none; default %(default)s)")
+    parser.add_argument("--restart-window", type=float, default=RestartPolicy.window_s, metavar="SECONDS",
+                        help="more crashes than --max-restarts within this many seconds is a crash loop (default %(default)s)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...: run CMD against the server, then stop")
     args = parser.parse_args(argv)
+    try:
+        policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
+    except ValueError as error:
+        parser.error(str(error))
     ports = [free_port(), free_port(), free_port()] if args.free_ports else [args.http_port, args.grpc_port, args.metrics_port]
     server_settings = replace(s, host=args.host, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -75,16 +89,43 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             triton.stop()
     log.info("Ctrl-C or SIGTERM stops it")
-    stopped_by_us = False
+    return serve(triton, policy, log_file)
+
+
+def serve(triton: TritonServer, policy: RestartPolicy, log_file: Path | None) -> int:
+    """Serve until SIGTERM / Ctrl-C (exit 0); restart a tritonserver that dies, until a crash loop (exit 1)."""
+    crashes: list[float] = []
     try:
-        triton.process.wait()
+        while True:
+            triton.process.wait()
+            code = triton.process.returncode
+            triton.stop()  # reaps what the dead server left: its stubs and shared memory
+            now = time.monotonic()
+            crashes.append(now)
+            delay = restart_delay(policy, crashes, now)
+            if delay is None:
+                log.error("tritonserver died (exit status %s) %d times within %.0f s: a crash loop, giving up%s",
+                          code, sum(now - t <= policy.window_s for t in crashes), policy.window_s,
+                          f"; see {log_file}" if log_file else "")
+                return 1
+            log.warning("tritonserver died (exit status %s): restarting it in %.1f s (restart %d of %d allowed "
+                        "within %.0f s)", code, delay, sum(now - t <= policy.window_s for t in crashes),
+                        policy.max_restarts, policy.window_s)
+            time.sleep(delay)
+            # The same ports and admin key: clients, the gateway and `python -m rollout` find it where it was.
+            triton = TritonServer(triton.repository, triton.server, log_file=log_file)
+            try:
+                triton.start()
+            except ServerError as error:
+                log.error("restart failed: %s", error)
+                if triton.process is None:  # it never ran (the repository is gone): nothing more to try
+                    return 1
+                continue  # it ran and died during start-up: one more crash, decided above
+            log.info("tritonserver is back: HTTP %s  gRPC %s", triton.server.http_url, triton.server.grpc_url)
     except KeyboardInterrupt:
-        stopped_by_us = True
-    finally:
         triton.stop()
-    code = triton.process.returncode
-    log.info("stopped (tritonserver exit status %s)", code)
-    return 0 if stopped_by_us or code == 0 else code
+        log.info("stopped (tritonserver exit status %s)", triton.process.returncode if triton.process else None)
+        return 0
 
 
 if __name__ == "__main__":

@@ -136,14 +136,16 @@ def test_sigkill_under_load_gives_clear_errors_then_recovers_and_leaves_nothing(
 
 
 # ---- the launcher itself killed ----------------------------------------------------------------------------
-def start_launcher(repository: Path, build_dir: Path) -> tuple[subprocess.Popen, processes.ServerRecord, int]:
-    """`python -m server` in a process of its own; -> (process, its server's record, HTTP port) once ready."""
+def start_launcher(repository: Path, build_dir: Path, *args: str) -> tuple[subprocess.Popen, processes.ServerRecord, int]:
+    """`python -m server ARGS` in a process of its own; -> (process, its server's record, HTTP port) once ready.
+    The process's `ports` are its HTTP, gRPC and metrics ports."""
     ports = [free_port(), free_port(), free_port()]
     env = {**os.environ, "BUILD_DIR": str(build_dir), "TRITON_ADMIN_KEY": "k"}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "server", "--repository", str(repository), "--http-port", str(ports[0]),
-         "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
+         "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *args],
         cwd=settings.REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(build_dir / "launcher.log", "ab"))
+    launcher.ports = ports
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         records = processes.RunDirectory(build_dir / "run").records()
@@ -164,6 +166,96 @@ def test_a_killed_launcher_takes_its_server_and_stubs_with_it(export_dir, tmp_pa
     seconds = wait_clean(record.shm_prefix, timeout_s=30)
     assert not record.server.alive()
     print(f"launcher SIGKILLed: tritonserver and its 4 stubs gone, shm removed, after {seconds:.2f} s")
+
+
+@pytest.mark.slow
+def test_the_launcher_brings_a_killed_tritonserver_back_under_gateway_load_and_stops_a_crash_loop(export_dir, tmp_path):
+    """`make serve`'s launcher with 8 gateway clients calling: tritonserver SIGKILLed is restarted by the launcher
+    alone (same ports, same key), the gateway answers only 200 or 503 with Retry-After, says not ready while it
+    is down, and is never restarted. A second crash within the window (--max-restarts 1) is a crash loop: the
+    launcher says so and exits 1, leaving nothing behind."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from gateway.app import create_app
+    from gateway.background import BackgroundGateway
+    from gateway.config import GatewaySettings
+    from gateway.keys import KeyStore
+
+    repository = int8_repository(export_dir, tmp_path / "repository")
+    launcher, record, _ = start_launcher(repository, tmp_path, "--max-restarts", "1", "--restart-window", "600")
+    http, grpc, _ = launcher.ports
+    server = replace(S.server, http_port=http, grpc_port=grpc, admin_key="k")
+    client = TritonClient(server.grpc_url, settings=replace(S, server=server))
+    config = GatewaySettings(port=free_port(), triton_url=server.grpc_url, triton_http_url=server.http_url,
+                             rate_rps=10_000, rate_texts_per_s=100_000, events_db=None)
+    outcomes, stop = [], threading.Event()   # (monotonic time, status, has Retry-After)
+
+    def call(url: str, body: bytes | None = None) -> tuple[int, bool]:
+        request = urllib.request.Request(url, data=body, method="POST" if body else "GET",
+                                         headers={"Content-Type": "application/json", "Authorization": "Bearer app"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+                return response.status, "Retry-After" in response.headers
+        except urllib.error.HTTPError as error:
+            error.read()
+            return error.code, "Retry-After" in error.headers
+
+    def caller(url: str):
+        body = json.dumps({"model": "embed", "input": ["a text to embed while the server may be down"]}).encode()
+        while not stop.is_set():
+            status, retry_after = call(url, body)
+            outcomes.append((time.monotonic(), status, retry_after))
+            if status != 200:
+                stop.wait(0.05)
+
+    try:
+        with BackgroundGateway(create_app(config, client, KeyStore.from_plaintext(["app"])), config.port) as gateway:
+            threads = [threading.Thread(target=caller, args=(f"{gateway.url}/v1/embeddings",), daemon=True)
+                       for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            time.sleep(3)
+            killed = time.monotonic()
+            os.kill(record.server.pid, signal.SIGKILL)
+            ready_while_down = None
+            deadline = killed + 60
+            while not any(t > killed and status == 200 for t, status, _ in outcomes):
+                assert time.monotonic() < deadline and launcher.poll() is None, \
+                    (tmp_path / "launcher.log").read_text()[-2000:]
+                if ready_while_down is None and time.monotonic() > killed + 0.5:
+                    ready_while_down = call(f"{gateway.url}/health/ready")
+                time.sleep(0.1)
+            back_after = min(t for t, status, _ in outcomes if t > killed and status == 200) - killed
+            time.sleep(2)  # traffic after the restart
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert call(f"{gateway.url}/health/ready")[0] == 200
+    finally:
+        stop.set()
+        client.close()
+    statuses = {}
+    for _, status, _ in outcomes:
+        statuses[status] = statuses.get(status, 0) + 1
+    assert set(statuses) <= {200, 503}, statuses
+    assert all(retry_after for _, status, retry_after in outcomes if status == 503)
+    assert ready_while_down is not None and ready_while_down[0] == 503, ready_while_down
+    assert back_after <= 15.0, back_after
+    assert sum(1 for t, status, _ in outcomes if t > killed + back_after and status == 200) > 8
+
+    # The second crash within the window: a crash loop. The launcher gives up loudly and leaves nothing behind.
+    restarted = [r for r in processes.RunDirectory(tmp_path / "run").records()]
+    assert len(restarted) == 1 and restarted[0].server.pid != record.server.pid
+    os.kill(restarted[0].server.pid, signal.SIGKILL)
+    assert launcher.wait(timeout=60) == 1
+    log = (tmp_path / "launcher.log").read_text()
+    assert "a crash loop, giving up" in log and "restarting it in 1.0 s" in log
+    wait_clean(record.shm_prefix), wait_clean(restarted[0].shm_prefix)
+    print(f"tritonserver SIGKILLed under 8 gateway clients: first 200 {back_after:.1f} s after the kill, restarted "
+          f"by the launcher alone; responses {statuses}, every 503 with Retry-After; a second kill: crash loop, exit 1")
 
 
 def test_the_next_start_reaps_a_server_whose_launcher_died(export_dir, tmp_path):

@@ -69,7 +69,7 @@ class FailingClient:
     async def embed(self, texts, encoder_version=None):  # as client.triton.AsyncTritonClient
         raise self.error
 
-    def model_ready(self, model):
+    def model_ready(self, model, timeout_s=None):
         return self.is_ready
 
 

@@ -91,6 +91,7 @@ def test_every_alert_has_a_window_a_severity_and_a_runbook_line_and_watches_a_gr
         used = set(re.findall(r"[a-z_]+:[a-z0-9_:]+", alert["expr"]))
         assert used <= recorded, f"{name} reads unrecorded series {used - recorded}"
         assert used or re.search(r"\bup\{", alert["expr"]), f"{name}: alert on a recorded series or on `up`"
+    # The PodMonitors' selectors and ports against the Deployments: tests/unit/test_k8s.py.
     assert {a["alert"] for a in alerts} >= {"TritonNotReady", "GatewayErrorRate", "GatewayLatencyOverSLO",
                                             "TritonQueueGrowing", "RateLimitSurge", "AuthFailureSurge", "CanaryFailing",
                                             "TritonCrashLooping"}
@@ -100,9 +101,10 @@ def test_the_gateway_dashboard_shows_what_operators_ask_for():
     exprs = {expr for name, _, expr in dashboard_queries() if name == "gateway.json"}
     recorded = {rule["record"]: rule["expr"] for rule in rules() if "record" in rule}
     text = " ".join(exprs) + " " + " ".join(recorded[r] for r in recorded if any(r in e for e in exprs))
-    assert "sum by (route, status) (rate(gateway_responses_total" in text          # requests/s per route and status
-    assert "histogram_quantile(0.99, sum by (le, route)" in text and "histogram_quantile(0.5" in text
-    assert 'sum by (key, status) (rate(gateway_responses_total{job="gateway", status=~"401|429"}' in text
+    assert "sum by (namespace, route, status) (rate(gateway_responses_total" in text   # per route and status
+    assert re.search(r"histogram_quantile\(0\.99,\s+sum by \(namespace, le, route\)", text)
+    assert "histogram_quantile(0.5" in text
+    assert 'sum by (namespace, key, status) (rate(gateway_responses_total{job="gateway", status=~"401|429"}' in text
     assert "gateway_in_flight" in text and 'status="503"' in text
     assert "triton:version_share:rate1m" in exprs                                    # the canary's share
 
