@@ -3,6 +3,7 @@ its environment variables. Loopback by default."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import uvicorn
@@ -45,12 +46,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if tokens is None:
         log.warning("no served tokenizer at %s: usage.prompt_tokens will be 0", config.tokenizer_file)
-    log.info("gateway on http://%s:%d -> Triton %s, %d key(s)", config.host, config.port, config.triton_url, len(keys))
-    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False)
-    client.close()
-    if events is not None:
-        events.close()
+    log.info("gateway on http://%s:%d -> Triton %s, %d key(s); SIGTERM drains in-flight requests for up to %.0f s",
+             config.host, config.port, config.triton_url, len(keys), config.drain_s)
+    # SIGTERM / Ctrl-C: uvicorn closes the listening socket, lets in-flight requests finish (up to drain_s; a
+    # response already started is never cut off before then), closes idle keep-alive connections, and then
+    # re-raises the signal it caught to the handler it found, ours: a stop asked for is exit status 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=config.drain_s)
+    except Stopped as stop:
+        log.info("%s: drained", stop)
+    finally:
+        client.close()
+        if events is not None:
+            events.close()
+    log.info("gateway stopped")
     return 0
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT, re-raised by uvicorn once it has drained."""
+
+
+def _stop(signum, _frame):
+    raise Stopped(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
     GATEWAY_BURST_S=2              bucket depth, in seconds of the rate
     GATEWAY_MAX_BODY_BYTES=2000000
     GATEWAY_MAX_INPUTS=1000        texts per request (at most what one key's text bucket holds)
+    GATEWAY_DRAIN_S=10             on SIGTERM: stop accepting, and give in-flight requests this long to finish
     GATEWAY_TRITON_URL=host:port   Triton's gRPC endpoint (default: settings.ServerSettings)
     GATEWAY_TRITON_HTTP_URL=host:port  Triton's HTTP endpoint, for /v1/embeddings when GATEWAY_EMBED_PROTOCOL=http
                                    (default: settings.ServerSettings)
@@ -59,6 +60,7 @@ class GatewaySettings:
     index_store: Path = settings.BUILD_DIR / "catalog_index"
     events_db: Path | None = settings.EXPERIMENTS_DB
     experiment_file: Path | None = None
+    drain_s: float = 10.0
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -67,6 +69,8 @@ class GatewaySettings:
             raise ValueError("rates and the burst must be positive")
         if self.max_body_bytes < 1024 or self.max_inputs < 1:
             raise ValueError("max_body_bytes must be >= 1024 and max_inputs >= 1")
+        if not self.drain_s > 0:
+            raise ValueError(f"drain_s must be positive, not {self.drain_s}")
         if self.embed_protocol not in ("http", "grpc"):
             raise ValueError(f"embed_protocol must be http or grpc, not {self.embed_protocol!r}")
 
@@ -89,6 +93,7 @@ class GatewaySettings:
             events_db=None if _env("GATEWAY_EVENTS_DB", "") == "off" else
             Path(_env("GATEWAY_EVENTS_DB", str(settings.EXPERIMENTS_DB))),
             experiment_file=Path(_env("GATEWAY_EXPERIMENT", "")) if _env("GATEWAY_EXPERIMENT", "") else None,
+            drain_s=float(_env("GATEWAY_DRAIN_S", "10")),
         )
         values.update(overrides)
         return cls(**values)
