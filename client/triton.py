@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -117,6 +117,14 @@ def failure(what: str, error: BaseException, timeout_s: float, attempts: int, re
                        f"{status_code(error) or type(error).__name__}: {message(error)}")
 
 
+def canary_version(view: ServingView | None, share: float, draw: float) -> int | None:
+    """The version an unpinned call goes to: the canary for a `draw` in [0, 1) below `share` while one is
+    loaded, else None (the stable version, through the unpinned ensemble)."""
+    if view is None or share <= 0 or draw >= share:
+        return None
+    return view.canary
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 4
@@ -128,6 +136,19 @@ class RetryPolicy:
         for _ in range(self.attempts - 1):
             yield delay
             delay = min(delay * 2, self.max_backoff_s)
+
+
+# A call sent to the canary gets one attempt there; if the canary fails it (or is gone), the same call goes to the
+# stable version with the usual retries. The caller sees a success, and Triton's metrics keep the canary's failure
+# for the rollout's verdict (rollout/policy.py); a canary that answers too late shows there in its latency.
+CANARY_ATTEMPT = RetryPolicy(attempts=1)
+
+
+def canary_failed(error: BaseException) -> bool:
+    """Whether a call that failed on the canary goes to the stable version: whatever Triton answered (the canary
+    failed it, timed out, was unreachable, is no longer loaded, or refused the request: a canary with another
+    export may refuse what the stable version accepts), but not a bug of the caller's own (any other exception)."""
+    return isinstance(error, (ServingError, InvalidRequest))
 
 
 def length_batches(texts: Sequence[str], size: int) -> list[np.ndarray]:
@@ -189,15 +210,16 @@ class TritonClient:
         self.close()
 
     # ---- plumbing ----------------------------------------------------------------------------------
-    def _call(self, what: str, fn):
+    def _call(self, what: str, fn, retry: RetryPolicy | None = None):
         """Runs one tritonclient call with retries; every failure leaves as one of client.errors' types."""
-        delays = self.retry.delays()
+        retry = retry or self.retry
+        delays = retry.delays()
         while True:
             try:
                 return fn()
             except Exception as error:  # tritonclient raises its own and transport exceptions
                 delay = next(delays, None)
-                typed = failure(what, error, self.timeout_s, self.retry.attempts, retry_left=delay is not None)
+                typed = failure(what, error, self.timeout_s, retry.attempts, retry_left=delay is not None)
                 if typed is error:
                     raise
                 if isinstance(typed, ServingTimeout) or typed is None:
@@ -211,14 +233,15 @@ class TritonClient:
         tensor.set_data_from_numpy(array)
         return tensor
 
-    def _infer(self, model: str, inputs: list, outputs: list[str], version: str = "") -> dict[str, np.ndarray]:
+    def _infer(self, model: str, inputs: list, outputs: list[str], version: str = "",
+               retry: RetryPolicy | None = None) -> dict[str, np.ndarray]:
         def call():
             requested = [self._module.InferRequestedOutput(name) for name in outputs]
             kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
             result = self._client.infer(model, inputs, outputs=requested, model_version=version, **kwargs)
             return {name: result.as_numpy(name) for name in outputs}
 
-        return self._call(f"infer {model}", call)
+        return self._call(f"infer {model}", call, retry)
 
     @staticmethod
     def _texts(texts: Sequence[str]) -> np.ndarray:
@@ -246,21 +269,21 @@ class TritonClient:
         that pinned a version must not silently get vectors from another one."""
         if encoder_version is not None:
             return self.settings.models.pinned(ensemble, encoder_version), None
-        if self.canary_share > 0 and random.random() < self.canary_share:
-            canary = self.serving_view().canary
-            if canary is not None:
-                return self.settings.models.pinned(ensemble, canary), ensemble
+        draw = random.random()
+        canary = canary_version(self.serving_view(), self.canary_share, draw) if draw < self.canary_share else None
+        if canary is not None:
+            return self.settings.models.pinned(ensemble, canary), ensemble
         return ensemble, None
 
     def _infer_routed(self, ensemble: str, encoder_version: int | None, inputs: list, outputs: list[str]):
         model, fallback = self._route(ensemble, encoder_version)
-        try:
+        if fallback is None:
             return self._infer(model, inputs, outputs)
-        except ModelNotFound:
-            # The canary was promoted or rolled back between our view of it and this call.
-            if fallback is None:
-                raise
-            self._view = None
+        try:
+            return self._infer(model, inputs, outputs, retry=CANARY_ATTEMPT)
+        except (ServingError, InvalidRequest) as error:
+            if isinstance(error, ModelNotFound):
+                self._view = None  # promoted or rolled back since our view of it
             return self._infer(fallback, inputs, outputs)
 
     # ---- public API --------------------------------------------------------------------------------
@@ -347,14 +370,25 @@ class AsyncTritonClient:
     running loop."""
 
     def __init__(self, url: str | None = None, settings: Settings | None = None, retry: RetryPolicy = RetryPolicy(),
-                 timeout_s: float = 30.0, protocol: str = "grpc"):
+                 timeout_s: float = 30.0, protocol: str = "grpc", canary_share: float = 0.0,
+                 view: Callable[[], ServingView] | None = None, view_ttl_s: float = 2.0):
+        """`canary_share` of unpinned calls go to a canary version while one is loaded, as with TritonClient;
+        `view` reads which versions are served (e.g. a TritonClient's `serving_view`, itself cached), called off
+        the event loop at most every `view_ttl_s` seconds."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        if not 0.0 <= canary_share <= 1.0:
+            raise ValueError(f"canary_share must be within [0, 1], not {canary_share}")
+        if canary_share > 0 and view is None:
+            raise ValueError("a canary share needs `view`, a way to read which versions are served")
         self.settings = settings or settings_module.SETTINGS
         self.protocol = protocol
         self.url = url or (self.settings.server.grpc_url if protocol == "grpc" else self.settings.server.http_url)
         self.retry = retry
         self.timeout_s = timeout_s
+        self.canary_share, self.view_ttl_s, self._view_source = canary_share, view_ttl_s, view
+        self._view: tuple[float, ServingView] | None = None
+        self._view_lock: asyncio.Lock | None = None
         self._client = None
 
     def _connection(self):
@@ -374,34 +408,83 @@ class AsyncTritonClient:
         if client is not None:
             await client.close()
 
-    async def _infer(self, model: str, texts: Sequence[str]) -> np.ndarray:
+    async def _infer(self, model: str, texts: Sequence[str], timeout_s: float) -> np.ndarray:
         t = self.settings.tensors
         if self.protocol == "http":
-            return await self._connection().infer(model, t.text, texts, t.embedding, self.timeout_s)
+            return await self._connection().infer(model, t.text, texts, t.embedding, timeout_s)
         import tritonclient.grpc.aio as aio
 
         batch = TritonClient._texts(texts)
         tensor = aio.InferInput(t.text, list(batch.shape), "BYTES")
         tensor.set_data_from_numpy(batch)
         result = await self._connection().infer(model, [tensor], outputs=[aio.InferRequestedOutput(t.embedding)],
-                                                client_timeout=self.timeout_s)
+                                                client_timeout=timeout_s)
         return result.as_numpy(t.embedding)
 
+    async def serving_view(self) -> ServingView:
+        """Which versions are served, read at most every `view_ttl_s` seconds (one read at a time, off the loop)."""
+        if self._view_lock is None:
+            self._view_lock = asyncio.Lock()
+        async with self._view_lock:
+            now = time.monotonic()
+            if self._view is None or now - self._view[0] > self.view_ttl_s:
+                self._view = (now, await asyncio.to_thread(self._view_source))
+            return self._view[1]
+
+    async def route(self) -> int | None:
+        """The canary version this call goes to, or None (stable): `canary_share` of calls while one is loaded."""
+        draw = random.random()
+        if draw >= self.canary_share:
+            return None
+        try:
+            return canary_version(await self.serving_view(), self.canary_share, draw)
+        except (ServingError, InvalidRequest):
+            return None  # the versions could not be read: the stable one serves
+
     async def embed(self, texts: Sequence[str], encoder_version: int | None = None) -> np.ndarray:
-        m = self.settings.models
-        model = m.embed if encoder_version is None else m.pinned(m.embed, encoder_version)
+        """Embeddings from the stable version, a canary (`canary_share` of unpinned calls; see `embed_parts`), or
+        the pinned `encoder_version`."""
         if isinstance(texts, str):
             raise TypeError("pass a list of texts, not a single string")
-        delays = self.retry.delays()
+        if encoder_version is not None:
+            m = self.settings.models
+            return await self._embed_on(m.pinned(m.embed, encoder_version), texts, self.retry)
+        return (await self.embed_parts([texts]))[0]
+
+    async def embed_parts(self, parts: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """The parts of one request, all in flight at once, all from one version: the version is chosen once, so
+        a response never mixes vectors of two versions. On the canary each part gets one attempt within half the
+        timeout; if any fails, every part goes to the stable version (with the usual retries, within the other
+        half), so the caller waits at most about its timeout and sees a success."""
+        m = self.settings.models
+        canary = await self.route() if self.canary_share > 0 else None
+        if canary is not None:
+            try:
+                return list(await asyncio.gather(*(self._embed_on(m.pinned(m.embed, canary), part, CANARY_ATTEMPT,
+                                                                  self.timeout_s / 2) for part in parts)))
+            except (ServingError, InvalidRequest) as error:
+                if isinstance(error, ModelNotFound):
+                    self._view = None  # promoted or rolled back since our view of it
+            return list(await asyncio.gather(*(self._embed_on(m.embed, part, self.retry, self.timeout_s / 2)
+                                               for part in parts)))
+        return list(await asyncio.gather(*(self._embed_on(m.embed, part, self.retry) for part in parts)))
+
+    async def _embed_on(self, model: str, texts: Sequence[str], retry: RetryPolicy,
+                        timeout_s: float | None = None) -> np.ndarray:
+        timeout_s = timeout_s or self.timeout_s
+        delays = retry.delays()
         while True:
             try:
-                return await self._infer(model, texts)
+                return await self._infer(model, texts, timeout_s)
             except Exception as error:
                 delay = next(delays, None)
-                typed = failure(f"infer {model}", error, self.timeout_s, self.retry.attempts, delay is not None)
+                typed = failure(f"infer {model}", error, timeout_s, retry.attempts, delay is not None)
                 if typed is error:
                     raise
-                if isinstance(typed, ServingTimeout) or typed is None:
+                # Over HTTP this drops the idle keep-alive connections (the one that failed is never reused). A
+                # gRPC channel is shared by every call in flight: closing it would cancel them all, and it
+                # reconnects by itself (a late answer to a timed-out call goes nowhere).
+                if self.protocol == "http" and (isinstance(typed, ServingTimeout) or typed is None):
                     await self.close()
                 if typed is not None:
                     raise typed from None

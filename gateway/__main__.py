@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False,
                     timeout_graceful_shutdown=config.drain_s)
     except Stopped as stop:
-        log.info("%s: drained", stop)
+        log.info("%s: stopped accepting, in-flight requests finished or cut at %.0f s", stop, config.drain_s)
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal during cleanup: the default action
+            signal.signal(signum, signal.SIG_DFL)
         client.close()
         if events is not None:
             events.close()

@@ -220,10 +220,14 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
         if client.protocol != "grpc":
             raise ValueError("the gateway talks to Triton over gRPC: give it a gRPC TritonClient")
         url = (config.triton_http_url or client.settings.server.http_url) if config.embed_protocol == "http" else client.url
+        # A canary gets `canary_share` of these calls; the versions served are read through the synchronous
+        # client's cached view. Recommendation routes keep to their index's encoder version (vectors of two
+        # versions never meet): their canary is an experiment arm pinned to the new version (docs/experiments.md).
         embedder = AsyncTritonClient(url, settings=client.settings, retry=client.retry, timeout_s=client.timeout_s,
-                                     protocol=config.embed_protocol)
+                                     protocol=config.embed_protocol, canary_share=config.canary_share,
+                                     view=lambda: client.serving_view(max_age_s=0))
     embeddings = EmbeddingsEndpoint(config.model, config.max_inputs, client.settings.batching.max_batch_size,
-                                    embedder.embed, admit, client.embedding_dim, tokens.count if tokens else None)
+                                    embedder.embed_parts, admit, client.embedding_dim, tokens.count if tokens else None)
 
     @app.get("/v1/models")
     def models(_: str = Depends(caller)):

@@ -10,6 +10,8 @@
     GATEWAY_MAX_BODY_BYTES=2000000
     GATEWAY_MAX_INPUTS=1000        texts per request (at most what one key's text bucket holds)
     GATEWAY_DRAIN_S=10             on SIGTERM: stop accepting, and give in-flight requests this long to finish
+    GATEWAY_CANARY_SHARE=0.1       the share of /v1/embeddings calls sent to a canary encoder version while a rollout
+                                   has one loaded (0: none); a call the canary fails is served by the stable version
     GATEWAY_TRITON_URL=host:port   Triton's gRPC endpoint (default: settings.ServerSettings)
     GATEWAY_TRITON_HTTP_URL=host:port  Triton's HTTP endpoint, for /v1/embeddings when GATEWAY_EMBED_PROTOCOL=http
                                    (default: settings.ServerSettings)
@@ -61,6 +63,7 @@ class GatewaySettings:
     events_db: Path | None = settings.EXPERIMENTS_DB
     experiment_file: Path | None = None
     drain_s: float = 10.0
+    canary_share: float = 0.1
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -69,6 +72,8 @@ class GatewaySettings:
             raise ValueError("rates and the burst must be positive")
         if self.max_body_bytes < 1024 or self.max_inputs < 1:
             raise ValueError("max_body_bytes must be >= 1024 and max_inputs >= 1")
+        if not 0.0 <= self.canary_share <= 1.0:
+            raise ValueError(f"canary_share must be within [0, 1], not {self.canary_share}")
         if not self.drain_s > 0:
             raise ValueError(f"drain_s must be positive, not {self.drain_s}")
         if self.embed_protocol not in ("http", "grpc"):
@@ -94,6 +99,7 @@ class GatewaySettings:
             Path(_env("GATEWAY_EVENTS_DB", str(settings.EXPERIMENTS_DB))),
             experiment_file=Path(_env("GATEWAY_EXPERIMENT", "")) if _env("GATEWAY_EXPERIMENT", "") else None,
             drain_s=float(_env("GATEWAY_DRAIN_S", "10")),
+            canary_share=float(_env("GATEWAY_CANARY_SHARE", "0.1")),
         )
         values.update(overrides)
         return cls(**values)

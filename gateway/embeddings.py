@@ -101,15 +101,16 @@ async def read_body(receive) -> bytes | None:
 
 
 class EmbeddingsEndpoint:
-    """The ASGI endpoint. `embed(texts)` is client.triton.AsyncTritonClient.embed; `admit(key, n_texts)` raises
+    """The ASGI endpoint. `embed_parts(parts)` is client.triton.AsyncTritonClient.embed_parts (every part of one
+    request from one encoder version, stable or canary); `admit(key, n_texts)` raises
     ApiError 429/400 from the key's token buckets; `dimension()` is the served D (a blocking call, read once);
     `count_tokens(texts)` is client.tokens.TokenCounter.count, or None (usage is then 0)."""
 
     def __init__(self, model: str, max_inputs: int, max_batch_size: int,
-                 embed: Callable[[list[str]], Awaitable[np.ndarray]], admit: Callable[[str, int], None],
+                 embed_parts: Callable[[list[list[str]]], Awaitable[list[np.ndarray]]], admit: Callable[[str, int], None],
                  dimension: Callable[[], int], count_tokens: Callable[[list[str]], int] | None = None):
         self.model, self.max_inputs, self.max_batch_size = model, max_inputs, max_batch_size
-        self.embed, self.admit, self.dimension, self.count_tokens = embed, admit, dimension, count_tokens
+        self.embed_parts, self.admit, self.dimension, self.count_tokens = embed_parts, admit, dimension, count_tokens
         self._dimension: int | None = None
 
     async def __call__(self, scope, receive, send):
@@ -145,12 +146,9 @@ class EmbeddingsEndpoint:
                                param="dimensions")
         self.admit(key, len(texts))
         size = self.max_batch_size
-        try:
-            if len(texts) <= size:
-                vectors = await self.embed(texts)
-            else:  # split to the server's max_batch_size, all parts in flight at once
-                vectors = np.concatenate(await asyncio.gather(*(self.embed(texts[i:i + size])
-                                                                for i in range(0, len(texts), size))))
+        try:  # split to the server's max_batch_size, all parts in flight at once
+            parts = await self.embed_parts([texts[i:i + size] for i in range(0, max(len(texts), 1), size)])
+            vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
         except (ServingError, InvalidRequest) as error:
             raise http_error(error) from None
         if self.count_tokens is None:

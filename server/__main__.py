@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(triton: TritonServer, policy: RestartPolicy, log_file: Path | None) -> int:
-    """Serve until SIGTERM / Ctrl-C (exit 0); restart a tritonserver that dies, until a crash loop (exit 1)."""
+    """Serve until SIGTERM / Ctrl-C (exit 0); restart a tritonserver that exits without being asked to (whatever
+    its exit status: a server only this launcher may stop), until a crash loop (exit 1)."""
     crashes: list[float] = []
     try:
         while True:
@@ -116,9 +117,9 @@ def serve(triton: TritonServer, policy: RestartPolicy, log_file: Path | None) ->
             triton = TritonServer(triton.repository, triton.server, log_file=log_file)
             try:
                 triton.start()
-            except ServerError as error:
+            except (ServerError, OSError) as error:
                 log.error("restart failed: %s", error)
-                if triton.process is None:  # it never ran (the repository is gone): nothing more to try
+                if triton.process is None:  # it never ran (the repository or the binary is gone): nothing to retry
                     return 1
                 continue  # it ran and died during start-up: one more crash, decided above
             log.info("tritonserver is back: HTTP %s  gRPC %s", triton.server.http_url, triton.server.grpc_url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,17 +30,34 @@ def pytest_configure(config):
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    GUARD.current = item.nodeid
+    yield
+    GUARD.current = ""
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     yield
+    GUARD.sample()
     GUARD.observe(item.nodeid)
 
 
 def pytest_sessionfinish(session, exitstatus):
     leftovers, regions = GUARD.leftovers(grace_s=20.0)
+    GUARD.stop_sampling()
+    writer = session.config.get_terminal_writer()
     if leftovers or regions:
         GUARD.clean(leftovers, regions)
-        session.config.get_terminal_writer().line(process_guard.report(leftovers, regions), red=True)
+        writer.line(process_guard.report(leftovers, regions), red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    lingering = GUARD.lingering()
+    if lingering:
+        writer.line(process_guard.report_lingering(lingering), yellow=True)
+    if GUARD.started:
+        record = settings.BUILD_DIR / "test-processes" / time.strftime("%Y%m%d-%H%M%S.json")
+        GUARD.write_record(record)
+        writer.line(f"{len(GUARD.started)} processes started by the suite, with parent, start time and test: {record}")
 
 # torch-fp16 is left out: its gate computes FP16 on the CPU here (80 s); CI serves torch-fp32 (RUNTIME=torch).
 # ov-int8 is left out too: NNCF's calibration takes ~20-60 s here; its quantizer is tested on a small calibration set.

@@ -10,11 +10,19 @@ After each test's teardown the guard notes which such processes are alive and th
 was seen: a leftover is reported with the test that left it. At the end of the session it gives stragglers a
 grace period (a stub notices its server's death within seconds), then ends what is left, removes the regions,
 and fails the session.
+
+A sampler thread also records every such process it sees (every 0.25 s): its command line, parent, start time
+and the test that was running. The record is written at the end of the session (build/test-processes/<time>.json), so
+that a process found later by something outside the suite can be looked up by pid and start time. A recorded
+process that still exists at the end as a zombie cannot carry the token any more (its environment is gone): it
+is named with its parent, and reaped if its parent is the suite itself.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,6 +52,34 @@ def marked_processes(token: str, exclude: frozenset[int] = frozenset()) -> dict[
     return found
 
 
+def stat_of(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time in clock ticks after boot) of a live or zombie process, or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
+@dataclass
+class Started:
+    """A process the suite started, as the sampler first saw it."""
+    pid: int
+    start_ticks: int
+    parent: int
+    started_at: float       # unix seconds
+    command: str
+    during: str             # the test that was running ("" between tests)
+
+
 def shm_regions() -> set[str]:
     """Every Python-backend region in /dev/shm, whichever server made it."""
     return {p.name for p in regions_with(SHM_PREFIX_BASE)}
@@ -62,10 +98,66 @@ class ProcessGuard:
     exclude: frozenset[int] = frozenset()
     regions_before: set[str] = field(default_factory=shm_regions)
     first_seen: dict[int, str] = field(default_factory=dict)
+    started: dict[tuple[int, int], Started] = field(default_factory=dict)
+    current: str = ""       # the running test, set by the conftest's hooks
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def install(self) -> None:
+    def install(self, sample_every_s: float | None = 0.25) -> None:
         os.environ[TEST_SESSION_ENV] = self.token
         self.exclude = frozenset({os.getpid()})
+        if sample_every_s:
+            self._stop = threading.Event()
+            threading.Thread(target=self._sample_until_stopped, args=(sample_every_s,), name="process-guard-sampler",
+                             daemon=True).start()
+
+    def sample(self) -> None:
+        """Record every marked process not seen before (keyed by pid and start time: pids are reused)."""
+        ticks, btime = os.sysconf("SC_CLK_TCK"), None
+        for pid, command in marked_processes(self.token, self.exclude).items():
+            stat = stat_of(pid)
+            if stat is None or (pid, stat[2]) in self.started:
+                continue
+            btime = boot_time() if btime is None else btime
+            with self._lock:
+                self.started.setdefault((pid, stat[2]), Started(pid, stat[2], stat[1], round(btime + stat[2] / ticks, 2),
+                                                                command, self.current))
+
+    def _sample_until_stopped(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - the sampler must never take the session down
+                pass
+
+    def stop_sampling(self) -> None:
+        if hasattr(self, "_stop"):
+            self._stop.set()
+
+    def lingering(self) -> list[tuple[Started, str]]:
+        """Recorded processes that still exist, with their state now (e.g. "Z" for a zombie): a zombie the suite
+        itself is the parent of is reaped here; others are left to their parent, and named."""
+        out = []
+        with self._lock:
+            recorded = list(self.started.values())
+        for started in recorded:
+            stat = stat_of(started.pid)
+            if stat is None or stat[2] != started.start_ticks:
+                continue
+            state, parent, _ = stat
+            if state == "Z" and parent == os.getpid():
+                try:
+                    os.waitpid(started.pid, os.WNOHANG)
+                    continue
+                except ChildProcessError:
+                    pass
+            out.append((started, f"{state} (parent {parent})"))
+        return out
+
+    def write_record(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            rows = sorted(self.started.values(), key=lambda s: s.started_at)
+        path.write_text(json.dumps([s.__dict__ for s in rows], indent=1) + "\n")
 
     def observe(self, test_id: str) -> None:
         for pid in marked_processes(self.token, self.exclude):
@@ -95,6 +187,14 @@ class ProcessGuard:
                 (SHM_DIR / name).unlink()
             except OSError:
                 pass
+
+
+def report_lingering(lingering: list[tuple[Started, str]]) -> str:
+    lines = ["processes the suite started still exist (not running: they cannot be ended, only reaped by their parent):"]
+    for started, state in lingering:
+        lines.append(f"  pid {started.pid}, state {state}, started {time.strftime('%H:%M:%S', time.localtime(started.started_at))}"
+                     f" by pid {started.parent} during {started.during or 'no test'}: {started.command[:200]}")
+    return "\n".join(lines)
 
 
 def report(leftovers: list[Leftover], regions: set[str]) -> str:

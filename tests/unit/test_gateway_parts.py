@@ -66,7 +66,7 @@ class FailingClient:
     def embedding_dim(self):
         return 384
 
-    async def embed(self, texts, encoder_version=None):  # as client.triton.AsyncTritonClient
+    async def embed_parts(self, parts):  # as client.triton.AsyncTritonClient
         raise self.error
 
     def model_ready(self, model, timeout_s=None):
