@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,17 @@ PROMETHEUS_RULE = DOCKER / "k8s" / "monitoring" / "prometheusrule.yaml"
 # Triton's GPU metrics exist only on a server that sees a GPU (DCGM inside tritonserver).
 GPU_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes", "nv_gpu_power_usage",
                "nv_energy_consumption", "nv_gpu_power_limit"}
+
+
+def tool_or_skip(name: str) -> str:
+    """The path of Debian's `prometheus` or `promtool`; the test skips, saying why, where it is missing."""
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not found: `make monitoring-tools` installs Debian's prometheus package (needs root "
+                    "or sudo and apt); it could not here")
+    return path
 
 
 def panels(dashboard: dict):

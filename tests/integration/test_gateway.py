@@ -385,7 +385,7 @@ def test_sigterm_under_load_drains_in_flight_requests_and_cuts_no_response_off(t
                     kind = "truncated"          # a response started and cut off
                 except urllib.error.HTTPError as error:
                     kind = f"http {error.code}"
-                except (urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected) as error:
+                except (urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected):
                     kind = "not accepted"       # refused, or reset before any response began
                     stop.wait(0.05)
                 outcomes.append((started, time.monotonic(), kind))

@@ -7,7 +7,6 @@ windows (30 s each) and the rate windows, over the ~60 s the default suite allow
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import threading
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 import settings
-from monitoring_queries import PROMETHEUS_CONFIG, RULES, dashboard_queries, needs_gpu, rules
+from monitoring_queries import PROMETHEUS_CONFIG, RULES, dashboard_queries, needs_gpu, rules, tool_or_skip
 from server.launcher import free_port
 
 pytestmark = pytest.mark.slow
@@ -31,11 +30,7 @@ APP_KEY, NOISY_KEY = "app-key", "noisy-key"      # KeyStore names them key1 and 
 
 
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        pytest.skip("prometheus not found: `make monitoring-tools` installs Debian's prometheus package (needs root "
-                    "or sudo and apt); it could not here")
-    return path
+    return tool_or_skip("prometheus")
 
 
 class Prometheus:

@@ -5,25 +5,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 
-import pytest
 import yaml
 
 import settings
 from monitoring_queries import (DASHBOARDS, DOCKER, PROMETHEUS_CONFIG, PROMETHEUS_RULE, RULES, dashboard_queries,
-                                needs_gpu, panels, rules)
+                                needs_gpu, panels, rules, tool_or_skip)
 
 PRODUCTION_DOC = settings.REPO_ROOT / "docs" / "production.md"
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not found: `make monitoring-tools` installs Debian's prometheus package (needs root "
-                    "or sudo and apt); it could not here")
-    return path
+    return tool_or_skip("promtool")
 
 
 def test_promtool_passes_the_compose_config_and_both_rule_files(tmp_path):
