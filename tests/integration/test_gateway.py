@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -333,8 +336,6 @@ def test_health_and_metrics(served):
 def gateway_process(server, log, port: int | None = None, **env: str):
     """`python -m gateway` in a process of its own, in front of `server` (a served repository); -> (process, URL)
     once it answers /health/live."""
-    import os
-    import subprocess
     import sys
 
     s = server.server
@@ -363,7 +364,6 @@ def test_sigterm_under_load_drains_in_flight_requests_and_cuts_no_response_off(t
     """`python -m gateway` SIGTERMed while 8 clients post 64-text embedding requests: it stops accepting, every
     response it had started is finished whole, requests in flight complete, and it exits 0 within its drain time."""
     import http.client
-    import signal
 
     drain_s, log = 10.0, tmp_path / "gateway.log"
     gateway, url = gateway_process(triton("onnx-int8"), log, GATEWAY_DRAIN_S=str(drain_s))
@@ -511,8 +511,8 @@ def failing_encoder_source(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("canary, upstream", [("good", "http"), ("failing", "grpc")])
 def test_a_rollout_driven_only_by_gateway_traffic(export_dir, tmp_path, monkeypatch, canary, upstream):
-    """Only the gateway calls Triton (4 clients, /v1/embeddings, canary share 0.25) while a new encoder version is
-    rolled out: the canary gets its share (within +-30%), a good canary is promoted and one that fails every call
+    """Only the gateway calls Triton (4 Locust users on /v1/embeddings, canary share 0.25) while a new encoder
+    version is rolled out: a good canary gets its share (within +-30%) and is promoted, one that fails every call
     is rolled back, and no application request fails: a call the canary fails is served by the stable version."""
     from model_repository import render
     from model_repository.render import build_repository
@@ -532,42 +532,39 @@ def test_a_rollout_driven_only_by_gateway_traffic(export_dir, tmp_path, monkeypa
                                  triton_http_url=server_settings.http_url, embed_protocol=upstream, canary_share=share,
                                  rate_rps=10_000, rate_texts_per_s=1_000_000, events_db=None)
         app = create_app(config, client, KeyStore.from_plaintext([KEY]))
-        outcomes: list[int] = []
-        stop = threading.Event()
-
-        def call(i):
-            while not stop.is_set():
-                try:
-                    outcomes.append(post(f"{gateway.url}/v1/embeddings", {"model": "embed", "input": [f"text {i}"] * 4})[0])
-                except Exception as error:  # noqa: BLE001 - a failed application request, whatever it was
-                    outcomes.append(type(error).__name__)
-
         with Gateway(app, config.port) as gateway:
-            threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(4)]
-            for thread in threads:
-                thread.start()
-            admin = TritonAdmin.single(server_settings.grpc_url, f"127.0.0.1:{server_settings.metrics_port}",
-                                       server_settings.admin_key)
-            # 16 s: the gateway reads which version is the canary at most every 2 s, so the window starts late by
-            # up to 2 s of canary traffic (with the default 60 s window, 3%).
-            rollout = RolloutSettings(latency_max_ratio=4.0, canary_seconds=16, canary_min_requests=20,
-                                      canary_max_latency_ratio=4.0, drain_seconds=1)
-            report = run(LiveRepository(path, live_settings), admin, export_dir / "onnx-fp32", rollout)
-            time.sleep(1)
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=60)
-            assert not any(thread.is_alive() for thread in threads)
-        admin.close()
+            # Locust's gateway users, as applications call it (single texts: many requests, for a tight share).
+            locust = subprocess.Popen(
+                [str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", "--protocol", "gateway", "--gateway-url",
+                 gateway.url, "--users", "4", "--spawn-rate", "4", "--duration", "1200", "--tasks",
+                 "embed:1,batch:0,recommend:0", "--think-ms", "10", "--out", str(tmp_path / "locust")],
+                cwd=settings.REPO_ROOT, env={**os.environ, "LOADTEST_GATEWAY_KEY": KEY},
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                time.sleep(8)  # every user running
+                assert locust.poll() is None, locust.stdout.read()
+                admin = TritonAdmin.single(server_settings.grpc_url, f"127.0.0.1:{server_settings.metrics_port}",
+                                           server_settings.admin_key)
+                # 20 s: the gateway reads which version is the canary at most every 2 s, so the window starts late
+                # by up to 2 s of canary traffic (10% here; with the default 60 s window, 3%).
+                rollout = RolloutSettings(latency_max_ratio=4.0, canary_seconds=20, canary_min_requests=20,
+                                          canary_max_latency_ratio=4.0, drain_seconds=1)
+                report = run(LiveRepository(path, live_settings), admin, export_dir / "onnx-fp32", rollout)
+                admin.close()
+                time.sleep(1)
+            finally:
+                locust.send_signal(signal.SIGTERM)
+                output, _ = locust.communicate(timeout=180)
         client.close()
+    summary = json.loads((tmp_path / "locust" / "summary.json").read_text())
+    calls, failed = summary["aggregated"]["requests"], summary["aggregated"]["failures"]
     verdict = report["canary"]
     seen = verdict["canary"]["requests"] / (verdict["canary"]["requests"] + verdict["stable"]["requests"]
                                             - verdict["canary"]["failures"])  # a failed canary call is retried on stable
-    failed = [s for s in outcomes if s != 200]
     print(f"{canary} canary over {upstream}: share {seen:.3f} of {verdict['canary']['requests']} + "
           f"{verdict['stable']['requests']} requests (configured {share}), canary failures "
-          f"{verdict['canary']['failures']}; outcome {report['outcome']}; gateway calls {len(outcomes)}, failed {len(failed)}")
-    assert len(outcomes) > 50 and failed == []
+          f"{verdict['canary']['failures']}; outcome {report['outcome']}; Locust's gateway calls {calls}, failed {failed}")
+    assert calls > 50 and failed == 0, (summary["failure_kinds"], output[-2000:])
     if canary == "good":
         assert 0.7 * share <= seen <= 1.3 * share
         assert report["outcome"] == "promoted" and verdict["canary"]["failures"] == 0
