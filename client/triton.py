@@ -142,13 +142,10 @@ class RetryPolicy:
 # stable version with the usual retries. The caller sees a success, and Triton's metrics keep the canary's failure
 # for the rollout's verdict (rollout/policy.py); a canary that answers too late shows there in its latency.
 CANARY_ATTEMPT = RetryPolicy(attempts=1)
-
-
-def canary_failed(error: BaseException) -> bool:
-    """Whether a call that failed on the canary goes to the stable version: whatever Triton answered (the canary
-    failed it, timed out, was unreachable, is no longer loaded, or refused the request: a canary with another
-    export may refuse what the stable version accepts), but not a bug of the caller's own (any other exception)."""
-    return isinstance(error, (ServingError, InvalidRequest))
+# What sends a call that failed on the canary to the stable version: whatever Triton answered (the canary failed
+# it, timed out, was unreachable, is no longer loaded, or refused the request: a canary with another export may
+# refuse what the stable version accepts), but not a bug of the caller's own (any other exception).
+CANARY_FALLBACK = (ServingError, InvalidRequest)
 
 
 def length_batches(texts: Sequence[str], size: int) -> list[np.ndarray]:
@@ -281,7 +278,7 @@ class TritonClient:
             return self._infer(model, inputs, outputs)
         try:
             return self._infer(model, inputs, outputs, retry=CANARY_ATTEMPT)
-        except (ServingError, InvalidRequest) as error:
+        except CANARY_FALLBACK as error:
             if isinstance(error, ModelNotFound):
                 self._view = None  # promoted or rolled back since our view of it
             return self._infer(fallback, inputs, outputs)
@@ -462,7 +459,7 @@ class AsyncTritonClient:
             try:
                 return list(await asyncio.gather(*(self._embed_on(m.pinned(m.embed, canary), part, CANARY_ATTEMPT,
                                                                   self.timeout_s / 2) for part in parts)))
-            except (ServingError, InvalidRequest) as error:
+            except CANARY_FALLBACK as error:
                 if isinstance(error, ModelNotFound):
                     self._view = None  # promoted or rolled back since our view of it
             return list(await asyncio.gather(*(self._embed_on(m.embed, part, self.retry, self.timeout_s / 2)

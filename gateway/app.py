@@ -220,8 +220,8 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
         if client.protocol != "grpc":
             raise ValueError("the gateway talks to Triton over gRPC: give it a gRPC TritonClient")
         url = (config.triton_http_url or client.settings.server.http_url) if config.embed_protocol == "http" else client.url
-        # A canary gets `canary_share` of these calls; the versions served are read through the synchronous
-        # client's cached view. Recommendation routes keep to their index's encoder version (vectors of two
+        # A canary gets `canary_share` of these calls; the versions served are read fresh through the synchronous
+        # client, at most every 2 s (the async client caches them). Recommendation routes keep to their index's encoder version (vectors of two
         # versions never meet): their canary is an experiment arm pinned to the new version (docs/experiments.md).
         embedder = AsyncTritonClient(url, settings=client.settings, retry=client.retry, timeout_s=client.timeout_s,
                                      protocol=config.embed_protocol, canary_share=config.canary_share,

@@ -104,14 +104,13 @@ def serve(triton: TritonServer, policy: RestartPolicy, log_file: Path | None) ->
             now = time.monotonic()
             crashes.append(now)
             delay = restart_delay(policy, crashes, now)
+            recent = sum(now - t <= policy.window_s for t in crashes)
             if delay is None:
                 log.error("tritonserver died (exit status %s) %d times within %.0f s: a crash loop, giving up%s",
-                          code, sum(now - t <= policy.window_s for t in crashes), policy.window_s,
-                          f"; see {log_file}" if log_file else "")
+                          code, recent, policy.window_s, f"; see {log_file}" if log_file else "")
                 return 1
             log.warning("tritonserver died (exit status %s): restarting it in %.1f s (restart %d of %d allowed "
-                        "within %.0f s)", code, delay, sum(now - t <= policy.window_s for t in crashes),
-                        policy.max_restarts, policy.window_s)
+                        "within %.0f s)", code, delay, recent, policy.max_restarts, policy.window_s)
             time.sleep(delay)
             # The same ports and admin key: clients, the gateway and `python -m rollout` find it where it was.
             triton = TritonServer(triton.repository, triton.server, log_file=log_file)

@@ -33,17 +33,22 @@ def shm_prefix_for(server_id: str) -> str:
     return f"{SHM_PREFIX_BASE}{server_id}_"
 
 
-def start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None if it is gone or
-    a zombie. Together with the pid it names one process for good: pids are recycled, start times are not."""
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time in clock ticks since boot) from /proc/PID/stat, zombies included; None if
+    the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": the comm may hold spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None if it is gone or
+    a zombie. Together with the pid it names one process for good: pids are recycled, start times are not."""
+    stat = proc_stat(pid)
+    return None if stat is None or stat[0] in ("Z", "X") else stat[2]
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    GUARD.sample()  # what the session-scoped fixtures' teardown started or left, too
     leftovers, regions = GUARD.leftovers(grace_s=20.0)
     GUARD.stop_sampling()
     writer = session.config.get_terminal_writer()

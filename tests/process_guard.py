@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.processes import SHM_DIR, SHM_PREFIX_BASE, shm_regions as regions_with
+from server.processes import SHM_DIR, SHM_PREFIX_BASE, proc_stat, start_ticks, shm_regions as regions_with
 
 TEST_SESSION_ENV = "BERT_SERVING_TEST_SESSION"
 
@@ -43,23 +43,12 @@ def marked_processes(token: str, exclude: frozenset[int] = frozenset()) -> dict[
         try:
             if needle not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
-            stat = (entry / "stat").read_text()
-            if stat[stat.rindex(")") + 2] in "ZX":  # a zombie waits for its parent to reap it: nothing runs
+            if start_ticks(int(entry.name)) is None:  # gone, or a zombie waiting for its parent: nothing runs
                 continue
             found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except (OSError, ValueError):
             continue  # gone meanwhile, or not ours to read
     return found
-
-
-def stat_of(pid: int) -> tuple[str, int, int] | None:
-    """(state, parent pid, start time in clock ticks after boot) of a live or zombie process, or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[19])
 
 
 def boot_time() -> float:
@@ -101,12 +90,12 @@ class ProcessGuard:
     started: dict[tuple[int, int], Started] = field(default_factory=dict)
     current: str = ""       # the running test, set by the conftest's hooks
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def install(self, sample_every_s: float | None = 0.25) -> None:
         os.environ[TEST_SESSION_ENV] = self.token
         self.exclude = frozenset({os.getpid()})
         if sample_every_s:
-            self._stop = threading.Event()
             threading.Thread(target=self._sample_until_stopped, args=(sample_every_s,), name="process-guard-sampler",
                              daemon=True).start()
 
@@ -114,7 +103,7 @@ class ProcessGuard:
         """Record every marked process not seen before (keyed by pid and start time: pids are reused)."""
         ticks, btime = os.sysconf("SC_CLK_TCK"), None
         for pid, command in marked_processes(self.token, self.exclude).items():
-            stat = stat_of(pid)
+            stat = proc_stat(pid)
             if stat is None or (pid, stat[2]) in self.started:
                 continue
             btime = boot_time() if btime is None else btime
@@ -130,8 +119,7 @@ class ProcessGuard:
                 pass
 
     def stop_sampling(self) -> None:
-        if hasattr(self, "_stop"):
-            self._stop.set()
+        self._stop.set()
 
     def lingering(self) -> list[tuple[Started, str]]:
         """Recorded processes that still exist, with their state now (e.g. "Z" for a zombie): a zombie the suite
@@ -140,7 +128,7 @@ class ProcessGuard:
         with self._lock:
             recorded = list(self.started.values())
         for started in recorded:
-            stat = stat_of(started.pid)
+            stat = proc_stat(started.pid)
             if stat is None or stat[2] != started.start_ticks:
                 continue
             state, parent, _ = stat

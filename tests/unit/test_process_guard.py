@@ -57,11 +57,11 @@ def test_every_marked_process_is_recorded_with_parent_start_and_test_and_a_zombi
         assert [(s.pid, state[0] in "RS") for s, state in guard.lingering()] == [(marked.pid, True)]  # running
         os.kill(marked.pid, 9)  # dies unreaped: a zombie whose parent is this process
         deadline = time.monotonic() + 10
-        while process_guard.stat_of(marked.pid)[0] != "Z":
+        while process_guard.proc_stat(marked.pid)[0] != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert guard.lingering() == []  # reaped by the guard
-        assert process_guard.stat_of(marked.pid) is None
+        assert process_guard.proc_stat(marked.pid) is None
         guard.write_record(tmp_path / "processes.json")
         import json
         (row,) = json.loads((tmp_path / "processes.json").read_text())
