@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 RUNTIME ?= embedded
 # RUNTIME=torch serves a torch variant: FP16 where nvidia-smi sees a GPU, FP32 otherwise.
 TORCH_VARIANT = $(shell nvidia-smi -L >/dev/null 2>&1 && echo torch-fp16 || echo torch-fp32)
-# `make tune` measures every gated ONNX variant on this machine and records the fastest: used unless VARIANT= is
+# `make tune` measures every gated ONNX and OpenVINO variant on this machine and records the fastest: used unless VARIANT= is
 # given, and only on the machine it was measured on (same CPU model, flags, cores).
 ifeq ($(origin VARIANT),undefined)
   ifeq ($(RUNTIME),torch)
@@ -21,7 +21,7 @@ ifeq ($(origin VARIANT),undefined)
 endif
 EXPORT_ARGS ?=
 
-.PHONY: venv loadtest-venv monitoring-tools export repository serve gateway demo test test-slow finetune bench bench-ceiling bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
+.PHONY: venv loadtest-venv monitoring-tools export repository serve gateway demo test test-slow finetune bench bench-peers bench-ceiling bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
@@ -64,8 +64,10 @@ test: venv loadtest-venv monitoring-tools  ## the whole suite against a real tri
 test-slow: venv loadtest-venv monitoring-tools  ## the long scenarios left out of `make test` (3 rollouts under load, scale-out, crash recovery, a real Prometheus's alerts)
 	$(PY) -m pytest -q -m slow tests
 
-bench: venv                      ## export benchmark: PyTorch FP32 vs each ONNX and OpenVINO variant and the torch runtime's FP32
-	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,torch-fp32 $(EXPORT_ARGS)
+# Every runtime and precision a CPU can serve (ov-bf16 only where it computes BF16): what bench and tune export.
+CPU_VARIANTS := onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,ov-bf16
+bench: venv                      ## export benchmark: PyTorch FP32 vs each gated ONNX and OpenVINO variant and the torch runtime's FP32; refused ones listed
+	$(PY) -m export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
 	$(PY) -m export.bench
 
 CEILING_GOAL ?= 2.5
@@ -123,9 +125,14 @@ distill: venv                    ## a student keeping LAYERS of the teacher's la
 	$(PY) -m export.distill --layers $(LAYERS) $(DISTILL_ARGS)
 	$(PY) -m export --model build/students/student-l$(LAYERS) --out build/export-student --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
 
-tune: venv                       ## measure every gated variant through Triton here; make serve/demo then serve the fastest (build/tune.json)
-	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8 $(EXPORT_ARGS)
+tune: venv                       ## export every CPU variant, measure the gated ones through Triton here; make serve/demo then serve the fastest (build/tune.json)
+	$(PY) -m export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
 	$(PY) -m loadtest.tune
+
+PEERS_ARGS ?=
+bench-peers: venv                ## the peers users pick (sentence-transformers backends, fastembed, infinity-emb), each in its own venv under build/peers, beside our variants, embed and the gateway -> build/reports/peers.json + peers.png
+	$(PY) -m export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
+	$(PY) -m loadtest.peers $(PEERS_ARGS)
 
 bench-trace: venv                ## embed b1 broken into steps by Triton's trace API (queue, input, compute, output per model; gRPC; client)
 	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)

@@ -104,7 +104,7 @@ def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
-    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,torch-fp32")
+    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,ov-bf16,torch-fp32")
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per runner and shape")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "export_bench.json")
     args = parser.parse_args(argv)
@@ -118,11 +118,17 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(os.cpu_count())
     source = load_source(settings.default_model_dir())
+    from export.pipeline import read_outcomes
+
     runners = [TorchRunner(load_torch_encoder(source, attn_implementation="sdpa"), name="pytorch-fp32")]
+    outcomes = read_outcomes(args.export_dir)
+    not_measured = []
     for variant in args.variants.split(","):
         directory = args.export_dir / variant
         if not Manifest.exists(directory):
-            log.warning("skipping %s: not exported (run `make export`)", variant)
+            outcome = outcomes.get(variant, {"status": "not exported", "detail": "run make export"})
+            not_measured.append({"variant": variant, "status": outcome["status"], "detail": outcome["detail"]})
+            log.warning("not measuring %s: %s %s", variant, outcome["status"], outcome["detail"])
             continue
         manifest = Manifest.read(directory)
         if manifest.format == VariantFormat.TORCH:  # the torch runtime's code (encoders/torch_bert.py), FP32 here
@@ -153,8 +159,10 @@ def main(argv=None) -> int:
         small, large = row["b1/s16"], row["b32/s128"]
         print(f"{row['runtime']:<14}{small['p50_ms']:>15.2f}{base['b1/s16']['p50_ms'] / small['p50_ms']:>9.2f}x"
               f"{large['p50_ms']:>17.1f}{large['seq_per_s']:>9.0f}{large['seq_per_s'] / base['b32/s128']['seq_per_s']:>9.2f}x")
+    for row in not_measured:
+        print(f"{row['variant']:<14}not measured, {row['status']}: {row['detail']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"machine": machine(), "rows": rows, "not_measured": not_measured}, indent=2))
     print(f"\nwritten {args.out}")
     return 0
 

@@ -73,6 +73,30 @@ def passing_exports(export_dir: Path) -> dict[str, object]:
     return found
 
 
+# What `make tune` exports and measures: every runtime and precision the embedded runtime serves on a CPU. ov-bf16
+# is skipped (listed as not supported) where the CPU computes no BF16.
+CPU_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "ov-fp32", "ov-int8", "ov-bf16")
+
+
+def not_served(outcomes: dict, served: set[str], wanted: tuple[str, ...] = CPU_VARIANTS) -> list[dict]:
+    """The wanted variants that will not be measured, each with why: its last export's status and detail
+    (refused by the gate, skipped as not supported here, failed to build), or that it was never exported."""
+    rows = []
+    for variant in wanted:
+        if variant in served:
+            continue
+        outcome = outcomes.get(variant)
+        if outcome is None:
+            rows.append({"variant": variant, "status": "not exported", "detail": "run make tune (or make export)"})
+        elif outcome["status"] in ("written", "up-to-date"):
+            rows.append({"variant": variant, "status": "missing",
+                         "detail": "exported, but no gated manifest is in place now: export it again"})
+        else:
+            status = "not supported here" if outcome["status"] == "skipped" else outcome["status"]
+            rows.append({"variant": variant, "status": status, "detail": outcome["detail"]})
+    return rows
+
+
 def print_choice() -> int:
     record = json.loads(TUNE_FILE.read_text()) if TUNE_FILE.exists() else None
     variant, why = tuned_variant(record, machine_identity(), set(passing_exports(settings.EXPORT_DIR)))
@@ -121,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     from export.bench import machine
 
     logs.configure()
+    from export.pipeline import read_outcomes
+
     candidates = passing_exports(settings.EXPORT_DIR)
+    skipped = not_served(read_outcomes(settings.EXPORT_DIR), set(candidates))
     if not candidates:
         raise SystemExit(f"no gated variant under {settings.EXPORT_DIR}: run make export first")
     rows = []
@@ -132,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                      "batch_invariance_min_cosine": figures.get("batch_invariance_min_cosine")})
     best = choose(rows, args.objective)
     record = {"machine": machine_identity(), "machine_line": machine(), "objective": args.objective,
-              "variant": best["variant"], "rows": rows,
+              "variant": best["variant"], "rows": rows, "not_served": skipped,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     TUNE_FILE.parent.mkdir(parents=True, exist_ok=True)
     partial = TUNE_FILE.with_suffix(".partial")
@@ -145,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['variant']:<12}{row['b1_p50_ms']:>11.2f}{row['b32_seq_per_s']:>12.1f}"
               f"{row['spearman_ratio_confirmation'] or float('nan'):>16.5f}{row['batch_invariance_min_cosine']:>12.6f}"
               f"{mark}{'' if row['stable'] else '  (unstable)'}")
+    for row in skipped:
+        print(f"{row['variant']:<12}{row['status']}: {row['detail']}")
     print(f"written {TUNE_FILE}: make serve / make demo now serve {best['variant']} on this machine")
     return 0
 

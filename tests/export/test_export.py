@@ -254,6 +254,16 @@ def test_nncf_int8_keeps_pooling_and_the_chosen_layers_fp32_and_is_batch_invaria
     assert sum(quantized_inputs.values()) >= 20, "the encoder's MatMuls are quantized"
     assert not any(q for name, q in quantized_inputs.items() if "/pool/" in name), "pooling stays FP32"
     assert not quantized_inputs["/bert/encoder/layer.0/output/dense/MatMul"]
+
+    def quantized_upstream(value) -> bool:  # through the reshapes between a projection and the attention core
+        node = value.get_node()
+        while node.get_type_name() in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Convert"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "FakeQuantize"
+
+    attention = [op for op in model.get_ordered_ops() if op.get_type_name() == "ScaledDotProductAttention"]
+    assert attention and not any(quantized_upstream(op.input_value(i)) for op in attention for i in range(3)), \
+        "query, key and value enter the attention core in FP32"
     assert quantized_inputs["/bert/encoder/layer.1/output/dense/MatMul"]
 
     int8 = openvino_variant.OpenVinoRunner(tmp_path / "model.xml", "int8")
@@ -264,6 +274,14 @@ def test_nncf_int8_keeps_pooling_and_the_chosen_layers_fp32_and_is_batch_invaria
     together = int8(ids, mask)
     alone = np.concatenate([int8(*tokenize(tokenizer, [text], 256)) for text in sentences[:16]])
     assert float(np.min(np.sum(together * alone, axis=1))) >= 0.999  # static scales: no batch-mate effect
+    # One padded position must not change a text's vector (INT8 query and key in the attention core did: 0.99786).
+    padded, each_alone = [], []
+    for text in sentences:
+        ids_one, mask_one = tokenize(tokenizer, [text], 256)
+        each_alone.append(int8(ids_one, mask_one))
+        padded.append(int8(np.pad(ids_one, ((0, 0), (0, 1))), np.pad(mask_one, ((0, 0), (0, 1)))))
+    assert float(np.min(np.sum(np.concatenate(padded) * np.concatenate(each_alone), axis=1))) >= 0.99999
+    assert any("attention core" in kept for kept in details["quantization"]["fp32"])
     assert float(np.mean(np.sum(together * fp32(ids, mask), axis=1))) >= 0.95
 
 

@@ -247,3 +247,48 @@ def test_interleaved_timing_takes_turns_after_warming_each_up():
     assert order == ["a", "b"] + ["a", "a", "a", "b", "b", "b"] * 3
     # The first call of each block is not counted.
     assert [len(t) for t in times.values()] == [6, 6] and all(x >= 0 for t in times.values() for x in t)
+
+
+def test_tune_lists_each_variant_it_will_not_measure_with_why():
+    from loadtest.tune import not_served
+
+    outcomes = {
+        "onnx-int8": {"status": "written", "detail": ""},
+        "ov-int8": {"status": "refused", "detail": "batch invariance 0.997860 < 0.999"},
+        "ov-bf16": {"status": "skipped", "detail": "this CPU computes no BF16 natively"},
+        "onnx-fp16": {"status": "failed", "detail": "disk full"},
+        "ov-fp32": {"status": "up-to-date", "detail": ""},
+    }
+    rows = {row["variant"]: row for row in not_served(outcomes, {"onnx-int8"})}
+    assert set(rows) == {"onnx-fp32", "onnx-fp16", "ov-fp32", "ov-int8", "ov-bf16"}
+    assert rows["ov-int8"] == {"variant": "ov-int8", "status": "refused", "detail": "batch invariance 0.997860 < 0.999"}
+    assert rows["ov-bf16"]["status"] == "not supported here"
+    assert rows["onnx-fp16"]["status"] == "failed"
+    assert rows["onnx-fp32"]["status"] == "not exported"
+    assert rows["ov-fp32"]["status"] == "missing"   # said written, but its gated manifest is gone
+    assert not_served(outcomes, {"onnx-fp32", "onnx-fp16", "onnx-int8", "ov-fp32", "ov-int8", "ov-bf16"}) == []
+
+
+def test_export_records_each_variants_last_outcome_and_keeps_the_others():
+    from export.pipeline import Outcome, merge_outcomes
+    from export.variants import VariantStatus
+
+    machine = {"cpu": "AMD EPYC", "flags": ["avx2"], "cores": 2}
+    first = merge_outcomes({}, [Outcome("ov-int8", VariantStatus.REFUSED, "batch invariance"),
+                                Outcome("onnx-int8", VariantStatus.WRITTEN)], machine, "t1")
+    second = merge_outcomes(first, [Outcome("ov-int8", VariantStatus.WRITTEN)], machine, "t2")
+    assert second["variants"]["ov-int8"] == {"status": "written", "detail": "", "machine": machine, "at": "t2"}
+    assert second["variants"]["onnx-int8"]["at"] == "t1"
+
+
+def test_export_keep_going_exits_0_while_one_variant_is_in_place():
+    from export.__main__ import exit_status
+    from export.pipeline import Outcome
+    from export.variants import VariantStatus
+
+    mixed = [Outcome("onnx-int8", VariantStatus.WRITTEN), Outcome("ov-int8", VariantStatus.REFUSED, "gate"),
+             Outcome("ov-bf16", VariantStatus.SKIPPED, "no BF16")]
+    assert exit_status(mixed, variants_named=True, keep_going=False) == 1
+    assert exit_status(mixed, variants_named=True, keep_going=True) == 0
+    assert exit_status(mixed[1:], variants_named=True, keep_going=True) == 1   # nothing in place
+    assert exit_status([mixed[0], mixed[2]], variants_named=False, keep_going=False) == 0  # default list: skip is fine

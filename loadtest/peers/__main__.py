@@ -1,0 +1,3 @@
+from loadtest.peers.harness import main
+
+raise SystemExit(main())

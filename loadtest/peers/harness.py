@@ -1,0 +1,492 @@
+"""python -m loadtest.peers (`make bench-peers`): the embedding stacks users pick, measured beside ours in one run.
+
+Each peer gets a venv of its own under build/peers/<venv> (pinned by loadtest/peers/requirements-<venv>.txt; built
+once, rebuilt when the file changes) and loads the local model folder offline:
+- sentence-transformers: torch, onnx, onnx qint8 (the dynamic-INT8 config for this CPU's ISA), openvino (its
+  default precision: BF16 where the CPU computes it), openvino static INT8 (`export_static_quantized_openvino_model`,
+  calibrated on STS-B *train*);
+- fastembed, on the qint8 ONNX file of the step before;
+- infinity-emb as a server, torch and optimum engines (`--pooling-method mean`), over HTTP;
+- this project: every gated CPU variant bare, in this process; `embed` over gRPC and the gateway's
+  `/v1/embeddings` over HTTP, both serving the variant `make serve` serves here.
+
+Every row is timed the same way: p50 of calls from text to vectors, tokenization included, at b1 (one text of 16
+tokens) and b32 (32 distinct texts of 128 tokens), one caller, all of the machine's threads. Quality is scored here
+on each peer's own vectors: STS-B dev *confirmation* half Spearman as a ratio to sentence-transformers' torch FP32,
+and batch invariance (the gate sentences alone vs in padded batches of 32, min cosine). A peer that cannot be
+built or run is listed with why; it never stops the others.
+
+Writes build/reports/peers.json and peers.png; the table names the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import logs
+import settings
+
+log = logs.get("loadtest")
+HERE = Path(__file__).resolve().parent
+WORK = settings.BUILD_DIR / "peers"
+B1_TOKENS, B32_TOKENS, B32 = 16, 128, 32
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    kind: str            # "worker": loadtest/peers/worker.py in the venv; "infinity": a server; "project": ours
+    venv: str = ""
+    label: str = ""
+    engine: str = ""     # infinity's --engine
+
+
+PEERS = (
+    Peer("st-torch", "worker", "st", "sentence-transformers, torch FP32 (the quality reference)"),
+    Peer("st-onnx", "worker", "st", "sentence-transformers, ONNX Runtime FP32"),
+    Peer("st-onnx-qint8", "worker", "st", "sentence-transformers, ONNX Runtime dynamic INT8 for this ISA"),
+    Peer("st-openvino", "worker", "st", "sentence-transformers, OpenVINO default precision"),
+    Peer("st-openvino-int8", "worker", "st", "sentence-transformers, OpenVINO static INT8"),
+    Peer("fastembed", "worker", "fastembed", "fastembed on st-onnx-qint8's file"),
+    Peer("infinity-torch", "infinity", "infinity", "infinity-emb server, torch engine, HTTP", "torch"),
+    Peer("infinity-optimum", "infinity", "infinity", "infinity-emb server, optimum engine, HTTP", "optimum"),
+    Peer("project-bare", "project", label="bert-recsys, each gated CPU variant in process"),
+    Peer("project-embed", "project", label="bert-recsys `embed` over gRPC (the served variant)"),
+    Peer("project-gateway", "project", label="bert-recsys gateway /v1/embeddings over HTTP (the served variant)"),
+)
+PEER_NAMES = tuple(peer.name for peer in PEERS)
+
+
+# -- pure parts: texts, parsing, scoring, the table ----------------------------------------------------------------
+
+def texts_of_tokens(tokenizer, paragraphs: list[str], tokens: int, count: int) -> list[str]:
+    """`count` distinct texts that tokenize to exactly `tokens` ids (special tokens included), cut from the
+    paragraphs joined end to end from a different starting point each."""
+    found: list[str] = []
+    for start in range(len(paragraphs)):
+        joined = " ".join(paragraphs[start:] + paragraphs[:start])
+        ids = tokenizer(joined, add_special_tokens=False, verbose=False)["input_ids"]
+        for cut in range(tokens - 2, tokens - 6, -1):  # decoding can merge or split a piece: try a little shorter
+            text = tokenizer.decode(ids[:cut])
+            if len(tokenizer(text)["input_ids"]) == tokens and text not in found:
+                found.append(text)
+                break
+        if len(found) == count:
+            return found
+    raise ValueError(f"could make only {len(found)} distinct texts of {tokens} tokens from {len(paragraphs)} paragraphs")
+
+
+def parse_result(text: str) -> dict:
+    """A worker's result file: per-call seconds at b1 and b32, versions. Raises ValueError naming what is wrong."""
+    try:
+        result = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"the peer's result is not JSON: {error}") from None
+    for key in ("peer", "b1_s", "b32_s", "versions"):
+        if key not in result:
+            raise ValueError(f"the peer's result lacks {key!r}")
+    for key in ("b1_s", "b32_s"):
+        values = result[key]
+        if not values or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+            raise ValueError(f"the peer's {key} holds no positive timings: {values!r:.80}")
+    return result
+
+
+def speed(b1_s: list[float], b32_s: list[float]) -> dict:
+    b1, b32 = float(np.median(b1_s)), float(np.median(b32_s))
+    return {"b1_p50_ms": 1000 * b1, "b32_p50_ms": 1000 * b32, "b32_texts_per_s": B32 / b32,
+            "b1_runs": len(b1_s), "b32_runs": len(b32_s)}
+
+
+def quality(sts: np.ndarray, gate_batched: np.ndarray, gate_alone: np.ndarray, pairs, reference_halves: dict | None
+            ) -> dict:
+    """STS-B halves' Spearman (and the confirmation half's ratio to the reference), batch invariance."""
+    from export.gate import row_cosines, spearman_by_half
+
+    n = len(pairs)
+    halves = spearman_by_half(sts[:n], sts[n:], pairs)
+    figures = {"spearman_confirmation": halves["confirmation"], "spearman_selection": halves["selection"],
+               "batch_invariance_min_cosine": float(np.min(row_cosines(gate_alone, gate_batched)))}
+    if reference_halves:
+        figures["spearman_ratio_confirmation"] = halves["confirmation"] / reference_halves["confirmation"]
+    return figures
+
+
+def fastest_holding_gates(rows: list[dict], kinds: tuple[str, ...] = ("worker",), spearman: float = 0.9985,
+                          invariance: float = 0.999) -> dict | None:
+    """The fastest peer at b32 among those (of `kinds`) whose vectors hold the project's gates."""
+    holding = [row for row in rows if row.get("kind") in kinds and "b32_p50_ms" in row
+               and row.get("spearman_ratio_confirmation", 0) >= spearman
+               and row.get("batch_invariance_min_cosine", 0) >= invariance]
+    return min(holding, key=lambda row: row["b32_p50_ms"]) if holding else None
+
+
+def table(rows: list[dict], machine_line: str) -> str:
+    lines = [f"Embedding stacks, all-MiniLM-L6-v2, text in, vectors out, p50, one caller; {machine_line}",
+             f"{'row':<38}{'b32 ms':>9}{'texts/s':>9}{'b1 ms':>8}{'STS conf.':>11}{'invariance':>12}"]
+    for row in rows:
+        if "b32_p50_ms" not in row:
+            lines.append(f"{row['row']:<38}not run: {row.get('error', '?')}")
+            continue
+        ratio = row.get("spearman_ratio_confirmation")
+        lines.append(f"{row['row']:<38}{row['b32_p50_ms']:>9.1f}{row['b32_texts_per_s']:>9.0f}{row['b1_p50_ms']:>8.2f}"
+                     f"{'-' if ratio is None else format(ratio, '.5f'):>11}"
+                     f"{row.get('batch_invariance_min_cosine', float('nan')):>12.6f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [row for row in rows if "b32_p50_ms" in row]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(measured) + 1.8))
+    names = [row["row"] for row in measured]
+    for axis, key, label in ((axes[0], "b32_p50_ms", "b32 x 128 tokens, p50 ms"), (axes[1], "b1_p50_ms", "b1 x 16 tokens, p50 ms")):
+        values = [row[key] for row in measured]
+        colors = ["tab:orange" if row["kind"] == "project" else "tab:blue" for row in measured]
+        axis.barh(names, values, color=colors)
+        for y, value in enumerate(values):
+            axis.text(value, y, f" {value:.1f}" if value >= 10 else f" {value:.2f}", va="center", fontsize=8)
+        axis.set_xlabel(label)
+        axis.invert_yaxis()
+    axes[1].set_yticklabels([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- venvs ---------------------------------------------------------------------------------------------------------
+
+def venv_python(name: str) -> Path:
+    return WORK / name / "bin" / "python"
+
+
+def ensure_venv(name: str) -> Path:
+    """build/peers/<name>, installed from requirements-<name>.txt; reused while the file is unchanged."""
+    requirements = HERE / f"requirements-{name}.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    stamp = WORK / name / ".installed"
+    if stamp.exists() and stamp.read_text().strip() == digest and venv_python(name).exists():
+        return venv_python(name)
+    log.info("building the %s venv under %s (pip, a few minutes)", name, WORK / name)
+    shutil.rmtree(WORK / name, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(WORK / name)], check=True)
+    install = subprocess.run([str(venv_python(name)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                              "-r", str(requirements)], capture_output=True, text=True)
+    if install.returncode != 0:
+        raise RuntimeError(f"pip could not install {requirements.name}: {install.stderr.strip()[-400:]}")
+    stamp.write_text(digest)
+    return venv_python(name)
+
+
+# -- running the peers ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    b1: list[str]
+    b32: list[str]
+    sts_pairs: list
+    gate: list[str]
+    calibration: list[str]
+    runs_b1: int
+    runs_b32: int
+    model_dir: Path
+    vectors: dict = field(default_factory=dict)
+
+    @property
+    def sts_texts(self) -> list[str]:
+        return [a for a, _, _ in self.sts_pairs] + [b for _, b, _ in self.sts_pairs]
+
+
+def run_worker(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
+    python = ensure_venv(peer.venv)
+    folder = out / peer.name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    request = {"peer": peer.name, "model": str(inputs.model_dir), "work": str(WORK / "work"),
+               "out": str(folder / "result.json"), "b1": inputs.b1, "b32": inputs.b32, "sts": inputs.sts_texts,
+               "gate": inputs.gate, "runs_b1": inputs.runs_b1, "runs_b32": inputs.runs_b32,
+               "calibration": inputs.calibration}
+    (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    with open(folder / "worker.log", "w") as log_file:
+        done = subprocess.run([str(python), str(HERE / "worker.py"), str(folder / "request.json")], env=env,
+                              stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=folder)
+    if done.returncode != 0:
+        tail = (folder / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"exited {done.returncode}: {' | '.join(tail)[-300:]}")
+    result = parse_result((folder / "result.json").read_text(encoding="utf-8"))
+    vectors = {name: np.load(folder / f"{name}.npy") for name in ("sts", "gate_batched", "gate_alone")}
+    return {**speed(result["b1_s"], result["b32_s"]), "versions": result["versions"], "details": result["details"],
+            "load_s": result["load_s"], "_vectors": vectors}
+
+
+class HttpEmbeddings:
+    """POST {input: [...]} to an OpenAI-style /embeddings route over one keep-alive connection."""
+
+    def __init__(self, port: int, path: str, model: str, key: str = ""):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.path, self.model = path, model
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        body = json.dumps({"model": self.model, "input": list(texts), "encoding_format": "float"})
+        self.connection.request("POST", self.path, body, self.headers)
+        response = self.connection.getresponse()
+        payload = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"POST {self.path}: HTTP {response.status}: {payload[:200]!r}")
+        data = sorted(json.loads(payload)["data"], key=lambda item: item["index"])
+        vectors = np.array([item["embedding"] for item in data], dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def measure_in_process(embed, inputs: Inputs) -> dict:
+    """The worker's protocol, run here on a callable texts -> vectors (a server's client or a bare runner)."""
+    from loadtest.peers.worker import embed_in_batches, time_calls
+
+    b1 = time_calls(embed, inputs.b1, inputs.runs_b1)
+    b32 = time_calls(embed, inputs.b32, inputs.runs_b32)
+    vectors = {"sts": embed_in_batches(embed, inputs.sts_texts, B32),
+               "gate_batched": embed_in_batches(embed, inputs.gate, B32),
+               "gate_alone": np.concatenate([embed([text]) for text in inputs.gate])}
+    return {**speed(b1, b32), "_vectors": vectors}
+
+
+def run_infinity(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
+    from server.launcher import free_port
+
+    python = ensure_venv(peer.venv)
+    folder = out / peer.name
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    model = inputs.model_dir if peer.engine != "optimum" else onnx_model_folder(inputs.model_dir)
+    command = [str(python.parent / "infinity_emb"), "v2", "--model-id", str(model),
+               "--engine", peer.engine, "--device", "cpu", "--pooling-method", "mean", "--batch-size", str(B32),
+               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "model", "--no-model-warmup"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
+    env.pop("PYTHONPATH", None)
+    log_file = open(folder / "server.log", "w")
+    process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=folder)
+    try:
+        wait_http(process, port, "/health", timeout_s, folder / "server.log")
+        return measure_in_process(HttpEmbeddings(port, "/embeddings", "model"), inputs)
+    finally:
+        stop_process(process)
+        log_file.close()
+
+
+def onnx_model_folder(model_dir: Path) -> Path:
+    """The model folder plus onnx/model.onnx (FP32, exported by the st-onnx-qint8 peer): infinity's optimum engine
+    loads an ONNX file from the model's folder and exports none itself."""
+    onnx = WORK / "work" / "st-onnx" / "onnx" / "model.onnx"
+    if not onnx.exists():
+        raise RuntimeError(f"infinity's optimum engine runs the ONNX file the st-onnx-qint8 peer exports: {onnx} missing")
+    folder = WORK / "work" / "infinity-model"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(model_dir, folder, symlinks=True)
+    (folder / "onnx").mkdir()
+    shutil.copy2(onnx, folder / "onnx" / "model.onnx")
+    return folder
+
+
+def wait_http(process: subprocess.Popen, port: int, path: str, timeout_s: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"the server exited with status {process.returncode}: {' | '.join(tail)[-300:]}")
+        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            probe.request("GET", path)
+            if probe.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        time.sleep(0.5)
+    raise RuntimeError(f"no answer on {path} within {timeout_s:.0f} s")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def bare_rows(inputs: Inputs) -> list[dict]:
+    """Every gated CPU variant in build/export, in this process: tokenizer + runtime, as the peers run."""
+    from transformers import AutoTokenizer
+
+    from contracts.manifest import VariantFormat
+    from export.openvino_variant import OpenVinoRunner
+    from export.runners import OrtRunner, tokenize
+    from loadtest.tune import CPU_VARIANTS, passing_exports
+
+    from export.source import load_source
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
+    max_length = load_source(inputs.model_dir).max_length
+    rows = []
+    for variant, manifest in passing_exports(settings.EXPORT_DIR).items():
+        if variant not in CPU_VARIANTS:
+            continue
+        path = settings.EXPORT_DIR / variant / manifest.artifact.file
+        runner = (OpenVinoRunner(path, manifest.precision) if manifest.format == VariantFormat.OPENVINO
+                  else OrtRunner(path))
+        embed = lambda texts, runner=runner: runner(*tokenize(tokenizer, texts, max_length))  # noqa: E731
+        log.info("project %s, bare", variant)
+        rows.append({"row": f"bert-recsys {variant} (bare)", "peer": "project-bare", "variant": variant,
+                     "kind": "project", **measure_in_process(embed, inputs)})
+    return rows
+
+
+def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
+    """`embed` over gRPC and the gateway over HTTP, beside one tritonserver serving `variant`."""
+    from dataclasses import replace
+
+    from client.triton import TritonClient
+    from loadtest.gateway_bench import KEY, start_gateway, stop
+    from model_repository.render import build_repository
+    from server.launcher import TritonServer, free_port, on_free_ports
+
+    work = WORK / "serving"
+    repository = build_repository(settings.SETTINGS, settings.EXPORT_DIR, variant, "embedded", work / "repository")
+    server = on_free_ports(settings.SETTINGS.server, admin_key="")
+    rows = []
+    with TritonServer(repository, server, log_file=work / "triton.log"):
+        if "project-embed" in wanted:
+            client = TritonClient(server.grpc_url, settings=replace(settings.SETTINGS, server=server))
+            log.info("project embed over gRPC (%s)", variant)
+            rows.append({"row": f"bert-recsys embed gRPC ({variant})", "peer": "project-embed", "variant": variant,
+                         "kind": "project", **measure_in_process(lambda texts: client.embed(texts), inputs)})
+        if "project-gateway" in wanted:
+            port = free_port()
+            gateway = start_gateway(server, port, rate_rps=1e6, out=work)
+            try:
+                log.info("project gateway over HTTP (%s)", variant)
+                embed = HttpEmbeddings(port, "/v1/embeddings", "embed", KEY)
+                rows.append({"row": f"bert-recsys gateway HTTP ({variant})", "peer": "project-gateway",
+                             "variant": variant, "kind": "project", **measure_in_process(embed, inputs)})
+            finally:
+                stop(gateway)
+    return rows
+
+
+def build_inputs(runs_b1: int, runs_b32: int) -> Inputs:
+    from transformers import AutoTokenizer
+
+    from export.distill import read_texts
+    from export.gate import load_gate_sentences, load_sts
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.default_model_dir())
+    gate = load_gate_sentences()[0]
+    if not Path(settings.STSB_DEV).exists():
+        raise SystemExit(f"STS-B dev not found at {settings.STSB_DEV}: the quality columns need it (set DATA_DIR)")
+    calibration, _ = read_texts(settings.SHARED_DATA_DIR, ["sts-train"], 300)
+    return Inputs(b1=texts_of_tokens(tokenizer, gate, B1_TOKENS, 1), b32=texts_of_tokens(tokenizer, gate, B32_TOKENS, B32),
+                  sts_pairs=load_sts(settings.STSB_DEV), gate=gate, calibration=calibration, runs_b1=runs_b1,
+                  runs_b32=runs_b32, model_dir=settings.default_model_dir())
+
+
+def served_variant() -> str:
+    """What `make serve` serves here: the tuned choice for this machine, else onnx-int8 (the Makefile's default)."""
+    from loadtest.tune import TUNE_FILE, passing_exports, tuned_variant
+    from export.bench import machine_identity
+
+    record = json.loads(TUNE_FILE.read_text()) if TUNE_FILE.exists() else None
+    variant, _ = tuned_variant(record, machine_identity(), set(passing_exports(settings.EXPORT_DIR)))
+    return variant or "onnx-int8"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.peers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", default=",".join(PEER_NAMES), help="comma-separated, from %(default)s")
+    parser.add_argument("--runs-b1", type=int, default=100)
+    parser.add_argument("--runs-b32", type=int, default=15)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds one peer may take, install excluded")
+    parser.add_argument("--variant", default=None, help="what `embed` and the gateway serve (default: make serve's)")
+    parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports")
+    args = parser.parse_args(argv)
+    logs.configure()
+    wanted = [name.strip() for name in args.peers.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - set(PEER_NAMES))
+    if unknown:
+        parser.error(f"unknown peer {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)}")
+    if "st-torch" not in wanted:
+        wanted.insert(0, "st-torch")  # the quality reference
+    for needs_onnx in ("fastembed", "infinity-optimum"):  # both run the ONNX files st-onnx-qint8 exports
+        if needs_onnx in wanted and "st-onnx-qint8" not in wanted:
+            wanted.insert(wanted.index(needs_onnx), "st-onnx-qint8")
+    from export.bench import machine
+
+    inputs = build_inputs(args.runs_b1, args.runs_b32)
+    out = args.out / "peers"
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for peer in (p for p in PEERS if p.name in wanted and p.kind != "project"):
+        log.info("peer %s: %s", peer.name, peer.label)
+        row = {"row": peer.name, "peer": peer.name, "kind": peer.kind, "label": peer.label}
+        try:
+            measured = (run_worker if peer.kind == "worker" else run_infinity)(peer, inputs, out, args.timeout)
+            row.update(measured)
+        except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as error:
+            row["error"] = str(error)
+            log.warning("peer %s not run: %s", peer.name, error)
+        rows.append(row)
+    if "project-bare" in wanted:
+        rows.extend(bare_rows(inputs))
+    served = {"project-embed", "project-gateway"} & set(wanted)
+    if served:
+        rows.extend(served_rows(inputs, served, args.variant or served_variant()))
+    reference = next((row for row in rows if row["peer"] == "st-torch" and "_vectors" in row), None)
+    reference_halves = None
+    if reference is not None:
+        n = len(inputs.sts_pairs)
+        from export.gate import spearman_by_half
+
+        vectors = reference["_vectors"]["sts"]
+        reference_halves = spearman_by_half(vectors[:n], vectors[n:], inputs.sts_pairs)
+    for row in rows:
+        vectors = row.pop("_vectors", None)
+        if vectors is not None:
+            row.update(quality(vectors["sts"], vectors["gate_batched"], vectors["gate_alone"], inputs.sts_pairs,
+                               reference_halves))
+    line = machine()
+    print()
+    print(table(rows, line))
+    best_peer = fastest_holding_gates(rows)
+    summary = {"machine": line, "rows": rows, "fastest_peer_holding_gates": best_peer and best_peer["row"],
+               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "protocol": {"b1_tokens": B1_TOKENS, "b32_tokens": B32_TOKENS, "runs_b1": args.runs_b1,
+                            "runs_b32": args.runs_b32, "callers": 1, "statistic": "p50"}}
+    if best_peer:
+        print(f"\nfastest peer holding the gates (STS-B confirmation >= 0.9985 of torch FP32, invariance >= 0.999): "
+              f"{best_peer['row']}, {best_peer['b32_p50_ms']:.1f} ms at b32, {best_peer['b1_p50_ms']:.2f} ms at b1")
+    (args.out / "peers.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    plot(rows, f"text -> vectors, p50, one caller; {line}", args.out / "peers.png")
+    print(f"written {args.out / 'peers.json'} and {args.out / 'peers.png'}")
+    return 0

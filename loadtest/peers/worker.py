@@ -1,0 +1,188 @@
+"""One peer, measured inside its own venv: `python worker.py REQUEST.json`.
+
+Runs under a peer's interpreter (build/peers/<venv>/bin/python), so it imports nothing of this project: only the
+peer's own packages, numpy and the standard library. loadtest/peers/harness.py writes the request and reads back:
+- RESULT (the request's `out`): JSON with the peer's versions and per-call seconds at b1 and b32;
+- sts.npy, gate_batched.npy, gate_alone.npy beside it: the vectors the harness scores (STS-B Spearman, batch
+  invariance) the same way for every peer.
+
+Every call it times goes from text to vectors, tokenization included, on all of the machine's threads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def log(message: str) -> None:
+    print(time.strftime("%Y-%m-%dT%H:%M:%S"), "peer", message, file=sys.stderr, flush=True)
+
+
+def isa_config_name() -> str:
+    """sentence-transformers' dynamic-INT8 config for this CPU's ISA (its own helper names: avx512_vnni, avx512,
+    avx2, arm64)."""
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
+                break
+    except OSError:
+        pass
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "arm64"
+
+
+# -- sentence-transformers backends ---------------------------------------------------------------------------------
+
+def st_model(request: dict):
+    from sentence_transformers import SentenceTransformer
+
+    peer, model_dir, work = request["peer"], request["model"], Path(request["work"])
+    if peer == "st-torch":
+        model = SentenceTransformer(model_dir, device="cpu", backend="torch")
+    elif peer == "st-onnx":
+        model = SentenceTransformer(model_dir, device="cpu", backend="onnx")
+    elif peer == "st-onnx-qint8":
+        from sentence_transformers import export_dynamic_quantized_onnx_model
+
+        config = isa_config_name()
+        target = work / "st-onnx"
+        file_name = f"onnx/model_qint8_{config}.onnx"
+        if not (target / file_name).exists():
+            SentenceTransformer(model_dir, device="cpu", backend="onnx").save(str(target))
+            export_dynamic_quantized_onnx_model(SentenceTransformer(str(target), device="cpu", backend="onnx"),
+                                                config, str(target))
+        model = SentenceTransformer(str(target), device="cpu", backend="onnx", model_kwargs={"file_name": file_name})
+        request["details"] = {"quantization": f"ONNX Runtime dynamic INT8, config {config}", "file": file_name}
+    elif peer == "st-openvino":
+        model = SentenceTransformer(model_dir, device="cpu", backend="openvino")
+    elif peer == "st-openvino-int8":
+        from sentence_transformers import export_static_quantized_openvino_model
+
+        target = work / "st-openvino"
+        file_name = "openvino/openvino_model_qint8_quantized.xml"
+        if not (target / file_name).exists():
+            SentenceTransformer(model_dir, device="cpu", backend="openvino").save(str(target))
+            calibration = write_calibration(request, work)
+            # The peer's own recipe (OVQuantizationConfig's defaults, padded to 384), calibrated on training text.
+            export_static_quantized_openvino_model(
+                SentenceTransformer(str(target), device="cpu", backend="openvino"), None, str(target),
+                dataset_name=str(calibration), dataset_config_name="default", dataset_split="train",
+                column_name="sentence")
+        model = SentenceTransformer(str(target), device="cpu", backend="openvino", model_kwargs={"file_name": file_name})
+        request["details"] = {"quantization": "optimum-intel OVQuantizationConfig() defaults (NNCF static INT8)",
+                              "calibration_texts": len(request["calibration"])}
+    else:
+        raise SystemExit(f"unknown sentence-transformers peer {peer!r}")
+    return lambda texts: np.asarray(model.encode(texts, batch_size=len(texts), normalize_embeddings=True,
+                                                 convert_to_numpy=True), dtype=np.float32)
+
+
+def write_calibration(request: dict, work: Path) -> Path:
+    folder = work / "calibration"
+    folder.mkdir(parents=True, exist_ok=True)
+    import csv
+
+    with open(folder / "train.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sentence"])
+        writer.writerows([text] for text in request["calibration"])
+    return folder
+
+
+# -- fastembed ------------------------------------------------------------------------------------------------------
+
+def fastembed_model(request: dict):
+    """fastembed on the ONNX file the st-onnx-qint8 peer wrote (fastembed has no exporter of its own)."""
+    from fastembed import TextEmbedding
+    from fastembed.common.model_description import ModelSource, PoolingType
+
+    source = Path(request["work"]) / "st-onnx"
+    config = isa_config_name()
+    file_name = f"onnx/model_qint8_{config}.onnx"
+    if not (source / file_name).exists():
+        raise SystemExit(f"fastembed runs the st-onnx-qint8 peer's file, not found: {source / file_name}")
+    name = "local/all-minilm-l6-v2-qint8"
+    TextEmbedding.add_custom_model(model=name, pooling=PoolingType.MEAN, normalization=True,
+                                   sources=ModelSource(hf="sentence-transformers/all-MiniLM-L6-v2"), dim=384,
+                                   model_file=file_name)
+    model = TextEmbedding(model_name=name, specific_model_path=str(source), threads=os.cpu_count())
+    request["details"] = {"file": file_name}
+    return lambda texts: np.asarray(list(model.embed(texts, batch_size=len(texts))), dtype=np.float32)
+
+
+# -- measuring ------------------------------------------------------------------------------------------------------
+
+def time_calls(embed, texts: list[str], runs: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        embed(texts)
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        embed(texts)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def embed_in_batches(embed, texts: list[str], batch: int) -> np.ndarray:
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), 0), dtype=np.float32)
+    for start in range(0, len(texts), batch):
+        index = order[start : start + batch]
+        vectors = embed([texts[i] for i in index])
+        if out.shape[1] == 0:
+            out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+        out[index] = vectors
+    return out
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    found = {}
+    for name in ("sentence-transformers", "torch", "transformers", "onnxruntime", "openvino", "optimum",
+                 "optimum-intel", "optimum-onnx", "nncf", "fastembed", "numpy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def main() -> int:
+    request = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    out = Path(request["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log(f"{request['peer']}: loading")
+    started = time.perf_counter()
+    embed = fastembed_model(request) if request["peer"] == "fastembed" else st_model(request)
+    load_s = time.perf_counter() - started
+    log(f"{request['peer']}: timing b1 and b32")
+    b1 = time_calls(embed, request["b1"], request["runs_b1"])
+    b32 = time_calls(embed, request["b32"], request["runs_b32"])
+    log(f"{request['peer']}: STS-B dev and the gate set")
+    np.save(out.parent / "sts.npy", embed_in_batches(embed, request["sts"], 32))
+    np.save(out.parent / "gate_batched.npy", embed_in_batches(embed, request["gate"], 32))
+    np.save(out.parent / "gate_alone.npy", np.concatenate([embed([text]) for text in request["gate"]]))
+    result = {"peer": request["peer"], "versions": versions(), "load_s": load_s, "b1_s": b1, "b32_s": b32,
+              "details": request.get("details", {})}
+    partial = out.with_suffix(".partial")
+    partial.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    partial.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The peers' benchmark harness (loadtest/peers): what it parses, how it scores and what it picks, without a peer."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import settings
+from loadtest.peers import harness
+
+
+def result(**overrides) -> str:
+    base = {"peer": "st-openvino-int8", "b1_s": [0.001, 0.002, 0.003], "b32_s": [0.1, 0.09, 0.2], "versions": {},
+            "load_s": 1.0, "details": {}}
+    return json.dumps({**base, **overrides})
+
+
+def test_a_workers_result_is_parsed_or_refused_with_what_is_wrong():
+    parsed = harness.parse_result(result())
+    assert parsed["peer"] == "st-openvino-int8"
+    with pytest.raises(ValueError, match="not JSON"):
+        harness.parse_result("Traceback (most recent call last)")
+    with pytest.raises(ValueError, match="lacks 'b32_s'"):
+        harness.parse_result(json.dumps({"peer": "x", "b1_s": [0.1], "versions": {}}))
+    with pytest.raises(ValueError, match="no positive timings"):
+        harness.parse_result(result(b32_s=[]))
+    with pytest.raises(ValueError, match="no positive timings"):
+        harness.parse_result(result(b1_s=[0.001, -1]))
+
+
+def test_speed_is_the_median_and_throughput_follows_from_it():
+    figures = harness.speed([0.001, 0.003, 0.002], [0.2, 0.1, 0.4])
+    assert figures["b1_p50_ms"] == pytest.approx(2.0) and figures["b32_p50_ms"] == pytest.approx(200.0)
+    assert figures["b32_texts_per_s"] == pytest.approx(32 / 0.2)
+
+
+def row(name, b32, ratio, invariance, kind="worker"):
+    return {"row": name, "kind": kind, "b32_p50_ms": b32, "b1_p50_ms": 1.0, "b32_texts_per_s": 32000 / b32,
+            "spearman_ratio_confirmation": ratio, "batch_invariance_min_cosine": invariance}
+
+
+def test_the_fastest_peer_is_chosen_among_those_holding_the_gates():
+    rows = [row("fast-but-batch-dependent", 80, 0.999, 0.95), row("fast-but-worse", 85, 0.997, 1.0),
+            row("holds", 90, 0.9990, 0.9999), row("slow", 200, 1.0, 1.0), row("ours", 50, 1.0, 1.0, kind="project"),
+            {"row": "broken", "kind": "worker", "error": "pip failed"}]
+    assert harness.fastest_holding_gates(rows)["row"] == "holds"
+    assert harness.fastest_holding_gates(rows[:2]) is None
+
+
+def test_the_table_names_the_cpu_and_lists_a_peer_that_did_not_run_with_why():
+    text = harness.table([row("holds", 90, 0.999, 0.9999), {"row": "infinity-optimum", "kind": "infinity",
+                                                          "error": "No onnx files found"}], "AMD EPYC (avx2), 2 cores")
+    assert "AMD EPYC (avx2), 2 cores" in text.splitlines()[0]
+    assert "infinity-optimum" in text and "not run: No onnx files found" in text
+    assert "90.0" in text and "0.99900" in text
+
+
+def test_quality_scores_spearman_halves_and_batch_invariance():
+    from export.gate import sts_half
+
+    rng = np.random.default_rng(0)
+    pairs = [(f"a {i}", f"b {i}", float(i % 5)) for i in range(60)]
+    assert {sts_half(a, b) for a, b, _ in pairs} == {"selection", "confirmation"}
+    vectors = rng.normal(size=(120, 8)).astype(np.float32)
+    gate = rng.normal(size=(10, 8)).astype(np.float32)
+    shifted = gate.copy()
+    shifted[3] += 0.5 * rng.normal(size=8)  # one text's vector changes with its batch-mates
+    figures = harness.quality(vectors, gate, shifted, pairs, {"confirmation": 0.5, "selection": 0.5})
+    cosine = float(gate[3] @ shifted[3] / np.linalg.norm(gate[3]) / np.linalg.norm(shifted[3]))
+    assert figures["batch_invariance_min_cosine"] == pytest.approx(cosine, rel=1e-5) and cosine < 0.999
+    assert figures["spearman_ratio_confirmation"] == pytest.approx(figures["spearman_confirmation"] / 0.5)
+
+
+def test_texts_of_exactly_the_asked_token_count_and_all_distinct():
+    from transformers import AutoTokenizer
+
+    from export.gate import load_gate_sentences
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.default_model_dir())
+    texts = harness.texts_of_tokens(tokenizer, load_gate_sentences()[0], 128, 32)
+    assert len(set(texts)) == 32
+    assert {len(tokenizer(text)["input_ids"]) for text in texts} == {128}
+    with pytest.raises(ValueError, match="distinct texts"):
+        harness.texts_of_tokens(tokenizer, ["one short line"], 128, 2)
+
+
+def test_the_worker_imports_nothing_of_this_project():
+    """worker.py runs under each peer's own interpreter, where none of our packages is installed."""
+    from tests.unit.test_contracts import LAYERS, imports
+
+    worker = settings.REPO_ROOT / "loadtest" / "peers" / "worker.py"
+    assert not imports(worker) & set(LAYERS)
+    assert not imports(worker) - {"__future__", "json", "os", "sys", "time", "pathlib", "numpy", "csv", "importlib",
+                                  "sentence_transformers", "fastembed"}
+
+
+def test_every_peer_venv_has_its_pinned_requirements():
+    for venv in {peer.venv for peer in harness.PEERS if peer.venv}:
+        lines = [line for line in (harness.HERE / f"requirements-{venv}.txt").read_text().splitlines()
+                 if line.strip() and not line.startswith("#")]
+        assert lines and all("==" in line for line in lines), venv
