@@ -129,6 +129,15 @@ class Manifest:
         object.__setattr__(self, "format", VariantFormat(self.format))
         object.__setattr__(self, "precision", Precision(self.precision))
 
+    @property
+    def openvino_precision(self) -> str | None:
+        """OpenVINO variants: what the CPU plugin computes the unquantized ops in (f32 or bf16), as the export
+        gated them (details.openvino.inference_precision; bf16 for a BF16 variant that predates the field)."""
+        if self.format != VariantFormat.OPENVINO:
+            return None
+        recorded = self.extra.get("details", {}).get("openvino", {}).get("inference_precision")
+        return recorded or ("bf16" if self.precision == Precision.BF16 else "f32")
+
     # ---- JSON -----------------------------------------------------------------------------------------
     @classmethod
     def from_json(cls, data: dict, where: str = "manifest", file_sha256: str = "") -> "Manifest":

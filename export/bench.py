@@ -17,7 +17,7 @@ import numpy as np
 
 import logs
 import settings
-from contracts.manifest import Manifest, Precision, VariantFormat
+from contracts.manifest import Manifest
 
 log = logs.get("export")
 
@@ -104,7 +104,7 @@ def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
-    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,ov-bf16,torch-fp32")
+    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,ov-bf16,ov-int8-bf16,torch-fp32")
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per runner and shape")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "export_bench.json")
     args = parser.parse_args(argv)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     import torch
 
     from export.onnx_export import load_torch_encoder
-    from export.runners import OrtRunner, TorchRunner  # here, so machine() imports without onnx or torch
+    from export.runners import TorchRunner, runner_for  # here, so machine() imports without onnx or torch
     from export.source import load_source
 
     torch.set_num_threads(os.cpu_count())
@@ -130,17 +130,7 @@ def main(argv=None) -> int:
             not_measured.append({"variant": variant, "status": outcome["status"], "detail": outcome["detail"]})
             log.warning("not measuring %s: %s %s", variant, outcome["status"], outcome["detail"])
             continue
-        manifest = Manifest.read(directory)
-        if manifest.format == VariantFormat.TORCH:  # the torch runtime's code (encoders/torch_bert.py), FP32 here
-            from export.torch_variant import TorchBertRunner
-
-            runners.append(TorchBertRunner(directory / manifest.artifact.file, Precision.FP32, "cpu", name=variant))
-        elif manifest.format == VariantFormat.OPENVINO:
-            from export.openvino_variant import OpenVinoRunner
-
-            runners.append(OpenVinoRunner(directory / manifest.artifact.file, manifest.precision, name=variant))
-        else:
-            runners.append(OrtRunner(directory / manifest.artifact.file, name=variant))
+        runners.append(runner_for(directory, Manifest.read(directory), name=variant))
 
     rows = []
     for runner in runners:

@@ -13,6 +13,7 @@ reads it, not the ORT-fused graph), run by OpenVINO's CPU plugin. Pooling and L2
 
     ov-bf16   the FP32 IR run at inference precision bf16: built only where the CPU computes BF16 natively
               (OpenVINO reports "BF16" among its optimization capabilities); skipped elsewhere.
+    ov-int8-bf16  ov-int8's recipe, with the ops left unquantized computed in bf16: built where ov-bf16 is.
 
 The attention core stays FP32 by construction: what a vector is must not depend on padding, whatever the
 calibration's scales. With INT8 query and key, invariance held or broke with the scales: SmoothQuant off 0.99786,
@@ -64,11 +65,20 @@ def capabilities() -> list[str]:
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-def require_bf16() -> None:
+def inference_precision(precision: Precision | str, override: str | None = None) -> str:
+    """What the CPU plugin is told to compute in (f32 or bf16): `override` where a variant or manifest names one."""
+    if override is not None:
+        if override not in ("f32", "bf16"):
+            raise ValueError(f"OpenVINO inference precision {override!r}: expected f32 or bf16")
+        return override
+    return INFERENCE_PRECISION[Precision(precision)]
+
+
+def require_bf16(variant: str = "ov-bf16") -> None:
     found = capabilities()
     if "BF16" not in found:
         raise OpenVinoUnavailable(f"this CPU computes no BF16 natively (OpenVINO's CPU capabilities: {', '.join(found)}): "
-                                  "ov-bf16 is built only on CPUs with AMX or AVX512-BF16")
+                                  f"{variant} is built only on CPUs with AMX or AVX512-BF16")
 
 
 def ffn_output_names(layers: tuple[int, ...]) -> list[str]:
@@ -141,8 +151,9 @@ def compile_model(xml: Path, precision: str, threads: int = 0, latency: bool = T
 class OpenVinoRunner:
     """The gate's (and the benchmark's) runner: the IR at the variant's inference precision."""
 
-    def __init__(self, xml: Path, precision: Precision | str, threads: int = 0, name: str | None = None):
-        self.precision = INFERENCE_PRECISION[Precision(precision)]
+    def __init__(self, xml: Path, precision: Precision | str, threads: int = 0, name: str | None = None,
+                 inference: str | None = None):
+        self.precision = inference_precision(precision, inference)
         self.compiled = compile_model(xml, self.precision, threads)
         self.request = self.compiled.create_infer_request()
         self.name = name or Path(xml).parent.name

@@ -101,6 +101,7 @@ class ExportOptions:
             recipe["teacher_sha256"] = teacher_sha256
         if variant.precision == Precision.INT8 and variant.format == VariantFormat.OPENVINO:
             recipe.update(int8_fp32_layers=self.ov_int8_fp32_layers(), smooth_quant=OV_SMOOTH_QUANT,
+                          inference_precision=variant.inference_precision,
                           fp32_attention=list(openvino_variant.ATTENTION_TYPES), calibration_batch=OV_CALIBRATION_BATCH,
                           calibration_sha256=file_sha256(self.calibration_file) if self.calibration_file
                           else in_domain_sha256(settings_module.SHARED_DATA_DIR))
@@ -347,9 +348,11 @@ class Exporter:
                                                                      smooth_quant=OV_SMOOTH_QUANT)
             else:
                 details["openvino"] = openvino_variant.convert(self.intermediate("raw"), artifact)
-            details["openvino"]["inference_precision"] = openvino_variant.INFERENCE_PRECISION[variant.precision]
+            precision = openvino_variant.inference_precision(variant.precision, variant.inference_precision)
+            details["openvino"]["inference_precision"] = precision
             details["openvino"]["cpu_capabilities"] = openvino_variant.capabilities()
-            return details, openvino_variant.OpenVinoRunner(artifact, variant.precision, name=variant.name)
+            return details, openvino_variant.OpenVinoRunner(artifact, variant.precision, name=variant.name,
+                                                            inference=precision)
         elif variant.format == VariantFormat.TORCH:
             details["torch"] = torch_variant.write(self.torch_encoder, self.source, variant.precision, artifact)
             runner = torch_variant.TorchBertRunner(artifact, variant.precision, name=variant.name)
@@ -375,9 +378,9 @@ class Exporter:
                 return Outcome(variant.name, VariantStatus.UP_TO_DATE, str(final), manifest.gate.figures)
         if variant.needs_tensorrt and tensorrt_version() is None:
             return Outcome(variant.name, VariantStatus.SKIPPED, "tensorrt is not importable here (it ships in the NGC images, see docker/)")
-        if variant.format == VariantFormat.OPENVINO and variant.precision == Precision.BF16:
+        if variant.format == VariantFormat.OPENVINO and "bf16" in (variant.precision, variant.inference_precision):
             try:
-                openvino_variant.require_bf16()
+                openvino_variant.require_bf16(variant.name)
             except openvino_variant.OpenVinoUnavailable as error:
                 return Outcome(variant.name, VariantStatus.SKIPPED, str(error))
 

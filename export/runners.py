@@ -50,6 +50,26 @@ class OrtRunner:
         return self.session.run(None, feeds)[0]
 
 
+def runner_for(directory: Path, manifest, name: str | None = None):
+    """The runner for an exported variant (its folder and manifest): ONNX Runtime, OpenVINO at the inference
+    precision it was gated at, or the torch runtime's code in FP32 on the CPU."""
+    from contracts.manifest import Precision, VariantFormat
+
+    path = Path(directory) / manifest.artifact.file
+    name = name or manifest.variant
+    if manifest.format == VariantFormat.OPENVINO:
+        from export.openvino_variant import OpenVinoRunner
+
+        return OpenVinoRunner(path, manifest.precision, name=name, inference=manifest.openvino_precision)
+    if manifest.format == VariantFormat.TORCH:
+        from export.torch_variant import TorchBertRunner
+
+        return TorchBertRunner(path, Precision.FP32, "cpu", name=name)
+    if manifest.format == VariantFormat.ONNX:
+        return OrtRunner(path, name=name)
+    raise ValueError(f"{manifest.variant}: no CPU runner for the {manifest.format} format")
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     batch = tokenizer(
         list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np"

@@ -22,6 +22,9 @@ class Variant:
     name: str
     format: VariantFormat
     precision: Precision   # picks the gate thresholds
+    # OpenVINO only: the precision its CPU plugin computes the unquantized ops in (f32 or bf16); None: the
+    # precision's own (export/openvino_variant.py INFERENCE_PRECISION).
+    inference_precision: str | None = None
 
     @property
     def artifact(self) -> str:
@@ -48,9 +51,13 @@ VARIANTS = {
         Variant("ov-fp32", VariantFormat.OPENVINO, Precision.FP32),
         Variant("ov-int8", VariantFormat.OPENVINO, Precision.INT8),
         Variant("ov-bf16", VariantFormat.OPENVINO, Precision.BF16),  # only where the CPU computes BF16 natively
+        # ov-int8's IR with what stays unquantized (attention core, layer 0's FFN output, norms) computed in BF16:
+        # only where the CPU computes BF16 natively; gated as INT8.
+        Variant("ov-int8-bf16", VariantFormat.OPENVINO, Precision.INT8, inference_precision="bf16"),
     )
 }
-DEFAULT_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "ov-fp32", "ov-int8", "ov-bf16", "trt-fp16", "trt-int8")
+DEFAULT_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "ov-fp32", "ov-int8", "ov-bf16", "ov-int8-bf16", "trt-fp16",
+                    "trt-int8")
 
 
 def parse_variants(text: str) -> list[Variant]:

@@ -1,7 +1,7 @@
 """python -m loadtest.serving_bench: what Triton adds on top of the bare encoder, measured by perf_analyzer.
 
 In one run, on the same texts and token lengths:
-1. the bare encoder: ONNX Runtime in this process (no server), b1 and b32;
+1. the bare encoder: its runtime (ONNX Runtime or OpenVINO) in this process (no server), b1 and b32;
 2. Triton's `encoder` model alone (token ids in, via perf_analyzer over gRPC);
 3. Triton's `embed` ensemble (text in: tokenizer -> encoder), via perf_analyzer over gRPC.
 The difference between 1 and 3 is the ensemble + IPC + protocol overhead. perf_analyzer is the outside
@@ -20,7 +20,7 @@ import logs
 import settings
 from contracts.manifest import Manifest
 from export.bench import machine, time_calls
-from export.runners import OrtRunner, tokenize
+from export.runners import runner_for, tokenize
 from loadtest.perf import run_perf_analyzer
 
 log = logs.get("loadtest")
@@ -56,8 +56,7 @@ def main(argv=None) -> int:
     encoded = {k: tokenize(tokenizer, [texts[k]] * shapes[k], 256) for k in texts}
     print(f"token lengths: b1 {encoded['b1'][0].shape[1]}, b32 {encoded['b32'][0].shape[1]}", flush=True)
 
-    bare = OrtRunner(settings.EXPORT_DIR / args.variant / Manifest.read(settings.EXPORT_DIR / args.variant).artifact.file,
-                     name=args.variant)
+    bare = runner_for(settings.EXPORT_DIR / args.variant, Manifest.read(settings.EXPORT_DIR / args.variant))
     rows = {}
     for key, (ids, mask) in encoded.items():
         times = time_calls(lambda i=ids, m=mask: bare(i, m), args.seconds, max_runs=3000)

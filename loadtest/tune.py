@@ -74,8 +74,8 @@ def passing_exports(export_dir: Path) -> dict[str, object]:
 
 
 # What `make tune` exports and measures: every runtime and precision the embedded runtime serves on a CPU. ov-bf16
-# is skipped (listed as not supported) where the CPU computes no BF16.
-CPU_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "ov-fp32", "ov-int8", "ov-bf16")
+# and ov-int8-bf16 are skipped (listed as not supported) where the CPU computes no BF16.
+CPU_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "ov-fp32", "ov-int8", "ov-bf16", "ov-int8-bf16")
 
 
 def not_served(outcomes: dict, served: set[str], wanted: tuple[str, ...] = CPU_VARIANTS) -> list[dict]:

@@ -194,7 +194,7 @@ def _openvino_native(config: mc.ModelConfig, settings: Settings, manifests: list
     parameters are the model's, shared by every version, and it can ask for BF16 (HINT_BF16) but not insist on
     FP32: on a CPU with AMX or AVX512-BF16 OpenVINO computes an FP32 IR in BF16 unless told otherwise, so there an
     ov-fp32 version runs as ov-bf16 would (the embedded runtime sets the precision exactly)."""
-    bf16 = {m.precision == Precision.BF16 for m in manifests}
+    bf16 = {m.openvino_precision == "bf16" for m in manifests}
     if len(bf16) > 1:
         raise ValueError("the openvino backend's precision hint is per model: BF16 and non-BF16 versions cannot "
                          "load side by side; serve the new version from a new repository")

@@ -340,9 +340,7 @@ def bare_rows(inputs: Inputs) -> list[dict]:
     """Every gated CPU variant in build/export, in this process: tokenizer + runtime, as the peers run."""
     from transformers import AutoTokenizer
 
-    from contracts.manifest import VariantFormat
-    from export.openvino_variant import OpenVinoRunner
-    from export.runners import OrtRunner, tokenize
+    from export.runners import runner_for, tokenize
     from loadtest.tune import CPU_VARIANTS, passing_exports
 
     from export.source import load_source
@@ -353,9 +351,7 @@ def bare_rows(inputs: Inputs) -> list[dict]:
     for variant, manifest in passing_exports(settings.EXPORT_DIR).items():
         if variant not in CPU_VARIANTS:
             continue
-        path = settings.EXPORT_DIR / variant / manifest.artifact.file
-        runner = (OpenVinoRunner(path, manifest.precision) if manifest.format == VariantFormat.OPENVINO
-                  else OrtRunner(path))
+        runner = runner_for(settings.EXPORT_DIR / variant, manifest)
         embed = lambda texts, runner=runner: runner(*tokenize(tokenizer, texts, max_length))  # noqa: E731
         log.info("project %s, bare", variant)
         rows.append({"row": f"bert-recsys {variant} (bare)", "peer": "project-bare", "variant": variant,

@@ -102,6 +102,13 @@ def test_openvino_ir_runs_in_the_python_backend_or_tritons_openvino_backend():
     assert params["PERFORMANCE_HINT"] == "LATENCY" and params["NUM_STREAMS"] == "1" and "HINT_BF16" not in params
     bf16 = render_configs(S, manifest("ov-bf16", "openvino", "bf16"), "native")["encoder"]
     assert bf16.parameters["HINT_BF16"].string_value == "YES"
+    # INT8 whose unquantized ops the export gated in BF16: the manifest's recorded inference precision decides.
+    int8_bf16 = manifest("ov-int8-bf16", "openvino", "int8")
+    int8_bf16.extra["details"] = {"openvino": {"inference_precision": "bf16"}}
+    assert int8_bf16.openvino_precision == "bf16" and manifest("ov-int8", "openvino", "int8").openvino_precision == "f32"
+    assert manifest("onnx-int8").openvino_precision is None
+    hinted = render_configs(S, int8_bf16, "native")["encoder"]
+    assert hinted.parameters["HINT_BF16"].string_value == "YES"
 
 
 def test_the_openvino_backend_cannot_mix_bf16_and_other_versions():
