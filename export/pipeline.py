@@ -49,7 +49,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 #   dynamic (ORT's, whole dev):   0 and 5 lifts 0.9977 to 0.9986 for ~5% of its speed
 INT8_FP32_LAYERS = {"per-row": lambda layers: (0,), "dynamic": lambda layers: (0, layers - 1),
                     "static": lambda layers: (0, layers - 1)}
-OV_INT8_FP32_LAYERS = (0,)  # ov-int8 (NNCF): chosen on the selection half, see export/openvino_variant.py
+# ov-int8 (NNCF) by the precision OpenVINO computes the rest in, chosen on the selection half: f32 (ov-int8), the
+# highest Spearman ratio; bf16 (ov-int8-bf16, a variant for speed), the fastest of those keeping >= 0.9985. See
+# export/openvino_variant.py.
+OV_INT8_FP32_LAYERS = {"f32": (0,), "bf16": ()}
 # ov-int8's calibration text when no --calibration-file is given: unlabeled in-domain text from the shared data
 # (STS-B *train*, SciFact corpus, MovieLens titles; never STS-B dev, which the gate reports on).
 OV_CALIBRATION_TEXTS = 512
@@ -89,9 +92,12 @@ class ExportOptions:
         merged = {**self.threshold_overrides.get(variant.precision, {}), **self.threshold_overrides.get(variant.name, {})}
         return base.with_overrides(**merged)
 
-    def ov_int8_fp32_layers(self) -> tuple[int, ...]:
-        """ov-int8's FP32 FFN layers: --int8-fp32-layers when given ('' = none), else OV_INT8_FP32_LAYERS."""
-        return OV_INT8_FP32_LAYERS if self.int8_fp32_layers is None else self.int8_fp32_layers
+    def ov_int8_fp32_layers(self, variant: Variant) -> tuple[int, ...]:
+        """An OpenVINO INT8 variant's FP32 FFN layers: --int8-fp32-layers when given ('' = none), else its own
+        (OV_INT8_FP32_LAYERS by the variant's inference precision)."""
+        if self.int8_fp32_layers is not None:
+            return self.int8_fp32_layers
+        return OV_INT8_FP32_LAYERS[variant.inference_precision or "f32"]
 
     def recipe(self, variant: Variant, teacher_sha256: str | None = None) -> dict:
         """Everything that decides the artifact and its verdict; a change rebuilds the variant."""
@@ -100,7 +106,7 @@ class ExportOptions:
         if teacher_sha256:
             recipe["teacher_sha256"] = teacher_sha256
         if variant.precision == Precision.INT8 and variant.format == VariantFormat.OPENVINO:
-            recipe.update(int8_fp32_layers=self.ov_int8_fp32_layers(), smooth_quant=OV_SMOOTH_QUANT,
+            recipe.update(int8_fp32_layers=self.ov_int8_fp32_layers(variant), smooth_quant=OV_SMOOTH_QUANT,
                           inference_precision=variant.inference_precision,
                           fp32_attention=list(openvino_variant.ATTENTION_TYPES), calibration_batch=OV_CALIBRATION_BATCH,
                           calibration_sha256=file_sha256(self.calibration_file) if self.calibration_file
@@ -344,7 +350,7 @@ class Exporter:
             if variant.precision == Precision.INT8:
                 details["openvino"] = openvino_variant.quantize_int8(self.intermediate("raw"), artifact,
                                                                      self.calibration(True, OV_CALIBRATION_BATCH),
-                                                                     self.options.ov_int8_fp32_layers(),
+                                                                     self.options.ov_int8_fp32_layers(variant),
                                                                      smooth_quant=OV_SMOOTH_QUANT)
             else:
                 details["openvino"] = openvino_variant.convert(self.intermediate("raw"), artifact)

@@ -294,3 +294,19 @@ def test_export_keep_going_exits_0_while_one_variant_is_in_place():
     assert exit_status(mixed, variants_named=True, keep_going=True) == 0
     assert exit_status(mixed[1:], variants_named=True, keep_going=True) == 1   # nothing in place
     assert exit_status([mixed[0], mixed[2]], variants_named=False, keep_going=False) == 0  # default list: skip is fine
+
+
+def test_each_openvino_int8_variant_keeps_its_own_fp32_layers_unless_told():
+    from pathlib import Path
+
+    from export.pipeline import ExportOptions
+    from export.variants import VARIANTS
+
+    options = ExportOptions(model_dir=Path("model"), out_dir=Path("out"), variants=[])
+    assert options.ov_int8_fp32_layers(VARIANTS["ov-int8"]) == (0,)
+    assert options.ov_int8_fp32_layers(VARIANTS["ov-int8-bf16"]) == ()
+    told = ExportOptions(model_dir=Path("model"), out_dir=Path("out"), variants=[], int8_fp32_layers=(0, 5))
+    assert told.ov_int8_fp32_layers(VARIANTS["ov-int8-bf16"]) == (0, 5)
+    # the layers and the inference precision are part of the recipe: a change rebuilds and re-gates
+    assert options.recipe(VARIANTS["ov-int8"])["int8_fp32_layers"] == (0,)
+    assert options.recipe(VARIANTS["ov-int8-bf16"])["inference_precision"] == "bf16"
