@@ -121,9 +121,9 @@ bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),venv)  ## torch runtime on a GPU: en
 	$(BENCH_PY) -m loadtest.gpu_bench run --out $(GPU_OUT) $(GPU_BENCH_ARGS)
 
 LAYERS ?= 3
-distill: venv                    ## a student keeping LAYERS of the teacher's layers, trained on CPU, exported + gated vs the teacher -> build/export-student
+distill: venv                    ## a student keeping LAYERS of the teacher's layers, trained on CPU, exported in every CPU variant + gated vs the teacher -> build/export-student
 	$(PY) -m export.distill --layers $(LAYERS) $(DISTILL_ARGS)
-	$(PY) -m export --model build/students/student-l$(LAYERS) --out build/export-student --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m export --keep-going --model build/students/student-l$(LAYERS) --out build/export-student --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
 
 tune: venv                       ## export every CPU variant, measure the gated ones through Triton here; make serve/demo then serve the fastest (build/tune.json)
 	$(PY) -m export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)

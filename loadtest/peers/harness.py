@@ -186,6 +186,8 @@ def ensure_venv(name: str) -> Path:
         return venv_python(name)
     log.info("building the %s venv under %s (pip, a few minutes)", name, WORK / name)
     shutil.rmtree(WORK / name, ignore_errors=True)
+    if name == "st":  # build/peers/work holds what its exporters wrote (ONNX, qint8, OpenVINO INT8): redo them too
+        shutil.rmtree(WORK / "work", ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(WORK / name)], check=True)
     install = subprocess.run([str(venv_python(name)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                               "-r", str(requirements)], capture_output=True, text=True)
