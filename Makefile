@@ -64,7 +64,8 @@ test: venv loadtest-venv monitoring-tools  ## the whole suite against a real tri
 test-slow: venv loadtest-venv monitoring-tools  ## the long scenarios left out of `make test` (3 rollouts under load, scale-out, crash recovery, a real Prometheus's alerts)
 	$(PY) -m pytest -q -m slow tests
 
-# Every runtime and precision a CPU can serve (ov-bf16 and ov-int8-bf16 only where it computes BF16): what bench and tune export.
+# Every runtime and precision a CPU can serve (ov-bf16 and ov-int8-bf16 only where it computes BF16): what bench and
+# tune export; export.variants.CPU_VARIANTS is the same list (a unit test keeps them equal).
 CPU_VARIANTS := onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,ov-bf16,ov-int8-bf16
 bench: venv                      ## export benchmark: PyTorch FP32 vs each gated ONNX and OpenVINO variant and the torch runtime's FP32; refused ones listed
 	$(PY) -m export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
@@ -105,7 +106,7 @@ loadtest: repository loadtest-venv  ## Locust headless against a local server: m
 		--users $(USERS) --duration $(DURATION) $(LOADTEST_ARGS)
 
 report: loadtest-venv venv       ## every benchmark in one run -> build/reports/REPORT.md with plots
-	$(PY) -m export --variants onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,torch-fp32 $(EXPORT_ARGS)
+	$(PY) -m export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
 	$(PY) -m loadtest.report --variant $(VARIANT)
 
 SOAK_MINUTES ?= 10

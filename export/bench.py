@@ -18,6 +18,7 @@ import numpy as np
 import logs
 import settings
 from contracts.manifest import Manifest
+from export.variants import CPU_VARIANTS
 
 log = logs.get("export")
 
@@ -104,7 +105,7 @@ def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
-    parser.add_argument("--variants", default="onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,ov-bf16,ov-int8-bf16,torch-fp32")
+    parser.add_argument("--variants", default=",".join((*CPU_VARIANTS, "torch-fp32")))
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per runner and shape")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "export_bench.json")
     args = parser.parse_args(argv)
@@ -118,19 +119,20 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(os.cpu_count())
     source = load_source(settings.default_model_dir())
-    from export.pipeline import read_outcomes
+    from export.pipeline import not_served, read_outcomes
 
     runners = [TorchRunner(load_torch_encoder(source, attn_implementation="sdpa"), name="pytorch-fp32")]
-    outcomes = read_outcomes(args.export_dir)
-    not_measured = []
-    for variant in args.variants.split(","):
-        directory = args.export_dir / variant
-        if not Manifest.exists(directory):
-            outcome = outcomes.get(variant, {"status": "not exported", "detail": "run make export"})
-            not_measured.append({"variant": variant, "status": outcome["status"], "detail": outcome["detail"]})
-            log.warning("not measuring %s: %s %s", variant, outcome["status"], outcome["detail"])
-            continue
-        runners.append(runner_for(directory, Manifest.read(directory), name=variant))
+    wanted = [name.strip() for name in args.variants.split(",") if name.strip()]
+    present = {variant for variant in wanted if Manifest.exists(args.export_dir / variant)}
+    try:
+        not_measured = not_served(read_outcomes(args.export_dir), present, wanted, machine_identity())
+    except ValueError as error:
+        raise SystemExit(f"bench: {error}") from None
+    for row in not_measured:
+        log.warning("not measuring %s: %s, %s", row["variant"], row["status"], row["detail"])
+    for variant in wanted:
+        if variant in present:
+            runners.append(runner_for(args.export_dir / variant, Manifest.read(args.export_dir / variant), name=variant))
 
     rows = []
     for runner in runners:

@@ -518,6 +518,30 @@ def merge_outcomes(record: dict, outcomes: list[Outcome], machine: dict, when: s
     return {"variants": dict(sorted(variants.items()))}
 
 
+def not_served(outcomes: dict, served: set[str], wanted, machine: dict | None = None) -> list[dict]:
+    """The wanted variants that will not be measured, each with why: its last export's status and detail
+    (refused by the gate, not supported on this CPU, failed to build), that it was never exported, or that the
+    outcome was recorded on another machine (`machine`: this one's identity; None: not checked)."""
+    rows = []
+    for variant in wanted:
+        if variant in served:
+            continue
+        outcome = outcomes.get(variant)
+        if outcome is None:
+            rows.append({"variant": variant, "status": "not exported", "detail": "run make tune (or make export)"})
+        elif machine is not None and outcome.get("machine") not in (None, machine):
+            where = outcome["machine"].get("cpu", "another machine") if isinstance(outcome["machine"], dict) else "?"
+            rows.append({"variant": variant, "status": "stale",
+                         "detail": f"its last export ran on {where}, not here: export it again on this machine"})
+        elif outcome["status"] in (VariantStatus.WRITTEN, VariantStatus.UP_TO_DATE):
+            rows.append({"variant": variant, "status": "missing",
+                         "detail": "exported, but no gated manifest is in place now: export it again"})
+        else:
+            status = "not supported here" if outcome["status"] == VariantStatus.SKIPPED else outcome["status"]
+            rows.append({"variant": variant, "status": str(status), "detail": outcome["detail"]})
+    return rows
+
+
 def read_outcomes(out: Path) -> dict:
     """{variant: {status, detail, machine, at}} from the last exports into `out` ({} before any)."""
     path = Path(out) / OUTCOMES_FILE

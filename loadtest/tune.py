@@ -73,30 +73,6 @@ def passing_exports(export_dir: Path) -> dict[str, object]:
     return found
 
 
-# What `make tune` exports and measures: every runtime and precision the embedded runtime serves on a CPU. ov-bf16
-# and ov-int8-bf16 are skipped (listed as not supported) where the CPU computes no BF16.
-CPU_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "ov-fp32", "ov-int8", "ov-bf16", "ov-int8-bf16")
-
-
-def not_served(outcomes: dict, served: set[str], wanted: tuple[str, ...] = CPU_VARIANTS) -> list[dict]:
-    """The wanted variants that will not be measured, each with why: its last export's status and detail
-    (refused by the gate, skipped as not supported here, failed to build), or that it was never exported."""
-    rows = []
-    for variant in wanted:
-        if variant in served:
-            continue
-        outcome = outcomes.get(variant)
-        if outcome is None:
-            rows.append({"variant": variant, "status": "not exported", "detail": "run make tune (or make export)"})
-        elif outcome["status"] in ("written", "up-to-date"):
-            rows.append({"variant": variant, "status": "missing",
-                         "detail": "exported, but no gated manifest is in place now: export it again"})
-        else:
-            status = "not supported here" if outcome["status"] == "skipped" else outcome["status"]
-            rows.append({"variant": variant, "status": status, "detail": outcome["detail"]})
-    return rows
-
-
 def print_choice() -> int:
     record = json.loads(TUNE_FILE.read_text()) if TUNE_FILE.exists() else None
     variant, why = tuned_variant(record, machine_identity(), set(passing_exports(settings.EXPORT_DIR)))
@@ -145,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     from export.bench import machine
 
     logs.configure()
-    from export.pipeline import read_outcomes
+    from export.pipeline import not_served, read_outcomes
+    from export.variants import CPU_VARIANTS
 
     candidates = passing_exports(settings.EXPORT_DIR)
-    skipped = not_served(read_outcomes(settings.EXPORT_DIR), set(candidates))
+    try:
+        skipped = not_served(read_outcomes(settings.EXPORT_DIR), set(candidates), CPU_VARIANTS, machine_identity())
+    except ValueError as error:
+        raise SystemExit(f"tune: {error}") from None
     if not candidates:
         raise SystemExit(f"no gated variant under {settings.EXPORT_DIR}: run make export first")
     rows = []

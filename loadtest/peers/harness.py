@@ -93,7 +93,7 @@ def parse_result(text: str) -> dict:
         result = json.loads(text)
     except ValueError as error:
         raise ValueError(f"the peer's result is not JSON: {error}") from None
-    for key in ("peer", "b1_s", "b32_s", "versions"):
+    for key in ("peer", "b1_s", "b32_s", "versions", "details", "load_s"):
         if key not in result:
             raise ValueError(f"the peer's result lacks {key!r}")
     for key in ("b1_s", "b32_s"):
@@ -123,10 +123,9 @@ def quality(sts: np.ndarray, gate_batched: np.ndarray, gate_alone: np.ndarray, p
     return figures
 
 
-def fastest_holding_gates(rows: list[dict], kinds: tuple[str, ...] = ("worker",), spearman: float = 0.9985,
-                          invariance: float = 0.999) -> dict | None:
-    """The fastest peer at b32 among those (of `kinds`) whose vectors hold the project's gates."""
-    holding = [row for row in rows if row.get("kind") in kinds and "b32_p50_ms" in row
+def fastest_holding_gates(rows: list[dict], spearman: float = 0.9985, invariance: float = 0.999) -> dict | None:
+    """The fastest peer (any row but ours) at b32 among those whose vectors hold the project's gates."""
+    holding = [row for row in rows if row.get("kind") != "project" and "b32_p50_ms" in row
                and row.get("spearman_ratio_confirmation", 0) >= spearman
                and row.get("batch_invariance_min_cosine", 0) >= invariance]
     return min(holding, key=lambda row: row["b32_p50_ms"]) if holding else None
@@ -177,8 +176,13 @@ def venv_python(name: str) -> Path:
     return WORK / name / "bin" / "python"
 
 
+BROKEN_VENVS: dict[str, str] = {}  # this run's failed installs: each is tried once, not once per peer
+
+
 def ensure_venv(name: str) -> Path:
     """build/peers/<name>, installed from requirements-<name>.txt; reused while the file is unchanged."""
+    if name in BROKEN_VENVS:
+        raise RuntimeError(BROKEN_VENVS[name])
     requirements = HERE / f"requirements-{name}.txt"
     digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
     stamp = WORK / name / ".installed"
@@ -192,7 +196,8 @@ def ensure_venv(name: str) -> Path:
     install = subprocess.run([str(venv_python(name)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                               "-r", str(requirements)], capture_output=True, text=True)
     if install.returncode != 0:
-        raise RuntimeError(f"pip could not install {requirements.name}: {install.stderr.strip()[-400:]}")
+        BROKEN_VENVS[name] = f"pip could not install {requirements.name}: {install.stderr.strip()[-400:]}"
+        raise RuntimeError(BROKEN_VENVS[name])
     stamp.write_text(digest)
     return venv_python(name)
 
@@ -259,6 +264,9 @@ class HttpEmbeddings:
         vectors = np.array([item["embedding"] for item in data], dtype=np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
+    def close(self) -> None:
+        self.connection.close()
+
 
 def measure_in_process(embed, inputs: Inputs) -> dict:
     """The worker's protocol, run here on a callable texts -> vectors (a server's client or a bare runner)."""
@@ -273,6 +281,7 @@ def measure_in_process(embed, inputs: Inputs) -> dict:
 
 
 def run_infinity(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
+    from loadtest.gateway_bench import stop
     from server.launcher import free_port
 
     python = ensure_venv(peer.venv)
@@ -285,14 +294,17 @@ def run_infinity(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dic
                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "model", "--no-model-warmup"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
     env.pop("PYTHONPATH", None)
-    log_file = open(folder / "server.log", "w")
-    process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=folder)
-    try:
-        wait_http(process, port, "/health", timeout_s, folder / "server.log")
-        return measure_in_process(HttpEmbeddings(port, "/embeddings", "model"), inputs)
-    finally:
-        stop_process(process)
-        log_file.close()
+    with open(folder / "server.log", "w") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=folder)
+        try:
+            wait_http(process, port, "/health", timeout_s, folder / "server.log")
+            embed = HttpEmbeddings(port, "/embeddings", "model")
+            try:
+                return measure_in_process(embed, inputs)
+            finally:
+                embed.close()
+        finally:
+            stop(process)
 
 
 def onnx_model_folder(model_dir: Path) -> Path:
@@ -304,7 +316,7 @@ def onnx_model_folder(model_dir: Path) -> Path:
     folder = WORK / "work" / "infinity-model"
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(model_dir, folder, symlinks=True)
-    (folder / "onnx").mkdir()
+    (folder / "onnx").mkdir(exist_ok=True)
     shutil.copy2(onnx, folder / "onnx" / "model.onnx")
     return folder
 
@@ -328,22 +340,13 @@ def wait_http(process: subprocess.Popen, port: int, path: str, timeout_s: float,
     raise RuntimeError(f"no answer on {path} within {timeout_s:.0f} s")
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def bare_rows(inputs: Inputs) -> list[dict]:
     """Every gated CPU variant in build/export, in this process: tokenizer + runtime, as the peers run."""
     from transformers import AutoTokenizer
 
     from export.runners import runner_for, tokenize
-    from loadtest.tune import CPU_VARIANTS, passing_exports
+    from export.variants import CPU_VARIANTS
+    from loadtest.tune import passing_exports
 
     from export.source import load_source
 
@@ -353,11 +356,16 @@ def bare_rows(inputs: Inputs) -> list[dict]:
     for variant, manifest in passing_exports(settings.EXPORT_DIR).items():
         if variant not in CPU_VARIANTS:
             continue
-        runner = runner_for(settings.EXPORT_DIR / variant, manifest)
-        embed = lambda texts, runner=runner: runner(*tokenize(tokenizer, texts, max_length))  # noqa: E731
+        row = {"row": f"bert-recsys {variant} (bare)", "peer": "project-bare", "variant": variant, "kind": "project"}
         log.info("project %s, bare", variant)
-        rows.append({"row": f"bert-recsys {variant} (bare)", "peer": "project-bare", "variant": variant,
-                     "kind": "project", **measure_in_process(embed, inputs)})
+        try:
+            runner = runner_for(settings.EXPORT_DIR / variant, manifest)
+            embed = lambda texts, runner=runner: runner(*tokenize(tokenizer, texts, max_length))  # noqa: E731
+            row.update(measure_in_process(embed, inputs))
+        except Exception as error:  # one variant that cannot run must not lose the rows measured before it
+            row["error"] = f"{type(error).__name__}: {error}"
+            log.warning("%s not run: %s", row["row"], row["error"])
+        rows.append(row)
     return rows
 
 
@@ -376,19 +384,22 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
     rows = []
     with TritonServer(repository, server, log_file=work / "triton.log"):
         if "project-embed" in wanted:
-            client = TritonClient(server.grpc_url, settings=replace(settings.SETTINGS, server=server))
             log.info("project embed over gRPC (%s)", variant)
-            rows.append({"row": f"bert-recsys embed gRPC ({variant})", "peer": "project-embed", "variant": variant,
-                         "kind": "project", **measure_in_process(lambda texts: client.embed(texts), inputs)})
+            with TritonClient(server.grpc_url, settings=replace(settings.SETTINGS, server=server)) as client:
+                rows.append({"row": f"bert-recsys embed gRPC ({variant})", "peer": "project-embed", "variant": variant,
+                             "kind": "project", **measure_in_process(client.embed, inputs)})
         if "project-gateway" in wanted:
             port = free_port()
             gateway = start_gateway(server, port, rate_rps=1e6, out=work)
+            embed = None
             try:
                 log.info("project gateway over HTTP (%s)", variant)
                 embed = HttpEmbeddings(port, "/v1/embeddings", "embed", KEY)
                 rows.append({"row": f"bert-recsys gateway HTTP ({variant})", "peer": "project-gateway",
                              "variant": variant, "kind": "project", **measure_in_process(embed, inputs)})
             finally:
+                if embed is not None:
+                    embed.close()
                 stop(gateway)
     return rows
 
@@ -451,15 +462,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             measured = (run_worker if peer.kind == "worker" else run_infinity)(peer, inputs, out, args.timeout)
             row.update(measured)
-        except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as error:
-            row["error"] = str(error)
-            log.warning("peer %s not run: %s", peer.name, error)
+        except Exception as error:  # a peer that breaks is a row saying why, never the end of the run
+            row["error"] = f"{type(error).__name__}: {error}" if not isinstance(error, RuntimeError) else str(error)
+            log.warning("peer %s not run: %s", peer.name, row["error"])
         rows.append(row)
     if "project-bare" in wanted:
         rows.extend(bare_rows(inputs))
     served = {"project-embed", "project-gateway"} & set(wanted)
     if served:
-        rows.extend(served_rows(inputs, served, args.variant or served_variant()))
+        variant = args.variant or served_variant()
+        try:
+            rows.extend(served_rows(inputs, served, variant))
+        except Exception as error:  # Triton or the gateway would not start: say so beside the rows measured
+            rows.append({"row": f"bert-recsys served ({variant})", "peer": "project-served", "kind": "project",
+                         "error": f"{type(error).__name__}: {error}"})
+            log.warning("served rows not run: %s", error)
     reference = next((row for row in rows if row["peer"] == "st-torch" and "_vectors" in row), None)
     reference_halves = None
     if reference is not None:

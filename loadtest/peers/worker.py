@@ -18,10 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def log(message: str) -> None:
     print(time.strftime("%Y-%m-%dT%H:%M:%S"), "peer", message, file=sys.stderr, flush=True)
 
@@ -162,6 +158,8 @@ def versions() -> dict:
 
 
 def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the worker's own process only (the harness sets them too)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     request = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     out = Path(request["out"])
     out.parent.mkdir(parents=True, exist_ok=True)

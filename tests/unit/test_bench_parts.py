@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import settings
 from export.bench import cpu_model_and_flags
 from loadtest.perf import STABILITY_LADDER, run_perf_analyzer
 
@@ -249,26 +250,43 @@ def test_interleaved_timing_takes_turns_after_warming_each_up():
     assert [len(t) for t in times.values()] == [6, 6] and all(x >= 0 for t in times.values() for x in t)
 
 
-def test_tune_lists_each_variant_it_will_not_measure_with_why():
-    from loadtest.tune import not_served
+def test_tune_and_bench_list_each_variant_they_will_not_measure_with_why():
+    from export.pipeline import not_served
+    from export.variants import CPU_VARIANTS
 
+    here = {"cpu": "AMD EPYC", "flags": ["avx2", "avx512_vnni"], "cores": 2}
     outcomes = {
-        "onnx-int8": {"status": "written", "detail": ""},
-        "ov-int8": {"status": "refused", "detail": "batch invariance 0.997860 < 0.999"},
-        "ov-bf16": {"status": "skipped", "detail": "this CPU computes no BF16 natively"},
-        "onnx-fp16": {"status": "failed", "detail": "disk full"},
-        "ov-fp32": {"status": "up-to-date", "detail": ""},
+        "onnx-int8": {"status": "written", "detail": "", "machine": here},
+        "ov-int8": {"status": "refused", "detail": "batch invariance 0.997860 < 0.999", "machine": here},
+        "ov-bf16": {"status": "skipped", "detail": "this CPU computes no BF16 natively", "machine": here},
+        "onnx-fp16": {"status": "failed", "detail": "disk full", "machine": here},
+        "ov-fp32": {"status": "up-to-date", "detail": "", "machine": here},
+        "ov-int8-bf16": {"status": "skipped", "detail": "no BF16", "machine": {**here, "cpu": "Intel Xeon"}},
     }
-    rows = {row["variant"]: row for row in not_served(outcomes, {"onnx-int8"})}
+    rows = {row["variant"]: row for row in not_served(outcomes, {"onnx-int8"}, CPU_VARIANTS, here)}
     assert set(rows) == {"onnx-fp32", "onnx-fp16", "ov-fp32", "ov-int8", "ov-bf16", "ov-int8-bf16"}
     assert rows["ov-int8"] == {"variant": "ov-int8", "status": "refused", "detail": "batch invariance 0.997860 < 0.999"}
     assert rows["ov-bf16"]["status"] == "not supported here"
     assert rows["onnx-fp16"]["status"] == "failed"
     assert rows["onnx-fp32"]["status"] == "not exported"
     assert rows["ov-fp32"]["status"] == "missing"   # said written, but its gated manifest is gone
-    assert rows["ov-int8-bf16"]["status"] == "not exported"
-    assert not_served(outcomes, {"onnx-fp32", "onnx-fp16", "onnx-int8", "ov-fp32", "ov-int8", "ov-bf16"},
-                      wanted=("onnx-int8", "ov-int8", "ov-bf16")) == []
+    assert rows["ov-int8-bf16"]["status"] == "stale" and "Intel Xeon" in rows["ov-int8-bf16"]["detail"]
+    unchecked = {row["variant"]: row for row in not_served(outcomes, {"onnx-int8"}, CPU_VARIANTS)}
+    assert unchecked["ov-int8-bf16"]["status"] == "not supported here"
+    assert not_served(outcomes, {"onnx-int8", "ov-int8", "ov-bf16"}, ("onnx-int8", "ov-int8", "ov-bf16"), here) == []
+
+
+def test_the_makefile_exports_the_same_cpu_variants_tune_and_bench_measure():
+    import re
+
+    from export.variants import CPU_VARIANTS, VARIANTS
+
+    makefile = (settings.REPO_ROOT / "Makefile").read_text()
+    [listed] = re.findall(r"^CPU_VARIANTS := (.+)$", makefile, flags=re.M)
+    assert tuple(listed.split(",")) == CPU_VARIANTS and set(CPU_VARIANTS) <= set(VARIANTS)
+    for target in ("bench", "tune", "bench-peers", "report"):
+        recipe = re.search(rf"^{re.escape(target)}:.*\n\t(.+)$", makefile, flags=re.M).group(1)
+        assert "--keep-going" in recipe and "$(CPU_VARIANTS)" in recipe, target
 
 
 def test_export_records_each_variants_last_outcome_and_keeps_the_others():

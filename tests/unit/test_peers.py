@@ -21,6 +21,8 @@ def test_a_workers_result_is_parsed_or_refused_with_what_is_wrong():
     assert parsed["peer"] == "st-openvino-int8"
     with pytest.raises(ValueError, match="not JSON"):
         harness.parse_result("Traceback (most recent call last)")
+    with pytest.raises(ValueError, match="lacks 'details'"):
+        harness.parse_result(json.dumps({k: v for k, v in json.loads(result()).items() if k != "details"}))
     with pytest.raises(ValueError, match="lacks 'b32_s'"):
         harness.parse_result(json.dumps({"peer": "x", "b1_s": [0.1], "versions": {}}))
     with pytest.raises(ValueError, match="no positive timings"):
@@ -43,9 +45,11 @@ def row(name, b32, ratio, invariance, kind="worker"):
 def test_the_fastest_peer_is_chosen_among_those_holding_the_gates():
     rows = [row("fast-but-batch-dependent", 80, 0.999, 0.95), row("fast-but-worse", 85, 0.997, 1.0),
             row("holds", 90, 0.9990, 0.9999), row("slow", 200, 1.0, 1.0), row("ours", 50, 1.0, 1.0, kind="project"),
+            row("server", 95, 1.0, 1.0, kind="infinity"),
             {"row": "broken", "kind": "worker", "error": "pip failed"}]
     assert harness.fastest_holding_gates(rows)["row"] == "holds"
     assert harness.fastest_holding_gates(rows[:2]) is None
+    assert harness.fastest_holding_gates([r for r in rows if r["row"] != "holds"])["row"] == "server"  # a server peer counts
 
 
 def test_the_table_names_the_cpu_and_lists_a_peer_that_did_not_run_with_why():
@@ -99,4 +103,6 @@ def test_every_peer_venv_has_its_pinned_requirements():
     for venv in {peer.venv for peer in harness.PEERS if peer.venv}:
         lines = [line for line in (harness.HERE / f"requirements-{venv}.txt").read_text().splitlines()
                  if line.strip() and not line.startswith("#")]
-        assert lines and all("==" in line for line in lines), venv
+        import re
+
+        assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\],]+==\d[\w.]*", line) for line in lines), venv
