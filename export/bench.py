@@ -106,6 +106,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
     parser.add_argument("--variants", default=",".join((*CPU_VARIANTS, "torch-fp32")))
+    parser.add_argument("--also", type=Path, action="append", default=[], metavar="DIR",
+                        help="measure the gated variants of another export folder too, in the same run (e.g. a "
+                             "distilled student's build/export-student); its rows are named DIR/variant")
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per runner and shape")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "export_bench.json")
     args = parser.parse_args(argv)
@@ -133,6 +136,10 @@ def main(argv=None) -> int:
     for variant in wanted:
         if variant in present:
             runners.append(runner_for(args.export_dir / variant, Manifest.read(args.export_dir / variant), name=variant))
+    for folder in args.also:
+        for variant in wanted:
+            if Manifest.exists(folder / variant):
+                runners.append(runner_for(folder / variant, Manifest.read(folder / variant), name=f"{folder.name}/{variant}"))
 
     rows = []
     for runner in runners:
@@ -146,13 +153,13 @@ def main(argv=None) -> int:
 
     base = rows[0]
     print(f"\nBare encoder, {source.path.name} ({source.num_layers} layers, dim {source.dim}); {machine()}")
-    print(f"{'runtime':<14}{'b1/s16 p50 ms':>15}{'vs torch':>10}{'b32/s128 p50 ms':>17}{'seq/s':>9}{'vs torch':>10}")
+    print(f"{'runtime':<30}{'b1/s16 p50 ms':>15}{'vs torch':>10}{'b32/s128 p50 ms':>17}{'seq/s':>9}{'vs torch':>10}")
     for row in rows:
         small, large = row["b1/s16"], row["b32/s128"]
-        print(f"{row['runtime']:<14}{small['p50_ms']:>15.2f}{base['b1/s16']['p50_ms'] / small['p50_ms']:>9.2f}x"
+        print(f"{row['runtime']:<30}{small['p50_ms']:>15.2f}{base['b1/s16']['p50_ms'] / small['p50_ms']:>9.2f}x"
               f"{large['p50_ms']:>17.1f}{large['seq_per_s']:>9.0f}{large['seq_per_s'] / base['b32/s128']['seq_per_s']:>9.2f}x")
     for row in not_measured:
-        print(f"{row['variant']:<14}not measured, {row['status']}: {row['detail']}")
+        print(f"{row['variant']:<30}not measured, {row['status']}: {row['detail']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "rows": rows, "not_measured": not_measured}, indent=2))
     print(f"\nwritten {args.out}")
