@@ -14,6 +14,7 @@ or refused artifact never sits where the model repository looks.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -563,5 +564,10 @@ def record_outcomes(out: Path, outcomes: list[Outcome]) -> None:
         record = {}
     merged = merge_outcomes(record, outcomes, machine_identity(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     partial = path.with_name(f".{OUTCOMES_FILE}.partial")
-    partial.write_text(json.dumps(merged, indent=1), encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(merged, indent=1), encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as error:  # a full disk: the export's own outcome stands; only the record of it is missing
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        log.warning(f"could not record the outcomes in {path}: {describe_failure(error, Path(out))}")

@@ -328,3 +328,14 @@ def test_each_openvino_int8_variant_keeps_its_own_fp32_layers_unless_told():
     # the layers and the inference precision are part of the recipe: a change rebuilds and re-gates
     assert options.recipe(VARIANTS["ov-int8"])["int8_fp32_layers"] == (0,)
     assert options.recipe(VARIANTS["ov-int8-bf16"])["inference_precision"] == "bf16"
+
+
+def test_an_outcomes_record_that_cannot_be_written_never_fails_the_export(tmp_path, caplog):
+    from export.pipeline import Outcome, record_outcomes
+    from export.variants import VariantStatus
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    record_outcomes(not_a_folder, [Outcome("onnx-int8", VariantStatus.WRITTEN)])  # OSError inside: logged, not raised
+    assert "could not record the outcomes" in caplog.text
+    assert not_a_folder.read_text() == ""
