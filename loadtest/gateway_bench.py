@@ -109,27 +109,33 @@ def start_gateway(server, port: int, rate_rps: float, out: Path, protocol: str =
     process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=settings.REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=open(out / f"gateway-{port}.log", "w"))
     try:
-        return _wait_ready(process, port, out)
+        wait_http(process, port, "/health/ready", 60, out / f"gateway-{port}.log")
+        return process
     except BaseException:  # never leave the gateway behind, whatever stopped the wait
         stop(process)
         raise
 
 
-def _wait_ready(process: subprocess.Popen, port: int, out: Path) -> subprocess.Popen:
-    deadline = time.monotonic() + 60
+def wait_http(process: subprocess.Popen, port: int, path: str, timeout_s: float, log_path: Path) -> None:
+    """Until GET `path` on loopback `port` answers 200; an error naming the log's last lines if `process` exits
+    first, or when `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the gateway exited with status {process.returncode}: see {out}/gateway-{port}.log")
+            tail = Path(log_path).read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"{process.args[0]} exited with status {process.returncode} ({log_path}): "
+                               f"{' | '.join(tail)[-300:]}")
         probe = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
-            probe.request("GET", "/health/ready")
+            probe.request("GET", path)
             if probe.getresponse().status == 200:
-                return process
+                return
         except OSError:
-            time.sleep(0.2)
+            pass
         finally:
             probe.close()
-    raise RuntimeError(f"the gateway did not become ready on port {port}")
+        time.sleep(0.2)
+    raise RuntimeError(f"no answer on 127.0.0.1:{port}{path} within {timeout_s:.0f} s ({log_path})")
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -123,8 +123,12 @@ def quality(sts: np.ndarray, gate_batched: np.ndarray, gate_alone: np.ndarray, p
     return figures
 
 
-def fastest_holding_gates(rows: list[dict], spearman: float = 0.9985, invariance: float = 0.999) -> dict | None:
-    """The fastest peer (any row but ours) at b32 among those whose vectors hold the project's gates."""
+def fastest_holding_gates(rows: list[dict], spearman: float = 0.9985, invariance: float | None = None) -> dict | None:
+    """The fastest peer (any row but ours) at b32 among those whose vectors hold the project's gates: the issue's
+    STS-B confirmation goal and the gate's batch invariance (export.gate.BATCH_INVARIANCE)."""
+    from export.gate import BATCH_INVARIANCE
+
+    invariance = BATCH_INVARIANCE if invariance is None else invariance
     holding = [row for row in rows if row.get("kind") != "project" and "b32_p50_ms" in row
                and row.get("spearman_ratio_confirmation", 0) >= spearman
                and row.get("batch_invariance_min_cosine", 0) >= invariance]
@@ -281,7 +285,7 @@ def measure_in_process(embed, inputs: Inputs) -> dict:
 
 
 def run_infinity(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
-    from loadtest.gateway_bench import stop
+    from loadtest.gateway_bench import stop, wait_http
     from server.launcher import free_port
 
     python = ensure_venv(peer.venv)
@@ -319,25 +323,6 @@ def onnx_model_folder(model_dir: Path) -> Path:
     (folder / "onnx").mkdir(exist_ok=True)
     shutil.copy2(onnx, folder / "onnx" / "model.onnx")
     return folder
-
-
-def wait_http(process: subprocess.Popen, port: int, path: str, timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise RuntimeError(f"the server exited with status {process.returncode}: {' | '.join(tail)[-300:]}")
-        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        try:
-            probe.request("GET", path)
-            if probe.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        finally:
-            probe.close()
-        time.sleep(0.5)
-    raise RuntimeError(f"no answer on {path} within {timeout_s:.0f} s")
 
 
 def bare_rows(inputs: Inputs) -> list[dict]:

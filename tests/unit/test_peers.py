@@ -106,3 +106,26 @@ def test_every_peer_venv_has_its_pinned_requirements():
         import re
 
         assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\],]+==\d[\w.]*", line) for line in lines), venv
+
+
+def test_waiting_for_a_server_names_its_exit_and_its_log_or_the_timeout(tmp_path):
+    import subprocess
+    import sys
+
+    from loadtest.gateway_bench import stop, wait_http
+    from server.launcher import free_port
+
+    log = tmp_path / "server.log"
+    with open(log, "w") as handle:
+        dead = subprocess.Popen([sys.executable, "-c", "import sys; print('no model files found'); sys.exit(3)"],
+                                stdout=handle, stderr=subprocess.STDOUT)
+        dead.wait()
+    with pytest.raises(RuntimeError, match="exited with status 3.*no model files found"):
+        wait_http(dead, free_port(), "/health", 5, log)
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(RuntimeError, match="no answer on 127.0.0.1:"):
+            wait_http(silent, free_port(), "/health", 0.5, log)
+    finally:
+        stop(silent)
+    assert silent.returncode is not None
