@@ -24,36 +24,39 @@ EXPORT_ARGS ?=
 .PHONY: venv loadtest-venv monitoring-tools export repository serve gateway demo test test-slow finetune bench bench-peers bench-ceiling bench-serving bench-gpu bench-gpu-pack bench-trace tune distill evaluate loadtest report soak experiment-sim bench-gateway bench-rollout rollout rollout-status clean
 
 venv: $(STAMP)
-$(STAMP): requirements.txt requirements-dev.txt
+# The checkout itself is installed editable: `bert_recsys.client` is client/ (pyproject.toml's package-dir).
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --no-compile -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 LOADTEST_VENV := .venv-loadtest
 LOADTEST_STAMP := $(LOADTEST_VENV)/.installed
 loadtest-venv: $(LOADTEST_STAMP)
-$(LOADTEST_STAMP): loadtest/requirements.txt
+$(LOADTEST_STAMP): loadtest/requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(LOADTEST_VENV)
 	$(LOADTEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOADTEST_VENV)/bin/python -m pip install --quiet --no-compile -r loadtest/requirements.txt
+	$(LOADTEST_VENV)/bin/python -m pip install --quiet --no-compile -r loadtest/requirements.txt 'setuptools>=68'
+	$(LOADTEST_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(LOADTEST_STAMP)
 
 export: venv                     ## ONNX variants (+ TensorRT where present), each gated against PyTorch
-	$(PY) -m export $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export $(EXPORT_ARGS)
 
 repository: venv                 ## render build/model_repository from the exported variant
-	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)
-	$(PY) -m model_repository build --variant $(VARIANT) --runtime $(RUNTIME)
+	$(PY) -m bert_recsys.export --variants $(VARIANT) $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.model_repository build --variant $(VARIANT) --runtime $(RUNTIME)
 
 serve: repository                ## tritonserver on loopback: HTTP 8000, gRPC 8001, metrics 8002
-	$(PY) -m server
+	$(PY) -m bert_recsys.server
 
 gateway: venv                    ## HTTP gateway beside `make serve`: 127.0.0.1:$${GATEWAY_PORT:-8080}, keys from GATEWAY_API_KEYS or GATEWAY_KEY_FILE
-	$(PY) -m gateway
+	$(PY) -m bert_recsys.gateway
 
 demo: venv                       ## the data (DATA=dir, ../shared, the cache, or a verified download) first, then export, build, start Triton, recommend, stop
-	@data="$$($(PY) -m demo_data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))" && $(MAKE) --no-print-directory repository && $(PY) -m demo --data "$$data"
+	@data="$$($(PY) -m bert_recsys.demo_data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))" && $(MAKE) --no-print-directory repository && $(PY) -m bert_recsys.demo --data "$$data"
 
 monitoring-tools:                ## Debian's prometheus and promtool where missing (the monitoring tests skip, saying why, where apt cannot run)
 	@scripts/install-monitoring-tools.sh
@@ -68,50 +71,50 @@ test-slow: venv loadtest-venv monitoring-tools  ## the long scenarios left out o
 # tune export; export.variants.CPU_VARIANTS is the same list (a unit test keeps them equal).
 CPU_VARIANTS := onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,ov-bf16,ov-int8-bf16
 bench: venv                      ## export benchmark: PyTorch FP32 vs each gated ONNX and OpenVINO variant and the torch runtime's FP32; refused ones listed
-	$(PY) -m export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
-	$(PY) -m export.bench
+	$(PY) -m bert_recsys.export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export.bench
 
 CEILING_GOAL ?= 2.5
 bench-ceiling: venv              ## the most INT8 can speed the encoder up on this CPU: its GEMMs FP32 vs INT8, the rest as is
-	$(PY) -m export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
-	$(PY) -m export.ceiling --goal $(CEILING_GOAL)
+	$(PY) -m bert_recsys.export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export.ceiling --goal $(CEILING_GOAL)
 
 bench-serving: venv              ## perf_analyzer: embed / encoder through Triton vs the bare encoder
-	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export --variants $(VARIANT) $(EXPORT_ARGS)
 	$(PY) -m loadtest.serving_bench --variant $(VARIANT)
 
 # Where the catalog comes from (demo_data): DATA=dir, else ../shared's MovieLens with its TMDB overviews linked in.
-DATA_DIR = $$($(PY) -m demo_data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))
+DATA_DIR = $$($(PY) -m bert_recsys.demo_data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))
 EVAL_SPLITS ?=
 evaluate: repository             ## warm, item cold start (3 seeds) and temporal; TF-IDF, EASE^R, base and fine-tuned encoders: make evaluate DATA=dir [EVAL_SPLITS=none]
-	@data="$(DATA_DIR)" && $(PY) -m training.evaluation "$$data" --variant $(VARIANT) $(if $(EVAL_SPLITS),--splits $(EVAL_SPLITS))
+	@data="$(DATA_DIR)" && $(PY) -m bert_recsys.training.evaluation "$$data" --variant $(VARIANT) $(if $(EVAL_SPLITS),--splits $(EVAL_SPLITS))
 
 FINETUNE_ARGS ?=
 finetune: venv                   ## the recommendation encoder: fine-tuned on DATA's interactions, gated against the base model, exported to build/export-rec (served as rec_embed)
-	@data="$(DATA_DIR)" && $(PY) -m training.finetune "$$data" --out build/finetuned/rec $(FINETUNE_ARGS)
-	$(PY) -m export --model build/finetuned/rec --out build/export-rec --variants $(VARIANT) $(EXPORT_ARGS)
+	@data="$(DATA_DIR)" && $(PY) -m bert_recsys.training.finetune "$$data" --out build/finetuned/rec $(FINETUNE_ARGS)
+	$(PY) -m bert_recsys.export --model build/finetuned/rec --out build/export-rec --variants $(VARIANT) $(EXPORT_ARGS)
 
 RUNS ?= 400
 DATA ?= ../shared/data/movielens-latest-small
 experiment-sim: venv             ## A/A + injected-lift simulations and a real A/B/n replay on MovieLens: make experiment-sim DATA=dir (stdout: one JSON object)
 	@$(MAKE) --no-print-directory repository >&2
-	@$(PY) -m server --free-ports -- $(PY) -m client.experiments simulate $(DATA) --runs $(RUNS)
+	@$(PY) -m bert_recsys.server --free-ports -- $(PY) -m bert_recsys.client.experiments simulate $(DATA) --runs $(RUNS)
 
 USERS ?= 8
 DURATION ?= 30
 PROTOCOL ?= http
 LOADTEST_ARGS ?=
 loadtest: repository loadtest-venv  ## Locust headless against a local server: make loadtest USERS=8 DURATION=30 PROTOCOL=grpc
-	$(PY) -m server --free-ports -- $(LOADTEST_VENV)/bin/python -m loadtest.run --protocol $(PROTOCOL) \
+	$(PY) -m bert_recsys.server --free-ports -- $(LOADTEST_VENV)/bin/python -m loadtest.run --protocol $(PROTOCOL) \
 		--users $(USERS) --duration $(DURATION) $(LOADTEST_ARGS)
 
 report: loadtest-venv venv       ## every benchmark in one run -> build/reports/REPORT.md with plots
-	$(PY) -m export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
 	$(PY) -m loadtest.report --variant $(VARIANT)
 
 SOAK_MINUTES ?= 10
 soak: venv                       ## soak benchmark: steady load, RSS of tritonserver and its stubs must grow <= 10%
-	$(PY) -m export --variants onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export --variants onnx-int8 $(EXPORT_ARGS)
 	$(PY) -m loadtest.soak --minutes $(SOAK_MINUTES)
 
 # On the GPU machine there is no .venv: BENCH_PY=python3 uses its Python (docs/gpu.md has the device calls).
@@ -123,42 +126,42 @@ bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),venv)  ## torch runtime on a GPU: en
 
 LAYERS ?= 3
 distill: venv                    ## a student keeping LAYERS of the teacher's layers, trained on CPU, exported in every CPU variant + gated vs the teacher -> build/export-student
-	$(PY) -m export.distill --layers $(LAYERS) $(DISTILL_ARGS)
-	$(PY) -m export --keep-going --model build/students/student-l$(LAYERS) --out build/export-student --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export.distill --layers $(LAYERS) $(DISTILL_ARGS)
+	$(PY) -m bert_recsys.export --keep-going --model build/students/student-l$(LAYERS) --out build/export-student --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
 
 tune: venv                       ## export every CPU variant, measure the gated ones through Triton here; make serve/demo then serve the fastest (build/tune.json)
-	$(PY) -m export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
 	$(PY) -m loadtest.tune
 
 PEERS_ARGS ?=
 bench-peers: venv                ## the peers users pick (sentence-transformers backends, fastembed, infinity-emb), each in its own venv under build/peers, beside our variants, embed and the gateway -> build/reports/peers.json + peers.png
-	$(PY) -m export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
 	$(PY) -m loadtest.peers $(PEERS_ARGS)
 
 bench-trace: venv                ## embed b1 broken into steps by Triton's trace API (queue, input, compute, output per model; gRPC; client)
-	$(PY) -m export --variants $(VARIANT) $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export --variants $(VARIANT) $(EXPORT_ARGS)
 	$(PY) -m loadtest.trace_breakdown --variant $(VARIANT)
 
 bench-gpu-pack: venv             ## here, before a device call: build/device/bench (torch-fp16 repository, references) and build/device/triton.tar.xz
-	$(PY) -m export --variants torch-fp16 $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export --variants torch-fp16 $(EXPORT_ARGS)
 	$(PY) -m loadtest.gpu_bench pack
 	$(PY) -m loadtest.gpu_bench pack-triton
 
 bench-gateway: venv                ## the HTTP gateway vs direct gRPC embed: b1 overhead, b32 throughput, rate limiter
-	$(PY) -m export --variants onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export --variants onnx-int8 $(EXPORT_ARGS)
 	$(PY) -m loadtest.gateway_bench
 
 bench-rollout: venv loadtest-venv  ## 3 rollouts under 20 Locust users -> build/reports/rollout.json + rollout.png
-	$(PY) -m export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
+	$(PY) -m bert_recsys.export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
 	$(PY) -m loadtest.rollout_bench
 
 NEW ?= build/export/onnx-fp32
 ROLLOUT_ARGS ?=
 rollout: venv                    ## roll an export (NEW=build/export/<variant>) out to the server `make serve` runs
-	$(PY) -m rollout run $(NEW) $(ROLLOUT_ARGS)
+	$(PY) -m bert_recsys.rollout run $(NEW) $(ROLLOUT_ARGS)
 
 rollout-status: venv             ## what the server `make serve` runs is serving: versions, manifests, shares
-	$(PY) -m rollout status
+	$(PY) -m bert_recsys.rollout status
 
 clean:
 	rm -rf build

@@ -27,11 +27,11 @@ from typing import Callable
 
 import numpy as np
 
-import logs
-from client.catalog import Catalog
-from client.protocols import (ItemHoldout, TemporalSplit, item_holdout, pool, rank_metrics, summarise, temporal_split)
-from client.recall import RecallChannel
-from client.scorers import (ContentScorer, GenreScorer, PopularityScorer, RandomScorer, Scorer, TfidfScorer, UserHistory,
+from bert_recsys import logs
+from bert_recsys.client.catalog import Catalog
+from bert_recsys.client.protocols import (ItemHoldout, TemporalSplit, item_holdout, pool, rank_metrics, summarise, temporal_split)
+from bert_recsys.client.recall import RecallChannel
+from bert_recsys.client.scorers import (ContentScorer, GenreScorer, PopularityScorer, RandomScorer, Scorer, TfidfScorer, UserHistory,
                             VectorScorer, centred, histories, rank)
 
 log = logs.get("client")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from client.catalog import Item, load_catalog
-from client.index import IndexSettings, build_catalog_index
-from client.item_text import DEFAULT_TEMPLATE, TemplateUse, template
-from client.recommend import Recommender, TasteIndex
-from client.tokens import TokenCounter
-from client.triton import TritonClient
+from bert_recsys.client.catalog import Item, load_catalog
+from bert_recsys.client.index import IndexSettings, build_catalog_index
+from bert_recsys.client.item_text import DEFAULT_TEMPLATE, TemplateUse, template
+from bert_recsys.client.recommend import Recommender, TasteIndex
+from bert_recsys.client.tokens import TokenCounter
+from bert_recsys.client.triton import TritonClient
 
 # Fictional new releases (no rating yet), added to the live index during the demo: item cold start.
 NEW_RELEASES = (
@@ -34,7 +34,7 @@ NEW_RELEASES = (
 
 
 def run_demo(server_settings, protocol: str, data_dir: Path, user_id: int | None) -> None:
-    import settings
+    from bert_recsys import settings
 
     if not (Path(data_dir) / "movies.csv").exists():
         raise SystemExit(f"demo: MovieLens data not found at {data_dir}; pass --data DIR (movies.csv, ratings.csv), "

@@ -1,4 +1,4 @@
-"""python -m client.evaluate DATA_DIR: offline quality of the recommender, and of the BERT behind it, through Triton.
+"""python -m bert_recsys.client.evaluate DATA_DIR: offline quality of the recommender, and of the BERT behind it, through Triton.
 
 Three protocols (client.protocols), each on a split no setting was chosen on:
 
@@ -29,19 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-import settings
-from client.catalog import CATALOG_FILES, Catalog, load_catalog
-from client.coldstart import EncodedCatalog, item_cold_start, temporal
-from client.index import IndexSettings, build_catalog_index
-from client.item_text import DEFAULT_TEMPLATE, TemplateUse, TextTemplate
-from client.item_text import template as text_template
-from client.protocols import TEST_FRACTION, parse_split, time_split
-from client.recall import RecallChannel
-from client.recommend import Recommender, RecommenderSettings, TasteIndex
-from client.scorers import EaseScorer, histories, rank
-from client.triton import TritonClient
-from contracts.digest import directory_files, files_identity
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.client.catalog import CATALOG_FILES, Catalog, load_catalog
+from bert_recsys.client.coldstart import EncodedCatalog, item_cold_start, temporal
+from bert_recsys.client.index import IndexSettings, build_catalog_index
+from bert_recsys.client.item_text import DEFAULT_TEMPLATE, TemplateUse, TextTemplate
+from bert_recsys.client.item_text import template as text_template
+from bert_recsys.client.protocols import TEST_FRACTION, parse_split, time_split
+from bert_recsys.client.recall import RecallChannel
+from bert_recsys.client.recommend import Recommender, RecommenderSettings, TasteIndex
+from bert_recsys.client.scorers import EaseScorer, histories, rank
+from bert_recsys.client.triton import TritonClient
+from bert_recsys.contracts.digest import directory_files, files_identity
 
 log = logs.get("client")
 PROTOCOLS = ("warm", "cold", "temporal")
@@ -272,7 +272,7 @@ def count_tokens(texts: list[str], tokenizer_file: Path | None) -> int | None:
     """Tokens the served tokenizer makes of `texts` (padding aside), or None without its tokenizer.json."""
     if tokenizer_file is None or not Path(tokenizer_file).exists():
         return None
-    from client.tokens import TokenCounter
+    from bert_recsys.client.tokens import TokenCounter
 
     return TokenCounter(tokenizer_file).count(list(texts))
 
@@ -425,7 +425,7 @@ def plot(report: dict, path: Path) -> Path | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.client.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, nargs="?", default=settings.MOVIELENS_DIR)
     parser.add_argument("--url", default=None, help="Triton address (default: from settings)")

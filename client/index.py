@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from client.item_text import DEFAULT_TEMPLATE, TextTemplate
-from client.item_text import template as text_template
-from contracts.digest import file_sha256
+from bert_recsys.client.item_text import DEFAULT_TEMPLATE, TextTemplate
+from bert_recsys.client.item_text import template as text_template
+from bert_recsys.contracts.digest import file_sha256
 
 FLAT_LIMIT = 50_000  # exact search up to here; IVF above (measured: loadtest/ann_bench.py)
 

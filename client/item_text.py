@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from client.catalog import Item
+from bert_recsys.client.catalog import Item
 
 PARTS = ("title", "tagline", "description", "keywords")
 ENDS = (".", "!", "?", "\u2026", '"')

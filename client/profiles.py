@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from client.catalog import Item
-from client.index import ItemIndex
+from bert_recsys.client.catalog import Item
+from bert_recsys.client.index import ItemIndex
 
 STOPWORDS = set("the a an of and in on to for with at from by is it its de la le el les das der die".split())
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from client.catalog import Interactions
+from bert_recsys.client.catalog import Interactions
 
 POSITIVE = 4.0
 SMALL_SEGMENT = 100  # fewer users than this: the figure is printed with a warning

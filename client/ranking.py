@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from client.profiles import UserProfile
-from client.recall import Candidate, RecallChannel
+from bert_recsys.client.profiles import UserProfile
+from bert_recsys.client.recall import Candidate, RecallChannel
 
 
 def min_max(values: np.ndarray) -> np.ndarray:

@@ -21,8 +21,8 @@ from typing import Protocol, Sequence
 import numpy as np
 from scipy import sparse
 
-from client.catalog import Interactions
-from client.index import ItemIndex
+from bert_recsys.client.catalog import Interactions
+from bert_recsys.client.index import ItemIndex
 
 
 class RecallChannel(StrEnum):

@@ -16,15 +16,15 @@ from typing import Sequence
 
 import numpy as np
 
-from client import ranking
-from client.catalog import Interactions, Item
-from client.errors import ModelNotFound
-from client.index import ItemIndex, TemplateMismatch
-from client.item_text import TextTemplate, by_identity
-from client.profiles import ProfileCache, ProfileSettings, UserProfile, build_profile
-from client.recall import (ALL_CHANNELS, EASE_LAMBDA, EASE_MAX_ITEMS, Candidate, InteractionModel, RecallChannel, Seeds,
+from bert_recsys.client import ranking
+from bert_recsys.client.catalog import Interactions, Item
+from bert_recsys.client.errors import ModelNotFound
+from bert_recsys.client.index import ItemIndex, TemplateMismatch
+from bert_recsys.client.item_text import TextTemplate, by_identity
+from bert_recsys.client.profiles import ProfileCache, ProfileSettings, UserProfile, build_profile
+from bert_recsys.client.recall import (ALL_CHANNELS, EASE_LAMBDA, EASE_MAX_ITEMS, Candidate, InteractionModel, RecallChannel, Seeds,
                            default_channels, recall)
-from client.scorers import content_scores
+from bert_recsys.client.scorers import content_scores
 
 CHANNELS = tuple(c.value for c in ALL_CHANNELS)  # the names, for callers that pass strings
 __all__ = ["Recommender", "RecommenderSettings", "UserProfile", "RecallChannel", "CHANNELS"]

@@ -21,9 +21,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from client.catalog import Item, Interactions
-from client.profiles import weighted_kmeans
-from client.recall import EASE_LAMBDA, RecallChannel, ease_weights
+from bert_recsys.client.catalog import Item, Interactions
+from bert_recsys.client.profiles import weighted_kmeans
+from bert_recsys.client.recall import EASE_LAMBDA, RecallChannel, ease_weights
 
 
 @dataclass(frozen=True)

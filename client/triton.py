@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-import settings as settings_module
-from client.errors import (InvalidRequest, Kind, ModelNotFound, ServingError, ServingTimeout, Unavailable, classify,
+from bert_recsys import settings as settings_module
+from bert_recsys.client.errors import (InvalidRequest, Kind, ModelNotFound, ServingError, ServingTimeout, Unavailable, classify,
                            message, status_code)
-from settings import Settings
+from bert_recsys.settings import Settings
 
 PROTOCOLS = ("grpc", "http")
 __all__ = ["TritonClient", "AsyncTritonClient", "RetryPolicy", "ServingView", "ServingError", "ServingTimeout", "Unavailable",
@@ -391,7 +391,7 @@ class AsyncTritonClient:
     def _connection(self):
         if self._client is None:
             if self.protocol == "http":
-                from client.kserve_http import AsyncKServeHttp
+                from bert_recsys.client.kserve_http import AsyncKServeHttp
 
                 self._client = AsyncKServeHttp(self.url)
             else:

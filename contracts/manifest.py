@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from contracts.digest import file_sha256
+from bert_recsys.contracts.digest import file_sha256
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1

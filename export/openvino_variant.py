@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.manifest import ArtifactFile, Precision
+from bert_recsys.contracts.manifest import ArtifactFile, Precision
 
 WEIGHTS = "model.bin"
 INFERENCE_PRECISION = {Precision.FP32: "f32", Precision.INT8: "f32", Precision.BF16: "bf16"}

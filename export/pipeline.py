@@ -25,19 +25,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import logs
-import settings as settings_module
-from contracts.digest import file_sha256
-from contracts.manifest import (SCHEMA_VERSION, Artifact, ArtifactFile, Manifest, Precision, VariantFormat,
+from bert_recsys import logs
+from bert_recsys import settings as settings_module
+from bert_recsys.contracts.digest import file_sha256
+from bert_recsys.contracts.manifest import (SCHEMA_VERSION, Artifact, ArtifactFile, Manifest, Precision, VariantFormat,
                                 artifact_problems)
-from export import onnx_export, openvino_variant, torch_variant
-from export.calibration import calibration_batches, read_calibration_texts
-from export.distill import SOURCES, in_domain_sha256, read_lineage, read_texts
-from export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, TEACHER_SPEARMAN_RATIO, Reference, Thresholds, evaluate
-from export.runners import OrtRunner, TorchRunner, embed_texts
-from export.source import SourceModel, load_source
-from export.tensorrt_plan import ShapeProfile, TensorRTUnavailable, TrtRunner, build_plan, tensorrt_version
-from export.variants import Variant, VariantStatus
+from bert_recsys.export import onnx_export, openvino_variant, torch_variant
+from bert_recsys.export.calibration import calibration_batches, read_calibration_texts
+from bert_recsys.export.distill import SOURCES, in_domain_sha256, read_lineage, read_texts
+from bert_recsys.export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, TEACHER_SPEARMAN_RATIO, Reference, Thresholds, evaluate
+from bert_recsys.export.runners import OrtRunner, TorchRunner, embed_texts
+from bert_recsys.export.source import SourceModel, load_source
+from bert_recsys.export.tensorrt_plan import ShapeProfile, TensorRTUnavailable, TrtRunner, build_plan, tensorrt_version
+from bert_recsys.export.variants import Variant, VariantStatus
 
 log = logs.get("export")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -432,7 +432,7 @@ class Exporter:
 
     def reference_sha(self) -> str:
         """What the gate measures on: the gate sentences, and the retrieval subset when there is one."""
-        from export.gate import load_gate_sentences
+        from bert_recsys.export.gate import load_gate_sentences
 
         sentences = load_gate_sentences()[1]
         return sentences if self.retrieval is None else f"{sentences}+retrieval:{self.retrieval.sha256}"
@@ -445,7 +445,7 @@ class Exporter:
         if not (Path(directory) / "qrels" / "train.tsv").exists():
             log.info(f"warning: retrieval gate not run: no SciFact train at {directory}")
             return None
-        from export.retrieval import load_scifact
+        from bert_recsys.export.retrieval import load_scifact
 
         return load_scifact(directory)
 
@@ -555,7 +555,7 @@ def read_outcomes(out: Path) -> dict:
 
 
 def record_outcomes(out: Path, outcomes: list[Outcome]) -> None:
-    from export.bench import machine_identity
+    from bert_recsys.export.bench import machine_identity
 
     path = Path(out) / OUTCOMES_FILE
     try:

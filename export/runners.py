@@ -9,7 +9,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from export.onnx_export import INPUT_NAMES
+from bert_recsys.export.onnx_export import INPUT_NAMES
 
 
 class Runner(Protocol):
@@ -53,16 +53,16 @@ class OrtRunner:
 def runner_for(directory: Path, manifest, name: str | None = None):
     """The runner for an exported variant (its folder and manifest): ONNX Runtime, OpenVINO at the inference
     precision it was gated at, or the torch runtime's code in FP32 on the CPU."""
-    from contracts.manifest import Precision, VariantFormat
+    from bert_recsys.contracts.manifest import Precision, VariantFormat
 
     path = Path(directory) / manifest.artifact.file
     name = name or manifest.variant
     if manifest.format == VariantFormat.OPENVINO:
-        from export.openvino_variant import OpenVinoRunner
+        from bert_recsys.export.openvino_variant import OpenVinoRunner
 
         return OpenVinoRunner(path, manifest.precision, name=name, inference=manifest.openvino_precision)
     if manifest.format == VariantFormat.TORCH:
-        from export.torch_variant import TorchBertRunner
+        from bert_recsys.export.torch_variant import TorchBertRunner
 
         return TorchBertRunner(path, Precision.FP32, "cpu", name=name)
     if manifest.format == VariantFormat.ONNX:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx_export import INPUT_NAMES, OUTPUT_NAME
+from bert_recsys.export.onnx_export import INPUT_NAMES, OUTPUT_NAME
 
 
 class TensorRTUnavailable(RuntimeError):

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contracts.manifest import Precision
-from encoders import torch_bert
-from export.source import SourceModel
+from bert_recsys.contracts.manifest import Precision
+from bert_recsys.encoders import torch_bert
+from bert_recsys.export.source import SourceModel
 
 MODULE = Path(torch_bert.__file__)
 DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from contracts.manifest import Precision, VariantFormat
+from bert_recsys.contracts.manifest import Precision, VariantFormat
 
 
 class VariantStatus(StrEnum):

@@ -1,4 +1,4 @@
-"""python -m gateway: the HTTP gateway beside a running tritonserver (`make serve`); see gateway/config.py for
+"""python -m bert_recsys.gateway: the HTTP gateway beside a running tritonserver (`make serve`); see gateway/config.py for
 its environment variables. Loopback by default."""
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import sys
 
 import uvicorn
 
-import logs
-from client.experiments import EventStore, Experiment, ExperimentError
-from client.triton import TritonClient
-from gateway.app import create_app
-from gateway.config import GatewaySettings
-from gateway.keys import KeyFileError, KeyStore
-from gateway.recommender import load_recommender
-from client.tokens import TokenCounter
+from bert_recsys import logs
+from bert_recsys.client.experiments import EventStore, Experiment, ExperimentError
+from bert_recsys.client.triton import TritonClient
+from bert_recsys.gateway.app import create_app
+from bert_recsys.gateway.config import GatewaySettings
+from bert_recsys.gateway.keys import KeyFileError, KeyStore
+from bert_recsys.gateway.recommender import load_recommender
+from bert_recsys.client.tokens import TokenCounter
 
 log = logs.get("gateway")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.gateway", description=__doc__)
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args(argv)

@@ -28,17 +28,17 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
-import logs
-from client.catalog import Item
-from client.errors import InvalidRequest, ServingError
-from client.experiments import EventError, EventStore, Experiment, ExperimentError, ExperimentRecommender
-from client.triton import AsyncTritonClient
-from gateway.config import GatewaySettings
-from gateway.embeddings import EmbeddingsEndpoint
-from gateway.errors import RETRY_AFTER_UNAVAILABLE_S, ApiError, http_error
-from gateway.keys import KeyStore
-from gateway.ratelimit import RateLimiter
-from client.tokens import TokenCounter
+from bert_recsys import logs
+from bert_recsys.client.catalog import Item
+from bert_recsys.client.errors import InvalidRequest, ServingError
+from bert_recsys.client.experiments import EventError, EventStore, Experiment, ExperimentError, ExperimentRecommender
+from bert_recsys.client.triton import AsyncTritonClient
+from bert_recsys.gateway.config import GatewaySettings
+from bert_recsys.gateway.embeddings import EmbeddingsEndpoint
+from bert_recsys.gateway.errors import RETRY_AFTER_UNAVAILABLE_S, ApiError, http_error
+from bert_recsys.gateway.keys import KeyStore
+from bert_recsys.gateway.ratelimit import RateLimiter
+from bert_recsys.client.tokens import TokenCounter
 
 log = logs.get("gateway")
 

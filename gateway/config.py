@@ -34,7 +34,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import settings
+from bert_recsys import settings
 
 
 def _env(name: str, default: str) -> str:

@@ -16,9 +16,9 @@ from typing import Awaitable, Callable
 import numpy as np
 import orjson
 
-import logs
-from client.errors import InvalidRequest, ServingError
-from gateway.errors import ApiError, http_error
+from bert_recsys import logs
+from bert_recsys.client.errors import InvalidRequest, ServingError
+from bert_recsys.gateway.errors import ApiError, http_error
 
 log = logs.get("gateway")
 ENCODINGS = ("float", "base64")

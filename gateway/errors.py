@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from client.errors import InvalidRequest, ModelNotFound, ServingError, ServingTimeout, Unavailable
+from bert_recsys.client.errors import InvalidRequest, ModelNotFound, ServingError, ServingTimeout, Unavailable
 
 RETRY_AFTER_UNAVAILABLE_S = 1
 

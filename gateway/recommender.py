@@ -12,13 +12,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import logs
-from client.catalog import Item, load_catalog
-from client.index import IndexSettings, IndexStore, ItemIndex, build_catalog_index
-from client.item_text import DEFAULT_TEMPLATE, TemplateUse, TextTemplate, template
-from client.recommend import Recommender, TasteIndex
-from client.triton import TritonClient
-from gateway.config import GatewaySettings
+from bert_recsys import logs
+from bert_recsys.client.catalog import Item, load_catalog
+from bert_recsys.client.index import IndexSettings, IndexStore, ItemIndex, build_catalog_index
+from bert_recsys.client.item_text import DEFAULT_TEMPLATE, TemplateUse, TextTemplate, template
+from bert_recsys.client.recommend import Recommender, TasteIndex
+from bert_recsys.client.triton import TritonClient
+from bert_recsys.gateway.config import GatewaySettings
 
 log = logs.get("gateway")
 

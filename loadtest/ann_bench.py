@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-import settings
+from bert_recsys import settings
 
 
 def real_embeddings(limit_per_source: int = 12000) -> np.ndarray:
@@ -27,8 +27,8 @@ def real_embeddings(limit_per_source: int = 12000) -> np.ndarray:
 
     from transformers import AutoTokenizer
 
-    from contracts.manifest import Manifest
-    from export.runners import OrtRunner, embed_texts
+    from bert_recsys.contracts.manifest import Manifest
+    from bert_recsys.export.runners import OrtRunner, embed_texts
 
     texts: list[str] = []
     with open(settings.MOVIELENS_DIR / "movies.csv", encoding="utf-8", newline="") as handle:
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     print("exact search measured", flush=True)
 
 
-    from client.index import IndexSettings, ItemIndex
+    from bert_recsys.client.index import IndexSettings, ItemIndex
 
     encoder = {"export_manifest_sha256": "bench"}
     faiss.omp_set_num_threads(2)  # build with both cores

@@ -11,7 +11,7 @@ import json
 import subprocess
 from dataclasses import replace
 
-import settings
+from bert_recsys import settings
 from loadtest.perf import run_perf_analyzer
 from loadtest.workload import real_texts
 
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=int, default=20)
     args = parser.parse_args(argv)
 
-    from server.launcher import TritonServer, free_port
+    from bert_recsys.server.launcher import TritonServer, free_port
 
     server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
                               metrics_port=free_port())

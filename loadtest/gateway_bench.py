@@ -1,7 +1,7 @@
 """python -m loadtest.gateway_bench (`make bench-gateway`): what the HTTP gateway costs over direct gRPC `embed`.
 
 Starts its own tritonserver (onnx-int8, free loopback ports) and the gateway as a separate process
-(`python -m gateway`, as `make gateway` runs it), then, in one run:
+(`python -m bert_recsys.gateway`, as `make gateway` runs it), then, in one run:
 - b1: `embed` of one text, direct gRPC and through two gateways, one reaching Triton over HTTP (the default,
   client/kserve_http.py) and one over gRPC asyncio, interleaved; p50/p99 and each one's overhead;
 - b32: throughput at 4 concurrent callers, direct vs the default gateway (float JSON and base64, what the openai
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-import settings
-from client.triton import TritonClient
-from export.bench import machine
-from model_repository.render import build_repository
-from server.launcher import TritonServer, free_port, on_free_ports
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.client.triton import TritonClient
+from bert_recsys.export.bench import machine
+from bert_recsys.model_repository.render import build_repository
+from bert_recsys.server.launcher import TritonServer, free_port, on_free_ports
 
 log = logs.get("loadtest")
 KEY = "gateway-bench-key"
@@ -106,7 +106,7 @@ def start_gateway(server, port: int, rate_rps: float, out: Path, protocol: str =
     env = {**os.environ, "GATEWAY_API_KEYS": KEY, "GATEWAY_PORT": str(port), "GATEWAY_TRITON_URL": server.grpc_url,
            "GATEWAY_TRITON_HTTP_URL": server.http_url, "GATEWAY_EMBED_PROTOCOL": protocol,
            "GATEWAY_RATE_RPS": str(rate_rps), "GATEWAY_RATE_TEXTS_PER_S": "1000000", "GATEWAY_BURST_S": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=settings.REPO_ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "bert_recsys.gateway"], cwd=settings.REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=open(out / f"gateway-{port}.log", "w"))
     try:
         wait_http(process, port, "/health/ready", 60, out / f"gateway-{port}.log")

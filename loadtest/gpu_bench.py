@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-import settings
+from bert_recsys import logs
+from bert_recsys import settings
 
 log = logs.get("loadtest")
 
@@ -66,15 +66,27 @@ def s128_texts(tokenizer, sentences: list[str], count: int) -> list[str]:
     return texts
 
 
+def stage_package(dest: Path) -> Path:
+    """The package as a wheel lays it out (pyproject.toml's package-dir: client/ -> bert_recsys/client), copied
+    under dest: the device has no editable install of the checkout, so PYTHONPATH=dest finds bert_recsys."""
+    import tomllib
+
+    mapping = tomllib.loads((settings.REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package, folder in sorted(mapping.items()):
+        shutil.copytree(settings.REPO_ROOT / folder, dest / package.replace(".", "/"), ignore=skip, dirs_exist_ok=True)
+    return dest
+
+
 def pack(args) -> int:
     """Renders the GPU repository (torch-fp16) and writes the reference vectors and texts, under args.out."""
     from transformers import AutoTokenizer
 
-    from export.gate import load_gate_sentences, load_sts
-    from export.onnx_export import load_torch_encoder
-    from export.runners import TorchRunner, embed_texts
-    from export.source import load_source
-    from model_repository.render import build_repository
+    from bert_recsys.export.gate import load_gate_sentences, load_sts
+    from bert_recsys.export.onnx_export import load_torch_encoder
+    from bert_recsys.export.runners import TorchRunner, embed_texts
+    from bert_recsys.export.source import load_source
+    from bert_recsys.model_repository.render import build_repository
 
     out = Path(args.out)
     staging = out.with_name(out.name + ".staging")
@@ -85,6 +97,7 @@ def pack(args) -> int:
     build_repository(serving, settings.EXPORT_DIR, args.variant, "torch", staging / "repository")
     log.info("rendered the %s repository for the %s", args.variant, serving.instances.encoder_device)
     shutil.copytree(settings.EXPORT_DIR / "tokenizer", staging / "tokenizer")
+    stage_package(staging / "site")  # PYTHONPATH on the device (docs/gpu.md)
 
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     source = load_source(settings.default_model_dir())
@@ -205,7 +218,7 @@ def timed(torch, device, call, seconds: float, min_runs: int = 5) -> list[float]
 
 
 def machine_section(torch, device) -> dict:
-    from export.bench import machine
+    from bert_recsys.export.bench import machine
 
     info = {"cpu": machine(), "python": platform.python_version(), "torch": torch.__version__}
     if device.type == "cuda":
@@ -266,7 +279,7 @@ def gate_section(torch, device, bundle: Path, model, tokenizer) -> dict:
 
 
 def encoder_section(torch, device, model, batches: list[int], seconds: float, peak_tflops: float | None) -> dict:
-    from encoders import torch_bert
+    from bert_recsys.encoders import torch_bert
 
     flops = torch_bert.flops_per_sequence(model.config, SEQ)
     rows = []
@@ -293,7 +306,7 @@ def encoder_section(torch, device, model, batches: list[int], seconds: float, pe
 def served_section(bundle: Path, out: Path, perf_analyzer: Path | None, points: list[tuple[int, int]],
                    window_s: float, texts: list[str], stub_pythonpath: str = "") -> dict:
     from loadtest.perf import run_perf_analyzer
-    from server.launcher import TritonServer, free_port
+    from bert_recsys.server.launcher import TritonServer, free_port
 
     server_settings = replace(settings.SETTINGS.server, host="127.0.0.1", http_port=free_port(),
                               grpc_port=free_port(), metrics_port=free_port())
@@ -326,7 +339,7 @@ def sentence_transformers_dir(torch, bundle: Path, target: Path) -> Path:
     so the peer computes the same function from the same numbers."""
     from transformers import BertConfig, BertModel
 
-    from encoders import torch_bert
+    from bert_recsys.encoders import torch_bert
 
     config, weights = torch_bert.read(bundle / "repository" / "encoder" / "1" / "model.safetensors")
     hf = BertConfig(vocab_size=config.vocab, hidden_size=config.hidden, num_hidden_layers=config.layers,
@@ -375,7 +388,7 @@ def run(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from encoders import torch_bert
+    from bert_recsys.encoders import torch_bert
 
     bundle, out = Path(args.bundle), Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

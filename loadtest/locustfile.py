@@ -29,9 +29,9 @@ import urllib.request  # noqa: E402
 import numpy as np  # noqa: E402
 from locust import FastHttpUser, LoadTestShape, User, constant, events, task  # noqa: E402
 
-import settings  # noqa: E402
-from client.errors import Kind, classify, status_code  # noqa: E402
-from client.triton import ServingView  # noqa: E402
+from bert_recsys import settings  # noqa: E402
+from bert_recsys.client.errors import Kind, classify, status_code  # noqa: E402
+from bert_recsys.client.triton import ServingView  # noqa: E402
 from loadtest.workload import Workload  # noqa: E402
 
 PROTOCOL = os.environ.get("LOADTEST_PROTOCOL", "http")

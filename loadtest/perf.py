@@ -11,8 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import logs
-import settings
+from bert_recsys import logs
+from bert_recsys import settings
 
 log = logs.get("loadtest")
 

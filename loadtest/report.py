@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import settings
+from bert_recsys import settings
 
 REPORTS = settings.BUILD_DIR / "reports"
 
@@ -33,7 +33,7 @@ def step(title: str, command: list[str]) -> None:
 
 def served(command: list[str]) -> list[str]:
     """Run a load-test command against a fresh local tritonserver on free ports."""
-    return [sys.executable, "-m", "server", "--free-ports", "--", str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", *command]
+    return [sys.executable, "-m", "bert_recsys.server", "--free-ports", "--", str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", *command]
 
 
 def bar_plot(rows: list[dict], path: Path) -> None:
@@ -58,10 +58,10 @@ def bar_plot(rows: list[dict], path: Path) -> None:
 def ceiling_section(path: Path) -> list[str]:
     """What INT8 can give at most on this CPU (export.ceiling), or why it is not in the report."""
     if not path.exists():
-        return ["Not measured: the INT8 ceiling (`python -m export.ceiling`).", ""]
+        return ["Not measured: the INT8 ceiling (`python -m bert_recsys.export.ceiling`).", ""]
     report = json.loads(path.read_text())
     c = report["ceiling"]
-    lines = ["## What INT8 can give at most on this CPU (`python -m export.ceiling`)", "",
+    lines = ["## What INT8 can give at most on this CPU (`python -m bert_recsys.export.ceiling`)", "",
              f"b{report['batch']}/s{report['seq']}: every weight GEMM of the FP32 graph timed in FP32 and in INT8 "
              f"(MatMulInteger, no quantization cost), the rest of the graph as it is.", "",
              "| | ms | vs PyTorch |", "|---|---|---|"]
@@ -90,10 +90,10 @@ def main(argv=None) -> int:
 
 def measure(args) -> None:
     py = sys.executable
-    step("bare encoder by variant", [py, "-m", "export.bench"])
-    step("INT8 ceiling on this CPU", [py, "-m", "export.ceiling"])
+    step("bare encoder by variant", [py, "-m", "bert_recsys.export.bench"])
+    step("INT8 ceiling on this CPU", [py, "-m", "bert_recsys.export.ceiling"])
     step("Triton vs bare encoder (perf_analyzer)", [py, "-m", "loadtest.serving_bench", "--variant", args.variant])
-    step("model repository", [py, "-m", "model_repository", "build", "--variant", args.variant])
+    step("model repository", [py, "-m", "bert_recsys.model_repository", "build", "--variant", args.variant])
     step("knee (step load, embed over HTTP)", served(["--protocol", "http", "--tasks", "embed:1", "--step", args.step,
                                                       "--out", str(REPORTS / "knee")]))
     step("mixed workload with the recommend path (gRPC)", served([

@@ -23,11 +23,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import logs
-import settings
-from model_repository.render import build_repository
-from rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
-from server.launcher import TritonServer, on_free_ports
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.model_repository.render import build_repository
+from bert_recsys.rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
+from bert_recsys.server.launcher import TritonServer, on_free_ports
 
 PHASES = (("staged", "validate"), ("is live as a canary", "canary"), ("now serve version", "promote"),
           ("promoted:", "done"), ("rolled back:", "done"))

@@ -6,7 +6,7 @@
 
 Writes into --out: locust_stats.csv (+ history), report.html (Locust's own), summary.json and
 load.png (latency percentiles and throughput against users). Exits 1 when an SLO is violated.
-Host and ports default to TRITON_HOST / TRITON_HTTP_PORT / TRITON_GRPC_PORT (see settings.py).
+Host and ports default to TRITON_HOST / TRITON_HTTP_PORT / TRITON_GRPC_PORT (see bert_recsys/settings.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import settings
+from bert_recsys import settings
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-import settings
-from contracts.manifest import Manifest
-from export.bench import machine, time_calls
-from export.runners import runner_for, tokenize
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.contracts.manifest import Manifest
+from bert_recsys.export.bench import machine, time_calls
+from bert_recsys.export.runners import runner_for, tokenize
 from loadtest.perf import run_perf_analyzer
 
 log = logs.get("loadtest")
@@ -30,7 +30,7 @@ SHORT_TEXT = "How do I reset my password if I no longer have access to my email?
 
 
 def long_text(tokenizer, tokens: int) -> str:
-    from export.gate import load_gate_sentences
+    from bert_recsys.export.gate import load_gate_sentences
 
     paragraph = max(load_gate_sentences()[0], key=len)
     ids = tokenizer(paragraph, add_special_tokens=False)["input_ids"][: tokens - 2]
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from model_repository.render import build_repository
-    from server.launcher import TritonServer, free_port
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.server.launcher import TritonServer, free_port
 
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     texts = {"b1": SHORT_TEXT, "b32": long_text(tokenizer, 128)}

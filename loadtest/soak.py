@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-import settings
-from client.triton import TritonClient
+from bert_recsys import settings
+from bert_recsys.client.triton import TritonClient
 from loadtest.workload import real_texts
-from model_repository.render import build_repository
-from server.launcher import TritonServer, on_free_ports
+from bert_recsys.model_repository.render import build_repository
+from bert_recsys.server.launcher import TritonServer, on_free_ports
 
 
 def rss_mb(pid: int) -> float:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-import settings
+from bert_recsys import logs
+from bert_recsys import settings
 
 log = logs.get("loadtest")
 BLOCK, SETTLE = 50, 5  # calls per block counted, and not counted at the start of each block
@@ -123,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     import tritonclient.grpc as grpcclient
     from transformers import AutoTokenizer
 
-    from contracts.manifest import Manifest
-    from export.bench import machine
-    from export.runners import OrtRunner, tokenize
+    from bert_recsys.contracts.manifest import Manifest
+    from bert_recsys.export.bench import machine
+    from bert_recsys.export.runners import OrtRunner, tokenize
     from loadtest.serving_bench import SHORT_TEXT
-    from model_repository.render import build_repository
-    from server.launcher import TritonServer, free_port
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.server.launcher import TritonServer, free_port
 
     work = settings.BUILD_DIR / "trace_breakdown"
     work.mkdir(parents=True, exist_ok=True)

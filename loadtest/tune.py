@@ -21,8 +21,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import settings
-from export.bench import machine_identity
+from bert_recsys import settings
+from bert_recsys.export.bench import machine_identity
 
 TUNE_FILE = settings.BUILD_DIR / "tune.json"
 OBJECTIVES = ("throughput", "latency")
@@ -58,9 +58,9 @@ def tuned_variant(record: dict | None, machine: dict, exported: set[str]) -> tup
 def passing_exports(export_dir: Path) -> dict[str, object]:
     """{variant: manifest} of the variants in export_dir that passed their gate and the embedded runtime serves
     (ONNX in ONNX Runtime, OpenVINO IR in OpenVINO)."""
-    from contracts.manifest import Manifest, ManifestError
-    from contracts.runtime import Runtime
-    from model_repository.render import RUNTIME_FORMATS
+    from bert_recsys.contracts.manifest import Manifest, ManifestError
+    from bert_recsys.contracts.runtime import Runtime
+    from bert_recsys.model_repository.render import RUNTIME_FORMATS
 
     found = {}
     for directory in sorted(Path(export_dir).iterdir()) if Path(export_dir).is_dir() else []:
@@ -86,11 +86,11 @@ def print_choice() -> int:
 def measure(variant: str, seconds: float) -> dict:
     from transformers import AutoTokenizer
 
-    import logs
+    from bert_recsys import logs
     from loadtest.perf import run_perf_analyzer
     from loadtest.serving_bench import SHORT_TEXT, long_text
-    from model_repository.render import build_repository
-    from server.launcher import TritonServer, free_port
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.server.launcher import TritonServer, free_port
 
     log = logs.get("loadtest")
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
@@ -117,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.print_choice:
         return print_choice()
-    import logs
-    from export.bench import machine
+    from bert_recsys import logs
+    from bert_recsys.export.bench import machine
 
     logs.configure()
-    from export.pipeline import not_served, read_outcomes
-    from export.variants import CPU_VARIANTS
+    from bert_recsys.export.pipeline import not_served, read_outcomes
+    from bert_recsys.export.variants import CPU_VARIANTS
 
     candidates = passing_exports(settings.EXPORT_DIR)
     try:

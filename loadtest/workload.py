@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import settings
+from bert_recsys import settings
 
 CANDIDATES_PER_QUERY = 50
 
@@ -28,7 +28,7 @@ def real_texts(limit: int = 4000) -> list[str]:
         with open(settings.MOVIELENS_DIR / "movies.csv", encoding="utf-8", newline="") as handle:
             texts += [f"{row['title']}. Genres: {row['genres'].replace('|', ', ')}" for _, row in zip(range(limit // 4), csv.DictReader(handle))]
     if not texts:
-        from export.gate import load_gate_sentences
+        from bert_recsys.export.gate import load_gate_sentences
 
         texts = load_gate_sentences()[0]
     return texts
@@ -50,10 +50,10 @@ class Workload:
         return workload
 
     def _load_recommender(self, grpc_url: str) -> None:
-        from client.catalog import load_catalog
-        from client.index import ItemIndex, build_catalog_index
-        from client.recommend import Recommender
-        from client.triton import TritonClient
+        from bert_recsys.client.catalog import load_catalog
+        from bert_recsys.client.index import ItemIndex, build_catalog_index
+        from bert_recsys.client.recommend import Recommender
+        from bert_recsys.client.triton import TritonClient
 
         client = TritonClient(grpc_url, protocol="grpc")
         catalog = load_catalog(settings.MOVIELENS_DIR)

@@ -1,8 +1,8 @@
-"""python -m model_repository: render the Triton model repository from an exported variant.
+"""python -m bert_recsys.model_repository: render the Triton model repository from an exported variant.
 
-    python -m model_repository build --variant onnx-int8                 # embedded runtime (this machine)
-    python -m model_repository build --variant trt-fp16 --runtime native  # NGC container
-    python -m model_repository show --variant onnx-fp16 --runtime native  # print the configs only
+    python -m bert_recsys.model_repository build --variant onnx-int8                 # embedded runtime (this machine)
+    python -m bert_recsys.model_repository build --variant trt-fp16 --runtime native  # NGC container
+    python -m bert_recsys.model_repository show --variant onnx-fp16 --runtime native  # print the configs only
 
 `build` also serves the recommendation encoder (the "rec" family: rec_embed, rec_score) beside the general one
 when build/export-rec holds the same variant (training.finetune, then export --out build/export-rec);
@@ -15,15 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import logs
-import settings
-from contracts.manifest import Manifest, ManifestError
-from contracts.runtime import Runtime
-from model_repository.render import build_repository, remove_family, render_configs, to_pbtxt
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.contracts.manifest import Manifest, ManifestError
+from bert_recsys.contracts.runtime import Runtime
+from bert_recsys.model_repository.render import build_repository, remove_family, render_configs, to_pbtxt
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model_repository", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.model_repository", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("build", "show"))
     parser.add_argument("--variant", default="onnx-int8", help="exported variant to serve (default: %(default)s)")

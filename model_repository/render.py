@@ -21,17 +21,17 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from contracts.digest import files_identity
-from contracts.manifest import MANIFEST_NAME, Manifest, ManifestError, Precision, VariantFormat
-from contracts.runtime import Runtime
-from settings import Settings
+from bert_recsys.contracts.digest import files_identity
+from bert_recsys.contracts.manifest import MANIFEST_NAME, Manifest, ManifestError, Precision, VariantFormat
+from bert_recsys.contracts.runtime import Runtime
+from bert_recsys.settings import Settings
 
 RUNTIMES = tuple(r.value for r in Runtime)
 MODELS_SOURCE = Path(__file__).with_name("models")
 # The encoder's model.py per runtime (the Python-backend ones), and what the torch one imports beside it.
 ENCODER_SOURCES = {Runtime.EMBEDDED: "encoder_embedded", Runtime.TORCH: "encoder_torch"}
 # Where it is found, without importing it (and torch with it) here.
-TORCH_BERT_SOURCE = Path(importlib.util.find_spec("encoders.torch_bert").origin)
+TORCH_BERT_SOURCE = Path(importlib.util.find_spec("bert_recsys.encoders.torch_bert").origin)
 # The formats each runtime can serve.
 RUNTIME_FORMATS = {Runtime.EMBEDDED: {VariantFormat.ONNX, VariantFormat.OPENVINO}, Runtime.TORCH: {VariantFormat.TORCH},
                    Runtime.NATIVE: {VariantFormat.ONNX, VariantFormat.TENSORRT_PLAN, VariantFormat.OPENVINO}}
@@ -381,5 +381,5 @@ def build_repository(settings: Settings, export_dir: Path, variant: str, runtime
     export_dir = Path(export_dir)
     if not Manifest.exists(export_dir / variant):
         raise ManifestError(f"{export_dir / variant} has no {MANIFEST_NAME}: "
-                            f"run `python -m export --variants {variant}` first")
+                            f"run `python -m bert_recsys.export --variants {variant}` first")
     return write_generation(settings, export_dir / "tokenizer", {version: export_dir / variant}, runtime, out, stable=version)

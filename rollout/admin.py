@@ -14,9 +14,9 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from rollout.policy import MetricSnapshot
-from server.launcher import grpc_admin_headers
-from settings import ServerSettings
+from bert_recsys.rollout.policy import MetricSnapshot
+from bert_recsys.server.launcher import grpc_admin_headers
+from bert_recsys.settings import ServerSettings
 
 # Triton's per-model request counters: what canary verdicts and traffic shares are computed from.
 COUNTERS = ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_request_duration_us")

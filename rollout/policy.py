@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from client.experiments.design import METRICS
-from client.experiments.stats import RatioStats, non_inferior
-from contracts.runtime import Runtime
+from bert_recsys.client.experiments.design import METRICS
+from bert_recsys.client.experiments.stats import RatioStats, non_inferior
+from bert_recsys.contracts.runtime import Runtime
 
 # {(metric name, model name): value}, summed over replicas, versions and label values (rollout/admin.py).
 MetricSnapshot = dict[tuple[str, str], float]

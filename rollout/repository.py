@@ -16,11 +16,11 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from contracts.manifest import Manifest
-from contracts.runtime import Runtime
-from model_repository.render import link_or_copy, write_generation
-from rollout.policy import RolloutRefused
-from settings import Settings
+from bert_recsys.contracts.manifest import Manifest
+from bert_recsys.contracts.runtime import Runtime
+from bert_recsys.model_repository.render import link_or_copy, write_generation
+from bert_recsys.rollout.policy import RolloutRefused
+from bert_recsys.settings import Settings
 
 
 @dataclass

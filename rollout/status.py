@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from client.index import IndexStore
-from rollout.admin import TritonAdmin
-from rollout.policy import role, shares, traffic
-from rollout.repository import LiveRepository
+from bert_recsys.client.index import IndexStore
+from bert_recsys.rollout.admin import TritonAdmin
+from bert_recsys.rollout.policy import role, shares, traffic
+from bert_recsys.rollout.repository import LiveRepository
 
 
 def status(live: LiveRepository, admin: TritonAdmin | None = None, window_s: float = 5.0,

@@ -33,21 +33,21 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-from client.experiments.events import EventStore
-from client.experiments.report import METRIC_COLUMN, per_user
-from client.index import IndexStore, embed_index
-from client.triton import RetryPolicy, TritonClient
-from contracts.manifest import Manifest, ManifestError
-from contracts.runtime import Runtime
-from export.gate import load_gate_sentences
-from rollout.admin import Replica, TritonAdmin
-from rollout.policy import (Responses, RolloutRefused, RolloutSettings, Validation, canary_verdict, traffic,
+from bert_recsys import logs
+from bert_recsys.client.experiments.events import EventStore
+from bert_recsys.client.experiments.report import METRIC_COLUMN, per_user
+from bert_recsys.client.index import IndexStore, embed_index
+from bert_recsys.client.triton import RetryPolicy, TritonClient
+from bert_recsys.contracts.manifest import Manifest, ManifestError
+from bert_recsys.contracts.runtime import Runtime
+from bert_recsys.export.gate import load_gate_sentences
+from bert_recsys.rollout.admin import Replica, TritonAdmin
+from bert_recsys.rollout.policy import (Responses, RolloutRefused, RolloutSettings, Validation, canary_verdict, traffic,
                             validation_failures)
-from rollout.repository import LiveRepository, put_config, put_dir
-from rollout.status import status
-from server.launcher import ServerError, TritonServer, on_free_ports
-from settings import Settings
+from bert_recsys.rollout.repository import LiveRepository, put_config, put_dir
+from bert_recsys.rollout.status import status
+from bert_recsys.server.launcher import ServerError, TritonServer, on_free_ports
+from bert_recsys.settings import Settings
 
 log = logs.get("rollout")
 # The rollout's public names, importable from here as before the split.

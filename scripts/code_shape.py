@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("settings.py", "contracts", "export", "model_repository", "server", "client", "rollout", "loadtest", "demo.py")
+PACKAGES = ("bert_recsys", "contracts", "export", "model_repository", "server", "client", "rollout", "gateway", "training",
+            "loadtest")
 
 
 def modules(package: str) -> list[Path]:

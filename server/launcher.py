@@ -30,11 +30,11 @@ import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import logs
-import settings
-from server import processes
-from server.supervisor import ModelSupervisor
-from settings import ServerSettings
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.server import processes
+from bert_recsys.server.supervisor import ModelSupervisor
+from bert_recsys.settings import ServerSettings
 
 log = logs.get("server")
 RUN_DIR = settings.BUILD_DIR / "run"

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import logs
+from bert_recsys import logs
 
 log = logs.get("server")
 

@@ -19,8 +19,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import logs
-from server import processes
+from bert_recsys import logs
+from bert_recsys.server import processes
 
 log = logs.get("server")
 

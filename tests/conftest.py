@@ -15,8 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import settings  # noqa: E402
-from server.launcher import on_free_ports  # noqa: E402
+from bert_recsys import settings  # noqa: E402
+from bert_recsys.server.launcher import on_free_ports  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import process_guard  # noqa: E402
@@ -68,8 +68,8 @@ EXPORTED_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "torch-fp32", "ov-fp
 @pytest.fixture(scope="session")
 def export_dir() -> Path:
     """build/export with the ONNX variants, gated; built on first use, then reused while up to date."""
-    from export.pipeline import ExportOptions, run_export
-    from export.variants import parse_variants
+    from bert_recsys.export.pipeline import ExportOptions, run_export
+    from bert_recsys.export.variants import parse_variants
 
     options = ExportOptions(
         model_dir=settings.default_model_dir(),
@@ -84,7 +84,7 @@ def export_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sts_dev():
-    from export.gate import load_sts
+    from bert_recsys.export.gate import load_sts
 
     if not settings.STSB_DEV.exists():
         pytest.skip(f"STS-B dev not found at {settings.STSB_DEV}")
@@ -100,8 +100,8 @@ class ServedRepositories:
         self.servers = {}
 
     def __call__(self, variant: str, runtime: str = "embedded"):
-        from model_repository.render import build_repository
-        from server.launcher import TritonServer
+        from bert_recsys.model_repository.render import build_repository
+        from bert_recsys.server.launcher import TritonServer
 
         key = variant if runtime == "embedded" else f"{variant}-{runtime}"
         if key not in self.servers:
@@ -129,7 +129,7 @@ def protocol(request):
 
 
 def client_for(server, protocol: str):
-    from client.triton import TritonClient
+    from bert_recsys.client.triton import TritonClient
 
     s = server.server
     url = s.grpc_url if protocol == "grpc" else s.http_url

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.processes import SHM_DIR, SHM_PREFIX_BASE, proc_stat, start_ticks, shm_regions as regions_with
+from bert_recsys.server.processes import SHM_DIR, SHM_PREFIX_BASE, proc_stat, start_ticks, shm_regions as regions_with
 
 TEST_SESSION_ENV = "BERT_SERVING_TEST_SESSION"
 

@@ -1,4 +1,4 @@
-"""python -m training.evaluation DATA: the whole evaluation (`make evaluate`), fine-tuned encoders included.
+"""python -m bert_recsys.training.evaluation DATA: the whole evaluation (`make evaluate`), fine-tuned encoders included.
 
 1. the general encoder, exported as VARIANT (export), is served as `embed`;
 2. for each split in --splits (cold:0 .. cold:<seeds-1>, warm), a recommendation encoder is fine-tuned without
@@ -21,14 +21,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import logs
-import settings
-from client.catalog import load_catalog
-from client.item_text import DEFAULT_TEMPLATE, TextTemplate
-from client.item_text import template as text_template
-from client.protocols import parse_split
-from contracts.runtime import Runtime
-from training.finetune import Recipe, data_files, finetune, read_lineage
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.client.catalog import load_catalog
+from bert_recsys.client.item_text import DEFAULT_TEMPLATE, TextTemplate
+from bert_recsys.client.item_text import template as text_template
+from bert_recsys.client.protocols import parse_split
+from bert_recsys.contracts.runtime import Runtime
+from bert_recsys.training.finetune import Recipe, data_files, finetune, read_lineage
 
 log = logs.get("training")
 WORK = settings.BUILD_DIR / "evaluate"
@@ -43,7 +43,7 @@ def up_to_date(model_dir: Path, data: Path, split: str, template: str, recipe: R
     lineage = read_lineage(model_dir)
     if lineage is None:
         return False
-    from export.source import load_source
+    from bert_recsys.export.source import load_source
 
     return (lineage.get("split", {}).get("name") == split and lineage.get("template") == template
             and lineage.get("recipe") == asdict(recipe) and lineage["data"]["files"] == data_files(data)
@@ -53,8 +53,8 @@ def up_to_date(model_dir: Path, data: Path, split: str, template: str, recipe: R
 def fine_tuned_exports(data: Path, splits: list[str], variant: str, template: TextTemplate, recipe: Recipe,
                        work: Path) -> dict[str, Path]:
     """{split: exported variant directory} for every split, fine-tuning and exporting what is missing."""
-    from export.pipeline import ExportOptions, run_export
-    from export.variants import parse_variants
+    from bert_recsys.export.pipeline import ExportOptions, run_export
+    from bert_recsys.export.variants import parse_variants
 
     exports = {}
     for n, split in enumerate(splits, 1):
@@ -77,8 +77,8 @@ def fine_tuned_exports(data: Path, splits: list[str], variant: str, template: Te
 
 def build_repository(variant: str, runtime: str, exports: dict[str, Path], out: Path) -> tuple[Path, dict[int, str]]:
     """The general family from build/export, and the rec family with version n = the n-th split."""
-    from model_repository.render import build_repository as build_general
-    from model_repository.render import remove_family, write_generation
+    from bert_recsys.model_repository.render import build_repository as build_general
+    from bert_recsys.model_repository.render import remove_family, write_generation
 
     repository = build_general(settings.SETTINGS, settings.EXPORT_DIR, variant, runtime, out)
     versions = {n: split for n, split in enumerate(exports, 1)}
@@ -92,7 +92,7 @@ def build_repository(variant: str, runtime: str, exports: dict[str, Path], out: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluation", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.training.evaluation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path)
     parser.add_argument("--variant", default="onnx-int8", help="the exported variant both encoders serve")
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
         return 2
     log.info("evaluation repository %s: rec_embed versions %s (%.0f s so far)", repository, versions or "none",
              time.perf_counter() - started)
-    from client import evaluate
-    from server.launcher import TritonServer, on_free_ports
+    from bert_recsys.client import evaluate
+    from bert_recsys.server.launcher import TritonServer, on_free_ports
 
     server = on_free_ports(settings.SETTINGS.server)
     with TritonServer(repository, server, log_file=args.work / "triton.log"):

@@ -1,4 +1,4 @@
-"""python -m training.finetune DATA --out DIR: fine-tune the BERT on interactions, for recommendations.
+"""python -m bert_recsys.training.finetune DATA --out DIR: fine-tune the BERT on interactions, for recommendations.
 
 What it learns from: pairs of items that the same users liked (co-occurrence neighbours), from the training part
 only, on the item text the catalog index uses (client.item_text). The loss is in-batch contrastive (InfoNCE,
@@ -19,7 +19,7 @@ What it never learns from:
 
 Writes a sentence-transformers directory (the base model's files with the new weights) and `finetune.json`, its
 lineage: base model and its sha256, data files and their sha256, the split, the template, the recipe, losses, the
-recommendation gate, and how far STS-B and SciFact moved (reported, not gated). `python -m export --model DIR`
+recommendation gate, and how far STS-B and SciFact moved (reported, not gated). `python -m bert_recsys.export --model DIR`
 exports and gates it like any encoder, and carries the lineage into every manifest.
 """
 from __future__ import annotations
@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-import settings
-from client.catalog import CATALOG_FILES, Interactions, load_catalog
-from client.item_text import DEFAULT_TEMPLATE, TextTemplate, template
-from client.protocols import HoldoutSplit, ItemHoldout, parse_split, training_part, validation_split
-from contracts.digest import directory_files
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.client.catalog import CATALOG_FILES, Interactions, load_catalog
+from bert_recsys.client.item_text import DEFAULT_TEMPLATE, TextTemplate, template
+from bert_recsys.client.protocols import HoldoutSplit, ItemHoldout, parse_split, training_part, validation_split
+from bert_recsys.contracts.digest import directory_files
 
 log = logs.get("training")
 LINEAGE_FILE = "finetune.json"
@@ -160,8 +160,8 @@ class TextEncoder:
         import torch
         from transformers import AutoTokenizer
 
-        from export.onnx_export import load_torch_encoder
-        from export.source import load_source
+        from bert_recsys.export.onnx_export import load_torch_encoder
+        from bert_recsys.export.source import load_source
 
         self.torch = torch
         self.source = load_source(model_dir)
@@ -238,8 +238,8 @@ def recommendation_figures(item_ids: np.ndarray, base: np.ndarray, tuned: np.nda
     """Item cold start on `split`: the recommender's content score (client.scorers.content_scores), centred on
     the visible items, with the taste term from the fine-tuned model, or from the base model (`tuned` None: what
     the recommender does without a recommendation encoder)."""
-    from client.protocols import rank_metrics, summarise
-    from client.scorers import ContentScorer, centred, histories, rank
+    from bert_recsys.client.protocols import rank_metrics, summarise
+    from bert_recsys.client.scorers import ContentScorer, centred, histories, rank
 
     visible_rows = np.flatnonzero(~np.isin(item_ids, split.hidden))
     similar = centred(base, visible_rows)
@@ -260,8 +260,8 @@ def gate_verdict(base: dict, served: dict) -> dict:
 
 def general_figures(encoder: TextEncoder) -> dict:
     """STS-B dev Spearman and SciFact nDCG@10 (the export gate's tasks), where the data is: reported, not gated."""
-    from export.gate import load_sts, sts_spearman
-    from export.retrieval import load_scifact, ndcg_at_k
+    from bert_recsys.export.gate import load_sts, sts_spearman
+    from bert_recsys.export.retrieval import load_scifact, ndcg_at_k
 
     out = {}
     length = encoder.source.max_length
@@ -355,7 +355,7 @@ def finetune(data_dir: Path, out: Path, recipe: Recipe = Recipe(), chosen: TextT
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.training.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="a catalog directory (client.catalog: MovieLens or items.csv)")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "finetuned" / "rec")

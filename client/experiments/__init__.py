@@ -8,9 +8,9 @@ that can be read at any time (always-valid test), and a simulator that replays M
     report.py    per-arm metrics and comparisons; Markdown, JSON, plots
     simulate.py  A/A, injected lift and real-arm replays on MovieLens
 """
-from client.experiments.design import Arm, Experiment, ExperimentError
-from client.experiments.events import AppendResult, EventError, EventStore, EventType
-from client.experiments.serving import ExperimentRecommender, Served
+from bert_recsys.client.experiments.design import Arm, Experiment, ExperimentError
+from bert_recsys.client.experiments.events import AppendResult, EventError, EventStore, EventType
+from bert_recsys.client.experiments.serving import ExperimentRecommender, Served
 
 __all__ = ["Arm", "Experiment", "ExperimentError", "EventStore", "EventError", "EventType", "AppendResult",
            "ExperimentRecommender", "Served"]

@@ -1,10 +1,10 @@
-"""python -m client.experiments: register an experiment, report on it, or simulate on MovieLens.
+"""python -m bert_recsys.client.experiments: register an experiment, report on it, or simulate on MovieLens.
 
-    python -m client.experiments register experiment.json [--db PATH]
-    python -m client.experiments report NAME [--db PATH] [--data MOVIELENS_DIR] [--out DIR] [--format md|json]
-    python -m client.experiments simulate [MOVIELENS_DIR] [--runs N] [--lift 0.1] [--out DIR]
+    python -m bert_recsys.client.experiments register experiment.json [--db PATH]
+    python -m bert_recsys.client.experiments report NAME [--db PATH] [--data MOVIELENS_DIR] [--out DIR] [--format md|json]
+    python -m bert_recsys.client.experiments simulate [MOVIELENS_DIR] [--runs N] [--lift 0.1] [--out DIR]
 
-`simulate` needs a running Triton (`python -m server --free-ports -- python -m client.experiments simulate`,
+`simulate` needs a running Triton (`python -m bert_recsys.server --free-ports -- python -m bert_recsys.client.experiments simulate`,
 which is what `make experiment-sim` runs); it prints one JSON object on stdout and writes the real-arm
 replay's report and plots under --out.
 """
@@ -17,18 +17,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import logs
-import settings
-from client.catalog import load_catalog
-from client.protocols import future_ratings
-from client.experiments import report as reporting
-from client.experiments.design import Arm, Experiment, ExperimentError
-from client.experiments.events import EventStore
-from client.experiments.simulate import Behaviour, ClickModel, real_lists, replay_into_store, simulate_tests
-from client.index import build_catalog_index
-from client.recall import RecallChannel
-from client.recommend import Recommender
-from client.triton import TritonClient
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.client.catalog import load_catalog
+from bert_recsys.client.protocols import future_ratings
+from bert_recsys.client.experiments import report as reporting
+from bert_recsys.client.experiments.design import Arm, Experiment, ExperimentError
+from bert_recsys.client.experiments.events import EventStore
+from bert_recsys.client.experiments.simulate import Behaviour, ClickModel, real_lists, replay_into_store, simulate_tests
+from bert_recsys.client.index import build_catalog_index
+from bert_recsys.client.recall import RecallChannel
+from bert_recsys.client.recommend import Recommender
+from bert_recsys.client.triton import TritonClient
 
 log = logs.get("client")
 DEFAULT_DB = settings.EXPERIMENTS_DB
@@ -131,7 +131,7 @@ def plot_tests(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.experiments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.client.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("register", help="record an experiment's definition (JSON) in the event store")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.experiments.design import Experiment, ExperimentError
+from bert_recsys.client.experiments.design import Experiment, ExperimentError
 
 MAX_ID = 128
 MAX_ITEMS = 1000

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from client.experiments.design import Experiment
-from client.experiments.events import EventStore, Slots
-from client.experiments.stats import RatioStats, compare, wilson
+from bert_recsys.client.experiments.design import Experiment
+from bert_recsys.client.experiments.events import EventStore, Slots
+from bert_recsys.client.experiments.stats import RatioStats, compare, wilson
 
 METRIC_COLUMN = {"ctr": "clicked", "conversion_rate": "converted"}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from client.experiments.design import Arm, Experiment, ExperimentError
-from client.index import ItemIndex
-from client.recommend import CHANNELS, Recommender
+from bert_recsys.client.experiments.design import Arm, Experiment, ExperimentError
+from bert_recsys.client.index import ItemIndex
+from bert_recsys.client.recommend import CHANNELS, Recommender
 
 
 @dataclass(frozen=True)

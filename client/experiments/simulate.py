@@ -22,11 +22,11 @@ from statistics import NormalDist
 
 import numpy as np
 
-import logs
-from client.experiments.design import Arm, Experiment, bucket
-from client.experiments.events import EventStore
-from client.experiments.serving import ExperimentRecommender
-from client.experiments.stats import mixture_tau, msprt_log_lambda, msprt_power, users_needed, vectorised_ratio
+from bert_recsys import logs
+from bert_recsys.client.experiments.design import Arm, Experiment, bucket
+from bert_recsys.client.experiments.events import EventStore
+from bert_recsys.client.experiments.serving import ExperimentRecommender
+from bert_recsys.client.experiments.stats import mixture_tau, msprt_log_lambda, msprt_power, users_needed, vectorised_ratio
 
 log = logs.get("client")
 

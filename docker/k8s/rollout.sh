@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Roll a new encoder version out to every Triton pod sharing the repository volume, with no failed request:
-# `python -m rollout` (rollout/steps.py) stages and validates the export, changes the shared repository once,
+# `python -m bert_recsys.rollout` (rollout/steps.py) stages and validates the export, changes the shared repository once,
 # and loads on each pod in turn (one pod switching at a time), then canaries, promotes or rolls back.
 #   NEW=/work/export/onnx-fp32 REPOSITORY=/models/repository NAMESPACE=prod docker/k8s/rollout.sh
 # Runs where the project's venv is and the repository volume is mounted at $REPOSITORY (an ops pod or a Job
@@ -30,4 +30,4 @@ fi
 (while sleep "${REFRESH_SECONDS:-5}"; do refresh || true; done) &
 refresher=$!
 trap 'kill "$refresher" 2>/dev/null; rm -f "$replicas_file" "${replicas_file}.next"' EXIT
-python -m rollout --repository "${REPOSITORY:-/models/repository}" --replicas-file "$replicas_file" run "${NEW}" "$@"
+python -m bert_recsys.rollout --repository "${REPOSITORY:-/models/repository}" --replicas-file "$replicas_file" run "${NEW}" "$@"

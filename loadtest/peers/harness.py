@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-import logs
-import settings
+from bert_recsys import logs
+from bert_recsys import settings
 
 log = logs.get("loadtest")
 HERE = Path(__file__).resolve().parent
@@ -112,7 +112,7 @@ def speed(b1_s: list[float], b32_s: list[float]) -> dict:
 def quality(sts: np.ndarray, gate_batched: np.ndarray, gate_alone: np.ndarray, pairs, reference_halves: dict | None
             ) -> dict:
     """STS-B halves' Spearman (and the confirmation half's ratio to the reference), batch invariance."""
-    from export.gate import row_cosines, spearman_by_half
+    from bert_recsys.export.gate import row_cosines, spearman_by_half
 
     n = len(pairs)
     halves = spearman_by_half(sts[:n], sts[n:], pairs)
@@ -126,7 +126,7 @@ def quality(sts: np.ndarray, gate_batched: np.ndarray, gate_alone: np.ndarray, p
 def fastest_holding_gates(rows: list[dict], spearman: float = 0.9985, invariance: float | None = None) -> dict | None:
     """The fastest peer (any row but ours) at b32 among those whose vectors hold the project's gates: the issue's
     STS-B confirmation goal and the gate's batch invariance (export.gate.BATCH_INVARIANCE)."""
-    from export.gate import BATCH_INVARIANCE
+    from bert_recsys.export.gate import BATCH_INVARIANCE
 
     invariance = BATCH_INVARIANCE if invariance is None else invariance
     holding = [row for row in rows if row.get("kind") != "project" and "b32_p50_ms" in row
@@ -286,7 +286,7 @@ def measure_in_process(embed, inputs: Inputs) -> dict:
 
 def run_infinity(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
     from loadtest.gateway_bench import stop, wait_http
-    from server.launcher import free_port
+    from bert_recsys.server.launcher import free_port
 
     python = ensure_venv(peer.venv)
     folder = out / peer.name
@@ -329,11 +329,11 @@ def bare_rows(inputs: Inputs) -> list[dict]:
     """Every gated CPU variant in build/export, in this process: tokenizer + runtime, as the peers run."""
     from transformers import AutoTokenizer
 
-    from export.runners import runner_for, tokenize
-    from export.variants import CPU_VARIANTS
+    from bert_recsys.export.runners import runner_for, tokenize
+    from bert_recsys.export.variants import CPU_VARIANTS
     from loadtest.tune import passing_exports
 
-    from export.source import load_source
+    from bert_recsys.export.source import load_source
 
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     max_length = load_source(inputs.model_dir).max_length
@@ -358,10 +358,10 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
     """`embed` over gRPC and the gateway over HTTP, beside one tritonserver serving `variant`."""
     from dataclasses import replace
 
-    from client.triton import TritonClient
+    from bert_recsys.client.triton import TritonClient
     from loadtest.gateway_bench import KEY, start_gateway, stop
-    from model_repository.render import build_repository
-    from server.launcher import TritonServer, free_port, on_free_ports
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.server.launcher import TritonServer, free_port, on_free_ports
 
     work = WORK / "serving"
     repository = build_repository(settings.SETTINGS, settings.EXPORT_DIR, variant, "embedded", work / "repository")
@@ -392,8 +392,8 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
 def build_inputs(runs_b1: int, runs_b32: int) -> Inputs:
     from transformers import AutoTokenizer
 
-    from export.distill import read_texts
-    from export.gate import load_gate_sentences, load_sts
+    from bert_recsys.export.distill import read_texts
+    from bert_recsys.export.gate import load_gate_sentences, load_sts
 
     tokenizer = AutoTokenizer.from_pretrained(settings.default_model_dir())
     gate = load_gate_sentences()[0]
@@ -408,7 +408,7 @@ def build_inputs(runs_b1: int, runs_b32: int) -> Inputs:
 def served_variant() -> str:
     """What `make serve` serves here: the tuned choice for this machine, else onnx-int8 (the Makefile's default)."""
     from loadtest.tune import TUNE_FILE, passing_exports, tuned_variant
-    from export.bench import machine_identity
+    from bert_recsys.export.bench import machine_identity
 
     record = json.loads(TUNE_FILE.read_text()) if TUNE_FILE.exists() else None
     variant, _ = tuned_variant(record, machine_identity(), set(passing_exports(settings.EXPORT_DIR)))
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     for needs_onnx in ("fastembed", "infinity-optimum"):  # both run the ONNX files st-onnx-qint8 exports
         if needs_onnx in wanted and "st-onnx-qint8" not in wanted:
             wanted.insert(wanted.index(needs_onnx), "st-onnx-qint8")
-    from export.bench import machine
+    from bert_recsys.export.bench import machine
 
     inputs = build_inputs(args.runs_b1, args.runs_b32)
     out = args.out / "peers"
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_halves = None
     if reference is not None:
         n = len(inputs.sts_pairs)
-        from export.gate import spearman_by_half
+        from bert_recsys.export.gate import spearman_by_half
 
         vectors = reference["_vectors"]["sts"]
         reference_halves = spearman_by_half(vectors[:n], vectors[n:], inputs.sts_pairs)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import settings
-from export.distill import SOURCES, choose_layers, kept_layers, read_texts
+from bert_recsys import settings
+from bert_recsys.export.distill import SOURCES, choose_layers, kept_layers, read_texts
 
 
 def test_kept_layers_are_evenly_spaced_from_the_first():
@@ -31,7 +31,7 @@ def test_training_text_comes_from_every_source_deduplicated_and_never_from_sts_d
     assert set(provenance) == set(SOURCES) and all(p["texts"] > 1000 and len(p["sha256"]) == 64
                                                    for p in provenance.values())
     assert len(texts) == len(set(texts)) == sum(p["texts"] for p in provenance.values())
-    from export.gate import load_sts
+    from bert_recsys.export.gate import load_sts
 
     dev = {s for a, b, _ in load_sts(settings.STSB_DEV) for s in (a, b)}
     train_only = set(texts) - dev
@@ -45,7 +45,7 @@ def test_a_distilled_student_trains_then_is_gated_against_its_teacher(export_dir
     if not settings.STSB_DEV.exists():
         pytest.skip("STS-B dev not here")
     student = tmp_path / "student"
-    trained = subprocess.run([sys.executable, "-m", "export.distill", "--layers", "2", "--max-texts", "240",
+    trained = subprocess.run([sys.executable, "-m", "bert_recsys.export.distill", "--layers", "2", "--max-texts", "240",
                               "--epochs", "2", "--batch", "32", "--max-length", "64", "--probe-texts", "40",
                               "--out", str(student)],
                              cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -66,7 +66,7 @@ def test_a_distilled_student_trains_then_is_gated_against_its_teacher(export_dir
     sts = tmp_path / "sts.csv"
     sts.write_text("".join(settings.STSB_DEV.read_text(encoding="utf-8").splitlines(keepends=True)[:200]))
     out = tmp_path / "export"
-    exported = subprocess.run([sys.executable, "-m", "export", "--model", str(student), "--out", str(out),
+    exported = subprocess.run([sys.executable, "-m", "bert_recsys.export", "--model", str(student), "--out", str(out),
                                "--variants", "onnx-fp32", "--sts", str(sts), "--no-retrieval"],
                               cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600)
     where = out / "onnx-fp32" if exported.returncode == 0 else out / "refused" / "onnx-fp32"

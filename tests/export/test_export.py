@@ -7,12 +7,12 @@ import numpy as np
 import onnx
 import pytest
 
-import settings
-from export.gate import DEFAULT_THRESHOLDS, Reference, evaluate, load_sts
-from contracts.manifest import SCHEMA_VERSION, Manifest, ManifestError, artifact_problems
-from export.runners import OrtRunner
-from contracts.digest import file_sha256
-from export.source import load_source
+from bert_recsys import settings
+from bert_recsys.export.gate import DEFAULT_THRESHOLDS, Reference, evaluate, load_sts
+from bert_recsys.contracts.manifest import SCHEMA_VERSION, Manifest, ManifestError, artifact_problems
+from bert_recsys.export.runners import OrtRunner
+from bert_recsys.contracts.digest import file_sha256
+from bert_recsys.export.source import load_source
 
 REPO = settings.REPO_ROOT
 
@@ -20,7 +20,7 @@ REPO = settings.REPO_ROOT
 def run_cli(*args, **kwargs):
     """The export CLI without its retrieval task (~1 min more per run here; tested on its own below), as the
     session's export fixture gates: variants it left up to date stay so."""
-    return subprocess.run([sys.executable, "-m", "export", "--no-retrieval", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bert_recsys.export", "--no-retrieval", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600, **kwargs)
 
 
@@ -86,9 +86,9 @@ def test_a_tampered_artifact_no_longer_matches_its_manifest(export_dir, tmp_path
 def reference(export_dir):
     from transformers import AutoTokenizer
 
-    from export.onnx_export import load_torch_encoder
-    from export.runners import TorchRunner, embed_texts
-    from export.source import load_source
+    from bert_recsys.export.onnx_export import load_torch_encoder
+    from bert_recsys.export.runners import TorchRunner, embed_texts
+    from bert_recsys.export.source import load_source
 
     source = load_source(settings.default_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(export_dir / "tokenizer")
@@ -128,7 +128,7 @@ def test_cli_refuses_a_variant_below_its_threshold(export_dir, tmp_path):
 def test_ort_dynamic_int8_is_refused_for_batch_invariance_and_per_row_int8_passes(export_dir, reference, tmp_path):
     """ORT's dynamic INT8 scales activations per batch: a text's vector depends on its batch-mates, which the
     default gate refuses. The default INT8 (per-row) quantizes per token and passes with the same weights."""
-    from export.onnx_export import attention_nodes, ffn_output_matmuls, quantize_int8_dynamic, quantize_int8_per_row
+    from bert_recsys.export.onnx_export import attention_nodes, ffn_output_matmuls, quantize_int8_dynamic, quantize_int8_per_row
 
     fp32 = export_dir / "onnx-fp32" / "model.onnx"
     quantize_int8_dynamic(fp32, tmp_path / "dynamic.onnx", ffn_output_matmuls(fp32, [0]))
@@ -145,7 +145,7 @@ def test_ort_dynamic_int8_is_refused_for_batch_invariance_and_per_row_int8_passe
 
 def test_the_default_int8_keeps_its_quality_on_the_half_of_sts_b_no_recipe_was_chosen_on(export_dir):
     """Recipes are chosen on the selection half of STS-B dev; the confirmation half is the figure to quote."""
-    from export.gate import sts_half
+    from bert_recsys.export.gate import sts_half
 
     figures = Manifest.read(export_dir / "onnx-int8").gate.figures
     if "spearman_ratio" not in figures:
@@ -180,7 +180,7 @@ def test_cli_refuses_an_unwritable_output(tmp_path):
 
 
 def test_named_tensorrt_variant_without_tensorrt_fails_clearly(export_dir):
-    from export.tensorrt_plan import tensorrt_version
+    from bert_recsys.export.tensorrt_plan import tensorrt_version
 
     if tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here")
@@ -192,8 +192,8 @@ def test_named_tensorrt_variant_without_tensorrt_fails_clearly(export_dir):
 
 def test_the_torch_variant_records_the_code_it_was_gated_with(export_dir):
     """The served module is part of the recipe: editing encoders/torch_bert.py re-gates torch-fp32."""
-    from encoders import torch_bert
-    from export.torch_variant import MODULE
+    from bert_recsys.encoders import torch_bert
+    from bert_recsys.export.torch_variant import MODULE
 
     directory = export_dir / "torch-fp32"
     manifest = Manifest.read(directory)
@@ -234,9 +234,9 @@ def test_nncf_int8_keeps_pooling_and_the_chosen_layers_fp32_and_is_batch_invaria
     import openvino as ov
     from transformers import AutoTokenizer
 
-    from export import openvino_variant
-    from export.calibration import calibration_batches
-    from export.gate import load_gate_sentences
+    from bert_recsys.export import openvino_variant
+    from bert_recsys.export.calibration import calibration_batches
+    from bert_recsys.export.gate import load_gate_sentences
 
     raw = export_dir / ".work" / "raw.onnx"
     assert raw.exists(), "the export fixture leaves the plain torch export in .work"
@@ -268,7 +268,7 @@ def test_nncf_int8_keeps_pooling_and_the_chosen_layers_fp32_and_is_batch_invaria
 
     int8 = openvino_variant.OpenVinoRunner(tmp_path / "model.xml", "int8")
     fp32 = openvino_variant.OpenVinoRunner(export_dir / "ov-fp32" / "model.xml", "fp32")
-    from export.runners import tokenize
+    from bert_recsys.export.runners import tokenize
 
     ids, mask = tokenize(tokenizer, sentences[:16], 256)
     together = int8(ids, mask)
@@ -287,9 +287,9 @@ def test_nncf_int8_keeps_pooling_and_the_chosen_layers_fp32_and_is_batch_invaria
 
 def test_the_bf16_variants_are_built_only_where_the_cpu_computes_bf16(tmp_path, monkeypatch):
     """A CPU without AVX512-BF16 or AMX, as OpenVINO reports it: ov-bf16 and ov-int8-bf16 are skipped, saying why."""
-    from export import openvino_variant
-    from export.pipeline import ExportOptions, read_outcomes, run_export
-    from export.variants import VariantStatus, parse_variants
+    from bert_recsys.export import openvino_variant
+    from bert_recsys.export.pipeline import ExportOptions, read_outcomes, run_export
+    from bert_recsys.export.variants import VariantStatus, parse_variants
 
     monkeypatch.setattr(openvino_variant, "capabilities", lambda: ["FP32", "INT8", "BIN", "EXPORT_IMPORT"])
     options = ExportOptions(model_dir=settings.default_model_dir(), out_dir=tmp_path / "export",
@@ -307,7 +307,7 @@ def test_the_gate_measures_retrieval_on_scifact_as_a_second_task(export_dir, ref
     300 queries and 1,000 abstracts)."""
     import copy
 
-    from export.retrieval import load_scifact
+    from bert_recsys.export.retrieval import load_scifact
 
     if not (settings.SCIFACT_TRAIN / "qrels" / "train.tsv").exists():
         pytest.skip(f"SciFact train not found at {settings.SCIFACT_TRAIN}")

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import settings
+from bert_recsys import settings
 from tests.conftest import client_for
 
 
@@ -24,9 +24,9 @@ def small_slice(movielens_slice, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fine_tuned(small_slice, tmp_path_factory):
-    from export.pipeline import ExportOptions, run_export
-    from export.variants import parse_variants
-    from training.finetune import Recipe, finetune
+    from bert_recsys.export.pipeline import ExportOptions, run_export
+    from bert_recsys.export.variants import parse_variants
+    from bert_recsys.training.finetune import Recipe, finetune
 
     work = tmp_path_factory.mktemp("finetuned")
     lineage = finetune(small_slice, work / "model", Recipe(steps=4, batch=8), split="cold:0", general=False)
@@ -45,8 +45,8 @@ def fine_tuned(small_slice, tmp_path_factory):
 
 
 def test_the_fine_tune_never_saw_the_hidden_items_and_says_what_it_was_trained_for(fine_tuned, small_slice):
-    from client.catalog import load_catalog
-    from client.protocols import ItemHoldout, item_holdout
+    from bert_recsys.client.catalog import load_catalog
+    from bert_recsys.client.protocols import ItemHoldout, item_holdout
 
     work, lineage = fine_tuned
     assert lineage["split"]["name"] == "cold:0" and lineage["template"].startswith("rich@")
@@ -59,10 +59,10 @@ def test_the_fine_tune_never_saw_the_hidden_items_and_says_what_it_was_trained_f
 
 
 def test_rec_embed_is_served_beside_embed_and_used_for_its_split_only(fine_tuned, export_dir, small_slice, tmp_path):
-    from client.evaluate import evaluate
-    from client.triton import TritonClient
-    from model_repository.render import build_repository
-    from server.launcher import TritonServer, on_free_ports
+    from bert_recsys.client.evaluate import evaluate
+    from bert_recsys.client.triton import TritonClient
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.server.launcher import TritonServer, on_free_ports
 
     work, _ = fine_tuned
     repository = build_repository(settings.SETTINGS, export_dir, "onnx-int8", "embedded", tmp_path / "repository")

@@ -16,15 +16,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import settings
-from client.triton import TritonClient
-from gateway.app import create_app
-from gateway.background import BackgroundGateway as Gateway
-from gateway.config import GatewaySettings
-from gateway.keys import KeyStore
-from gateway.recommender import load_recommender
-from client.tokens import TokenCounter
-from server.launcher import free_port
+from bert_recsys import settings
+from bert_recsys.client.triton import TritonClient
+from bert_recsys.gateway.app import create_app
+from bert_recsys.gateway.background import BackgroundGateway as Gateway
+from bert_recsys.gateway.config import GatewaySettings
+from bert_recsys.gateway.keys import KeyStore
+from bert_recsys.gateway.recommender import load_recommender
+from bert_recsys.client.tokens import TokenCounter
+from bert_recsys.server.launcher import free_port
 
 KEY = "test-gateway-key"
 
@@ -141,8 +141,8 @@ def test_the_async_client_over_http_and_grpc_agrees_with_embed_and_types_errors(
     in flight at once (one connection each), and Triton's statuses typed as tritonclient's are."""
     import asyncio
 
-    from client.errors import ModelNotFound
-    from client.triton import AsyncTritonClient
+    from bert_recsys.client.errors import ModelNotFound
+    from bert_recsys.client.triton import AsyncTritonClient
 
     _, client = served
     s, texts = client.settings.server, ["A man is playing a guitar.", "Der Hund schläft.", "x" * 3000]
@@ -170,9 +170,9 @@ def test_tritons_queue_policy_becomes_503_with_retry_after(export_dir, tmp_path)
     """A Triton whose entry queue holds one request (max_queue_size=1) rejects a burst with UNAVAILABLE; the gateway
     (retries off, so the rejection shows) answers those with 503 and Retry-After, the rest with 200, and serves
     the next request once the burst is over."""
-    from client.triton import RetryPolicy
-    from model_repository.render import build_repository
-    from server.launcher import TritonServer, on_free_ports
+    from bert_recsys.client.triton import RetryPolicy
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.server.launcher import TritonServer, on_free_ports
 
     bounded = replace(settings.SETTINGS, batching=replace(settings.SETTINGS.batching, max_queue_size=1))
     path = build_repository(bounded, export_dir, "onnx-int8", "embedded", tmp_path / "bounded")
@@ -214,9 +214,9 @@ def get(url, key=KEY):
 
 
 def test_recommendations_equal_the_recommenders_own(served):
-    from client.catalog import load_catalog
-    from client.index import IndexStore
-    from client.recommend import Recommender
+    from bert_recsys.client.catalog import load_catalog
+    from bert_recsys.client.index import IndexStore
+    from bert_recsys.client.recommend import Recommender
 
     gateway, client = served
     catalog = load_catalog(gateway.config.data_dir)
@@ -263,8 +263,8 @@ def test_a_new_item_posted_to_the_gateway_is_embedded_into_the_live_index(served
 def test_experiment_arms_and_events_through_the_gateway(served, tmp_path):
     """Recommendations carry the user's arm and a request id; impressions, clicks and conversions posted back are
     stored once, a malformed batch is refused whole, and the report counts what was posted."""
-    from client.experiments import Arm, EventStore, Experiment, ExperimentRecommender
-    from client.experiments import report as reporting
+    from bert_recsys.client.experiments import Arm, EventStore, Experiment, ExperimentRecommender
+    from bert_recsys.client.experiments import report as reporting
 
     gateway, client = served
     experiment = Experiment("gw-ab", (Arm("control"), Arm("semantic", channels=("semantic",), diversify=False)))
@@ -334,7 +334,7 @@ def test_health_and_metrics(served):
 
 
 def gateway_process(server, log, port: int | None = None, **env: str):
-    """`python -m gateway` in a process of its own, in front of `server` (a served repository); -> (process, URL)
+    """`python -m bert_recsys.gateway` in a process of its own, in front of `server` (a served repository); -> (process, URL)
     once it answers /health/live."""
     import sys
 
@@ -344,7 +344,7 @@ def gateway_process(server, log, port: int | None = None, **env: str):
            "GATEWAY_TRITON_HTTP_URL": s.http_url, "GATEWAY_EVENTS_DB": "off", "GATEWAY_RATE_RPS": "10000",
            "GATEWAY_RATE_TEXTS_PER_S": "10000000",
            "GATEWAY_TOKENIZER_FILE": str(server.repository / "tokenizer" / "1" / "tokenizer.json"), **env}
-    process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=settings.REPO_ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "bert_recsys.gateway"], cwd=settings.REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=log.open("ab"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -361,7 +361,7 @@ def gateway_process(server, log, port: int | None = None, **env: str):
 
 
 def test_sigterm_under_load_drains_in_flight_requests_and_cuts_no_response_off(triton, tmp_path):
-    """`python -m gateway` SIGTERMed while 8 clients post 64-text embedding requests: it stops accepting, every
+    """`python -m bert_recsys.gateway` SIGTERMed while 8 clients post 64-text embedding requests: it stops accepting, every
     response it had started is finished whole, requests in flight complete, and it exits 0 within its drain time."""
     import http.client
 
@@ -490,7 +490,7 @@ def failing_encoder_source(tmp_path):
     """A copy of the model sources whose encoder fails every real call when the repository it is loaded from holds
     a FAIL_VERSION file naming its version: so the new version passes validation (on its own staging repository)
     and its load-time warmup, and fails every call as the live server's canary."""
-    from model_repository import render
+    from bert_recsys.model_repository import render
 
     models = shutil.copytree(render.MODELS_SOURCE, tmp_path / "models")
     encoder_py = models / "encoder_embedded" / "model.py"
@@ -514,10 +514,10 @@ def test_a_rollout_driven_only_by_gateway_traffic(export_dir, tmp_path, monkeypa
     """Only the gateway calls Triton (4 Locust users on /v1/embeddings, canary share 0.25) while a new encoder
     version is rolled out: a good canary gets its share (within +-30%) and is promoted, one that fails every call
     is rolled back, and no application request fails: a call the canary fails is served by the stable version."""
-    from model_repository import render
-    from model_repository.render import build_repository
-    from rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
-    from server.launcher import TritonServer, on_free_ports
+    from bert_recsys.model_repository import render
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
+    from bert_recsys.server.launcher import TritonServer, on_free_ports
 
     share = 0.25
     path = build_repository(settings.SETTINGS, export_dir, "onnx-int8", "embedded", tmp_path / "live")
@@ -580,10 +580,10 @@ def test_a_rollout_driven_only_by_gateway_traffic(export_dir, tmp_path, monkeypa
 def test_a_rollout_under_gateway_load_loses_no_request(export_dir, movielens_slice, tmp_path):
     """Threads call the gateway (embeddings and recommendations) while a new encoder version is staged,
     canaried and promoted on its Triton; the gateway's recommender follows the index store the rollout switches."""
-    from client.index import IndexStore
-    from model_repository.render import build_repository
-    from rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
-    from server.launcher import TritonServer, on_free_ports
+    from bert_recsys.client.index import IndexStore
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
+    from bert_recsys.server.launcher import TritonServer, on_free_ports
 
     path = build_repository(settings.SETTINGS, export_dir, "onnx-int8", "embedded", tmp_path / "live")
     server_settings = on_free_ports(settings.SETTINGS.server, admin_key="gateway-rollout-key")

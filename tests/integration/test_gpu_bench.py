@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-import settings
+from bert_recsys import settings
 
 
 def cli(*args, timeout=600):
@@ -17,7 +17,17 @@ def test_pack_then_run_smoke_measures_every_section_and_the_peer_computes_the_sa
     packed = cli("pack", "--cpu", "--variant", "torch-fp32", "--out", str(tmp_path / "bundle"), "--texts", "32",
                  "--sts-pairs", "40")
     assert packed.returncode == 0, packed.stderr[-2000:]
-    assert {p.name for p in (tmp_path / "bundle").iterdir()} == {"repository", "tokenizer", "reference.npz", "texts.json"}
+    assert {p.name for p in (tmp_path / "bundle").iterdir()} == {"repository", "tokenizer", "reference.npz", "texts.json", "site"}
+    # The device has no install of the checkout: the bundle's site/ alone must give what the bench imports.
+    probe = ("import sys, importlib; sys.path[:] = [p for p in sys.path if p and p.rstrip('/') != sys.argv[1]]\n"
+             "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(getattr(f, '__module__', ''))]\n"
+             "sys.path.insert(0, sys.argv[2])\n"
+             "for m in ('bert_recsys.export.gate', 'bert_recsys.server.launcher', 'bert_recsys.model_repository.render',"
+             " 'bert_recsys.client.triton'): importlib.import_module(m)\n"
+             "import bert_recsys; print(bert_recsys.__file__)")
+    staged = subprocess.run([sys.executable, "-c", probe, str(settings.REPO_ROOT), str(tmp_path / "bundle" / "site")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert staged.returncode == 0 and staged.stdout.strip().startswith(str(tmp_path / "bundle" / "site")), staged.stderr[-2000:]
     texts = json.loads((tmp_path / "bundle" / "texts.json").read_text())["s128"]
     from transformers import AutoTokenizer
 

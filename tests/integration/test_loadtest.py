@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-import settings
+from bert_recsys import settings
 
 
 

@@ -19,9 +19,9 @@ from dataclasses import replace
 import pytest
 import yaml
 
-import settings
+from bert_recsys import settings
 from monitoring_queries import PROMETHEUS_CONFIG, RULES, dashboard_queries, needs_gpu, rules, tool_or_skip
-from server.launcher import free_port
+from bert_recsys.server.launcher import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +62,13 @@ class Prometheus:
 
 @pytest.fixture
 def stack(export_dir, tmp_path):
-    from client.triton import TritonClient
-    from gateway.app import create_app
-    from gateway.background import BackgroundGateway
-    from gateway.config import GatewaySettings
-    from gateway.keys import KeyStore
-    from model_repository.render import build_repository
-    from server.launcher import TritonServer, on_free_ports
+    from bert_recsys.client.triton import TritonClient
+    from bert_recsys.gateway.app import create_app
+    from bert_recsys.gateway.background import BackgroundGateway
+    from bert_recsys.gateway.config import GatewaySettings
+    from bert_recsys.gateway.keys import KeyStore
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.server.launcher import TritonServer, on_free_ports
 
     binary = prometheus_binary()
     repo = build_repository(settings.SETTINGS, export_dir, "onnx-int8", "embedded", tmp_path / "repository")

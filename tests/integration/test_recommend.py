@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-import settings
-from client.catalog import load_catalog
-from client.index import EncoderMismatch, build_catalog_index
-from client.recommend import Recommender
+from bert_recsys import settings
+from bert_recsys.client.catalog import load_catalog
+from bert_recsys.client.index import EncoderMismatch, build_catalog_index
+from bert_recsys.client.recommend import Recommender
 from tests.conftest import client_for
 
 
@@ -67,8 +67,8 @@ def test_a_new_item_added_through_triton_is_recommended_within_a_second(triton, 
     with no rebuild or restart, and recommended to the user whose recent likes it resembles, with the reason."""
     import time
 
-    from client.catalog import Item
-    from client.index import IndexSettings
+    from bert_recsys.client.catalog import Item
+    from bert_recsys.client.index import IndexSettings
 
     client = client_for(triton("onnx-int8"), "grpc")
     catalog = load_catalog(movielens_slice)
@@ -100,7 +100,7 @@ def test_index_from_another_encoder_is_refused(recommender):
 
 
 def test_experiment_arms_change_what_they_name_and_nothing_else(recommender):
-    from client.experiments import Arm, Experiment, ExperimentError, ExperimentRecommender
+    from bert_recsys.client.experiments import Arm, Experiment, ExperimentError, ExperimentRecommender
 
     version = recommender.index.encoder_version
     experiment = Experiment("arms", (Arm("control"), Arm("semantic", channels=("semantic",), diversify=False),
@@ -126,7 +126,7 @@ def test_evaluate_cli_prints_json_through_a_served_repository(triton, movielens_
     quality goals are measured by `make evaluate` on the full data, not asserted on 20 users."""
     server = triton("onnx-int8")
     result = subprocess.run(
-        [sys.executable, "-m", "client.evaluate", str(movielens_slice), "--url", server.server.grpc_url,
+        [sys.executable, "-m", "bert_recsys.client.evaluate", str(movielens_slice), "--url", server.server.grpc_url,
          "--no-ablations", "--max-users", "20", "--protocols", "warm,cold", "--seeds", "1", "--out", str(tmp_path)],
         cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_experiment_simulate_cli_replays_real_lists_and_prints_one_json(triton, 
     A/B/n replay through the event store with its report and plots."""
     server = triton("onnx-int8")
     result = subprocess.run(
-        [sys.executable, "-m", "client.experiments", "simulate", str(movielens_slice), "--url", server.server.grpc_url,
+        [sys.executable, "-m", "bert_recsys.client.experiments", "simulate", str(movielens_slice), "--url", server.server.grpc_url,
          "--runs", "20", "--reads", "5", "--real-visitors", "600", "--out", str(tmp_path)],
         cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -164,12 +164,12 @@ def test_experiment_simulate_cli_replays_real_lists_and_prints_one_json(triton, 
     assert set(out["real_arms"]["arms"]) == {"control", "no-cooccurrence", "no-mmr"}
     assert (tmp_path / "channels-abn.md").exists() and (tmp_path / "simulation.png").exists()
     report = subprocess.run(
-        [sys.executable, "-m", "client.experiments", "report", "channels-abn", "--db", str(tmp_path / "sim-events.sqlite"),
+        [sys.executable, "-m", "bert_recsys.client.experiments", "report", "channels-abn", "--db", str(tmp_path / "sim-events.sqlite"),
          "--out", str(tmp_path / "again"), "--format", "json"],
         cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["arms"]["control"]["users"] == out["real_arms"]["arms"]["control"]["users"]
-    missing = subprocess.run([sys.executable, "-m", "client.experiments", "report", "nope", "--db",
+    missing = subprocess.run([sys.executable, "-m", "bert_recsys.client.experiments", "report", "nope", "--db",
                               str(tmp_path / "sim-events.sqlite"), "--out", str(tmp_path / "x")],
                              cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no experiment 'nope'" in missing.stderr

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import settings
-from client.index import IndexStore, embed_index
-from client.triton import RetryPolicy, ServingError, ServingTimeout, TritonClient
-from model_repository.render import build_repository
-from server import processes
-from server.launcher import TritonServer, free_port, on_free_ports
+from bert_recsys import settings
+from bert_recsys.client.index import IndexStore, embed_index
+from bert_recsys.client.triton import RetryPolicy, ServingError, ServingTimeout, TritonClient
+from bert_recsys.model_repository.render import build_repository
+from bert_recsys.server import processes
+from bert_recsys.server.launcher import TritonServer, free_port, on_free_ports
 
 S = settings.SETTINGS
 
@@ -137,12 +137,12 @@ def test_sigkill_under_load_gives_clear_errors_then_recovers_and_leaves_nothing(
 
 # ---- the launcher itself killed ----------------------------------------------------------------------------
 def start_launcher(repository: Path, build_dir: Path, *args: str) -> tuple[subprocess.Popen, processes.ServerRecord, int]:
-    """`python -m server ARGS` in a process of its own; -> (process, its server's record, HTTP port) once ready.
+    """`python -m bert_recsys.server ARGS` in a process of its own; -> (process, its server's record, HTTP port) once ready.
     The process's `ports` are its HTTP, gRPC and metrics ports."""
     ports = [free_port(), free_port(), free_port()]
     env = {**os.environ, "BUILD_DIR": str(build_dir), "TRITON_ADMIN_KEY": "k"}
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "server", "--repository", str(repository), "--http-port", str(ports[0]),
+        [sys.executable, "-m", "bert_recsys.server", "--repository", str(repository), "--http-port", str(ports[0]),
          "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *args],
         cwd=settings.REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(build_dir / "launcher.log", "ab"))
     launcher.ports = ports
@@ -178,10 +178,10 @@ def test_the_launcher_brings_a_killed_tritonserver_back_under_gateway_load_and_s
     import urllib.error
     import urllib.request
 
-    from gateway.app import create_app
-    from gateway.background import BackgroundGateway
-    from gateway.config import GatewaySettings
-    from gateway.keys import KeyStore
+    from bert_recsys.gateway.app import create_app
+    from bert_recsys.gateway.background import BackgroundGateway
+    from bert_recsys.gateway.config import GatewaySettings
+    from bert_recsys.gateway.keys import KeyStore
 
     repository = int8_repository(export_dir, tmp_path / "repository")
     launcher, record, _ = start_launcher(repository, tmp_path, "--max-restarts", "1", "--restart-window", "600")
@@ -432,8 +432,8 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def test_a_full_disk_during_export_leaves_the_served_variant_untouched(export_dir, small_disk):
-    from export.pipeline import OUTCOMES_FILE, ExportOptions, read_outcomes, run_export
-    from export.variants import parse_variants
+    from bert_recsys.export.pipeline import OUTCOMES_FILE, ExportOptions, read_outcomes, run_export
+    from bert_recsys.export.variants import parse_variants
 
     there = megabytes(export_dir / "tokenizer", export_dir / "onnx-int8")
     out = small_disk(there + RAW_ONNX_MB // 2)  # room for what is there, not for the raw ONNX export
@@ -458,7 +458,7 @@ def test_a_full_disk_during_export_leaves_the_served_variant_untouched(export_di
 
 
 def test_a_full_disk_while_staging_a_rollout_refuses_it_and_changes_nothing(export_dir, small_disk, tmp_path):
-    from rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, TritonAdmin, run
+    from bert_recsys.rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, TritonAdmin, run
 
     # The live INT8 repository fits; a staged FP32 version (~86 MiB more) does not.
     disk = small_disk(megabytes(export_dir / "tokenizer", export_dir / "onnx-int8") + RAW_ONNX_MB // 2)
@@ -492,7 +492,7 @@ def test_the_export_cli_says_no_space_plainly(tmp_path, small_disk):
     """Even the first write (the tokenizer) failing is a one-line error with exit status 2, not a traceback."""
     out = small_disk(1)
     (out / "filler").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
-    done = subprocess.run([sys.executable, "-m", "export", "--variants", "onnx-int8", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "bert_recsys.export", "--variants", "onnx-int8", "--out", str(out)],
                           cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "export: error: no space left on the device" in done.stderr and "Traceback" not in done.stderr

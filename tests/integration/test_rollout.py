@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import settings
-from client.triton import RetryPolicy, TritonClient
-from model_repository import render
-from model_repository.render import build_repository
-from rollout.steps import LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, run, status
-from server.launcher import TritonServer, on_free_ports
+from bert_recsys import settings
+from bert_recsys.client.triton import RetryPolicy, TritonClient
+from bert_recsys.model_repository import render
+from bert_recsys.model_repository.render import build_repository
+from bert_recsys.rollout.steps import LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, run, status
+from bert_recsys.server.launcher import TritonServer, on_free_ports
 
 S = settings.SETTINGS
 # Short canary windows and relaxed latency ratios: on 2 shared cores, with Locust and a validation server
@@ -106,9 +106,9 @@ def assert_only_version(live: Live, version: int) -> None:
 def test_rollouts_under_locust_load_fail_no_request(live, export_dir, movielens_slice, tmp_path, variants):
     """Each rollout also re-embeds the catalog index with the new version and switches it: a recommender calling
     all along sees the old index, then the new one, never a mix."""
-    from client.catalog import load_catalog
-    from client.index import IndexStore, build_catalog_index
-    from client.recommend import Recommender
+    from bert_recsys.client.catalog import load_catalog
+    from bert_recsys.client.index import IndexStore, build_catalog_index
+    from bert_recsys.client.recommend import Recommender
 
     if not settings.LOADTEST_PYTHON.exists():
         pytest.fail("the load-test venv is missing: `make test` builds it (make loadtest-venv)")
@@ -203,7 +203,7 @@ def test_a_canary_whose_lists_convert_worse_is_rolled_back(live, export_dir, tmp
     """The canary is healthy by Triton's metrics, but users convert on its lists half as often as on the stable
     version's (impressions and conversions written to the event store during the canary window, as an
     application serving both versions would): the rollout rolls it back and says which metric failed."""
-    from client.experiments import EventStore
+    from bert_recsys.client.experiments import EventStore
 
     stable, canary = live.repository.stable, live.repository.stable + 1
     events = EventStore(tmp_path / "events.sqlite")
@@ -248,7 +248,7 @@ def test_a_canary_whose_lists_convert_worse_is_rolled_back(live, export_dir, tmp
 
 # ---- broken versions are refused before any traffic -----------------------------------------------------
 def _rewrite_manifest(directory: Path) -> None:
-    from contracts.digest import file_sha256
+    from bert_recsys.contracts.digest import file_sha256
 
     manifest = json.loads((directory / "manifest.json").read_text())
     artifact = directory / manifest["artifact"]["file"]
@@ -341,7 +341,7 @@ def rollout_cli(live: Live, *args: str) -> subprocess.CompletedProcess:
     s = live.server_settings
     env = {**os.environ, "TRITON_HOST": "127.0.0.1", "TRITON_HTTP_PORT": str(s.http_port),
            "TRITON_GRPC_PORT": str(s.grpc_port), "TRITON_METRICS_PORT": str(s.metrics_port), "TRITON_ADMIN_KEY": s.admin_key}
-    return subprocess.run([str(settings.REPO_ROOT / ".venv" / "bin" / "python"), "-m", "rollout", "--repository",
+    return subprocess.run([str(settings.REPO_ROOT / ".venv" / "bin" / "python"), "-m", "bert_recsys.rollout", "--repository",
                            str(live.path), *args], cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -365,7 +365,7 @@ def test_the_cli_exits_2_when_it_refuses(live, export_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_promotion_that_died_midway_is_finished_by_rollout_promote(live, export_dir, monkeypatch):
-    import rollout.steps as steps
+    import bert_recsys.rollout.steps as steps
 
     stable = live.repository.stable
     real_retire = steps._retire
@@ -397,7 +397,7 @@ def test_the_server_runs_in_explicit_mode_without_polling(live):
 def test_the_stub_writes_no_bytecode_only_where_the_launcher_asks(tmp_path):
     import sys
 
-    from server.launcher import install_no_pycache_hook
+    from bert_recsys.server.launcher import install_no_pycache_hook
 
     install_no_pycache_hook()
     probe = [sys.executable, "-c", "import sys; print(sys.dont_write_bytecode)"]

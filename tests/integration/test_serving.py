@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import settings
-from client.triton import InvalidRequest
-from export.gate import load_gate_sentences
-from export.runners import OrtRunner, embed_texts
+from bert_recsys import settings
+from bert_recsys.client.triton import InvalidRequest
+from bert_recsys.export.gate import load_gate_sentences
+from bert_recsys.export.runners import OrtRunner, embed_texts
 from tests.conftest import client_for
 
 SENTENCES = load_gate_sentences()[0]
@@ -66,9 +66,9 @@ def test_openvino_and_onnx_runtime_serve_side_by_side_as_two_encoder_versions(ex
     (onnx-fp32), OpenVINO for version 2 (ov-fp32). Both FP32: the same vectors, alone, batched or concurrent."""
     from dataclasses import replace
 
-    from client.triton import TritonClient
-    from model_repository.render import write_generation
-    from server.launcher import TritonServer, on_free_ports
+    from bert_recsys.client.triton import TritonClient
+    from bert_recsys.model_repository.render import write_generation
+    from bert_recsys.server.launcher import TritonServer, on_free_ports
 
     path = write_generation(settings.SETTINGS, export_dir / "tokenizer", {1: export_dir / "onnx-fp32",
                                                                          2: export_dir / "ov-fp32"},
@@ -95,7 +95,7 @@ def test_the_encoder_gives_the_same_vectors_whatever_padding_it_is_sent(triton, 
     batcher): a text padded to 64 columns, a batch of two lengths and the bare text all give the bare vectors."""
     import tritonclient.grpc as grpcclient
 
-    from export.runners import tokenize
+    from bert_recsys.export.runners import tokenize
 
     t = settings.SETTINGS.tensors
     texts = ["a short text", "a somewhat longer text, with a clause and a few more words in it"]

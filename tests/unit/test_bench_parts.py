@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import settings
-from export.bench import cpu_model_and_flags
+from bert_recsys import settings
+from bert_recsys.export.bench import cpu_model_and_flags
 from loadtest.perf import STABILITY_LADDER, run_perf_analyzer
 
 XEON = """processor\t: 0
@@ -70,7 +70,7 @@ def test_spearman_without_scipy_equals_scipys_with_ties():
 
 def test_flops_per_sequence_of_minilm_at_128_tokens():
     """2.87 GFLOP: at 83k seq/s eager FP16 that is 238 TFLOP/s, the figure the issue compares with the peak."""
-    from encoders.torch_bert import BertConfig, flops_per_sequence
+    from bert_recsys.encoders.torch_bert import BertConfig, flops_per_sequence
 
     minilm = BertConfig(hidden=384, heads=12, layers=6, intermediate=1536, vocab=30522, max_positions=512)
     assert flops_per_sequence(minilm, 128) == 6 * (2 * 128 * (4 * 384**2 + 2 * 384 * 1536) + 4 * 128**2 * 384)
@@ -78,7 +78,7 @@ def test_flops_per_sequence_of_minilm_at_128_tokens():
 
 
 def test_stub_pythonpath_goes_first_on_the_stubs_path_only(monkeypatch, tmp_path):
-    from server.launcher import TritonServer
+    from bert_recsys.server.launcher import TritonServer
 
     monkeypatch.setenv("PYTHONPATH", "/existing")
     server = TritonServer(tmp_path, stub_pythonpath=("/numpy1",))
@@ -155,7 +155,7 @@ def test_a_tuned_choice_holds_only_on_the_machine_it_was_measured_on():
 def test_ndcg_at_10_with_binary_relevance():
     import numpy as np
 
-    from export.retrieval import ndcg_at_k
+    from bert_recsys.export.retrieval import ndcg_at_k
 
     documents = np.eye(4, dtype=np.float32)
     # Query 0 ranks its one judged document first: 1.0. Query 1 ranks its judged document (3) second, behind 2:
@@ -186,7 +186,7 @@ def _graph_with_gemms():
 
 
 def test_the_ceiling_counts_every_weight_gemm_and_nothing_else():
-    from export.ceiling import Gemm, weight_gemms
+    from bert_recsys.export.ceiling import Gemm, weight_gemms
 
     assert weight_gemms(_graph_with_gemms()) == [Gemm(4, 8, 2), Gemm(4, 6, 1), Gemm(4, 12, 1)]
 
@@ -196,7 +196,7 @@ def test_the_int8_gemm_timed_computes_the_product_it_stands_for():
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from export.ceiling import Gemm, gemm_model, time_gemm
+    from bert_recsys.export.ceiling import Gemm, gemm_model, time_gemm
 
     model = gemm_model(16, 24, int8=True)
     weight = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")).astype(np.int64)
@@ -208,7 +208,7 @@ def test_the_int8_gemm_timed_computes_the_product_it_stands_for():
 
 
 def test_the_ceiling_is_the_reference_over_the_rest_plus_int8_gemms():
-    from export.ceiling import Gemm, GemmTiming, ceiling, goal_verdict
+    from bert_recsys.export.ceiling import Gemm, GemmTiming, ceiling, goal_verdict
 
     timings = [GemmTiming(Gemm(384, 1536, 6), fp32_ms=20.0, int8_ms=10.0),
                GemmTiming(Gemm(384, 384, 12), fp32_ms=5.0, int8_ms=2.0)]
@@ -222,7 +222,7 @@ def test_the_ceiling_is_the_reference_over_the_rest_plus_int8_gemms():
 
 
 def test_op_times_leave_the_warm_up_run_out_and_average_the_rest():
-    from export.ceiling import op_times
+    from bert_recsys.export.ceiling import op_times
 
     def run(ts, dur):
         return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
@@ -240,7 +240,7 @@ def test_op_times_leave_the_warm_up_run_out_and_average_the_rest():
 
 
 def test_interleaved_timing_takes_turns_after_warming_each_up():
-    from export.bench import time_interleaved
+    from bert_recsys.export.bench import time_interleaved
 
     order = []
     times = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3, per_round=2,
@@ -251,8 +251,8 @@ def test_interleaved_timing_takes_turns_after_warming_each_up():
 
 
 def test_tune_and_bench_list_each_variant_they_will_not_measure_with_why():
-    from export.pipeline import not_served
-    from export.variants import CPU_VARIANTS
+    from bert_recsys.export.pipeline import not_served
+    from bert_recsys.export.variants import CPU_VARIANTS
 
     here = {"cpu": "AMD EPYC", "flags": ["avx2", "avx512_vnni"], "cores": 2}
     outcomes = {
@@ -279,7 +279,7 @@ def test_tune_and_bench_list_each_variant_they_will_not_measure_with_why():
 def test_the_makefile_exports_the_same_cpu_variants_tune_and_bench_measure():
     import re
 
-    from export.variants import CPU_VARIANTS, VARIANTS
+    from bert_recsys.export.variants import CPU_VARIANTS, VARIANTS
 
     makefile = (settings.REPO_ROOT / "Makefile").read_text()
     [listed] = re.findall(r"^CPU_VARIANTS := (.+)$", makefile, flags=re.M)
@@ -290,8 +290,8 @@ def test_the_makefile_exports_the_same_cpu_variants_tune_and_bench_measure():
 
 
 def test_export_records_each_variants_last_outcome_and_keeps_the_others():
-    from export.pipeline import Outcome, merge_outcomes
-    from export.variants import VariantStatus
+    from bert_recsys.export.pipeline import Outcome, merge_outcomes
+    from bert_recsys.export.variants import VariantStatus
 
     machine = {"cpu": "AMD EPYC", "flags": ["avx2"], "cores": 2}
     first = merge_outcomes({}, [Outcome("ov-int8", VariantStatus.REFUSED, "batch invariance"),
@@ -302,9 +302,9 @@ def test_export_records_each_variants_last_outcome_and_keeps_the_others():
 
 
 def test_export_keep_going_exits_0_while_one_variant_is_in_place():
-    from export.__main__ import exit_status
-    from export.pipeline import Outcome
-    from export.variants import VariantStatus
+    from bert_recsys.export.__main__ import exit_status
+    from bert_recsys.export.pipeline import Outcome
+    from bert_recsys.export.variants import VariantStatus
 
     mixed = [Outcome("onnx-int8", VariantStatus.WRITTEN), Outcome("ov-int8", VariantStatus.REFUSED, "gate"),
              Outcome("ov-bf16", VariantStatus.SKIPPED, "no BF16")]
@@ -317,8 +317,8 @@ def test_export_keep_going_exits_0_while_one_variant_is_in_place():
 def test_each_openvino_int8_variant_keeps_its_own_fp32_layers_unless_told():
     from pathlib import Path
 
-    from export.pipeline import ExportOptions
-    from export.variants import VARIANTS
+    from bert_recsys.export.pipeline import ExportOptions
+    from bert_recsys.export.variants import VARIANTS
 
     options = ExportOptions(model_dir=Path("model"), out_dir=Path("out"), variants=[])
     assert options.ov_int8_fp32_layers(VARIANTS["ov-int8"]) == (0,)
@@ -331,8 +331,8 @@ def test_each_openvino_int8_variant_keeps_its_own_fp32_layers_unless_told():
 
 
 def test_an_outcomes_record_that_cannot_be_written_never_fails_the_export(tmp_path):
-    from export.pipeline import Outcome, record_outcomes
-    from export.variants import VariantStatus
+    from bert_recsys.export.pipeline import Outcome, record_outcomes
+    from bert_recsys.export.variants import VariantStatus
 
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")

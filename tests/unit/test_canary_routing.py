@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from client.errors import InvalidRequest, ModelNotFound, ServingError, ServingTimeout, Unavailable
-from client.triton import CANARY_FALLBACK, AsyncTritonClient, ServingView, canary_version
+from bert_recsys.client.errors import InvalidRequest, ModelNotFound, ServingError, ServingTimeout, Unavailable
+from bert_recsys.client.triton import CANARY_FALLBACK, AsyncTritonClient, ServingView, canary_version
 
 WITH_CANARY = ServingView(stable=1, versions=(1, 2), exports={1: {}, 2: {}})
 STABLE_ONLY = ServingView(stable=1, versions=(1,), exports={1: {}})

@@ -3,9 +3,9 @@ is reported with file and line and the rest used; a file that cannot be used nam
 import numpy as np
 import pytest
 
-from client.catalog import CatalogError, IMPLICIT_POSITIVE, Item, load_catalog
-from client.index import ItemIndex, TemplateMismatch
-from client.item_text import DEFAULT_TEMPLATE, TEMPLATES, TemplateUse, TextTemplate, template
+from bert_recsys.client.catalog import CatalogError, IMPLICIT_POSITIVE, Item, load_catalog
+from bert_recsys.client.index import ItemIndex, TemplateMismatch
+from bert_recsys.client.item_text import DEFAULT_TEMPLATE, TEMPLATES, TemplateUse, TextTemplate, template
 
 ENCODER = {"export_variant": "onnx-int8", "export_manifest_sha256": "a" * 64, "export_version": "1"}
 
@@ -133,7 +133,7 @@ def test_items_added_live_are_searchable_centred_and_survive_a_round_trip(tmp_pa
     common = np.ones(8, dtype=np.float32)
     raw = rng.normal(size=(50, 8)).astype(np.float32) * 0.3 + common
     raw /= np.linalg.norm(raw, axis=1, keepdims=True)
-    from client.index import IndexSettings
+    from bert_recsys.client.index import IndexSettings
 
     index = ItemIndex(np.arange(50), raw, ENCODER, IndexSettings(centre=True), texts=[str(i) for i in range(50)])
     mean_cosine = lambda v: float((v @ v.T)[np.triu_indices(len(v), 1)].mean())  # noqa: E731

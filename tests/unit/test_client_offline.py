@@ -4,13 +4,13 @@ import time
 import numpy as np
 import pytest
 
-from client.catalog import read_interactions, read_items
-from client.evaluate import ranking_metrics
-from client.protocols import time_split
-from client.item_text import template
-from client.index import EncoderMismatch, IndexSettings, ItemIndex
-from client.triton import RetryPolicy, ServingError, TritonClient
-from server.launcher import free_port
+from bert_recsys.client.catalog import read_interactions, read_items
+from bert_recsys.client.evaluate import ranking_metrics
+from bert_recsys.client.protocols import time_split
+from bert_recsys.client.item_text import template
+from bert_recsys.client.index import EncoderMismatch, IndexSettings, ItemIndex
+from bert_recsys.client.triton import RetryPolicy, ServingError, TritonClient
+from bert_recsys.server.launcher import free_port
 
 ENCODER_A = {"export_variant": "onnx-int8", "export_manifest_sha256": "a" * 64}
 ENCODER_B = {"export_variant": "onnx-fp32", "export_manifest_sha256": "b" * 64}
@@ -99,7 +99,7 @@ def test_ranking_metrics_on_a_known_list():
 
 
 def test_the_serving_view_reads_versions_from_the_encoder_parameters():
-    from client.triton import InvalidRequest, ServingView
+    from bert_recsys.client.triton import InvalidRequest, ServingView
 
     params = {"export_version": "2", "export_variant": "onnx-int8", "export_v2_variant": "onnx-int8",
               "export_v2_manifest_sha256": "b" * 64, "export_v3_variant": "onnx-fp32", "export_v3_manifest_sha256": "c" * 64}
@@ -117,7 +117,7 @@ def test_the_serving_view_reads_versions_from_the_encoder_parameters():
 
 
 def test_the_client_routes_a_share_to_the_canary_and_pinned_calls_to_their_version():
-    from client.triton import ServingView, TritonClient
+    from bert_recsys.client.triton import ServingView, TritonClient
 
     view = ServingView(stable=2, versions=(2, 3), exports={2: {}, 3: {}})
     always = TritonClient("127.0.0.1:1", canary_share=1.0)
@@ -135,7 +135,7 @@ def test_the_client_routes_a_share_to_the_canary_and_pinned_calls_to_their_versi
 
 
 def test_many_texts_go_in_batches_of_similar_length_and_come_back_in_input_order(monkeypatch):
-    from client.triton import length_batches
+    from bert_recsys.client.triton import length_batches
 
     rng = np.random.default_rng(3)
     texts = ["x" * int(n) for n in rng.integers(1, 300, size=203)]

@@ -10,23 +10,54 @@ import sys
 
 import pytest
 
-import settings
+from bert_recsys import settings
 
 ROOT = settings.REPO_ROOT
-# settings <- export / model_repository / server <- client <- rollout, gateway <- loadtest / training / demo
+PACKAGE = "bert_recsys"
+# Rooms of the one package (bert_recsys.<room>) and the unshipped areas beside it, by layer:
+# settings <- export / model_repository / server <- client <- rollout, gateway <- training / demo / cli <- loadtest
 LAYERS = {"settings": 0, "logs": 0, "contracts": 0, "encoders": 0, "export": 1, "model_repository": 1, "server": 1, "client": 2,
-          "rollout": 3, "gateway": 3, "loadtest": 4, "training": 4, "demo": 4, "demo_data": 4}
+          "rollout": 3, "gateway": 3, "training": 4, "demo": 4, "demo_data": 4, "loadtest": 5}
+# Where each room's files are in the checkout (pyproject.toml maps the folders to subpackages).
+FOLDERS = {"settings": "bert_recsys/settings.py", "logs": "bert_recsys/logs.py", "demo": "bert_recsys/demo.py",
+           "demo_data": "bert_recsys/demo_data.py"}
 # The client is what other services install: it must not pull in the export (torch) or the server side.
 CLIENT_MUST_NOT_IMPORT = {"export", "model_repository", "server", "torch", "transformers", "onnx", "onnxruntime"}
+# The names the rooms were once imported by: nothing imports them any more (a second copy of a module, and a
+# name another distribution could take).
+OLD_TOP_LEVEL = set(LAYERS) - {"loadtest"}
 
 
 def sources(package: str):
-    path = ROOT / package
-    return [ROOT / f"{package}.py"] if not path.is_dir() else sorted(path.rglob("*.py"))
+    path = ROOT / FOLDERS.get(package, package)
+    return [path] if not path.is_dir() else sorted(path.rglob("*.py"))
+
+
+def room(module: str) -> str | None:
+    """The room a dotted module name belongs to: bert_recsys.client.triton -> client; loadtest.x -> loadtest."""
+    parts = module.split(".")
+    if parts[0] == PACKAGE:
+        return parts[1] if len(parts) > 1 else PACKAGE
+    return parts[0]
 
 
 def imports(path) -> set[str]:
-    """Top-level names of every module imported anywhere in the file (function-local imports included)."""
+    """Rooms (and other top-level names) of every module imported anywhere in the file (function-local imports
+    included); `from bert_recsys import settings` counts as the room settings."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {room(alias.name) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == PACKAGE:
+                names |= {alias.name for alias in node.names}
+            else:
+                names.add(room(node.module))
+    return names
+
+
+def top_level_imports(path) -> set[str]:
+    """First components of every absolute import, as written."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -45,13 +76,31 @@ def test_imports_only_go_down_the_layers(package):
             assert LAYERS[name] < LAYERS[package], f"{path.relative_to(ROOT)} imports {name} (a back edge)"
 
 
+def test_nothing_imports_a_room_by_its_old_top_level_name():
+    folders = {FOLDERS.get(name, name).split("/")[0] for name in LAYERS} | {"tests", "scripts"}
+    files = [p for folder in folders for p in (ROOT / folder).rglob("*.py") if "model_repository/models" not in str(p)]
+    assert len(files) > 100
+    for path in files:
+        old = top_level_imports(path) & OLD_TOP_LEVEL
+        assert not old, f"{path.relative_to(ROOT)} imports {sorted(old)}: import them from {PACKAGE}"
+
+
+def test_the_layering_test_sees_a_back_edge(tmp_path):
+    """The check itself: a client module importing the server is found, however the import is written."""
+    for line in ("from bert_recsys.server.launcher import TritonServer", "import bert_recsys.server.launcher as s",
+                 "from bert_recsys import server"):
+        probe = tmp_path / "probe.py"
+        probe.write_text(line + "\n")
+        assert "server" in imports(probe), line
+
+
 def test_the_client_imports_nothing_of_the_export_or_serving_side():
     for path in sources("client"):
         assert not imports(path) & CLIENT_MUST_NOT_IMPORT, f"{path.relative_to(ROOT)}: {imports(path) & CLIENT_MUST_NOT_IMPORT}"
-    modules = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in sources("client") if p.stem != "__init__"]
+    modules = [".".join((PACKAGE, *p.relative_to(ROOT).with_suffix("").parts)) for p in sources("client") if p.stem != "__init__"]
     probe = ("import importlib, json, sys\n"
              f"for m in {modules!r}: importlib.import_module(m)\n"
-             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+             "print(json.dumps(sorted({m.split('.')[1] if m.startswith('bert_recsys.') else m.split('.')[0] for m in sys.modules})))")
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
                                            check=True, timeout=120).stdout))
     assert not loaded & CLIENT_MUST_NOT_IMPORT, loaded & CLIENT_MUST_NOT_IMPORT

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import demo_data
-import settings
+from bert_recsys import demo_data
+from bert_recsys import settings
 
 SOURCE = settings.MOVIELENS_DIR
 
@@ -45,7 +45,7 @@ def serve(directory: Path):
 
 
 def closed_port() -> int:
-    from server.launcher import free_port
+    from bert_recsys.server.launcher import free_port
 
     return free_port()
 
@@ -111,7 +111,7 @@ def test_overviews_are_linked_beside_the_movielens_files_and_none_keeps_the_titl
     assert rich == tmp_path / "build" / "ml-overviews"
     assert sorted(p.name for p in rich.iterdir()) == ["movies.csv", "overviews.csv", "ratings.csv"]
     assert (rich / "overviews.csv").resolve() == overviews.resolve() and not (source / "overviews.csv").exists()
-    from client.catalog import load_catalog
+    from bert_recsys.client.catalog import load_catalog
 
     assert load_catalog(rich).items[0].description == "Toys come alive."
     assert demo_data.with_overviews(source, None, tmp_path / "build") == source.resolve()

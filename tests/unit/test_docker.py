@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import settings
-from server.launcher import RESTRICTED_APIS
+from bert_recsys import settings
+from bert_recsys.server.launcher import RESTRICTED_APIS
 
 DOCKER = settings.REPO_ROOT / "docker"
 BIN = Path(__import__("sys").executable).parent
@@ -48,15 +48,15 @@ def test_kubernetes_manifests_validate_strictly():
 
 
 def test_container_entrypoint_is_generated_from_the_launchers_flags():
-    from server.container import render
-    from server.launcher import common_flags
+    from bert_recsys.server.container import render
+    from bert_recsys.server.launcher import common_flags
 
     script = (DOCKER / "serve.sh").read_text()
-    assert script == render(), "docker/serve.sh is stale: run `python -m server.container`"
+    assert script == render(), "docker/serve.sh is stale: run `python -m bert_recsys.server.container`"
     for flag in common_flags("${TRITON_ADMIN_KEY}"):  # every flag `make serve` uses, the key left to the container
         assert f'"{flag}"' in script
     assert f"{RESTRICTED_APIS}:triton-admin-key=${{TRITON_ADMIN_KEY}}" in script
-    result = subprocess.run([sys.executable, "-m", "server.container", "--check"], cwd=settings.REPO_ROOT,
+    result = subprocess.run([sys.executable, "-m", "bert_recsys.server.container", "--check"], cwd=settings.REPO_ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from client.errors import (InvalidRequest, Kind, ModelNotFound, ServingError, ServingTimeout, Unavailable, classify,
+from bert_recsys.client.errors import (InvalidRequest, Kind, ModelNotFound, ServingError, ServingTimeout, Unavailable, classify,
                            status_code)
-from client.triton import RetryPolicy, TritonClient
+from bert_recsys.client.triton import RetryPolicy, TritonClient
 
 
 def server_error(status: str | None, text: str = "whatever the server says") -> InferenceServerException:

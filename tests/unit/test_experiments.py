@@ -13,14 +13,14 @@ import time
 import numpy as np
 import pytest
 
-import settings
-from client.experiments import Arm, EventError, EventStore, Experiment, ExperimentError
-from client.experiments import report as reporting
-from client.experiments.design import bucket
-from client.experiments.simulate import Behaviour, ClickModel, replay_into_store, run_once, simulate_tests
-from client.experiments.stats import (RatioStats, always_valid_p, compare, msprt_power, non_inferior,
+from bert_recsys import settings
+from bert_recsys.client.experiments import Arm, EventError, EventStore, Experiment, ExperimentError
+from bert_recsys.client.experiments import report as reporting
+from bert_recsys.client.experiments.design import bucket
+from bert_recsys.client.experiments.simulate import Behaviour, ClickModel, replay_into_store, run_once, simulate_tests
+from bert_recsys.client.experiments.stats import (RatioStats, always_valid_p, compare, msprt_power, non_inferior,
                                       users_needed, wilson)
-from client.recall import RecallChannel
+from bert_recsys.client.recall import RecallChannel
 
 AB = Experiment("ab", (Arm("a"), Arm("b")))
 
@@ -203,7 +203,7 @@ def test_a_changed_definition_under_the_same_name_is_refused(store):
 
 WRITER = """
 import sys, time
-from client.experiments import Arm, EventStore, Experiment
+from bert_recsys.client.experiments import Arm, EventStore, Experiment
 store = EventStore(sys.argv[1])
 store.register(Experiment("ab", (Arm("a"), Arm("b"))))
 print("ready", flush=True)

@@ -3,8 +3,8 @@ a validation item, and the recipe refuses nonsense."""
 import numpy as np
 import pytest
 
-from client.catalog import Interactions
-from training.finetune import Recipe, cooccurrence_pairs, training_split
+from bert_recsys.client.catalog import Interactions
+from bert_recsys.training.finetune import Recipe, cooccurrence_pairs, training_split
 
 
 def interactions(rows) -> Interactions:
@@ -43,7 +43,7 @@ def test_training_pairs_never_touch_hidden_or_validation_items():
         if name in ("all", "warm"):
             assert len(split.excluded) == 0
         if name == "warm":  # each user's last 20% is out of training
-            from client.protocols import test_mask
+            from bert_recsys.client.protocols import test_mask
 
             assert len(split.train) < int((~test_mask(data)).sum())
     with pytest.raises(ValueError, match="unknown split"):

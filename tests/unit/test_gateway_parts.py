@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from gateway.config import GatewaySettings
-from gateway.keys import KeyFileError, KeyStore, key_hash
-from gateway.ratelimit import RateLimiter
+from bert_recsys.gateway.config import GatewaySettings
+from bert_recsys.gateway.keys import KeyFileError, KeyStore, key_hash
+from bert_recsys.gateway.ratelimit import RateLimiter
 
 
 def test_the_bucket_admits_a_burst_then_the_rate():
@@ -59,7 +59,7 @@ class FailingClient:
     """Stands in for client.triton.TritonClient: raises what the real one raises for each Triton failure."""
 
     def __init__(self, error=None, ready=True):
-        import settings
+        from bert_recsys import settings
 
         self.settings, self.error, self.is_ready = settings.SETTINGS, error, ready
 
@@ -80,8 +80,8 @@ class FailingClient:
 def test_tritons_failures_become_http_statuses(error, status, retry_after):
     from fastapi.testclient import TestClient
 
-    import client.errors as errors
-    from gateway.app import create_app
+    import bert_recsys.client.errors as errors
+    from bert_recsys.gateway.app import create_app
 
     failing = FailingClient(getattr(errors, error)("what Triton said"))
     app = create_app(GatewaySettings(), failing, KeyStore.from_plaintext(["k"]), embedder=failing)
@@ -94,7 +94,7 @@ def test_tritons_failures_become_http_statuses(error, status, retry_after):
 def test_readiness_follows_tritons_embed_and_auth_comes_before_the_body():
     from fastapi.testclient import TestClient
 
-    from gateway.app import create_app
+    from bert_recsys.gateway.app import create_app
 
     app = create_app(GatewaySettings(), FailingClient(ready=False), KeyStore.from_plaintext(["k"]), embedder=FailingClient())
     with TestClient(app) as http:
@@ -120,8 +120,8 @@ def test_readiness_follows_tritons_embed_and_auth_comes_before_the_body():
     (b'{"model": "embed", "input": []}', 400, "input"),
 ])
 def test_embedding_requests_are_checked_field_by_field(body, status, param):
-    from gateway.embeddings import parse_request
-    from gateway.errors import ApiError
+    from bert_recsys.gateway.embeddings import parse_request
+    from bert_recsys.gateway.errors import ApiError
 
     with pytest.raises(ApiError) as refused:
         parse_request(body)
@@ -130,7 +130,7 @@ def test_embedding_requests_are_checked_field_by_field(body, status, param):
 
 
 def test_embedding_requests_as_the_sdks_send_them():
-    from gateway.embeddings import EmbeddingRequest, parse_request
+    from bert_recsys.gateway.embeddings import EmbeddingRequest, parse_request
 
     assert parse_request(b'{"model": "embed", "input": "hi"}') == EmbeddingRequest(("hi",), "embed")
     # the openai SDK asks for base64 and may send fields the gateway does not use

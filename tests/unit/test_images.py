@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import settings
+from bert_recsys import settings
 
 ROOT = settings.REPO_ROOT
 DOCKER = ROOT / "docker"
@@ -86,7 +86,8 @@ def entry_points(dockerfile: Path, root: Path) -> list[tuple[str, str]]:
 PROBE = """
 import importlib, importlib.util, sys
 repo = sys.argv[1]
-sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != repo]    # nothing of the checkout's own code
+sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != repo]    # nothing of the checkout's own code,
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", "") or f)]  # nor its editable install
 sys.path.insert(0, sys.argv[2])                                        # the image's PYTHONPATH / WORKDIR
 for spec in sys.argv[3:]:
     name = spec.split(":", 1)[1]
@@ -144,11 +145,11 @@ def test_every_entry_point_imports_from_only_what_the_image_copies(name, tmp_pat
 
 
 def test_the_probe_catches_a_file_the_image_forgot(tmp_path):
-    """The check itself: the gateway image without its COPY of logs.py must fail."""
+    """The check itself: the gateway image without its COPY of bert_recsys/logs.py must fail."""
     broken = tmp_path / "Dockerfile.gateway"
-    broken.write_text((DOCKER / "Dockerfile.gateway").read_text().replace("COPY settings.py logs.py ./", "COPY settings.py ./"))
+    broken.write_text((DOCKER / "Dockerfile.gateway").read_text().replace("bert_recsys/settings.py bert_recsys/logs.py ./bert_recsys/", "bert_recsys/settings.py ./bert_recsys/"))
     result = import_in_image(broken, tmp_path)
-    assert result.returncode != 0 and "No module named 'logs'" in result.stderr
+    assert result.returncode != 0 and re.search(r"cannot import name 'logs' from 'bert_recsys'|No module named 'bert_recsys.logs'", result.stderr)
 
 
 def test_the_serving_image_copies_its_entrypoint():

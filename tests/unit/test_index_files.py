@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from client.index import IndexFileError, IndexStore, ItemIndex
+from bert_recsys.client.index import IndexFileError, IndexStore, ItemIndex
 
 ENCODER = {"export_version": "1", "export_variant": "onnx-int8", "export_manifest_sha256": "a" * 64}
 

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from client.errors import InvalidRequest, ModelNotFound, ServingTimeout, Unavailable
-from client.kserve_http import AsyncKServeHttp, infer_request, parse_output, serialize_bytes
-from client.triton import AsyncTritonClient, RetryPolicy
+from bert_recsys.client.errors import InvalidRequest, ModelNotFound, ServingTimeout, Unavailable
+from bert_recsys.client.kserve_http import AsyncKServeHttp, infer_request, parse_output, serialize_bytes
+from bert_recsys.client.triton import AsyncTritonClient, RetryPolicy
 
 VECTOR = np.arange(6, dtype=np.float32).reshape(2, 3)
 

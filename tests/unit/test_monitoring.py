@@ -9,7 +9,7 @@ import subprocess
 
 import yaml
 
-import settings
+from bert_recsys import settings
 from monitoring_queries import (DASHBOARDS, DOCKER, PROMETHEUS_CONFIG, PROMETHEUS_RULE, RULES, dashboard_queries,
                                 needs_gpu, panels, rules, tool_or_skip)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import re
 
-import settings
-from model_repository.render import build_repository
+from bert_recsys import settings
+from bert_recsys.model_repository.render import build_repository
 
 UNSAFE = re.compile(r"\bpickle\b|torch\.load|joblib|allow_pickle\s*=\s*True|dill\b|cloudpickle")
 # The files that read what a repository or an index holds.

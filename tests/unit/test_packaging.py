@@ -10,7 +10,7 @@ from email.parser import Parser
 
 import pytest
 
-import settings
+from bert_recsys import settings
 
 HEAVY = {"torch", "transformers", "sentence-transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
          "nvidia-pytriton", "fastapi", "uvicorn", "locust"}
@@ -44,9 +44,12 @@ def test_the_wheel_declares_only_the_clients_dependencies(wheel):
     assert not plain & HEAVY
     extras = set(meta.get_all("Provides-Extra"))
     assert {"export", "serve", "gateway", "rollout", "reports", "loadtest"} <= extras
-    assert {"client/experiments/events.py", "settings.py", "logs.py", "export/gate_sentences.txt",
-            "model_repository/models/tokenizer/model.py"} <= set(names)
-    assert not [n for n in names if n.startswith(("tests/", "build/", "docker/")) or n.endswith((".onnx", ".pyc"))]
+    # One import name: bert_recsys and its .dist-info, nothing else at the top of site-packages.
+    assert {n.split("/")[0] for n in names} == {"bert_recsys", next(n.split("/")[0] for n in names if ".dist-info/" in n)}
+    assert {"bert_recsys/client/experiments/events.py", "bert_recsys/settings.py", "bert_recsys/logs.py",
+            "bert_recsys/export/gate_sentences.txt", "bert_recsys/model_repository/models/tokenizer/model.py",
+            "bert_recsys/training/finetune.py", "bert_recsys/gateway/app.py"} <= set(names)
+    assert not [n for n in names if "/loadtest/" in n or "/tests/" in n or n.endswith((".onnx", ".pyc"))]
     for script in ("bert-recsys-experiments", "bert-recsys-evaluate", "bert-recsys-serve", "bert-recsys-rollout"):
         assert script in entry_points
 
@@ -61,12 +64,31 @@ def test_pip_install_in_a_fresh_venv_gives_a_working_client_without_torch(wheel,
     listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
                             timeout=120).stdout
     assert not {line.split("==")[0].lower() for line in listed.split()} & HEAVY
-    probe = ("import sys, client.recommend, client.triton, client.experiments, client.evaluate\n"
-             "from client.experiments import Experiment, Arm\n"
+    probe = ("import sys, bert_recsys.client.recommend, bert_recsys.client.triton, bert_recsys.client.experiments, "
+             "bert_recsys.client.evaluate\n"
+             "from bert_recsys.client.experiments import Experiment, Arm\n"
              "print(Experiment('x', (Arm('a'), Arm('b'))).assign(42).name in ('a', 'b'), "
-             "sorted(m for m in ('torch', 'onnxruntime', 'server', 'export') if m in sys.modules))")
+             "sorted(m for m in ('torch', 'onnxruntime', 'bert_recsys.server', 'bert_recsys.export') if m in sys.modules))")
     result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.split() == ["True", "[]"], result.stderr[-2000:]
     script = subprocess.run([str(venv / "bin" / "bert-recsys-experiments"), "--help"], capture_output=True,
                             text=True, timeout=120, cwd=tmp_path)
     assert script.returncode == 0 and "register" in script.stdout
+
+
+def test_every_room_folder_is_a_listed_subpackage():
+    """pyproject.toml maps each room's folder to bert_recsys.<room> and lists the packages by hand: a new
+    subfolder with an __init__.py that is not listed would be missing from the wheel."""
+    import tomllib
+
+    tool = tomllib.loads((settings.REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping, listed = tool["package-dir"], set(tool["packages"])
+    found = set()
+    for package, folder in mapping.items():
+        for init in (settings.REPO_ROOT / folder).rglob("__init__.py"):
+            if "models" in init.relative_to(settings.REPO_ROOT / folder).parts:
+                continue  # model_repository/models/*: Triton's model.py files, shipped as data
+            inner = init.parent.relative_to(settings.REPO_ROOT / folder).parts
+            found.add(".".join((package, *inner)))
+    assert found == listed, (found - listed, listed - found)
+    assert set(mapping) <= listed and "bert_recsys" in mapping

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import settings
+from bert_recsys import settings
 from loadtest.peers import harness
 
 
@@ -61,7 +61,7 @@ def test_the_table_names_the_cpu_and_lists_a_peer_that_did_not_run_with_why():
 
 
 def test_quality_scores_spearman_halves_and_batch_invariance():
-    from export.gate import sts_half
+    from bert_recsys.export.gate import sts_half
 
     rng = np.random.default_rng(0)
     pairs = [(f"a {i}", f"b {i}", float(i % 5)) for i in range(60)]
@@ -79,7 +79,7 @@ def test_quality_scores_spearman_halves_and_batch_invariance():
 def test_texts_of_exactly_the_asked_token_count_and_all_distinct():
     from transformers import AutoTokenizer
 
-    from export.gate import load_gate_sentences
+    from bert_recsys.export.gate import load_gate_sentences
 
     tokenizer = AutoTokenizer.from_pretrained(settings.default_model_dir())
     texts = harness.texts_of_tokens(tokenizer, load_gate_sentences()[0], 128, 32)
@@ -113,7 +113,7 @@ def test_waiting_for_a_server_names_its_exit_and_its_log_or_the_timeout(tmp_path
     import sys
 
     from loadtest.gateway_bench import stop, wait_http
-    from server.launcher import free_port
+    from bert_recsys.server.launcher import free_port
 
     log = tmp_path / "server.log"
     with open(log, "w") as handle:

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from client.catalog import Interactions, Item
-from client.protocols import (ItemHoldout, item_holdout, pool, rank_metrics, summarise, temporal_split,
+from bert_recsys.client.catalog import Interactions, Item
+from bert_recsys.client.protocols import (ItemHoldout, item_holdout, pool, rank_metrics, summarise, temporal_split,
                               validation_split)
-from client.scorers import (EaseScorer, GenreScorer, RandomScorer, TfidfScorer, UserHistory, VectorScorer, centred,
+from bert_recsys.client.scorers import (EaseScorer, GenreScorer, RandomScorer, TfidfScorer, UserHistory, VectorScorer, centred,
                             histories, rank, user_vector_scores)
 
 
@@ -128,8 +128,8 @@ def test_genre_tfidf_random_and_ease_baselines_rank_the_obvious_item_first():
 
 
 def test_the_evaluation_uses_a_fine_tuned_version_only_for_its_own_data_template_and_split():
-    from client.evaluate import unusable_version
-    from client.protocols import parse_split
+    from bert_recsys.client.evaluate import unusable_version
+    from bert_recsys.client.protocols import parse_split
 
     good = {"export_trained_split": "cold:1", "export_trained_data_sha256": "d" * 64, "export_trained_template": "rich@x"}
     assert unusable_version(good, "d" * 64, "rich@x") is None and parse_split(good["export_trained_split"]) == "cold:1"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import settings
-from client.catalog import Interactions, Item
-from client.index import ItemIndex
-from client.profiles import UserProfile
-from client.ranking import blend, explain, min_max, mmr
-from client.recall import Candidate, CandidatePool, Proposals, RecallChannel
-from client.recommend import Recommender, RecommenderSettings
+from bert_recsys import settings
+from bert_recsys.client.catalog import Interactions, Item
+from bert_recsys.client.index import ItemIndex
+from bert_recsys.client.profiles import UserProfile
+from bert_recsys.client.ranking import blend, explain, min_max, mmr
+from bert_recsys.client.recall import Candidate, CandidatePool, Proposals, RecallChannel
+from bert_recsys.client.recommend import Recommender, RecommenderSettings
 
 C = RecallChannel
 ENCODER = {"export_version": "1", "export_variant": "onnx-int8", "export_manifest_sha256": "a" * 64}
@@ -162,7 +162,7 @@ def test_an_unknown_user_with_a_recent_history_is_profiled_from_it(world):
 
 
 def test_fresh_rows_join_the_list_without_reordering_it():
-    from client.ranking import with_fresh
+    from bert_recsys.client.ranking import with_fresh
 
     assert with_fresh([1, 2, 3, 4], [9], 4) == [1, 2, 3, 9]        # the last established item makes room
     assert with_fresh([1, 9, 3, 4], [9], 4) == [1, 9, 3, 4]        # already placed: stays where it is
@@ -214,8 +214,8 @@ class EmbedClient(FakeScoreClient):
         return (vector / np.linalg.norm(vector))[None, :]
 
 
-from client.index import TemplateMismatch  # noqa: E402
-from client.item_text import TEMPLATES  # noqa: E402
+from bert_recsys.client.index import TemplateMismatch  # noqa: E402
+from bert_recsys.client.item_text import TEMPLATES  # noqa: E402
 
 TEMPLATE = TEMPLATES["rich"]
 
@@ -223,7 +223,7 @@ TEMPLATE = TEMPLATES["rich"]
 def test_ease_weights_follow_the_closed_form_and_leave_items_without_positives_out():
     from scipy import sparse
 
-    from client.recall import ease_weights
+    from bert_recsys.client.recall import ease_weights
 
     rng = np.random.default_rng(5)
     x = (rng.random((40, 12)) < 0.3).astype(np.float64)
@@ -238,8 +238,8 @@ def test_ease_weights_follow_the_closed_form_and_leave_items_without_positives_o
 
 
 def test_every_channel_scores_any_item_as_it_proposes_it_and_the_ranker_sees_all_of_them(world):
-    from client.ranking import fill_scores
-    from client.recall import default_channels
+    from bert_recsys.client.ranking import fill_scores
+    from bert_recsys.client.recall import default_channels
 
     items, index, recommender, _ = world
     assert recommender.fitted.ease is not None and recommender.fitted.cooccurrence is None  # 60 items: EASE^R

@@ -3,9 +3,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-import settings
-from contracts.manifest import SCHEMA_VERSION, Manifest
-from model_repository.render import render_configs, to_pbtxt
+from bert_recsys import settings
+from bert_recsys.contracts.manifest import SCHEMA_VERSION, Manifest
+from bert_recsys.model_repository.render import render_configs, to_pbtxt
 
 S = settings.SETTINGS
 
@@ -112,7 +112,7 @@ def test_openvino_ir_runs_in_the_python_backend_or_tritons_openvino_backend():
 
 
 def test_the_openvino_backend_cannot_mix_bf16_and_other_versions():
-    from model_repository.render import render_generation
+    from bert_recsys.model_repository.render import render_generation
 
     versions = {1: manifest("ov-fp32", "openvino", "fp32"), 2: manifest("ov-bf16", "openvino", "bf16")}
     with pytest.raises(ValueError, match="precision hint is per model"):
@@ -160,7 +160,7 @@ def test_an_unknown_encoder_device_is_refused():
 
 @pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m.variant}" for r, m in CASES])
 def test_the_runtime_a_config_declares_is_the_one_it_was_rendered_for(runtime, man):
-    from contracts.runtime import Runtime
+    from bert_recsys.contracts.runtime import Runtime
 
     encoder = render_configs(S, man, runtime)["encoder"]
     declared = encoder.parameters["runtime"].string_value
@@ -190,7 +190,7 @@ def test_queue_policy_rejects_when_bounded():
 
 
 def test_a_two_version_generation_pins_each_ensemble_to_its_own_version():
-    from model_repository.render import render_generation
+    from bert_recsys.model_repository.render import render_generation
 
     versions = {1: manifest("onnx-int8", file_sha256="1" * 64), 2: manifest("onnx-fp32", "onnx", "fp32", file_sha256="2" * 64)}
     configs = render_generation(S, versions, "embedded", stable=1)
@@ -210,7 +210,7 @@ def test_a_two_version_generation_pins_each_ensemble_to_its_own_version():
 
 
 def test_versions_of_different_shapes_cannot_share_a_generation():
-    from model_repository.render import render_generation
+    from bert_recsys.model_repository.render import render_generation
 
     versions = {1: manifest(dim=384), 2: manifest(dim=768)}
     with pytest.raises(ValueError, match="disagree"):
@@ -222,7 +222,7 @@ def test_two_families_share_one_repository_and_each_is_rebuilt_or_removed_alone(
     building one keeps the other's models as they are; the rec family can be removed, the general one cannot."""
     import json
 
-    from model_repository.render import build_repository, remove_family
+    from bert_recsys.model_repository.render import build_repository, remove_family
 
     def export(root, sha):
         variant = root / "onnx-int8"

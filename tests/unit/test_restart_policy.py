@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.restart import RestartPolicy, restart_delay
+from bert_recsys.server.restart import RestartPolicy, restart_delay
 
 
 def test_the_backoff_doubles_with_each_recent_crash_up_to_its_cap():

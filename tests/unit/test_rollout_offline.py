@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-import settings
-from model_repository.render import build_repository
-from rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, _log_tail, stage, status, traffic
+from bert_recsys import settings
+from bert_recsys.model_repository.render import build_repository
+from bert_recsys.rollout.steps import LiveRepository, RolloutRefused, RolloutSettings, _log_tail, stage, status, traffic
 
 S = settings.SETTINGS
 
@@ -85,7 +85,7 @@ def test_the_refusal_quotes_the_servers_reason(tmp_path):
 
 
 def test_the_rollout_keeps_the_runtime_the_live_encoder_runs(export_dir, tmp_path):
-    from contracts.runtime import Runtime
+    from bert_recsys.contracts.runtime import Runtime
 
     native = LiveRepository(build_repository(S, export_dir, "onnx-fp32", "native", tmp_path / "native"), S)
     assert native.runtime is Runtime.NATIVE

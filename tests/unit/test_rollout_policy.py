@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import settings
-from rollout.admin import parse_metrics
-from rollout.policy import (CanaryVerdict, RolloutSettings, Traffic, Validation, canary_verdict, role, shares, traffic,
+from bert_recsys import settings
+from bert_recsys.rollout.admin import parse_metrics
+from bert_recsys.rollout.policy import (CanaryVerdict, RolloutSettings, Traffic, Validation, canary_verdict, role, shares, traffic,
                             validation_failures)
 
 M = settings.SETTINGS.models
@@ -93,8 +93,8 @@ def test_roles_shares_and_settings_validation():
 def responses(version, users, shown_per_user, rate, seed):
     import numpy as np
 
-    from client.experiments.stats import RatioStats
-    from rollout.policy import Responses
+    from bert_recsys.client.experiments.stats import RatioStats
+    from bert_recsys.rollout.policy import Responses
 
     shown = np.full(users, shown_per_user)
     return Responses(version, RatioStats.of(np.random.default_rng(seed).binomial(shown, rate), shown))

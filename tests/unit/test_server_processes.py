@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from server import processes
-from server.processes import ProcessId, RunDirectory, ServerRecord, parse_stub_argv, reap, shm_prefix_for
-from server.supervisor import Watch, dead_models, overdue
+from bert_recsys.server import processes
+from bert_recsys.server.processes import ProcessId, RunDirectory, ServerRecord, parse_stub_argv, reap, shm_prefix_for
+from bert_recsys.server.supervisor import Watch, dead_models, overdue
 
 STUB_ARGV = ["/b/python/triton_python_backend_stub", "/repo/encoder/2/model.py", "triton_python_backend_shm_region_ab12_x",
              "1048576", "1048576", "4242", "/b/python", "336", "encoder_0_0", "DEFAULT"]
@@ -113,7 +113,7 @@ def test_dead_means_gone_while_triton_still_calls_the_version_ready():
 def test_export_failures_say_a_full_disk_plainly(tmp_path):
     import errno
 
-    from export.pipeline import as_os_error, describe_failure
+    from bert_recsys.export.pipeline import as_os_error, describe_failure
 
     rust = Exception("No space left on device (os error 28)")
     translated = as_os_error(rust, tmp_path / "tokenizer")

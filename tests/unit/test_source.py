@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-import settings
-from export.source import SourceModelError, directory_sha256, load_source
+from bert_recsys import settings
+from bert_recsys.export.source import SourceModelError, directory_sha256, load_source
 
 
 def test_default_model_is_read_from_its_sentence_transformers_config():

@@ -1,9 +1,9 @@
 """What of the TensorRT path runs without TensorRT: profiles, calibration batches, the refusal."""
 import pytest
 
-import settings
-from export.calibration import calibration_batches, read_calibration_texts
-from export.tensorrt_plan import ShapeProfile, TensorRTUnavailable, build_plan, tensorrt_version
+from bert_recsys import settings
+from bert_recsys.export.calibration import calibration_batches, read_calibration_texts
+from bert_recsys.export.tensorrt_plan import ShapeProfile, TensorRTUnavailable, build_plan, tensorrt_version
 
 
 def test_default_profile_is_capped_at_max_length():

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-import settings
-from model_repository.render import MODELS_SOURCE
-from server.launcher import pytriton_root
+from bert_recsys import settings
+from bert_recsys.model_repository.render import MODELS_SOURCE
+from bert_recsys.server.launcher import pytriton_root
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ weights file, and its CUDA-graph buckets (the bucket arithmetic; the graphs them
 import pytest
 import torch
 
-from encoders import torch_bert as tb
+from bert_recsys.encoders import torch_bert as tb
 
 
 def tiny_transformers_bert(pooling="mean"):

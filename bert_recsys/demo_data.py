@@ -1,4 +1,4 @@
-"""python -m demo_data: the MovieLens directory `make demo` runs on, found or fetched before anything else runs.
+"""python -m bert_recsys.demo_data: the MovieLens directory `make demo` runs on, found or fetched before anything else runs.
 
     1. DATA=dir, if given: it must hold movies.csv and ratings.csv.
     2. ../shared/data/movielens-latest-small beside the checkout (settings.MOVIELENS_DIR), if present.
@@ -31,9 +31,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-import logs
-import settings
-from contracts.digest import file_sha256
+from bert_recsys import logs
+from bert_recsys import settings
+from bert_recsys.contracts.digest import file_sha256
 
 log = logs.get("demo")
 URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
@@ -170,7 +170,7 @@ def overviews_file(value: str | None) -> Path | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo_data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.demo_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="a MovieLens-format directory (make demo DATA=)")
     parser.add_argument("--cache", type=Path, default=None)

@@ -1,4 +1,4 @@
-"""python -m demo (`make demo`): the whole flow once, for real.
+"""python -m bert_recsys.demo (`make demo`): the whole flow once, for real.
 
 export (already done by `make demo`'s prerequisites) -> model repository -> tritonserver on loopback ->
 recommendations for a MovieLens user through the real ensembles -> one call through the HTTP gateway (the
@@ -12,8 +12,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import settings
-from server.launcher import ServerError, TritonServer, free_port
+from bert_recsys import settings
+from bert_recsys.server.launcher import ServerError, TritonServer, free_port
 
 
 def gateway_call(server_settings) -> None:
@@ -22,12 +22,12 @@ def gateway_call(server_settings) -> None:
     import secrets
     import urllib.request
 
-    from client.triton import TritonClient
-    from gateway.app import create_app
-    from gateway.background import BackgroundGateway
-    from gateway.config import GatewaySettings
-    from gateway.keys import KeyStore
-    from client.tokens import TokenCounter
+    from bert_recsys.client.triton import TritonClient
+    from bert_recsys.gateway.app import create_app
+    from bert_recsys.gateway.background import BackgroundGateway
+    from bert_recsys.gateway.config import GatewaySettings
+    from bert_recsys.gateway.keys import KeyStore
+    from bert_recsys.client.tokens import TokenCounter
 
     key = secrets.token_urlsafe(16)
     config = GatewaySettings(port=free_port(), triton_url=server_settings.grpc_url)
@@ -48,14 +48,14 @@ def gateway_call(server_settings) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bert_recsys.demo", description=__doc__)
     parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR)
     parser.add_argument("--data", type=Path, default=settings.MOVIELENS_DIR, help="MovieLens-format directory")
     parser.add_argument("--user", type=int, default=None, help="MovieLens userId (default: one with a long history)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     args = parser.parse_args(argv)
 
-    from client.demo_flow import run_demo
+    from bert_recsys.client.demo_flow import run_demo
 
     server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
                               metrics_port=free_port())

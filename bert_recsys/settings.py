@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent
+# bert_recsys/settings.py: the checkout is two levels up (in site-packages, that is site-packages itself).
+REPO_ROOT = Path(__file__).resolve().parent.parent
 # In a checkout, build/ beside the code; installed as a package (pip install .), build/ in the working directory.
 BUILD_DIR = Path(os.environ.get("BUILD_DIR") or
                  (REPO_ROOT / "build" if (REPO_ROOT / "Makefile").exists() else Path.cwd() / "build"))
