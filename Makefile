@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The one command line (bert_recsys/cli.py); every target below is a shortcut to one of its subcommands.
+BR := $(VENV)/bin/bert-recsys
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -16,7 +18,7 @@ ifeq ($(origin VARIANT),undefined)
   ifeq ($(RUNTIME),torch)
     VARIANT := $(TORCH_VARIANT)
   else
-    VARIANT := $(or $(shell test -x $(PY) && $(PY) -m loadtest.tune --print-choice),onnx-int8)
+    VARIANT := $(or $(shell test -x $(BR) && $(BR) tune --print-choice),onnx-int8)
   endif
 endif
 EXPORT_ARGS ?=
@@ -43,20 +45,20 @@ $(LOADTEST_STAMP): loadtest/requirements.txt pyproject.toml
 	touch $(LOADTEST_STAMP)
 
 export: venv                     ## ONNX variants (+ TensorRT where present), each gated against PyTorch
-	$(PY) -m bert_recsys.export $(EXPORT_ARGS)
+	$(BR) export $(EXPORT_ARGS)
 
 repository: venv                 ## render build/model_repository from the exported variant
-	$(PY) -m bert_recsys.export --variants $(VARIANT) $(EXPORT_ARGS)
-	$(PY) -m bert_recsys.model_repository build --variant $(VARIANT) --runtime $(RUNTIME)
+	$(BR) export --variants $(VARIANT) $(EXPORT_ARGS)
+	$(BR) repository build --variant $(VARIANT) --runtime $(RUNTIME)
 
 serve: repository                ## tritonserver on loopback: HTTP 8000, gRPC 8001, metrics 8002
-	$(PY) -m bert_recsys.server
+	$(BR) serve
 
 gateway: venv                    ## HTTP gateway beside `make serve`: 127.0.0.1:$${GATEWAY_PORT:-8080}, keys from GATEWAY_API_KEYS or GATEWAY_KEY_FILE
-	$(PY) -m bert_recsys.gateway
+	$(BR) gateway
 
 demo: venv                       ## the data (DATA=dir, ../shared, the cache, or a verified download) first, then export, build, start Triton, recommend, stop
-	@data="$$($(PY) -m bert_recsys.demo_data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))" && $(MAKE) --no-print-directory repository && $(PY) -m bert_recsys.demo --data "$$data"
+	$(BR) demo --variant $(VARIANT) --runtime $(RUNTIME) $(if $(filter-out file,$(origin DATA)),--data $(DATA))
 
 monitoring-tools:                ## Debian's prometheus and promtool where missing (the monitoring tests skip, saying why, where apt cannot run)
 	@scripts/install-monitoring-tools.sh
@@ -71,51 +73,51 @@ test-slow: venv loadtest-venv monitoring-tools  ## the long scenarios left out o
 # tune export; export.variants.CPU_VARIANTS is the same list (a unit test keeps them equal).
 CPU_VARIANTS := onnx-fp32,onnx-fp16,onnx-int8,ov-fp32,ov-int8,ov-bf16,ov-int8-bf16
 bench: venv                      ## export benchmark: PyTorch FP32 vs each gated ONNX and OpenVINO variant and the torch runtime's FP32; refused ones listed
-	$(PY) -m bert_recsys.export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
-	$(PY) -m bert_recsys.export.bench
+	$(BR) export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
+	$(BR) bench export
 
 CEILING_GOAL ?= 2.5
 bench-ceiling: venv              ## the most INT8 can speed the encoder up on this CPU: its GEMMs FP32 vs INT8, the rest as is
-	$(PY) -m bert_recsys.export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
-	$(PY) -m bert_recsys.export.ceiling --goal $(CEILING_GOAL)
+	$(BR) export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
+	$(BR) bench ceiling --goal $(CEILING_GOAL)
 
 bench-serving: venv              ## perf_analyzer: embed / encoder through Triton vs the bare encoder
-	$(PY) -m bert_recsys.export --variants $(VARIANT) $(EXPORT_ARGS)
-	$(PY) -m loadtest.serving_bench --variant $(VARIANT)
+	$(BR) export --variants $(VARIANT) $(EXPORT_ARGS)
+	$(BR) bench serving --variant $(VARIANT)
 
 # Where the catalog comes from (demo_data): DATA=dir, else ../shared's MovieLens with its TMDB overviews linked in.
-DATA_DIR = $$($(PY) -m bert_recsys.demo_data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))
+DATA_DIR = $$($(BR) data $(if $(filter-out file,$(origin DATA)),--data $(DATA)))
 EVAL_SPLITS ?=
 evaluate: repository             ## warm, item cold start (3 seeds) and temporal; TF-IDF, EASE^R, base and fine-tuned encoders: make evaluate DATA=dir [EVAL_SPLITS=none]
-	@data="$(DATA_DIR)" && $(PY) -m bert_recsys.training.evaluation "$$data" --variant $(VARIANT) $(if $(EVAL_SPLITS),--splits $(EVAL_SPLITS))
+	@data="$(DATA_DIR)" && $(BR) evaluate full "$$data" --variant $(VARIANT) $(if $(EVAL_SPLITS),--splits $(EVAL_SPLITS))
 
 FINETUNE_ARGS ?=
 finetune: venv                   ## the recommendation encoder: fine-tuned on DATA's interactions, gated against the base model, exported to build/export-rec (served as rec_embed)
-	@data="$(DATA_DIR)" && $(PY) -m bert_recsys.training.finetune "$$data" --out build/finetuned/rec $(FINETUNE_ARGS)
-	$(PY) -m bert_recsys.export --model build/finetuned/rec --out build/export-rec --variants $(VARIANT) $(EXPORT_ARGS)
+	@data="$(DATA_DIR)" && $(BR) train finetune "$$data" --out build/finetuned/rec $(FINETUNE_ARGS)
+	$(BR) export --model build/finetuned/rec --out build/export-rec --variants $(VARIANT) $(EXPORT_ARGS)
 
 RUNS ?= 400
 DATA ?= ../shared/data/movielens-latest-small
 experiment-sim: venv             ## A/A + injected-lift simulations and a real A/B/n replay on MovieLens: make experiment-sim DATA=dir (stdout: one JSON object)
 	@$(MAKE) --no-print-directory repository >&2
-	@$(PY) -m bert_recsys.server --free-ports -- $(PY) -m bert_recsys.client.experiments simulate $(DATA) --runs $(RUNS)
+	@$(BR) serve --free-ports -- $(BR) experiments simulate $(DATA) --runs $(RUNS)
 
 USERS ?= 8
 DURATION ?= 30
 PROTOCOL ?= http
 LOADTEST_ARGS ?=
 loadtest: repository loadtest-venv  ## Locust headless against a local server: make loadtest USERS=8 DURATION=30 PROTOCOL=grpc
-	$(PY) -m bert_recsys.server --free-ports -- $(LOADTEST_VENV)/bin/python -m loadtest.run --protocol $(PROTOCOL) \
+	$(BR) serve --free-ports -- $(LOADTEST_VENV)/bin/python -m loadtest.run --protocol $(PROTOCOL) \
 		--users $(USERS) --duration $(DURATION) $(LOADTEST_ARGS)
 
 report: loadtest-venv venv       ## every benchmark in one run -> build/reports/REPORT.md with plots
-	$(PY) -m bert_recsys.export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
-	$(PY) -m loadtest.report --variant $(VARIANT)
+	$(BR) export --keep-going --variants $(CPU_VARIANTS),torch-fp32 $(EXPORT_ARGS)
+	$(BR) bench report --variant $(VARIANT)
 
 SOAK_MINUTES ?= 10
 soak: venv                       ## soak benchmark: steady load, RSS of tritonserver and its stubs must grow <= 10%
-	$(PY) -m bert_recsys.export --variants onnx-int8 $(EXPORT_ARGS)
-	$(PY) -m loadtest.soak --minutes $(SOAK_MINUTES)
+	$(BR) export --variants onnx-int8 $(EXPORT_ARGS)
+	$(BR) bench soak --minutes $(SOAK_MINUTES)
 
 # On the GPU machine there is no .venv: BENCH_PY=python3 uses its Python (docs/gpu.md has the device calls).
 BENCH_PY ?= $(PY)
@@ -126,42 +128,42 @@ bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),venv)  ## torch runtime on a GPU: en
 
 LAYERS ?= 3
 distill: venv                    ## a student keeping LAYERS of the teacher's layers, trained on CPU, exported in every CPU variant + gated vs the teacher -> build/export-student
-	$(PY) -m bert_recsys.export.distill --layers $(LAYERS) $(DISTILL_ARGS)
-	$(PY) -m bert_recsys.export --keep-going --model build/students/student-l$(LAYERS) --out build/export-student --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
+	$(BR) train distill --layers $(LAYERS) $(DISTILL_ARGS)
+	$(BR) export --keep-going --model build/students/student-l$(LAYERS) --out build/export-student --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
 
 tune: venv                       ## export every CPU variant, measure the gated ones through Triton here; make serve/demo then serve the fastest (build/tune.json)
-	$(PY) -m bert_recsys.export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
-	$(PY) -m loadtest.tune
+	$(BR) export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
+	$(BR) tune
 
 PEERS_ARGS ?=
 bench-peers: venv                ## the peers users pick (sentence-transformers backends, fastembed, infinity-emb), each in its own venv under build/peers, beside our variants, embed and the gateway -> build/reports/peers.json + peers.png
-	$(PY) -m bert_recsys.export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
-	$(PY) -m loadtest.peers $(PEERS_ARGS)
+	$(BR) export --keep-going --variants $(CPU_VARIANTS) $(EXPORT_ARGS)
+	$(BR) bench peers $(PEERS_ARGS)
 
 bench-trace: venv                ## embed b1 broken into steps by Triton's trace API (queue, input, compute, output per model; gRPC; client)
-	$(PY) -m bert_recsys.export --variants $(VARIANT) $(EXPORT_ARGS)
-	$(PY) -m loadtest.trace_breakdown --variant $(VARIANT)
+	$(BR) export --variants $(VARIANT) $(EXPORT_ARGS)
+	$(BR) bench trace --variant $(VARIANT)
 
 bench-gpu-pack: venv             ## here, before a device call: build/device/bench (torch-fp16 repository, references) and build/device/triton.tar.xz
-	$(PY) -m bert_recsys.export --variants torch-fp16 $(EXPORT_ARGS)
-	$(PY) -m loadtest.gpu_bench pack
-	$(PY) -m loadtest.gpu_bench pack-triton
+	$(BR) export --variants torch-fp16 $(EXPORT_ARGS)
+	$(BR) bench gpu pack
+	$(BR) bench gpu pack-triton
 
 bench-gateway: venv                ## the HTTP gateway vs direct gRPC embed: b1 overhead, b32 throughput, rate limiter
-	$(PY) -m bert_recsys.export --variants onnx-int8 $(EXPORT_ARGS)
-	$(PY) -m loadtest.gateway_bench
+	$(BR) export --variants onnx-int8 $(EXPORT_ARGS)
+	$(BR) bench gateway
 
 bench-rollout: venv loadtest-venv  ## 3 rollouts under 20 Locust users -> build/reports/rollout.json + rollout.png
-	$(PY) -m bert_recsys.export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
-	$(PY) -m loadtest.rollout_bench
+	$(BR) export --variants onnx-fp32,onnx-int8 $(EXPORT_ARGS)
+	$(BR) bench rollout
 
 NEW ?= build/export/onnx-fp32
 ROLLOUT_ARGS ?=
 rollout: venv                    ## roll an export (NEW=build/export/<variant>) out to the server `make serve` runs
-	$(PY) -m bert_recsys.rollout run $(NEW) $(ROLLOUT_ARGS)
+	$(BR) rollout run $(NEW) $(ROLLOUT_ARGS)
 
 rollout-status: venv             ## what the server `make serve` runs is serving: versions, manifests, shares
-	$(PY) -m bert_recsys.rollout status
+	$(BR) rollout status
 
 clean:
 	rm -rf build

@@ -1,8 +1,9 @@
-"""python -m bert_recsys.demo (`make demo`): the whole flow once, for real.
+"""bert-recsys demo (`make demo`): the whole flow once, for real.
 
-export (already done by `make demo`'s prerequisites) -> model repository -> tritonserver on loopback ->
+the catalog (`bert-recsys data`: --data, the data beside the checkout, the cache, or a verified download) ->
+export of the served variant (reused while up to date) -> model repository -> tritonserver on loopback ->
 recommendations for a MovieLens user through the real ensembles -> one call through the HTTP gateway (the
-curl command is printed) -> stop the server.
+curl command is printed) -> stop the server. --no-build serves the repository as it is.
 """
 from __future__ import annotations
 
@@ -47,14 +48,45 @@ def gateway_call(server_settings) -> None:
                   f"usage {answer['usage']['prompt_tokens']} tokens")
 
 
+def build(variant: str, runtime: str, repository: Path) -> int:
+    """Exports `variant` (reused while up to date) and renders the repository for it: what `make repository` runs."""
+    from bert_recsys.export.__main__ import main as export_main
+    from bert_recsys.model_repository.__main__ import main as repository_main
+
+    code = export_main(["--variants", variant])
+    return code or repository_main(["build", "--variant", variant, "--runtime", runtime, "--out", str(repository)])
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.demo", description=__doc__)
+    import os
+
+    from bert_recsys import demo_data
+    from bert_recsys.server import choice
+
+    parser = argparse.ArgumentParser(prog="bert-recsys demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR)
-    parser.add_argument("--data", type=Path, default=settings.MOVIELENS_DIR, help="MovieLens-format directory")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="MovieLens-format directory (default: found or fetched as `bert-recsys data` does)")
+    parser.add_argument("--variant", default=None,
+                        help=f"the variant to serve (default: the one tuned on this machine, else {choice.DEFAULT_VARIANT})")
+    parser.add_argument("--runtime", default="embedded", help="embedded, native or torch (bert-recsys repository)")
+    parser.add_argument("--no-build", action="store_true", help="serve --repository as it is: no export, no render")
     parser.add_argument("--user", type=int, default=None, help="MovieLens userId (default: one with a long history)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     args = parser.parse_args(argv)
 
+    try:
+        data = demo_data.with_overviews(demo_data.resolve(args.data), demo_data.overviews_file(os.environ.get("OVERVIEWS")))
+    except demo_data.DataUnavailable as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
+    if not args.no_build:
+        variant = args.variant or choice.served_variant(settings.BUILD_DIR, settings.EXPORT_DIR)[0] or choice.DEFAULT_VARIANT
+        print(f"[demo] data {data}; serving {variant} ({args.runtime} runtime)")
+        code = build(variant, args.runtime, args.repository)
+        if code:
+            return code
     from bert_recsys.client.demo_flow import run_demo
 
     server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
@@ -64,7 +96,7 @@ def main(argv=None) -> int:
         with TritonServer(args.repository, server_settings, log_file=settings.BUILD_DIR / "demo_triton.log"):
             print(f"[demo] tritonserver ready in {time.perf_counter() - started:.1f} s on {server_settings.host} "
                   f"(gRPC {server_settings.grpc_port}, HTTP {server_settings.http_port})")
-            run_demo(server_settings, args.protocol, args.data, args.user)
+            run_demo(server_settings, args.protocol, data, args.user)
             gateway_call(server_settings)
     except ServerError as error:
         print(f"demo: error: {error}", file=sys.stderr)

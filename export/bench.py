@@ -1,4 +1,4 @@
-"""python -m bert_recsys.export.bench: the bare encoder, PyTorch FP32 against every exported ONNX variant.
+"""bert-recsys bench export: the bare encoder, PyTorch FP32 against every exported ONNX variant.
 
 One run, one table: p50 latency at batch 1 x 16 tokens and batch 32 x 128 tokens, throughput at b32/s128,
 and each figure as a ratio to PyTorch FP32. All threads of the machine are used by every runtime.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -17,43 +16,13 @@ import numpy as np
 
 from bert_recsys import logs
 from bert_recsys import settings
+from bert_recsys.contracts.machine import machine, machine_identity
 from bert_recsys.contracts.manifest import Manifest
 from bert_recsys.export.variants import CPU_VARIANTS
 
 log = logs.get("export")
 
 SHAPES = {"b1/s16": (1, 16), "b32/s128": (32, 128)}
-
-
-# The ISA extensions that decide which runtime and precision win on a CPU (INT8 needs VNNI or AMX to pay off).
-ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
-             "amx_int8", "amx_bf16")
-
-
-def cpu_model_and_flags(cpuinfo: str) -> tuple[str, list[str]]:
-    """The CPU's model name and which of ISA_FLAGS it has, from /proc/cpuinfo's text."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():  # every core repeats the same block: the first one says it all
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    return fields.get("model name") or platform.processor() or "cpu", [f for f in ISA_FLAGS if f in flags]
-
-
-def machine_identity() -> dict:
-    """This machine's CPU model, ISA flags and core count: what a measured choice (make tune) is valid for."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    model, flags = cpu_model_and_flags(cpuinfo)
-    return {"cpu": model, "flags": flags, "cores": os.cpu_count()}
-
-
-def machine() -> str:
-    """What every benchmark figure is quoted with: CPU model, its ISA flags, cores, OS."""
-    m = machine_identity()
-    return f"{m['cpu']} ({' '.join(m['flags']) or 'no AVX2'}), {m['cores']} cores, {platform.system()} {platform.release()}"
 
 
 def time_calls(call, budget_s: float, max_runs: int, warmup: int = 3) -> list[float]:
@@ -103,7 +72,7 @@ def time_runner(runner, batch: int, seq: int, budget_s: float, max_runs: int) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.export.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bert-recsys bench export", description=__doc__)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR)
     parser.add_argument("--variants", default=",".join((*CPU_VARIANTS, "torch-fp32")))
     parser.add_argument("--also", type=Path, action="append", default=[], metavar="DIR",

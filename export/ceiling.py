@@ -1,4 +1,4 @@
-"""python -m bert_recsys.export.ceiling: the most INT8 can speed an exported encoder up on this CPU, measured.
+"""bert-recsys bench ceiling: the most INT8 can speed an exported encoder up on this CPU, measured.
 
 Quantization speeds up the weight GEMMs alone (the attention's QKV and output projections, the FFN). Layer
 norms, GELU, and the attention's softmax and score/context products cost what they cost in FP32. On the
@@ -31,7 +31,8 @@ import numpy as np
 from bert_recsys import logs
 from bert_recsys import settings
 from bert_recsys.contracts.manifest import Manifest, Precision, VariantFormat
-from bert_recsys.export.bench import machine, time_interleaved
+from bert_recsys.contracts.machine import machine
+from bert_recsys.export.bench import time_interleaved
 
 log = logs.get("export")
 
@@ -188,14 +189,14 @@ def goal_verdict(result: Ceiling, goal: float) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.export.ceiling", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys bench ceiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-dir", type=Path, default=settings.EXPORT_DIR,
                         help="its onnx-fp32 is the graph measured; a student's export directory works too")
     parser.add_argument("--fp32-variant", default="onnx-fp32")
     parser.add_argument("--int8-variant", default="onnx-int8", help="measured next to the ceiling when exported")
     parser.add_argument("--reference-model", type=Path, default=None,
-                        help="PyTorch FP32 baseline (default: the teacher, as in `python -m bert_recsys.export.bench`)")
+                        help="PyTorch FP32 baseline (default: the teacher, as in `bert-recsys bench export`)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=6,
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
 
     fp32_dir = args.export_dir / args.fp32_variant
     if not Manifest.exists(fp32_dir):
-        parser.error(f"{fp32_dir} has no manifest: export it first (python -m bert_recsys.export --variants {args.fp32_variant})")
+        parser.error(f"{fp32_dir} has no manifest: export it first (bert-recsys export --variants {args.fp32_variant})")
     manifest = Manifest.read(fp32_dir)
     if manifest.format != VariantFormat.ONNX or manifest.precision != Precision.FP32:
         parser.error(f"{fp32_dir} is {manifest.format.value} {manifest.precision.value}; an FP32 ONNX graph is needed")

@@ -1,7 +1,7 @@
-"""python -m bert_recsys.export.distill: a smaller student BERT, distilled from the teacher on unlabeled in-domain text, on CPU.
+"""bert-recsys train distill: a smaller student BERT, distilled from the teacher on unlabeled in-domain text, on CPU.
 
-    python -m bert_recsys.export.distill --layers 3                    # 3 of all-MiniLM-L6-v2's 6 layers -> build/students/
-    python -m bert_recsys.export --model build/students/<name> --out build/export-student --variants onnx-fp32,onnx-int8
+    bert-recsys train distill --layers 3                    # 3 of all-MiniLM-L6-v2's 6 layers -> build/students/
+    bert-recsys export --model build/students/<name> --out build/export-student --variants onnx-fp32,onnx-int8
 
 The student is the teacher with k of its layers kept, its embeddings and pooling unchanged. Which k layers: by
 default (`--keep auto`) every combination is tried untrained, and the one whose embeddings are closest to the
@@ -11,10 +11,10 @@ keeps evenly spaced layers from the first; `--keep 0,2,4` names them. The studen
 (loss 1 - cosine) on text of the kinds it will serve: STS-B train sentences, SciFact-train titles and abstracts,
 MovieLens titles. STS-B dev, where the gate measures, is never trained on. The directory written is a
 sentence-transformers model like the teacher, plus `distill.json`: its lineage (teacher path and sha256, layers
-kept, data files with their sha256 and counts, epochs, losses). `python -m bert_recsys.export` reads that lineage, measures
+kept, data files with their sha256 and counts, epochs, losses). `bert-recsys export` reads that lineage, measures
 the student against the teacher too (STS-B Spearman ratio to the teacher, both halves; threshold
 `teacher_spearman_ratio`, default 0.985) and writes the lineage into every variant's manifest. The exported
-student rolls out like any variant (`python -m bert_recsys.rollout run build/export-student/onnx-int8`).
+student rolls out like any variant (`bert-recsys rollout run build/export-student/onnx-int8`).
 """
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def read_lineage(model_dir: Path) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.export.distill", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys train distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=None, help="default: all-MiniLM-L6-v2")
     parser.add_argument("--layers", type=int, default=3, help="how many of the teacher's layers to keep")

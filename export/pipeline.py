@@ -555,7 +555,7 @@ def read_outcomes(out: Path) -> dict:
 
 
 def record_outcomes(out: Path, outcomes: list[Outcome]) -> None:
-    from bert_recsys.export.bench import machine_identity
+    from bert_recsys.contracts.machine import machine_identity
 
     path = Path(out) / OUTCOMES_FILE
     try:

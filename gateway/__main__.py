@@ -1,4 +1,4 @@
-"""python -m bert_recsys.gateway: the HTTP gateway beside a running tritonserver (`make serve`); see gateway/config.py for
+"""bert-recsys gateway: the HTTP gateway beside a running tritonserver (`make serve`); see gateway/config.py for
 its environment variables. Loopback by default."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ log = logs.get("gateway")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.gateway", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bert-recsys gateway", description=__doc__)
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""python -m loadtest.ann_bench: recall at catalog scale, 1M vectors of dim 384 on this machine.
+"""bert-recsys bench ann: recall at catalog scale, 1M vectors of dim 384 on this machine.
 
 The 1M vectors are derived from real embeddings: ~28k real texts (MovieLens titles+genres, STS-B
 sentences, SciFact titles) are embedded by the exported encoder, and each of the 1M vectors is a random
@@ -90,7 +90,7 @@ def latency(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[float]
 def main(argv=None) -> int:
     import faiss
 
-    parser = argparse.ArgumentParser(prog="python -m loadtest.ann_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bert-recsys bench ann", description=__doc__)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=1000)

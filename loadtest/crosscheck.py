@@ -1,4 +1,4 @@
-"""python -m loadtest.crosscheck: perf_analyzer and Locust on the same model and load, side by side.
+"""bert-recsys bench crosscheck: perf_analyzer and Locust on the same model and load, side by side.
 
 Both drive `embed` over gRPC with the same concurrency (perf_analyzer's --concurrency-range = Locust users,
 no think time) and the same real texts, against one local tritonserver. If they disagree much, one of the
@@ -18,7 +18,7 @@ from loadtest.workload import real_texts
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.crosscheck", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bert-recsys bench crosscheck", description=__doc__)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=20)
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
-"""python -m loadtest.gateway_bench (`make bench-gateway`): what the HTTP gateway costs over direct gRPC `embed`.
+"""bert-recsys bench gateway (`make bench-gateway`): what the HTTP gateway costs over direct gRPC `embed`.
 
 Starts its own tritonserver (onnx-int8, free loopback ports) and the gateway as a separate process
-(`python -m bert_recsys.gateway`, as `make gateway` runs it), then, in one run:
+(`bert-recsys gateway`, as `make gateway` runs it), then, in one run:
 - b1: `embed` of one text, direct gRPC and through two gateways, one reaching Triton over HTTP (the default,
   client/kserve_http.py) and one over gRPC asyncio, interleaved; p50/p99 and each one's overhead;
 - b32: throughput at 4 concurrent callers, direct vs the default gateway (float JSON and base64, what the openai
@@ -27,7 +27,7 @@ import numpy as np
 from bert_recsys import logs
 from bert_recsys import settings
 from bert_recsys.client.triton import TritonClient
-from bert_recsys.export.bench import machine
+from bert_recsys.contracts.machine import machine
 from bert_recsys.model_repository.render import build_repository
 from bert_recsys.server.launcher import TritonServer, free_port, on_free_ports
 
@@ -148,7 +148,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.gateway_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys bench gateway", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=400, help="b1 calls per path (interleaved)")
     parser.add_argument("--seconds", type=float, default=10.0, help="each throughput window")

@@ -1,8 +1,8 @@
-"""python -m loadtest.gpu_bench: the torch runtime on a GPU, measured in one command that fits one device call.
+"""bert-recsys bench gpu: the torch runtime on a GPU, measured in one command that fits one device call.
 
-    python -m loadtest.gpu_bench pack                   # here: build/device/bench, everything the run needs
-    python -m loadtest.gpu_bench run --bundle B --out D # on the GPU machine (`make bench-gpu`)
-    python -m loadtest.gpu_bench run --smoke ...        # the same code on a CPU, tiny sizes (the CI test)
+    bert-recsys bench gpu pack                   # here: build/device/bench, everything the run needs
+    bert-recsys bench gpu run --bundle B --out D # on the GPU machine (`make bench-gpu`)
+    bert-recsys bench gpu run --smoke ...        # the same code on a CPU, tiny sizes (the CI test)
 
 `run` measures, in this order, and rewrites D/gpu_bench.json after every section (a call that runs out of time
 still brings back what it measured); a section that fails records its error and the next one runs:
@@ -218,7 +218,7 @@ def timed(torch, device, call, seconds: float, min_runs: int = 5) -> list[float]
 
 
 def machine_section(torch, device) -> dict:
-    from bert_recsys.export.bench import machine
+    from bert_recsys.contracts.machine import machine
 
     info = {"cpu": machine(), "python": platform.python_version(), "torch": torch.__version__}
     if device.type == "cuda":
@@ -508,7 +508,7 @@ def _dig(data: dict, keys: tuple):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.gpu_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys bench gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pack", help="render the GPU repository and the reference data (run here)")

@@ -11,7 +11,7 @@
                                                  a rollout runs one (rollout/), like client.triton does
 
 Request texts are real: STS-B sentences and MovieLens titles when ../shared/data is there, else this
-project's own gate sentences. Run it through `python -m loadtest.run` (or `make loadtest`).
+project's own gate sentences. Run it through `bert-recsys bench loadtest` (or `make loadtest`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""python -m loadtest.report (`make report`): every benchmark in one run, one markdown report with plots.
+"""bert-recsys bench report (`make report`): every benchmark in one run, one markdown report with plots.
 
 Runs, in order, on this machine:
 1. the bare encoder by variant (export.bench), and the most INT8 can give on this CPU (export.ceiling);
@@ -58,10 +58,10 @@ def bar_plot(rows: list[dict], path: Path) -> None:
 def ceiling_section(path: Path) -> list[str]:
     """What INT8 can give at most on this CPU (export.ceiling), or why it is not in the report."""
     if not path.exists():
-        return ["Not measured: the INT8 ceiling (`python -m bert_recsys.export.ceiling`).", ""]
+        return ["Not measured: the INT8 ceiling (`bert-recsys bench ceiling`).", ""]
     report = json.loads(path.read_text())
     c = report["ceiling"]
-    lines = ["## What INT8 can give at most on this CPU (`python -m bert_recsys.export.ceiling`)", "",
+    lines = ["## What INT8 can give at most on this CPU (`bert-recsys bench ceiling`)", "",
              f"b{report['batch']}/s{report['seq']}: every weight GEMM of the FP32 graph timed in FP32 and in INT8 "
              f"(MatMulInteger, no quantization cost), the rest of the graph as it is.", "",
              "| | ms | vs PyTorch |", "|---|---|---|"]
@@ -75,7 +75,7 @@ def ceiling_section(path: Path) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bert-recsys bench report", description=__doc__)
     parser.add_argument("--variant", default="onnx-int8")
     parser.add_argument("--step", default="2,12,16", help="knee search: USERS,SECONDS,MAX")
     parser.add_argument("--mixed-users", type=int, default=4)

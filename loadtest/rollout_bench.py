@@ -1,7 +1,7 @@
 """Rollout benchmark: consecutive rollouts on a live tritonserver under Locust load, on a timeline.
 
-    python -m loadtest.rollout_bench                       # or: make bench-rollout
-    python -m loadtest.rollout_bench --users 20 --variants onnx-fp32,onnx-int8,onnx-fp32
+    bert-recsys bench rollout                       # or: make bench-rollout
+    bert-recsys bench rollout --users 20 --variants onnx-fp32,onnx-int8,onnx-fp32
 
 Starts its own server (onnx-int8, free loopback ports), runs Locust (HTTP, embed + score on real texts, with a
 canary share) in the load-test venv, rolls each variant out in turn with `rollout.steps.run`, then stops
@@ -46,7 +46,7 @@ class Timeline(logging.Handler):
 
 def main(argv: list[str] | None = None) -> int:
     logs.configure()
-    parser = argparse.ArgumentParser(prog="python -m loadtest.rollout_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys bench rollout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--think-ms", type=float, default=20.0)

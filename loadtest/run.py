@@ -1,8 +1,8 @@
-"""python -m loadtest.run: Locust headless against a deployment, then a summary, a plot and SLO checks.
+"""bert-recsys bench loadtest: Locust headless against a deployment, then a summary, a plot and SLO checks.
 
-    python -m loadtest.run --host 127.0.0.1 --protocol grpc --users 8 --duration 30
-    python -m loadtest.run --step 2,10,16            # step load: +2 users every 10 s up to 16 (the knee)
-    python -m loadtest.run --slo-p99-ms 50 --slo-failure-rate 0.001
+    bert-recsys bench loadtest --host 127.0.0.1 --protocol grpc --users 8 --duration 30
+    bert-recsys bench loadtest --step 2,10,16            # step load: +2 users every 10 s up to 16 (the knee)
+    bert-recsys bench loadtest --slo-p99-ms 50 --slo-failure-rate 0.001
 
 Writes into --out: locust_stats.csv (+ history), report.html (Locust's own), summary.json and
 load.png (latency percentiles and throughput against users). Exits 1 when an SLO is violated.
@@ -111,7 +111,7 @@ def knee(table: list[dict]) -> dict | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys bench loadtest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=None)
     parser.add_argument("--http-port", type=int, default=None)

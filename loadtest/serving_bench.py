@@ -1,4 +1,4 @@
-"""python -m loadtest.serving_bench: what Triton adds on top of the bare encoder, measured by perf_analyzer.
+"""bert-recsys bench serving: what Triton adds on top of the bare encoder, measured by perf_analyzer.
 
 In one run, on the same texts and token lengths:
 1. the bare encoder: its runtime (ONNX Runtime or OpenVINO) in this process (no server), b1 and b32;
@@ -19,7 +19,8 @@ import numpy as np
 from bert_recsys import logs
 from bert_recsys import settings
 from bert_recsys.contracts.manifest import Manifest
-from bert_recsys.export.bench import machine, time_calls
+from bert_recsys.contracts.machine import machine
+from bert_recsys.export.bench import time_calls
 from bert_recsys.export.runners import runner_for, tokenize
 from loadtest.perf import run_perf_analyzer
 
@@ -38,7 +39,7 @@ def long_text(tokenizer, tokens: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.serving_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bert-recsys bench serving", description=__doc__)
     parser.add_argument("--variant", default="onnx-int8")
     parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer measurement window")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "serving_bench.json")

@@ -1,6 +1,6 @@
 """Soak benchmark: a steady mixed load on one tritonserver for N minutes, watching its memory.
 
-    python -m loadtest.soak --minutes 10        # or: make soak
+    bert-recsys bench soak --minutes 10        # or: make soak
 
 Starts its own server (onnx-int8, free loopback ports), runs `--threads` gRPC clients sending `embed` and
 `score` calls on real texts, and samples the resident memory (RSS) of tritonserver and of each Python backend
@@ -56,7 +56,7 @@ def processes(server_pid: int) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys bench soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=60.0)

@@ -1,4 +1,4 @@
-"""python -m loadtest.trace_breakdown: where the b1 time of `embed` goes, step by step, from Triton's trace API.
+"""bert-recsys bench trace: where the b1 time of `embed` goes, step by step, from Triton's trace API.
 
 One server with tracing on (every request, TIMESTAMPS), one client sending b1 `embed` requests one at a time over
 gRPC, timed on the client. For each request, from the trace file Triton writes at shutdown:
@@ -107,7 +107,7 @@ def medians(rows: list[dict]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.trace_breakdown", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys bench trace", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="onnx-int8")
     parser.add_argument("--requests", type=int, default=500)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from bert_recsys.contracts.manifest import Manifest
-    from bert_recsys.export.bench import machine
+    from bert_recsys.contracts.machine import machine
     from bert_recsys.export.runners import OrtRunner, tokenize
     from loadtest.serving_bench import SHORT_TEXT
     from bert_recsys.model_repository.render import build_repository

@@ -1,4 +1,4 @@
-"""python -m loadtest.tune (`make tune`): which variant serves fastest on *this* machine, measured, not assumed.
+"""bert-recsys tune (`make tune`): which variant serves fastest on *this* machine, measured, not assumed.
 
 Which runtime and precision wins depends on the CPU (VNNI, AMX or AVX2 only): per-row INT8 gains ~1.3x over FP32
 on an AVX2 EPYC and more where VNNI is. So every exported variant that passed its gate is served in turn by the
@@ -8,8 +8,8 @@ build/tune.json with the CPU model and ISA flags; `make serve`, `make demo` and 
 VARIANT= is given, and only on a machine with the same CPU model, flags and core count (the CPU changes between
 machines: a choice made on another one is ignored, with a line on stderr).
 
-    python -m loadtest.tune [--objective throughput|latency]
-    python -m loadtest.tune --print-choice      # the tuned variant for this machine, or nothing
+    bert-recsys tune [--objective throughput|latency]
+    bert-recsys tune --print-choice      # the tuned variant for this machine, or nothing
 """
 from __future__ import annotations
 
@@ -19,64 +19,17 @@ import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from bert_recsys import settings
-from bert_recsys.export.bench import machine_identity
+from bert_recsys.contracts.machine import machine_identity
+from bert_recsys.server.choice import OBJECTIVES, choose, passing_exports, served_variant, tune_file
 
-TUNE_FILE = settings.BUILD_DIR / "tune.json"
-OBJECTIVES = ("throughput", "latency")
-
-
-def choose(rows: list[dict], objective: str = "throughput") -> dict:
-    """The fastest row among those whose variant passed its gate. rows: {variant, gate_passed, b1_p50_ms,
-    b32_seq_per_s}. Throughput: most b32 sentences/s (b1 p50 breaks ties); latency: lowest b1 p50."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r}: choose from {', '.join(OBJECTIVES)}")
-    passing = [row for row in rows if row["gate_passed"]]
-    if not passing:
-        raise ValueError("no measured variant passed its gate: nothing to choose")
-    if objective == "throughput":
-        return max(passing, key=lambda row: (row["b32_seq_per_s"], -row["b1_p50_ms"]))
-    return min(passing, key=lambda row: (row["b1_p50_ms"], -row["b32_seq_per_s"]))
-
-
-def tuned_variant(record: dict | None, machine: dict, exported: set[str]) -> tuple[str | None, str]:
-    """(variant to serve, why): the record's choice only for the machine it was measured on, and only while that
-    variant is still exported and gated."""
-    if record is None:
-        return None, "not tuned here yet (make tune)"
-    if record.get("machine") != machine:
-        return None, (f"tuned on {record.get('machine', {}).get('cpu', 'another machine')} "
-                      f"{record.get('machine', {}).get('flags')}, this is {machine['cpu']} {machine['flags']}: run make tune")
-    variant = record.get("variant")
-    if variant not in exported:
-        return None, f"the tuned variant {variant} is no longer exported and gated: run make tune"
-    return variant, f"tuned {record.get('measured_at', '')}: {variant} ({record.get('objective')})"
-
-
-def passing_exports(export_dir: Path) -> dict[str, object]:
-    """{variant: manifest} of the variants in export_dir that passed their gate and the embedded runtime serves
-    (ONNX in ONNX Runtime, OpenVINO IR in OpenVINO)."""
-    from bert_recsys.contracts.manifest import Manifest, ManifestError
-    from bert_recsys.contracts.runtime import Runtime
-    from bert_recsys.model_repository.render import RUNTIME_FORMATS
-
-    found = {}
-    for directory in sorted(Path(export_dir).iterdir()) if Path(export_dir).is_dir() else []:
-        try:
-            manifest = Manifest.read(directory)
-        except ManifestError:
-            continue
-        if manifest.format in RUNTIME_FORMATS[Runtime.EMBEDDED] and manifest.gate.passed:
-            found[manifest.variant] = manifest
-    return found
+TUNE_FILE = tune_file(settings.BUILD_DIR)
 
 
 def print_choice() -> int:
-    record = json.loads(TUNE_FILE.read_text()) if TUNE_FILE.exists() else None
-    variant, why = tuned_variant(record, machine_identity(), set(passing_exports(settings.EXPORT_DIR)))
-    if record is not None:  # silent until someone tuned: then say which choice is used, or why not
+    variant, why, tuned = served_variant(settings.BUILD_DIR, settings.EXPORT_DIR)
+    if tuned:  # silent until someone tuned: then say which choice is used, or why not
         print(f"tune: {why}", file=sys.stderr)
     if variant:
         print(variant)
@@ -109,7 +62,7 @@ def measure(variant: str, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.tune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objective", choices=OBJECTIVES, default="throughput")
     parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer measurement window")
@@ -118,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_choice:
         return print_choice()
     from bert_recsys import logs
-    from bert_recsys.export.bench import machine
+    from bert_recsys.contracts.machine import machine
 
     logs.configure()
     from bert_recsys.export.pipeline import not_served, read_outcomes

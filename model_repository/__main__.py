@@ -1,8 +1,8 @@
-"""python -m bert_recsys.model_repository: render the Triton model repository from an exported variant.
+"""bert-recsys repository: render the Triton model repository from an exported variant.
 
-    python -m bert_recsys.model_repository build --variant onnx-int8                 # embedded runtime (this machine)
-    python -m bert_recsys.model_repository build --variant trt-fp16 --runtime native  # NGC container
-    python -m bert_recsys.model_repository show --variant onnx-fp16 --runtime native  # print the configs only
+    bert-recsys repository build --variant onnx-int8                 # embedded runtime (this machine)
+    bert-recsys repository build --variant trt-fp16 --runtime native  # NGC container
+    bert-recsys repository show --variant onnx-fp16 --runtime native  # print the configs only
 
 `build` also serves the recommendation encoder (the "rec" family: rec_embed, rec_score) beside the general one
 when build/export-rec holds the same variant (training.finetune, then export --out build/export-rec);
@@ -23,7 +23,7 @@ from bert_recsys.model_repository.render import build_repository, remove_family,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.model_repository", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys repository", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("build", "show"))
     parser.add_argument("--variant", default="onnx-int8", help="exported variant to serve (default: %(default)s)")

@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from bert_recsys.contracts.digest import files_identity
 from bert_recsys.contracts.manifest import MANIFEST_NAME, Manifest, ManifestError, Precision, VariantFormat
-from bert_recsys.contracts.runtime import Runtime
+from bert_recsys.contracts.runtime import Runtime, runtime_formats
 from bert_recsys.settings import Settings
 
 RUNTIMES = tuple(r.value for r in Runtime)
@@ -33,8 +33,7 @@ ENCODER_SOURCES = {Runtime.EMBEDDED: "encoder_embedded", Runtime.TORCH: "encoder
 # Where it is found, without importing it (and torch with it) here.
 TORCH_BERT_SOURCE = Path(importlib.util.find_spec("bert_recsys.encoders.torch_bert").origin)
 # The formats each runtime can serve.
-RUNTIME_FORMATS = {Runtime.EMBEDDED: {VariantFormat.ONNX, VariantFormat.OPENVINO}, Runtime.TORCH: {VariantFormat.TORCH},
-                   Runtime.NATIVE: {VariantFormat.ONNX, VariantFormat.TENSORRT_PLAN, VariantFormat.OPENVINO}}
+RUNTIME_FORMATS = runtime_formats()
 # (batch, sequence) shapes the encoder runs at load, so request one is not slow. The largest possible shape
 # (max batch x the model's max length) is among them: ONNX Runtime's memory arena grows to its peak at load
 # instead of jumping in production at the first large batch (measured by `make soak`: +21 MB on the encoder
@@ -381,5 +380,5 @@ def build_repository(settings: Settings, export_dir: Path, variant: str, runtime
     export_dir = Path(export_dir)
     if not Manifest.exists(export_dir / variant):
         raise ManifestError(f"{export_dir / variant} has no {MANIFEST_NAME}: "
-                            f"run `python -m bert_recsys.export --variants {variant}` first")
+                            f"run `bert-recsys export --variants {variant}` first")
     return write_generation(settings, export_dir / "tokenizer", {version: export_dir / variant}, runtime, out, stable=version)

@@ -1,8 +1,8 @@
-"""python -m bert_recsys.rollout: put a new export into production on a live tritonserver, or see what is serving.
+"""bert-recsys rollout: put a new export into production on a live tritonserver, or see what is serving.
 
-    python -m bert_recsys.rollout run build/export/onnx-fp32      # stage, validate, swap in, canary, promote or roll back
-    python -m bert_recsys.rollout status                          # versions, manifests, readiness, traffic shares
-    python -m bert_recsys.rollout promote | rollback              # finish a rollout by hand (e.g. after a crash)
+    bert-recsys rollout run build/export/onnx-fp32      # stage, validate, swap in, canary, promote or roll back
+    bert-recsys rollout status                          # versions, manifests, readiness, traffic shares
+    bert-recsys rollout promote | rollback              # finish a rollout by hand (e.g. after a crash)
 
 The server is found through settings.ServerSettings (TRITON_HOST, TRITON_GRPC_PORT, TRITON_METRICS_PORT), or
 given as one `--replica GRPC_HOST:PORT,METRICS_HOST:PORT` per server sharing the repository (scale-out: each
@@ -39,7 +39,7 @@ def admin_key() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.rollout", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys rollout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR, help="the live repository")
     parser.add_argument("--replica", action="append", default=[], metavar="GRPC_HOST:PORT,METRICS_HOST:PORT",

@@ -1,7 +1,7 @@
-"""python -m bert_recsys.server: serve build/model_repository until Ctrl-C / SIGTERM.
+"""bert-recsys serve: serve build/model_repository until Ctrl-C / SIGTERM.
 
-    python -m bert_recsys.server                                  # serve until stopped
-    python -m bert_recsys.server --free-ports -- CMD ARGS...      # serve while CMD runs, then stop; CMD sees the
+    bert-recsys serve                                  # serve until stopped
+    bert-recsys serve --free-ports -- CMD ARGS...      # serve while CMD runs, then stop; CMD sees the
                                                       # server through TRITON_HOST / TRITON_*_PORT
 
 Binds to loopback by default. Settings come from settings.ServerSettings (TRITON_HOST, TRITON_HTTP_PORT,
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     # The project's one log format (bert_recsys/logs.py): the launcher, the reaper and the supervisor log through "server".
     logs.configure()
     s = settings.SETTINGS.server
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bert-recsys serve", description=__doc__)
     parser.add_argument("--repository", type=Path, default=settings.MODEL_REPOSITORY_DIR)
     parser.add_argument("--host", default=s.host, help="bind address (default: %(default)s; never expose admin APIs publicly)")
     parser.add_argument("--http-port", type=int, default=s.http_port)
@@ -112,7 +112,7 @@ def serve(triton: TritonServer, policy: RestartPolicy, log_file: Path | None) ->
             log.warning("tritonserver died (exit status %s): restarting it in %.1f s (restart %d of %d allowed "
                         "within %.0f s)", code, delay, recent, policy.max_restarts, policy.window_s)
             time.sleep(delay)
-            # The same ports and admin key: clients, the gateway and `python -m bert_recsys.rollout` find it where it was.
+            # The same ports and admin key: clients, the gateway and `bert-recsys rollout` find it where it was.
             triton = TritonServer(triton.repository, triton.server, log_file=log_file)
             try:
                 triton.start()

@@ -1,4 +1,4 @@
-"""When `python -m bert_recsys.server` (`make serve`) restarts a tritonserver that died, and when it gives up: a pure decision.
+"""When `bert-recsys serve` (`make serve`) restarts a tritonserver that died, and when it gives up: a pure decision.
 
 The launcher restarts a crashed server after a backoff that doubles with each recent crash (1 s, 2 s, 4 s...), and
 gives up, exiting non-zero, when more than `max_restarts` crashes fall within `window_s`: a crash loop is an

@@ -1,1 +1,1 @@
-"""Training that turns interaction data into a better encoder; its output goes through `python -m bert_recsys.export` and its gate."""
+"""Training that turns interaction data into a better encoder; its output goes through `bert-recsys export` and its gate."""

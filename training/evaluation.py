@@ -1,4 +1,4 @@
-"""python -m bert_recsys.training.evaluation DATA: the whole evaluation (`make evaluate`), fine-tuned encoders included.
+"""bert-recsys evaluate full DATA: the whole evaluation (`make evaluate`), fine-tuned encoders included.
 
 1. the general encoder, exported as VARIANT (export), is served as `embed`;
 2. for each split in --splits (cold:0 .. cold:<seeds-1>, warm), a recommendation encoder is fine-tuned without
@@ -92,7 +92,7 @@ def build_repository(variant: str, runtime: str, exports: dict[str, Path], out: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.training.evaluation", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys evaluate full", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path)
     parser.add_argument("--variant", default="onnx-int8", help="the exported variant both encoders serve")

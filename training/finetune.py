@@ -1,4 +1,4 @@
-"""python -m bert_recsys.training.finetune DATA --out DIR: fine-tune the BERT on interactions, for recommendations.
+"""bert-recsys train finetune DATA --out DIR: fine-tune the BERT on interactions, for recommendations.
 
 What it learns from: pairs of items that the same users liked (co-occurrence neighbours), from the training part
 only, on the item text the catalog index uses (client.item_text). The loss is in-batch contrastive (InfoNCE,
@@ -19,7 +19,7 @@ What it never learns from:
 
 Writes a sentence-transformers directory (the base model's files with the new weights) and `finetune.json`, its
 lineage: base model and its sha256, data files and their sha256, the split, the template, the recipe, losses, the
-recommendation gate, and how far STS-B and SciFact moved (reported, not gated). `python -m bert_recsys.export --model DIR`
+recommendation gate, and how far STS-B and SciFact moved (reported, not gated). `bert-recsys export --model DIR`
 exports and gates it like any encoder, and carries the lineage into every manifest.
 """
 from __future__ import annotations
@@ -355,7 +355,7 @@ def finetune(data_dir: Path, out: Path, recipe: Recipe = Recipe(), chosen: TextT
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.training.finetune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys train finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="a catalog directory (client.catalog: MovieLens or items.csv)")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "finetuned" / "rec")

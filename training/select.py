@@ -1,4 +1,4 @@
-"""python -m bert_recsys.training.select DATA [--finetuned DIR ...]: the cold-start settings, compared on the validation split.
+"""bert-recsys train select DATA [--finetuned DIR ...]: the cold-start settings, compared on the validation split.
 
 Every setting the evaluation and the recommender use for new items was chosen here, on the validation split of
 item cold-start seed 0 (client.protocols.validation_split: 20% of the *visible* items hidden again, inside the
@@ -8,7 +8,7 @@ training part), never on a reported test split:
 - TF-IDF's n-grams and user representation (client.coldstart.TFIDF);
 - the encoder's user representation (mean, interests, maxsim over m), raw or centred;
 - the fine-tuning recipe (training.finetune.Recipe): each DIR passed with --finetuned is a model fine-tuned with
-  `python -m bert_recsys.training.finetune DATA --split cold:0 ...` (trained without the validation items, see there);
+  `bert-recsys train finetune DATA --split cold:0 ...` (trained without the validation items, see there);
 - the taste weight of the content score (client.scorers.TASTE_WEIGHT).
 
 Embeds the catalog in process (PyTorch, as training does), prints one row per setting (recall@10, recall@50,
@@ -40,7 +40,7 @@ def evaluate(scorer, users, split) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.training.select", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys train select", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path)
     parser.add_argument("--finetuned", type=Path, action="append", default=[],

@@ -1,10 +1,10 @@
-"""python -m bert_recsys.client.experiments: register an experiment, report on it, or simulate on MovieLens.
+"""bert-recsys experiments: register an experiment, report on it, or simulate on MovieLens.
 
-    python -m bert_recsys.client.experiments register experiment.json [--db PATH]
-    python -m bert_recsys.client.experiments report NAME [--db PATH] [--data MOVIELENS_DIR] [--out DIR] [--format md|json]
-    python -m bert_recsys.client.experiments simulate [MOVIELENS_DIR] [--runs N] [--lift 0.1] [--out DIR]
+    bert-recsys experiments register experiment.json [--db PATH]
+    bert-recsys experiments report NAME [--db PATH] [--data MOVIELENS_DIR] [--out DIR] [--format md|json]
+    bert-recsys experiments simulate [MOVIELENS_DIR] [--runs N] [--lift 0.1] [--out DIR]
 
-`simulate` needs a running Triton (`python -m bert_recsys.server --free-ports -- python -m bert_recsys.client.experiments simulate`,
+`simulate` needs a running Triton (`bert-recsys serve --free-ports -- bert-recsys experiments simulate`,
 which is what `make experiment-sim` runs); it prints one JSON object on stdout and writes the real-arm
 replay's report and plots under --out.
 """
@@ -131,7 +131,7 @@ def plot_tests(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_recsys.client.experiments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("register", help="record an experiment's definition (JSON) in the event store")

@@ -1,4 +1,4 @@
-"""python -m loadtest.peers (`make bench-peers`): the embedding stacks users pick, measured beside ours in one run.
+"""bert-recsys bench peers (`make bench-peers`): the embedding stacks users pick, measured beside ours in one run.
 
 Each peer gets a venv of its own under build/peers/<venv> (pinned by loadtest/peers/requirements-<venv>.txt; built
 once, rebuilt when the file changes) and loads the local model folder offline:
@@ -331,7 +331,7 @@ def bare_rows(inputs: Inputs) -> list[dict]:
 
     from bert_recsys.export.runners import runner_for, tokenize
     from bert_recsys.export.variants import CPU_VARIANTS
-    from loadtest.tune import passing_exports
+    from bert_recsys.server.choice import passing_exports
 
     from bert_recsys.export.source import load_source
 
@@ -406,17 +406,15 @@ def build_inputs(runs_b1: int, runs_b32: int) -> Inputs:
 
 
 def served_variant() -> str:
-    """What `make serve` serves here: the tuned choice for this machine, else onnx-int8 (the Makefile's default)."""
-    from loadtest.tune import TUNE_FILE, passing_exports, tuned_variant
-    from bert_recsys.export.bench import machine_identity
+    """What `bert-recsys serve` serves here: the tuned choice for this machine, else the default."""
+    from bert_recsys.server import choice
 
-    record = json.loads(TUNE_FILE.read_text()) if TUNE_FILE.exists() else None
-    variant, _ = tuned_variant(record, machine_identity(), set(passing_exports(settings.EXPORT_DIR)))
-    return variant or "onnx-int8"
+    variant, _, _ = choice.served_variant(settings.BUILD_DIR, settings.EXPORT_DIR)
+    return variant or choice.DEFAULT_VARIANT
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.peers", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bert-recsys bench peers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", default=",".join(PEER_NAMES), help="comma-separated, from %(default)s")
     parser.add_argument("--runs-b1", type=int, default=100)
@@ -435,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     for needs_onnx in ("fastembed", "infinity-optimum"):  # both run the ONNX files st-onnx-qint8 exports
         if needs_onnx in wanted and "st-onnx-qint8" not in wanted:
             wanted.insert(wanted.index(needs_onnx), "st-onnx-qint8")
-    from bert_recsys.export.bench import machine
+    from bert_recsys.contracts.machine import machine
 
     inputs = build_inputs(args.runs_b1, args.runs_b32)
     out = args.out / "peers"

@@ -334,7 +334,7 @@ def test_health_and_metrics(served):
 
 
 def gateway_process(server, log, port: int | None = None, **env: str):
-    """`python -m bert_recsys.gateway` in a process of its own, in front of `server` (a served repository); -> (process, URL)
+    """`bert-recsys gateway` in a process of its own, in front of `server` (a served repository); -> (process, URL)
     once it answers /health/live."""
     import sys
 
@@ -361,7 +361,7 @@ def gateway_process(server, log, port: int | None = None, **env: str):
 
 
 def test_sigterm_under_load_drains_in_flight_requests_and_cuts_no_response_off(triton, tmp_path):
-    """`python -m bert_recsys.gateway` SIGTERMed while 8 clients post 64-text embedding requests: it stops accepting, every
+    """`bert-recsys gateway` SIGTERMed while 8 clients post 64-text embedding requests: it stops accepting, every
     response it had started is finished whole, requests in flight complete, and it exits 0 within its drain time."""
     import http.client
 

@@ -137,7 +137,7 @@ def test_sigkill_under_load_gives_clear_errors_then_recovers_and_leaves_nothing(
 
 # ---- the launcher itself killed ----------------------------------------------------------------------------
 def start_launcher(repository: Path, build_dir: Path, *args: str) -> tuple[subprocess.Popen, processes.ServerRecord, int]:
-    """`python -m bert_recsys.server ARGS` in a process of its own; -> (process, its server's record, HTTP port) once ready.
+    """`bert-recsys serve ARGS` in a process of its own; -> (process, its server's record, HTTP port) once ready.
     The process's `ports` are its HTTP, gRPC and metrics ports."""
     ports = [free_port(), free_port(), free_port()]
     env = {**os.environ, "BUILD_DIR": str(build_dir), "TRITON_ADMIN_KEY": "k"}

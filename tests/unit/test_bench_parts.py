@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bert_recsys import settings
-from bert_recsys.export.bench import cpu_model_and_flags
+from bert_recsys.contracts.machine import cpu_model_and_flags
 from loadtest.perf import STABILITY_LADDER, run_perf_analyzer
 
 XEON = """processor\t: 0
@@ -124,7 +124,7 @@ def test_trace_breakdown_pairs_each_ensemble_request_with_its_steps_and_the_clie
 
 
 def test_tune_chooses_the_fastest_gated_variant_by_objective():
-    from loadtest.tune import choose
+    from bert_recsys.server.choice import choose
 
     rows = [{"variant": "onnx-fp32", "gate_passed": True, "b1_p50_ms": 3.1, "b32_seq_per_s": 52.0},
             {"variant": "onnx-int8", "gate_passed": True, "b1_p50_ms": 2.7, "b32_seq_per_s": 61.0},
@@ -139,7 +139,7 @@ def test_tune_chooses_the_fastest_gated_variant_by_objective():
 
 
 def test_a_tuned_choice_holds_only_on_the_machine_it_was_measured_on():
-    from loadtest.tune import tuned_variant
+    from bert_recsys.server.choice import tuned_variant
 
     here = {"cpu": "AMD EPYC", "flags": ["avx2", "fma"], "cores": 2}
     record = {"machine": here, "variant": "onnx-int8", "objective": "throughput", "measured_at": "t"}
@@ -149,7 +149,7 @@ def test_a_tuned_choice_holds_only_on_the_machine_it_was_measured_on():
     assert variant is None and "tuned on AMD EPYC" in why
     assert tuned_variant(record, {**here, "cores": 16}, {"onnx-int8"})[0] is None
     assert tuned_variant(record, here, {"onnx-fp32"})[0] is None        # no longer exported and gated
-    assert tuned_variant(None, here, {"onnx-int8"}) == (None, "not tuned here yet (make tune)")
+    assert tuned_variant(None, here, {"onnx-int8"}) == (None, "not tuned here yet (bert-recsys tune)")
 
 
 def test_ndcg_at_10_with_binary_relevance():

@@ -77,7 +77,7 @@ echo "10.0.0.9 False"
 if [[ -e "$STATE/scaled" ]]; then echo "10.0.0.3 True"; fi
 """
 FAKE_PYTHON = """#!/usr/bin/env bash
-# Stands in for `python -m bert_recsys.rollout`: reads the replicas file it was given, the HPA scales out, reads it again.
+# Stands in for `bert-recsys rollout`: reads the replicas file it was given, the HPA scales out, reads it again.
 file=""
 while [[ $# -gt 0 ]]; do [[ "$1" == --replicas-file ]] && file="$2"; shift; done
 cat "$file" > "$STATE/first"

@@ -40,7 +40,7 @@ def test_the_wheel_declares_only_the_clients_dependencies(wheel):
         meta = Parser().parsestr(zipped.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
         entry_points = zipped.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     plain = {requirement_name(r) for r in meta.get_all("Requires-Dist") if "extra ==" not in r}
-    assert plain == {"numpy", "scipy", "faiss-cpu", "tritonclient", "tqdm"}
+    assert plain == {"numpy", "scipy", "faiss-cpu", "tritonclient", "tqdm", "typer"}
     assert not plain & HEAVY
     extras = set(meta.get_all("Provides-Extra"))
     assert {"export", "serve", "gateway", "rollout", "reports", "loadtest"} <= extras
@@ -50,8 +50,9 @@ def test_the_wheel_declares_only_the_clients_dependencies(wheel):
             "bert_recsys/export/gate_sentences.txt", "bert_recsys/model_repository/models/tokenizer/model.py",
             "bert_recsys/training/finetune.py", "bert_recsys/gateway/app.py"} <= set(names)
     assert not [n for n in names if "/loadtest/" in n or "/tests/" in n or n.endswith((".onnx", ".pyc"))]
-    for script in ("bert-recsys-experiments", "bert-recsys-evaluate", "bert-recsys-serve", "bert-recsys-rollout"):
-        assert script in entry_points
+    scripts = [line.split("=")[0].strip() for line in entry_points.split("[console_scripts]")[1].strip().splitlines()
+               if "=" in line]
+    assert scripts == ["bert-recsys"], scripts  # one command line; the per-stage scripts are gone
 
 
 def test_pip_install_in_a_fresh_venv_gives_a_working_client_without_torch(wheel, tmp_path):
@@ -71,9 +72,16 @@ def test_pip_install_in_a_fresh_venv_gives_a_working_client_without_torch(wheel,
              "sorted(m for m in ('torch', 'onnxruntime', 'bert_recsys.server', 'bert_recsys.export') if m in sys.modules))")
     result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.split() == ["True", "[]"], result.stderr[-2000:]
-    script = subprocess.run([str(venv / "bin" / "bert-recsys-experiments"), "--help"], capture_output=True,
+    script = subprocess.run([str(venv / "bin" / "bert-recsys"), "experiments", "--help"], capture_output=True,
                             text=True, timeout=120, cwd=tmp_path)
-    assert script.returncode == 0 and "register" in script.stdout
+    assert script.returncode == 0 and "register" in script.stdout, script.stderr[-2000:]
+    listed = subprocess.run([str(venv / "bin" / "bert-recsys"), "--help"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert listed.returncode == 0 and all(f" {name} " in listed.stdout for name in ("export", "serve", "demo", "bench")), listed.stdout
+    # From site-packages, with no checkout: the bench area is not shipped, and the command says so.
+    bench = subprocess.run([str(venv / "bin" / "bert-recsys"), "bench", "serving"], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    assert bench.returncode == 2 and "checkout" in bench.stderr, (bench.returncode, bench.stderr[-2000:])
 
 
 def test_every_room_folder_is_a_listed_subpackage():

@@ -83,7 +83,7 @@ class TritonPythonModel:
             self.engine = OpenVinoEngine(artifact, params, precision)
         else:
             self.engine = OnnxRuntimeEngine(artifact, params)
-        # Diagnostics only (`python -m loadtest.trace_breakdown --null-encoder`): zeros instead of the model, to
+        # Diagnostics only (`bert-recsys bench trace --null-encoder`): zeros instead of the model, to
         # measure what the serving path costs without any model work.
         self.null_dim = int(params.get("diagnostic_null_encoder_dim", "0") or 0)
 

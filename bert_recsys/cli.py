@@ -1,0 +1,197 @@
+"""bert-recsys: the one command line (also `python -m bert_recsys`).
+
+Each subcommand hands its arguments to the stage it runs, so `bert-recsys <command> --help` is that stage's own
+help. Stages are imported only when their command runs: `--help` and the client-side commands never load torch
+or the server. The benchmarks and research tools (`bench`, `tune`'s measuring, Locust) are not shipped: they run
+from a checkout of the project, which those commands find or name.
+"""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from bert_recsys import __version__
+
+# Arguments go to the stage untouched, --help included.
+FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+app = typer.Typer(name="bert-recsys", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="BERT semantic recall and recommendations served by NVIDIA Triton. "
+                       "`bert-recsys COMMAND --help` shows each command's own options.")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="benchmarks (from a checkout): `bert-recsys bench NAME --help` for each")
+train_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="the recommendation encoder: fine-tuning, its settings, distillation")
+evaluate_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                           help="offline quality of the recommender and the encoders")
+app.add_typer(bench_app, name="bench")
+app.add_typer(train_app, name="train")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+class CheckoutMissing(RuntimeError):
+    """A command that runs the checkout's bench area, run from an installed package without one."""
+
+
+def checkout() -> Path:
+    """The project checkout this package is installed from (editable install), holding the bench area."""
+    from bert_recsys import settings
+
+    root = settings.REPO_ROOT
+    if not (root / "loadtest" / "__init__.py").is_file():
+        raise CheckoutMissing(
+            f"this command runs the benchmarks in a checkout of the project (loadtest/), which are not shipped; "
+            f"{root} is not one: clone the project and install it with `make venv` (pip install -e .)")
+    return root
+
+
+def run_stage(module: str, args: list[str]) -> int:
+    """The stage's own main(argv), in this process: its exit code, SystemExit included (argparse's 2)."""
+    try:
+        return int(importlib.import_module(module).main(list(args)) or 0)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else _say(done.code))
+
+
+def run_checkout(module: str, args: list[str]) -> int:
+    """A bench-area module of the checkout, as a child process in the checkout (it is not importable from an
+    installed package). Ctrl-C reaches it too: it shares the terminal's process group."""
+    try:
+        root = checkout()
+    except CheckoutMissing as error:
+        print(f"bert-recsys: {error}", file=sys.stderr)
+        return 2
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=root).returncode
+
+
+def _say(message) -> int:
+    print(message, file=sys.stderr)
+    return 1
+
+
+def stage(application: typer.Typer, name: str, module: str, help: str, in_checkout: bool = False):
+    """A subcommand that forwards its arguments to `module`'s main."""
+    def command(ctx: typer.Context):
+        runner = run_checkout if in_checkout else run_stage
+        raise typer.Exit(runner(module, ctx.args))
+    command.__doc__ = help
+    application.command(name, help=help, context_settings=FORWARD, add_help_option=False)(command)
+
+
+stage(app, "export", "bert_recsys.export.__main__",
+      "export the BERT as gated ONNX and OpenVINO variants (and TensorRT where present), each with a manifest")
+stage(app, "repository", "bert_recsys.model_repository.__main__",
+      "render a Triton model repository (tokenizer -> encoder -> similarity ensembles) from an exported variant")
+stage(app, "serve", "bert_recsys.server.__main__",
+      "run tritonserver on the model repository, on loopback, restarting it if it dies")
+stage(app, "gateway", "bert_recsys.gateway.__main__",
+      "the OpenAI-compatible HTTP gateway in front of Triton: API keys, rate limits, events")
+stage(app, "rollout", "bert_recsys.rollout.__main__",
+      "roll a new encoder version out: stage, canary, promote or roll back; or show what is served")
+stage(app, "experiments", "bert_recsys.client.experiments.__main__",
+      "A/B/n experiments on recommendations: register, assign, record events, report")
+stage(app, "data", "bert_recsys.demo_data",
+      "find or fetch (verified) the MovieLens catalog the demo runs on, with its rich item text")
+stage(evaluate_app, "server", "bert_recsys.client.evaluate",
+      "evaluate against a running server: warm, item cold start and temporal protocols with baselines")
+stage(evaluate_app, "full", "bert_recsys.training.evaluation",
+      "the whole evaluation: fine-tune per split, export, serve on free ports, evaluate (make evaluate)")
+stage(train_app, "finetune", "bert_recsys.training.finetune",
+      "fine-tune the recommendation encoder on a catalog's interactions (training part only), with its gate")
+stage(train_app, "select", "bert_recsys.training.select",
+      "compare the cold-start settings on the validation split carved from the training part")
+stage(train_app, "distill", "bert_recsys.export.distill",
+      "distill a smaller student keeping some of the teacher's layers")
+
+
+class Bench(str, Enum):
+    """The benchmarks: each is a module of the checkout (or of the package, for the export's own)."""
+
+    export = "export"
+    ceiling = "ceiling"
+    serving = "serving"
+    peers = "peers"
+    trace = "trace"
+    gateway = "gateway"
+    rollout = "rollout"
+    gpu = "gpu"
+    ann = "ann"
+    soak = "soak"
+    report = "report"
+    crosscheck = "crosscheck"
+    loadtest = "loadtest"
+
+
+# name: (module, in the checkout's bench area, help)
+BENCHES = {
+    Bench.export: ("bert_recsys.export.bench", False, "the bare encoder: PyTorch FP32 against every exported variant"),
+    Bench.ceiling: ("bert_recsys.export.ceiling", False, "the most INT8 can speed the encoder up on this CPU"),
+    Bench.serving: ("loadtest.serving_bench", True, "perf_analyzer: embed and encoder through Triton against the bare encoder"),
+    Bench.peers: ("loadtest.peers", True, "the peers users pick, each in its own venv, beside our variants, embed and the gateway"),
+    Bench.trace: ("loadtest.trace_breakdown", True, "embed b1 broken into steps by Triton's trace API"),
+    Bench.gateway: ("loadtest.gateway_bench", True, "the HTTP gateway against direct gRPC embed"),
+    Bench.rollout: ("loadtest.rollout_bench", True, "three rollouts under Locust users"),
+    Bench.gpu: ("loadtest.gpu_bench", True, "the torch runtime on a GPU: pack here, run on the device"),
+    Bench.ann: ("loadtest.ann_bench", True, "the ANN index at catalog scale"),
+    Bench.soak: ("loadtest.soak", True, "steady load: RSS of tritonserver and its stubs over time"),
+    Bench.report: ("loadtest.report", True, "every benchmark in one report with plots"),
+    Bench.crosscheck: ("loadtest.crosscheck", True, "perf_analyzer and Locust on the same load"),
+    Bench.loadtest: ("loadtest.run", True, "Locust headless against a running server, with SLOs"),
+}
+for bench, (module, in_checkout, text) in BENCHES.items():
+    stage(bench_app, bench.value, module, text, in_checkout)
+
+
+@app.command("tune", context_settings=FORWARD, add_help_option=False)
+def tune(ctx: typer.Context):
+    """measure every gated variant through Triton on this machine and record the fastest (from a checkout);
+    --print-choice prints the variant this machine serves"""
+    if list(ctx.args) == ["--print-choice"]:  # the decision is serving's, and shipped: no checkout needed
+        from bert_recsys import settings
+        from bert_recsys.server import choice
+
+        try:
+            variant, why, tuned = choice.served_variant(settings.BUILD_DIR, settings.EXPORT_DIR)
+        except ValueError as error:  # a damaged tune.json: named, and nothing chosen
+            print(f"bert-recsys: {error}", file=sys.stderr)
+            raise typer.Exit(2)
+        if tuned:
+            print(f"tune: {why}", file=sys.stderr)
+        if variant:
+            print(variant)
+        raise typer.Exit(0)
+    raise typer.Exit(run_checkout("loadtest.tune", ctx.args))
+
+
+@app.command("demo", context_settings=FORWARD, add_help_option=False)
+def demo(ctx: typer.Context):
+    """the whole flow once: the data, export, the repository, tritonserver, recommendations, the gateway, stop"""
+    raise typer.Exit(run_stage("bert_recsys.demo", ctx.args))
+
+
+def version_callback(value: bool):
+    if value:
+        print(__version__)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="print the version and exit")):
+    """BERT semantic recall and recommendations served by NVIDIA Triton."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script `bert-recsys`: the stage's own exit code; 2 with one line for what the user must fix (a
+    wrong command or option, no checkout where one is needed)."""
+    try:
+        app(args=argv, prog_name="bert-recsys")  # standalone: usage errors print and exit 2, as argparse's do
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else _say(done.code))
+    return 0

@@ -1,0 +1,84 @@
+"""Which variant this machine serves: the decision, apart from its measuring (`bert-recsys tune`, in the
+checkout's bench area, measures every gated variant through Triton and records the fastest in tune.json).
+
+Which runtime and precision wins depends on the CPU (VNNI, AMX or AVX2 only), so a recorded choice is used only
+on the machine it was measured on (same CPU model, ISA flags and core count) and only while its variant is still
+exported and gated. Everything here is a pure function of the record, the machine and the exports, but
+`served_variant`, which reads them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OBJECTIVES = ("throughput", "latency")
+# What serves when nothing was tuned on this machine: INT8 in ONNX Runtime, fast on every x86 CPU seen so far.
+DEFAULT_VARIANT = "onnx-int8"
+
+
+def tune_file(build_dir: Path) -> Path:
+    return Path(build_dir) / "tune.json"
+
+
+def choose(rows: list[dict], objective: str = "throughput") -> dict:
+    """The fastest row among those whose variant passed its gate. rows: {variant, gate_passed, b1_p50_ms,
+    b32_seq_per_s}. Throughput: most b32 sentences/s (b1 p50 breaks ties); latency: lowest b1 p50."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: choose from {', '.join(OBJECTIVES)}")
+    passing = [row for row in rows if row["gate_passed"]]
+    if not passing:
+        raise ValueError("no measured variant passed its gate: nothing to choose")
+    if objective == "throughput":
+        return max(passing, key=lambda row: (row["b32_seq_per_s"], -row["b1_p50_ms"]))
+    return min(passing, key=lambda row: (row["b1_p50_ms"], -row["b32_seq_per_s"]))
+
+
+def tuned_variant(record: dict | None, machine: dict, exported: set[str]) -> tuple[str | None, str]:
+    """(variant to serve, why): the record's choice only for the machine it was measured on, and only while that
+    variant is still exported and gated."""
+    if record is None:
+        return None, "not tuned here yet (bert-recsys tune)"
+    if record.get("machine") != machine:
+        return None, (f"tuned on {record.get('machine', {}).get('cpu', 'another machine')} "
+                      f"{record.get('machine', {}).get('flags')}, this is {machine['cpu']} {machine['flags']}: "
+                      "run bert-recsys tune")
+    variant = record.get("variant")
+    if variant not in exported:
+        return None, f"the tuned variant {variant} is no longer exported and gated: run bert-recsys tune"
+    return variant, f"tuned {record.get('measured_at', '')}: {variant} ({record.get('objective')})"
+
+
+def passing_exports(export_dir: Path) -> dict[str, object]:
+    """{variant: manifest} of the variants in export_dir that passed their gate and the embedded runtime serves
+    (ONNX in ONNX Runtime, OpenVINO IR in OpenVINO)."""
+    from bert_recsys.contracts.manifest import Manifest, ManifestError
+    from bert_recsys.contracts.runtime import Runtime, runtime_formats
+
+    found = {}
+    for directory in sorted(Path(export_dir).iterdir()) if Path(export_dir).is_dir() else []:
+        try:
+            manifest = Manifest.read(directory)
+        except ManifestError:
+            continue
+        if manifest.format in runtime_formats()[Runtime.EMBEDDED] and manifest.gate.passed:
+            found[manifest.variant] = manifest
+    return found
+
+
+def read_record(path: Path) -> dict | None:
+    """tune.json, or None where nothing was tuned; a damaged record is an error naming the file."""
+    if not Path(path).exists():
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable tune record ({error}): delete it or run bert-recsys tune") from error
+
+
+def served_variant(build_dir: Path, export_dir: Path) -> tuple[str | None, str, bool]:
+    """(the tuned variant for this machine or None, why, whether anything was tuned at all)."""
+    from bert_recsys.contracts.machine import machine_identity
+
+    record = read_record(tune_file(build_dir))
+    variant, why = tuned_variant(record, machine_identity(), set(passing_exports(export_dir)))
+    return variant, why, record is not None
