@@ -52,9 +52,15 @@ def checkout() -> Path:
 
 
 def run_stage(module: str, args: list[str]) -> int:
-    """The stage's own main(argv), in this process: its exit code, SystemExit included (argparse's 2)."""
+    """The stage's own main(argv), in this process: its exit code, SystemExit included (argparse's 2). A bad
+    environment value is the user's to fix: one line naming the variable, exit code 2."""
+    from bert_recsys.env import SettingsError
+
     try:
         return int(importlib.import_module(module).main(list(args)) or 0)
+    except SettingsError as error:
+        print(f"bert-recsys: {error}", file=sys.stderr)
+        return 2
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else _say(done.code))
 
@@ -98,6 +104,8 @@ stage(app, "experiments", "bert_recsys.client.experiments.__main__",
       "A/B/n experiments on recommendations: register, assign, record events, report")
 stage(app, "data", "bert_recsys.demo_data",
       "find or fetch (verified) the MovieLens catalog the demo runs on, with its rich item text")
+stage(app, "env", "bert_recsys.env",
+      "every environment variable the project reads: its value now, its default, and any bad value")
 stage(evaluate_app, "server", "bert_recsys.client.evaluate",
       "evaluate against a running server: warm, item cold start and temporal protocols with baselines")
 stage(evaluate_app, "full", "bert_recsys.training.evaluation",

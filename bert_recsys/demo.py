@@ -58,9 +58,7 @@ def build(variant: str, runtime: str, repository: Path) -> int:
 
 
 def main(argv=None) -> int:
-    import os
-
-    from bert_recsys import demo_data
+    from bert_recsys import demo_data, env
     from bert_recsys.server import choice
 
     parser = argparse.ArgumentParser(prog="bert-recsys demo", description=__doc__,
@@ -77,7 +75,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        data = demo_data.with_overviews(demo_data.resolve(args.data), demo_data.overviews_file(os.environ.get("OVERVIEWS")))
+        data = demo_data.with_overviews(demo_data.resolve(args.data), demo_data.overviews_file(env.OVERVIEWS.get()))
     except demo_data.DataUnavailable as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ Environment: DEMO_DATA_URL, DEMO_DATA_CACHE, DEMO_DOWNLOAD (0 = never download),
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -31,12 +30,12 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from bert_recsys import logs
+from bert_recsys import env, logs
 from bert_recsys import settings
 from bert_recsys.contracts.digest import file_sha256
 
 log = logs.get("demo")
-URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
+URL = env.DEMO_DATA_URL.default  # GroupLens' address of the pinned release
 NAME = "movielens-latest-small"
 # The 2018 release of ml-latest-small (generated 2018-09-26), file by file: the zip's own bytes (timestamps)
 # may change when GroupLens re-packs it; these do not.
@@ -57,8 +56,7 @@ class DataUnavailable(RuntimeError):
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("DEMO_DATA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                / "bert-recsys")
+    return env.DEMO_DATA_CACHE.get()
 
 
 def problems(directory: Path) -> list[str]:
@@ -136,10 +134,10 @@ def resolve(data: Path | None, cache: Path | None = None, url: str | None = None
     cache = cache or default_cache()
     if (cache / NAME).is_dir() and not problems(cache / NAME):
         return cache / NAME
-    allow_download = os.environ.get("DEMO_DOWNLOAD", "1") != "0" if allow_download is None else allow_download
+    allow_download = env.DEMO_DOWNLOAD.get() if allow_download is None else allow_download
     if not allow_download:
         raise DataUnavailable(f"no MovieLens data at {settings.MOVIELENS_DIR} or in {cache}, and DEMO_DOWNLOAD=0; {HOW}")
-    return fetch(url or os.environ.get("DEMO_DATA_URL", URL), cache)
+    return fetch(url or env.DEMO_DATA_URL.get(), cache)
 
 
 def with_overviews(directory: Path, overviews: Path | None, out_root: Path | None = None) -> Path:
@@ -176,7 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--url", default=None)
     parser.add_argument("--no-download", action="store_true")
-    parser.add_argument("--overviews", default=os.environ.get("OVERVIEWS"),
+    parser.add_argument("--overviews", default=env.OVERVIEWS.get(),
                         help="an overviews.csv to add as rich item text, or 'none' (default: the one beside the checkout)")
     args = parser.parse_args(argv)
     logs.configure()

@@ -7,7 +7,6 @@ tables). Library code only gets loggers; the CLI's `main` calls `configure()` on
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -27,4 +26,6 @@ def configure(level: str | None = None) -> None:
     handler.setFormatter(logging.Formatter(FORMAT))
     handler._project = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel((level or os.environ.get("LOG_LEVEL", "INFO")).upper())
+    from bert_recsys import env
+
+    root.setLevel((level or env.LOG_LEVEL.get()).upper())

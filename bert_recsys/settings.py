@@ -1,35 +1,41 @@
 """The one source of truth shared by export, model_repository, server and client.
 
+Environment variables are read when asked, through the registry in bert_recsys/env.py.
+
 Nothing here is learned from a model: what a model *is* (embedding dim, max length, pooling) is written by
 `export` into each variant's manifest, and the repository renderer reads it from there. What lives here is
 what we *choose*: names of models and tensors, batching, instance counts, ports and paths.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bert_recsys import env
+
 # bert_recsys/settings.py: the checkout is two levels up (in site-packages, that is site-packages itself).
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# In a checkout, build/ beside the code; installed as a package (pip install .), build/ in the working directory.
-BUILD_DIR = Path(os.environ.get("BUILD_DIR") or
-                 (REPO_ROOT / "build" if (REPO_ROOT / "Makefile").exists() else Path.cwd() / "build"))
-EXPORT_DIR = BUILD_DIR / "export"
-# The recommendation encoder's export (training.finetune, then export): served as the "rec" family when present.
-REC_EXPORT_DIR = BUILD_DIR / "export-rec"
-MODEL_REPOSITORY_DIR = BUILD_DIR / "model_repository"
-# Experiment events (client/experiments): impressions, clicks, conversions, in SQLite.
-EXPERIMENTS_DB = BUILD_DIR / "experiments" / "events.sqlite"
 # Locust lives in its own venv (`make loadtest-venv`): its geventhttpclient pins conflict with the main one.
 LOADTEST_PYTHON = REPO_ROOT / ".venv-loadtest" / "bin" / "python"
-# Real data beside the checkout (tests and benchmarks only; nothing here is shipped).
-SHARED_DATA_DIR = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-STSB_DEV = SHARED_DATA_DIR / "stsbenchmark-train-dev" / "sts-dev.csv"
-MOVIELENS_DIR = SHARED_DATA_DIR / "movielens-latest-small"
-# TMDB overviews, taglines and keywords for ml-latest-small (rich item text; demo_data links them in).
-MOVIE_OVERVIEWS = SHARED_DATA_DIR / "movie-overviews-latest-small" / "overviews.csv"
-SCIFACT_TRAIN = SHARED_DATA_DIR / "scifact-train"
+
+# Paths, read from the environment when asked (module attributes computed on access, below): BUILD_DIR (build/ in
+# a checkout, ./build where installed) and what lives in it; SHARED_DATA_DIR and the data sets in it (tests,
+# benchmarks and the evaluation only; nothing there is shipped).
+PATHS = {
+    "BUILD_DIR": lambda: env.BUILD_DIR.get(),
+    "EXPORT_DIR": lambda: env.BUILD_DIR.get() / "export",
+    # The recommendation encoder's export (training.finetune, then export): served as the "rec" family when present.
+    "REC_EXPORT_DIR": lambda: env.BUILD_DIR.get() / "export-rec",
+    "MODEL_REPOSITORY_DIR": lambda: env.BUILD_DIR.get() / "model_repository",
+    # Experiment events (client/experiments): impressions, clicks, conversions, in SQLite.
+    "EXPERIMENTS_DB": lambda: env.BUILD_DIR.get() / "experiments" / "events.sqlite",
+    "SHARED_DATA_DIR": lambda: env.SHARED_DATA_DIR.get(),
+    "STSB_DEV": lambda: env.SHARED_DATA_DIR.get() / "stsbenchmark-train-dev" / "sts-dev.csv",
+    "MOVIELENS_DIR": lambda: env.SHARED_DATA_DIR.get() / "movielens-latest-small",
+    # TMDB overviews, taglines and keywords for ml-latest-small (rich item text; demo_data links them in).
+    "MOVIE_OVERVIEWS": lambda: env.SHARED_DATA_DIR.get() / "movie-overviews-latest-small" / "overviews.csv",
+    "SCIFACT_TRAIN": lambda: env.SHARED_DATA_DIR.get() / "scifact-train",
+}
 
 
 def default_model_dir() -> Path:
@@ -128,7 +134,7 @@ class InstanceSettings:
     # Two: tokenization is cheap, and with one instance Triton 2.51's queue policy stalls accepted requests
     # for ~0.5 s once it starts rejecting (measured here; see the README's backpressure section).
     # TOKENIZER_INSTANCES: more on a GPU machine, where one Python tokenizer instance binds long before the encoder.
-    tokenizer: int = int(os.environ.get("TOKENIZER_INSTANCES", 2))
+    tokenizer: int = field(default_factory=env.TOKENIZER_INSTANCES.get)
     encoder: int = 1
     similarity: int = 1
     # ONNX Runtime threads per encoder instance (embedded runtime); 0 = ORT's default (all cores).
@@ -137,12 +143,12 @@ class InstanceSettings:
     # ONNX Runtime's intra-op threads spin-wait for work after each run (its default): fastest when the encoder
     # has the cores to itself, costly when the tokenizer, Triton and the client share a few (measured by
     # `make bench-trace`).
-    encoder_intra_op_spinning: bool = os.environ.get("ENCODER_INTRA_OP_SPINNING", "true").lower() not in ("0", "false", "no")
+    encoder_intra_op_spinning: bool = field(default_factory=env.ENCODER_INTRA_OP_SPINNING.get)
     # Where the torch runtime's encoder runs (ENCODER_DEVICE): "gpu" (a KIND_GPU instance group, one instance
     # per GPU and count), "cpu", or "auto" = gpu when torch sees CUDA where the repository is rendered.
-    encoder_device: str = os.environ.get("ENCODER_DEVICE", "auto")
+    encoder_device: str = field(default_factory=env.ENCODER_DEVICE.get)
     # The torch runtime on CUDA replays one CUDA graph per (batch, sequence) bucket; "false" runs eagerly.
-    cuda_graphs: bool = os.environ.get("ENCODER_CUDA_GRAPHS", "true").lower() not in ("0", "false", "no")
+    cuda_graphs: bool = field(default_factory=env.ENCODER_CUDA_GRAPHS.get)
 
     def __post_init__(self):
         if self.encoder_device not in ("auto", "gpu", "cpu"):
@@ -155,12 +161,12 @@ class InstanceSettings:
 class ServerSettings:
     """tritonserver endpoints. Loopback by default: nothing is exposed unless asked for."""
 
-    host: str = os.environ.get("TRITON_HOST", "127.0.0.1")
-    http_port: int = int(os.environ.get("TRITON_HTTP_PORT", 8000))
-    grpc_port: int = int(os.environ.get("TRITON_GRPC_PORT", 8001))
-    metrics_port: int = int(os.environ.get("TRITON_METRICS_PORT", 8002))
+    host: str = field(default_factory=env.TRITON_HOST.get)
+    http_port: int = field(default_factory=env.TRITON_HTTP_PORT.get)
+    grpc_port: int = field(default_factory=env.TRITON_GRPC_PORT.get)
+    metrics_port: int = field(default_factory=env.TRITON_METRICS_PORT.get)
     # Key that guards the model-control and repository APIs (Triton's --http/grpc-restricted-api).
-    admin_key: str = os.environ.get("TRITON_ADMIN_KEY", "")
+    admin_key: str = field(default_factory=env.TRITON_ADMIN_KEY.get)
     admin_header: str = "triton-admin-key"
 
     @property
@@ -189,4 +195,16 @@ class Settings:
         return replace(self, models=ModelNames.for_family(family))
 
 
-SETTINGS = Settings()
+def __getattr__(name: str):
+    """SETTINGS and the paths, read from the environment each time they are asked for: importing this module
+    never reads the environment, and a settings object made later sees a changed one. A bad value raises
+    env.SettingsError, naming the variable, in the command that asked."""
+    if name == "SETTINGS":
+        return Settings()
+    if name in PATHS:
+        return PATHS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), "SETTINGS", *PATHS])

@@ -1,44 +1,12 @@
-"""The gateway's settings, and the one registry of the environment variables it reads.
-
-    GATEWAY_HOST=127.0.0.1         bind address (loopback unless asked)
-    GATEWAY_PORT=8080
-    GATEWAY_API_KEYS=k1,k2         plaintext keys, hashed at start (used when no key file is given)
-    GATEWAY_KEY_FILE=path          one "name:sha256-hex" per line (keys are never stored in the clear)
-    GATEWAY_RATE_RPS=20            per key: requests per second (token bucket)
-    GATEWAY_RATE_TEXTS_PER_S=500   per key: texts per second
-    GATEWAY_BURST_S=2              bucket depth, in seconds of the rate
-    GATEWAY_MAX_BODY_BYTES=2000000
-    GATEWAY_MAX_INPUTS=1000        texts per request (at most what one key's text bucket holds)
-    GATEWAY_DRAIN_S=10             on SIGTERM: stop accepting, and give in-flight requests this long to finish
-    GATEWAY_CANARY_SHARE=0.1       the share of /v1/embeddings calls sent to a canary encoder version while a rollout
-                                   has one loaded (0: none); a call the canary fails is served by the stable version
-    GATEWAY_TRITON_URL=host:port   Triton's gRPC endpoint (default: settings.ServerSettings)
-    GATEWAY_TRITON_HTTP_URL=host:port  Triton's HTTP endpoint, for /v1/embeddings when GATEWAY_EMBED_PROTOCOL=http
-                                   (default: settings.ServerSettings)
-    GATEWAY_EMBED_PROTOCOL=http    how /v1/embeddings reaches Triton: http (keep-alive connections on the event
-                                   loop, client/kserve_http.py) or grpc (tritonclient.grpc.aio); `make
-                                   bench-gateway` measures both on the machine at hand
-    GATEWAY_TOKENIZER_FILE=path    the served tokenizer.json, for usage.prompt_tokens (default: the local repository's)
-    GATEWAY_DATA=dir               a catalog directory (MovieLens, or items.csv + interactions.csv): enables the
-                                   recommendation routes and POST /v1/items
-    GATEWAY_INDEX_STORE=dir        the catalog IndexStore (default build/catalog_index): built through `embed`
-                                   when empty; a rollout with --index-store switches it and the gateway follows
-    GATEWAY_EVENTS_DB=path         the experiment event store, SQLite (default build/experiments/events.sqlite;
-                                   "off": no /v1/events)
-    GATEWAY_EXPERIMENT=file.json   an experiment (client/experiments/design.py): recommendations are served by
-                                   the user's arm and carry it; registered in the event store at start
+"""The gateway's settings, read from the GATEWAY_* environment variables of the one registry (bert_recsys/env.py,
+docs/environment.md) when the gateway starts: never at import.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bert_recsys import settings
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+from bert_recsys import env, settings
 
 
 @dataclass(frozen=True)
@@ -56,11 +24,11 @@ class GatewaySettings:
     triton_http_url: str | None = None  # None: the http_url of the TritonClient's settings
     embed_protocol: str = "http"
     # The served tokenizer, for `usage.prompt_tokens` (the same tokenizer.json the `tokenizer` model loads).
-    tokenizer_file: Path = settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"
-    model: str = settings.SETTINGS.models.embed
+    tokenizer_file: Path = field(default_factory=lambda: default_tokenizer_file())
+    model: str = field(default_factory=lambda: settings.Settings().models.embed)
     data_dir: Path | None = None
-    index_store: Path = settings.BUILD_DIR / "catalog_index"
-    events_db: Path | None = settings.EXPERIMENTS_DB
+    index_store: Path = field(default_factory=lambda: settings.BUILD_DIR / "catalog_index")
+    events_db: Path | None = field(default_factory=lambda: settings.EXPERIMENTS_DB)
     experiment_file: Path | None = None
     drain_s: float = 10.0
     canary_share: float = 0.1
@@ -81,25 +49,29 @@ class GatewaySettings:
 
     @classmethod
     def from_env(cls, **overrides) -> "GatewaySettings":
-        keys = tuple(k.strip() for k in _env("GATEWAY_API_KEYS", "").split(",") if k.strip())
-        key_file = _env("GATEWAY_KEY_FILE", "")
+        """From the environment (GATEWAY_*), then `overrides`. A bad value raises env.SettingsError naming it."""
+        keys = tuple(k.strip() for k in env.GATEWAY_API_KEYS.get().split(",") if k.strip())
+        events = env.GATEWAY_EVENTS_DB.get()
         values = dict(
-            host=_env("GATEWAY_HOST", "127.0.0.1"), port=int(_env("GATEWAY_PORT", "8080")), api_keys=keys,
-            key_file=Path(key_file) if key_file else None,
-            rate_rps=float(_env("GATEWAY_RATE_RPS", "20")), rate_texts_per_s=float(_env("GATEWAY_RATE_TEXTS_PER_S", "500")),
-            burst_s=float(_env("GATEWAY_BURST_S", "2")), max_body_bytes=int(_env("GATEWAY_MAX_BODY_BYTES", "2000000")),
-            max_inputs=int(_env("GATEWAY_MAX_INPUTS", "1000")),
-            triton_url=_env("GATEWAY_TRITON_URL", settings.SETTINGS.server.grpc_url),
-            triton_http_url=_env("GATEWAY_TRITON_HTTP_URL", "") or None,
-            embed_protocol=_env("GATEWAY_EMBED_PROTOCOL", "http"),
-            tokenizer_file=Path(_env("GATEWAY_TOKENIZER_FILE", str(settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"))),
-            data_dir=Path(_env("GATEWAY_DATA", "")) if _env("GATEWAY_DATA", "") else None,
-            index_store=Path(_env("GATEWAY_INDEX_STORE", str(settings.BUILD_DIR / "catalog_index"))),
-            events_db=None if _env("GATEWAY_EVENTS_DB", "") == "off" else
-            Path(_env("GATEWAY_EVENTS_DB", str(settings.EXPERIMENTS_DB))),
-            experiment_file=Path(_env("GATEWAY_EXPERIMENT", "")) if _env("GATEWAY_EXPERIMENT", "") else None,
-            drain_s=float(_env("GATEWAY_DRAIN_S", "10")),
-            canary_share=float(_env("GATEWAY_CANARY_SHARE", "0.1")),
+            host=env.GATEWAY_HOST.get(), port=env.GATEWAY_PORT.get(), api_keys=keys, key_file=env.GATEWAY_KEY_FILE.get(),
+            rate_rps=env.GATEWAY_RATE_RPS.get(), rate_texts_per_s=env.GATEWAY_RATE_TEXTS_PER_S.get(),
+            burst_s=env.GATEWAY_BURST_S.get(), max_body_bytes=env.GATEWAY_MAX_BODY_BYTES.get(),
+            max_inputs=env.GATEWAY_MAX_INPUTS.get(),
+            triton_url=env.GATEWAY_TRITON_URL.get() or settings.SETTINGS.server.grpc_url,
+            triton_http_url=env.GATEWAY_TRITON_HTTP_URL.get() or None,
+            embed_protocol=env.GATEWAY_EMBED_PROTOCOL.get(),
+            tokenizer_file=env.GATEWAY_TOKENIZER_FILE.get() or default_tokenizer_file(),
+            data_dir=env.GATEWAY_DATA.get(),
+            index_store=env.GATEWAY_INDEX_STORE.get() or settings.BUILD_DIR / "catalog_index",
+            events_db=None if (events or "").strip() == "off" else Path(events) if events else settings.EXPERIMENTS_DB,
+            experiment_file=env.GATEWAY_EXPERIMENT.get(),
+            drain_s=env.GATEWAY_DRAIN_S.get(),
+            canary_share=env.GATEWAY_CANARY_SHARE.get(),
         )
         values.update(overrides)
         return cls(**values)
+
+
+def default_tokenizer_file() -> Path:
+    """The tokenizer.json the local repository's `tokenizer` model loads."""
+    return settings.MODEL_REPOSITORY_DIR / "tokenizer" / "1" / "tokenizer.json"

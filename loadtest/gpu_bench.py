@@ -412,7 +412,10 @@ def run(args) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the server's encoder gets the GPU's memory
     points = [(8, 2)] if smoke else [(32, 16), (32, 64), (64, 64), (128, 32)]
-    perf_analyzer = Path(args.perf_analyzer) if args.perf_analyzer else None
+    from bert_recsys import env
+
+    chosen = args.perf_analyzer or env.PERF_ANALYZER.get() or shutil.which("perf_analyzer")
+    perf_analyzer = Path(chosen) if chosen else None
     results.section("served", lambda: served_section(bundle, out, perf_analyzer, points, 1.0 if smoke else 5.0, texts,
                                                      args.stub_pythonpath))
     model = torch_bert.load(weights, device, None if device.type == "cuda" else torch.float32)
@@ -523,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     r = commands.add_parser("run", help="measure (on the GPU machine)")
     r.add_argument("--bundle", type=Path, default=BUNDLE)
     r.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "gpu")
-    r.add_argument("--perf-analyzer", default=os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer"),
+    r.add_argument("--perf-analyzer", default=None,
                    help="the binary (default: $PERF_ANALYZER, then PATH, then beside this Python)")
     r.add_argument("--stub-pythonpath", default="", help="put first on the Triton stubs' path (numpy<2)")
     r.add_argument("--smoke", action="store_true", help="tiny sizes; allowed on a CPU")

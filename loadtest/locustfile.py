@@ -29,26 +29,26 @@ import urllib.request  # noqa: E402
 import numpy as np  # noqa: E402
 from locust import FastHttpUser, LoadTestShape, User, constant, events, task  # noqa: E402
 
-from bert_recsys import settings  # noqa: E402
+from bert_recsys import env, settings  # noqa: E402
 from bert_recsys.client.errors import Kind, classify, status_code  # noqa: E402
 from bert_recsys.client.triton import ServingView  # noqa: E402
 from loadtest.workload import Workload  # noqa: E402
 
-PROTOCOL = os.environ.get("LOADTEST_PROTOCOL", "http")
-GRPC_URL = os.environ.get("LOADTEST_GRPC_URL", settings.SETTINGS.server.grpc_url)
-WEIGHTS = {name: int(weight) for name, weight in
-           (item.split(":") for item in os.environ.get("LOADTEST_TASKS", "embed:6,score:3,recommend:1").split(","))}
+# Locust imports this file as its command: the LOADTEST_* variables (bert_recsys/env.py) are read here.
+PROTOCOL = env.LOADTEST_PROTOCOL.get()
+GRPC_URL = env.LOADTEST_GRPC_URL.get() or settings.SETTINGS.server.grpc_url
+WEIGHTS = {name: int(weight) for name, weight in (item.split(":") for item in env.LOADTEST_TASKS.get().split(","))}
 # A rejected request (HTTP 503 / gRPC UNAVAILABLE: Triton's queue policy shedding load) makes the simulated
 # client back off like client.triton.RetryPolicy does, instead of hammering an overloaded server.
-REJECTED_BACKOFF_S = float(os.environ.get("LOADTEST_REJECTED_BACKOFF_S", "0.05"))
-CANARY_SHARE = float(os.environ.get("LOADTEST_CANARY_SHARE", "0"))
-THINK_S = float(os.environ.get("LOADTEST_THINK_MS", "0")) / 1000  # pause between a user's calls (0: closed loop)
+REJECTED_BACKOFF_S = env.LOADTEST_REJECTED_BACKOFF_S.get()
+CANARY_SHARE = env.LOADTEST_CANARY_SHARE.get()
+THINK_S = env.LOADTEST_THINK_MS.get() / 1000  # pause between a user's calls (0: closed loop)
 CANARY_VIEW_TTL_S = 2.0
 T = settings.SETTINGS.tensors
 M = settings.SETTINGS.models
 # Through the gateway, recommendations are computed by the gateway, not in this process.
 WORKLOAD = Workload.load(with_recommender=PROTOCOL != "gateway" and WEIGHTS.get("recommend", 0) > 0, grpc_url=GRPC_URL)
-GATEWAY_KEY = os.environ.get("LOADTEST_GATEWAY_KEY") or os.environ.get("GATEWAY_API_KEYS", "").split(",")[0].strip()
+GATEWAY_KEY = env.LOADTEST_GATEWAY_KEY.get() or env.GATEWAY_API_KEYS.get().split(",")[0].strip()
 GATEWAY_USERS = 610  # MovieLens latest-small's user ids run 1..610; others get the cold-start list
 
 
@@ -237,12 +237,12 @@ class GatewayUser(FastHttpUser):
 class StepLoad(LoadTestShape):
     """LOADTEST_STEP=users,seconds,max: add `users` every `seconds` until `max`, hold one more step, stop."""
 
-    abstract = "LOADTEST_STEP" not in os.environ
+    abstract = not env.LOADTEST_STEP.is_set()
 
     def __init__(self):
         super().__init__()
-        if "LOADTEST_STEP" in os.environ:
-            self.step_users, self.step_seconds, self.max_users = (int(x) for x in os.environ["LOADTEST_STEP"].split(","))
+        if env.LOADTEST_STEP.is_set():
+            self.step_users, self.step_seconds, self.max_users = (int(x) for x in env.LOADTEST_STEP.get().split(","))
 
     def tick(self):
         run_time = self.get_run_time()

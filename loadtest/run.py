@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bert_recsys import settings
+from bert_recsys import env, settings
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -28,7 +28,7 @@ def locust_command(args, out: Path) -> list[str]:
     s = settings.SETTINGS.server
     host = args.host or s.host
     if args.protocol == "gateway":
-        target = args.gateway_url
+        target = args.gateway_url or f"http://127.0.0.1:{env.GATEWAY_PORT.get()}"
     elif args.protocol == "http":
         target = f"http://{host}:{args.http_port or s.http_port}"
     else:
@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--grpc-port", type=int, default=None)
     parser.add_argument("--protocol", choices=("http", "grpc", "gateway"), default="http",
                         help="gateway: drive the HTTP gateway (gateway/) at --gateway-url with LOADTEST_GATEWAY_KEY")
-    parser.add_argument("--gateway-url", default=f"http://127.0.0.1:{os.environ.get('GATEWAY_PORT', '8080')}")
+    parser.add_argument("--gateway-url", default=None,
+                        help="the gateway's URL (default: http://127.0.0.1:GATEWAY_PORT)")
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--spawn-rate", type=float, default=4)
     parser.add_argument("--duration", type=int, default=30, help="seconds (ignored with --step)")

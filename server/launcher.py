@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bert_recsys import logs
@@ -37,7 +37,6 @@ from bert_recsys.server.supervisor import ModelSupervisor
 from bert_recsys.settings import ServerSettings
 
 log = logs.get("server")
-RUN_DIR = settings.BUILD_DIR / "run"
 
 # Model load/unload, shared-memory registration, tracing and log settings need the key. Health,
 # metadata, config (it carries the export manifest), statistics and inference stay open.
@@ -125,8 +124,9 @@ def install_no_pycache_hook() -> Path:
     return hook
 
 
-def prepare_backends(target: Path = settings.BUILD_DIR / "triton_backends") -> Path:
+def prepare_backends(target: Path | None = None) -> Path:
     """A backend directory whose python/ holds the wheel's backend plus the stub for this interpreter."""
+    target = Path(target) if target is not None else settings.BUILD_DIR / "triton_backends"
     root = pytriton_root()
     python_dir = target / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
@@ -152,12 +152,12 @@ class TritonServer:
     """`with TritonServer(repo) as server:` starts tritonserver, waits until ready, and stops it on exit."""
 
     repository: Path
-    server: ServerSettings = settings.SETTINGS.server
+    server: ServerSettings = field(default_factory=ServerSettings)
     log_file: Path | None = None
     startup_timeout_s: float = 180.0
     extra_args: tuple[str, ...] = ()
     supervise: bool = True        # reload a model whose stub died (server/supervisor.py)
-    run_dir: Path = RUN_DIR
+    run_dir: Path = field(default_factory=lambda: settings.BUILD_DIR / "run")
     # Directories put first on the Python stubs' path (e.g. a numpy<2 for stubs on a numpy 2 machine).
     stub_pythonpath: tuple[str, ...] = ()
 

@@ -31,7 +31,6 @@ from bert_recsys.contracts.runtime import Runtime
 from bert_recsys.training.finetune import Recipe, data_files, finetune, read_lineage
 
 log = logs.get("training")
-WORK = settings.BUILD_DIR / "evaluate"
 
 
 def split_dir(split: str) -> str:
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=Recipe().steps, help="fine-tuning steps (the recipe's default)")
     parser.add_argument("--protocols", default="warm,cold,temporal")
     parser.add_argument("--max-users", type=int, default=None)
-    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--work", type=Path, default=settings.BUILD_DIR / "evaluate")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports")
     args = parser.parse_args(argv)
     logs.configure()

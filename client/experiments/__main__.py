@@ -31,8 +31,6 @@ from bert_recsys.client.recommend import Recommender
 from bert_recsys.client.triton import TritonClient
 
 log = logs.get("client")
-DEFAULT_DB = settings.EXPERIMENTS_DB
-DEFAULT_OUT = settings.BUILD_DIR / "reports" / "experiments"
 
 
 def first_categories(data_dir: Path) -> dict[int, str]:
@@ -136,13 +134,13 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("register", help="record an experiment's definition (JSON) in the event store")
     p.add_argument("file", type=Path)
-    p.add_argument("--db", type=Path, default=DEFAULT_DB)
+    p.add_argument("--db", type=Path, default=settings.EXPERIMENTS_DB)
     p.set_defaults(run=cmd_register)
     p = sub.add_parser("report", help="per-arm metrics, comparisons and plots for an experiment")
     p.add_argument("name")
-    p.add_argument("--db", type=Path, default=DEFAULT_DB)
+    p.add_argument("--db", type=Path, default=settings.EXPERIMENTS_DB)
     p.add_argument("--data", type=Path, default=None, help="MovieLens-format dir: adds the category mix")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "experiments")
     p.add_argument("--format", choices=("md", "json"), default="md")
     p.set_defaults(run=cmd_report)
     p = sub.add_parser("simulate", help="A/A, injected lift and real arms on replayed MovieLens behaviour")
@@ -155,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=10, help="list length")
     p.add_argument("--real-visitors", type=int, default=30000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "experiments")
     p.set_defaults(run=cmd_simulate)
     args = parser.parse_args(argv)
     logs.configure()

@@ -15,17 +15,18 @@ from bert_recsys import settings
 ROOT = settings.REPO_ROOT
 PACKAGE = "bert_recsys"
 # Rooms of the one package (bert_recsys.<room>) and the unshipped areas beside it, by layer:
-# settings <- export / model_repository / server <- client <- rollout, gateway, demo_data <- training, demo <- cli, loadtest
-LAYERS = {"settings": 0, "logs": 0, "contracts": 0, "encoders": 0, "export": 1, "model_repository": 1, "server": 1, "client": 2,
-          "rollout": 3, "gateway": 3, "demo_data": 3, "training": 4, "demo": 4, "cli": 5, "loadtest": 5}
+# env <- settings <- export / model_repository / server <- client <- rollout, gateway, demo_data <- training, demo <- cli, loadtest
+LAYERS = {"env": 0, "settings": 1, "logs": 1, "contracts": 1, "encoders": 1, "export": 2, "model_repository": 2,
+          "server": 2, "client": 3, "rollout": 4, "gateway": 4, "demo_data": 4, "training": 5, "demo": 5, "cli": 6, "loadtest":
+          6}
 # Where each room's files are in the checkout (pyproject.toml maps the folders to subpackages).
-FOLDERS = {"settings": "bert_recsys/settings.py", "logs": "bert_recsys/logs.py", "demo": "bert_recsys/demo.py",
+FOLDERS = {"env": "bert_recsys/env.py", "settings": "bert_recsys/settings.py", "logs": "bert_recsys/logs.py", "demo": "bert_recsys/demo.py",
            "demo_data": "bert_recsys/demo_data.py", "cli": "bert_recsys/cli.py"}
 # The client is what other services install: it must not pull in the export (torch) or the server side.
 CLIENT_MUST_NOT_IMPORT = {"export", "model_repository", "server", "torch", "transformers", "onnx", "onnxruntime"}
 # The names the rooms were once imported by: nothing imports them any more (a second copy of a module, and a
 # name another distribution could take).
-OLD_TOP_LEVEL = set(LAYERS) - {"loadtest", "cli"}
+OLD_TOP_LEVEL = set(LAYERS) - {"loadtest", "cli", "env"}
 
 
 def sources(package: str):

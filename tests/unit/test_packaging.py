@@ -78,6 +78,12 @@ def test_pip_install_in_a_fresh_venv_gives_a_working_client_without_torch(wheel,
     listed = subprocess.run([str(venv / "bin" / "bert-recsys"), "--help"], capture_output=True, text=True, timeout=120,
                             cwd=tmp_path)
     assert listed.returncode == 0 and all(f" {name} " in listed.stdout for name in ("export", "serve", "demo", "bench")), listed.stdout
+    # Installed defaults point at the working directory, never into a checkout or site-packages.
+    where = subprocess.run([str(venv / "bin" / "bert-recsys"), "env"], capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    values = {line.split()[0]: line.split()[1] for line in where.stdout.splitlines() if len(line.split()) > 2}
+    assert values["BUILD_DIR"] == str(tmp_path / "build"), where.stdout
+    assert values["SHARED_DATA_DIR"] == str(tmp_path / "shared" / "data"), where.stdout
     # From site-packages, with no checkout: the bench area is not shipped, and the command says so.
     bench = subprocess.run([str(venv / "bin" / "bert-recsys"), "bench", "serving"], capture_output=True, text=True,
                            timeout=120, cwd=tmp_path)
