@@ -117,6 +117,36 @@ class ServedRepositories:
 
 
 @pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    """The project's wheel, built from a copy of the sources (setuptools writes build/ and *.egg-info beside them)
+    with this venv's setuptools (no download): nothing is written into the checkout."""
+    import shutil
+    import subprocess
+
+    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "project"
+    shutil.copytree(settings.REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "__pycache__", "*.egg-info", ".pytest_cache"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(out), str(source)], capture_output=True, text=True, timeout=300, cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (built,) = out.glob("*.whl")
+    return built
+
+
+@pytest.fixture(scope="session")
+def installed(wheel, tmp_path_factory) -> Path:
+    """A fresh venv (no checkout on its path) with `pip install 'wheel[rollout]'`, as a user would: -> the venv."""
+    import subprocess
+
+    venv = tmp_path_factory.mktemp("installed") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[rollout]"],
+                            capture_output=True, text=True, timeout=900, cwd=venv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return venv
+
+
+@pytest.fixture(scope="session")
 def triton(export_dir, tmp_path_factory):
     served = ServedRepositories(export_dir, tmp_path_factory.mktemp("repositories"))
     yield served
