@@ -124,7 +124,7 @@ BENCH_PY ?= $(PY)
 GPU_OUT ?= build/reports/gpu
 GPU_BENCH_ARGS ?=
 bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),venv)  ## torch runtime on a GPU: encoder sweep, embed end to end, b1, FP16 gate, sentence-transformers peer -> $(GPU_OUT)
-	$(BENCH_PY) -m loadtest.gpu_bench run --out $(GPU_OUT) $(GPU_BENCH_ARGS)
+	$(BENCH_PY) -m bench.gpu run --out $(GPU_OUT) $(GPU_BENCH_ARGS)
 
 LAYERS ?= 3
 distill: venv                    ## a student keeping LAYERS of the teacher's layers, trained on CPU, exported in every CPU variant + gated vs the teacher -> build/export-student

@@ -44,9 +44,9 @@ def checkout() -> Path:
     from bert_recsys import settings
 
     root = settings.REPO_ROOT
-    if not (root / "loadtest" / "__init__.py").is_file():
+    if not (root / "bench" / "__init__.py").is_file():
         raise CheckoutMissing(
-            f"this command runs the benchmarks in a checkout of the project (loadtest/), which are not shipped; "
+            f"this command runs the benchmarks in a checkout of the project (bench/, loadtest/), which are not shipped; "
             f"{root} is not one: clone the project and install it with `make venv` (pip install -e .)")
     return root
 
@@ -114,12 +114,12 @@ stage(train_app, "finetune", "bert_recsys.training.finetune",
       "fine-tune the recommendation encoder on a catalog's interactions (training part only), with its gate")
 stage(train_app, "select", "bert_recsys.training.select",
       "compare the cold-start settings on the validation split carved from the training part")
-stage(train_app, "distill", "bert_recsys.export.distill",
+stage(train_app, "distill", "bert_recsys.training.distill",
       "distill a smaller student keeping some of the teacher's layers")
 
 
 class Bench(str, Enum):
-    """The benchmarks: each is a module of the checkout (or of the package, for the export's own)."""
+    """The benchmarks: each is a module of the checkout's bench area (bench/), or Locust's runner (loadtest/)."""
 
     export = "export"
     ceiling = "ceiling"
@@ -136,20 +136,20 @@ class Bench(str, Enum):
     loadtest = "loadtest"
 
 
-# name: (module, in the checkout's bench area, help)
+# name: (module of the checkout's bench area or Locust's loadtest/, whether it runs from the checkout, help)
 BENCHES = {
-    Bench.export: ("bert_recsys.export.bench", False, "the bare encoder: PyTorch FP32 against every exported variant"),
-    Bench.ceiling: ("bert_recsys.export.ceiling", False, "the most INT8 can speed the encoder up on this CPU"),
-    Bench.serving: ("loadtest.serving_bench", True, "perf_analyzer: embed and encoder through Triton against the bare encoder"),
-    Bench.peers: ("loadtest.peers", True, "the peers users pick, each in its own venv, beside our variants, embed and the gateway"),
-    Bench.trace: ("loadtest.trace_breakdown", True, "embed b1 broken into steps by Triton's trace API"),
-    Bench.gateway: ("loadtest.gateway_bench", True, "the HTTP gateway against direct gRPC embed"),
-    Bench.rollout: ("loadtest.rollout_bench", True, "three rollouts under Locust users"),
-    Bench.gpu: ("loadtest.gpu_bench", True, "the torch runtime on a GPU: pack here, run on the device"),
-    Bench.ann: ("loadtest.ann_bench", True, "the ANN index at catalog scale"),
-    Bench.soak: ("loadtest.soak", True, "steady load: RSS of tritonserver and its stubs over time"),
-    Bench.report: ("loadtest.report", True, "every benchmark in one report with plots"),
-    Bench.crosscheck: ("loadtest.crosscheck", True, "perf_analyzer and Locust on the same load"),
+    Bench.export: ("bench.export", True, "the bare encoder: PyTorch FP32 against every exported variant"),
+    Bench.ceiling: ("bench.ceiling", True, "the most INT8 can speed the encoder up on this CPU"),
+    Bench.serving: ("bench.serving", True, "perf_analyzer: embed and encoder through Triton against the bare encoder"),
+    Bench.peers: ("bench.peers", True, "the peers users pick, each in its own venv, beside our variants, embed and the gateway"),
+    Bench.trace: ("bench.trace", True, "embed b1 broken into steps by Triton's trace API"),
+    Bench.gateway: ("bench.gateway", True, "the HTTP gateway against direct gRPC embed"),
+    Bench.rollout: ("bench.rollout", True, "three rollouts under Locust users"),
+    Bench.gpu: ("bench.gpu", True, "the torch runtime on a GPU: pack here, run on the device"),
+    Bench.ann: ("bench.ann", True, "the ANN index at catalog scale"),
+    Bench.soak: ("bench.soak", True, "steady load: RSS of tritonserver and its stubs over time"),
+    Bench.report: ("bench.report", True, "every benchmark in one report with plots"),
+    Bench.crosscheck: ("bench.crosscheck", True, "perf_analyzer and Locust on the same load"),
     Bench.loadtest: ("loadtest.run", True, "Locust headless against a running server, with SLOs"),
 }
 for bench, (module, in_checkout, text) in BENCHES.items():
@@ -174,7 +174,7 @@ def tune(ctx: typer.Context):
         if variant:
             print(variant)
         raise typer.Exit(0)
-    raise typer.Exit(run_checkout("loadtest.tune", ctx.args))
+    raise typer.Exit(run_checkout("bench.tune", ctx.args))
 
 
 @app.command("demo", context_settings=FORWARD, add_help_option=False)

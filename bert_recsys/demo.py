@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bert_recsys import settings
-from bert_recsys.server.launcher import ServerError, TritonServer, free_port
+from bert_recsys.server.launcher import ServerError, TritonServer, free_port, on_free_ports
 
 
 def gateway_call(server_settings) -> None:
@@ -87,8 +87,7 @@ def main(argv=None) -> int:
             return code
     from bert_recsys.client.demo_flow import run_demo
 
-    server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
+    server_settings = on_free_ports(settings.SETTINGS.server)
     started = time.perf_counter()
     try:
         with TritonServer(args.repository, server_settings, log_file=settings.BUILD_DIR / "demo_triton.log"):

@@ -23,7 +23,7 @@ from bert_recsys.client.item_text import DEFAULT_TEMPLATE, TextTemplate
 from bert_recsys.client.item_text import template as text_template
 from bert_recsys.contracts.digest import file_sha256
 
-FLAT_LIMIT = 50_000  # exact search up to here; IVF above (measured: loadtest/ann_bench.py)
+FLAT_LIMIT = 50_000  # exact search up to here; IVF above (measured: bench/ann.py)
 
 
 class EncoderMismatch(RuntimeError):

@@ -32,7 +32,7 @@ from bert_recsys.contracts.manifest import (SCHEMA_VERSION, Artifact, ArtifactFi
                                 artifact_problems)
 from bert_recsys.export import onnx_export, openvino_variant, torch_variant
 from bert_recsys.export.calibration import calibration_batches, read_calibration_texts
-from bert_recsys.export.distill import SOURCES, in_domain_sha256, read_lineage, read_texts
+from bert_recsys.export.lineage import SOURCES, in_domain_sha256, read_lineage, read_texts
 from bert_recsys.export.gate import DEFAULT_THRESHOLDS, GATE_VERSION, TEACHER_SPEARMAN_RATIO, Reference, Thresholds, evaluate
 from bert_recsys.export.runners import OrtRunner, TorchRunner, embed_texts
 from bert_recsys.export.source import SourceModel, load_source

@@ -214,7 +214,7 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
             raise http_error(error) from None
 
     # `embed` is awaited on the event loop (HTTP or gRPC asyncio, config.embed_protocol): no worker thread per
-    # request (measured in loadtest/gateway_bench.py). The other routes call the synchronous gRPC client from
+    # request (measured in bench/gateway.py). The other routes call the synchronous gRPC client from
     # FastAPI's thread pool.
     if embedder is None:
         if client.protocol != "grpc":

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from bert_recsys import settings
-from bert_recsys.export.distill import SOURCES, choose_layers, kept_layers, read_texts
+from bert_recsys.export.lineage import SOURCES, read_texts
+from bert_recsys.training.distill import choose_layers, kept_layers
 
 
 def test_kept_layers_are_evenly_spaced_from_the_first():
@@ -45,7 +46,7 @@ def test_a_distilled_student_trains_then_is_gated_against_its_teacher(export_dir
     if not settings.STSB_DEV.exists():
         pytest.skip("STS-B dev not here")
     student = tmp_path / "student"
-    trained = subprocess.run([sys.executable, "-m", "bert_recsys.export.distill", "--layers", "2", "--max-texts", "240",
+    trained = subprocess.run([sys.executable, "-m", "bert_recsys.training.distill", "--layers", "2", "--max-texts", "240",
                               "--epochs", "2", "--batch", "32", "--max-length", "64", "--probe-texts", "40",
                               "--out", str(student)],
                              cwd=settings.REPO_ROOT, capture_output=True, text=True, timeout=600)

@@ -9,7 +9,7 @@ from bert_recsys import settings
 
 
 def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "loadtest.gpu_bench", *args], cwd=settings.REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "bench.gpu", *args], cwd=settings.REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -319,3 +319,22 @@ def test_the_readmes_first_calls_work_as_written(triton):
     exec(compile(python, "README.md", "exec"), namespace)
     assert namespace["vectors"].shape == (2, 384) and namespace["scores"].shape == (1, 2)
     assert np.allclose(namespace["scores"][0], namespace["vectors"] @ namespace["vectors"][1], atol=1e-4)
+
+
+def test_the_benchmarks_one_serve_variant_renders_serves_on_free_ports_and_stops(export_dir, tmp_path):
+    """bench/served.py: what every benchmark serves through, written once."""
+    from bench.served import serve_variant
+    from bert_recsys.client.triton import TritonClient
+
+    edited = []
+    with serve_variant("onnx-int8", tmp_path, admin_key="bench-key", edit=edited.append) as server:
+        s = server.server
+        assert edited == [tmp_path / "repository"] and (tmp_path / "repository" / "embed").is_dir()
+        assert s.host == "127.0.0.1" and s.admin_key == "bench-key"
+        assert {s.http_port, s.grpc_port, s.metrics_port}.isdisjoint({8000, 8001, 8002})
+        with TritonClient(s.grpc_url, settings=settings.Settings(server=s)) as client:
+            vectors = client.embed(["a heist film", "space opera"])
+        assert vectors.shape == (2, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
+        process = server.process
+    assert process.poll() is not None  # stopped on leaving the block
+    assert (tmp_path / "triton.log").is_file()

@@ -7,7 +7,7 @@ import pytest
 
 from bert_recsys import settings
 from bert_recsys.contracts.machine import cpu_model_and_flags
-from loadtest.perf import STABILITY_LADDER, run_perf_analyzer
+from bench.perf import STABILITY_LADDER, run_perf_analyzer
 
 XEON = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8480+
@@ -60,7 +60,7 @@ def test_perf_analyzer_that_never_answers_names_every_try(tmp_path, monkeypatch)
 def test_spearman_without_scipy_equals_scipys_with_ties():
     from scipy.stats import spearmanr
 
-    from loadtest.gpu_bench import spearman
+    from bench.gpu import spearman
 
     rng = np.random.default_rng(3)
     gold = rng.integers(0, 6, 300).astype(float)  # STS gold scores tie a lot
@@ -92,7 +92,7 @@ def test_trace_breakdown_pairs_each_ensemble_request_with_its_steps_and_the_clie
     """A trace file as Triton 2.51 writes it: a trace's model line and each timestamp in separate objects."""
     import json
 
-    from loadtest.trace_breakdown import breakdown, medians, read_traces
+    from bench.trace import breakdown, medians, read_traces
 
     def stamps(trace_id, **ms):
         return [{"id": trace_id, "timestamps": [{"name": name, "ns": int(value * 1e6)}]} for name, value in ms.items()]
@@ -186,7 +186,7 @@ def _graph_with_gemms():
 
 
 def test_the_ceiling_counts_every_weight_gemm_and_nothing_else():
-    from bert_recsys.export.ceiling import Gemm, weight_gemms
+    from bench.ceiling import Gemm, weight_gemms
 
     assert weight_gemms(_graph_with_gemms()) == [Gemm(4, 8, 2), Gemm(4, 6, 1), Gemm(4, 12, 1)]
 
@@ -196,7 +196,7 @@ def test_the_int8_gemm_timed_computes_the_product_it_stands_for():
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from bert_recsys.export.ceiling import Gemm, gemm_model, time_gemm
+    from bench.ceiling import Gemm, gemm_model, time_gemm
 
     model = gemm_model(16, 24, int8=True)
     weight = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")).astype(np.int64)
@@ -208,7 +208,7 @@ def test_the_int8_gemm_timed_computes_the_product_it_stands_for():
 
 
 def test_the_ceiling_is_the_reference_over_the_rest_plus_int8_gemms():
-    from bert_recsys.export.ceiling import Gemm, GemmTiming, ceiling, goal_verdict
+    from bench.ceiling import Gemm, GemmTiming, ceiling, goal_verdict
 
     timings = [GemmTiming(Gemm(384, 1536, 6), fp32_ms=20.0, int8_ms=10.0),
                GemmTiming(Gemm(384, 384, 12), fp32_ms=5.0, int8_ms=2.0)]
@@ -222,7 +222,7 @@ def test_the_ceiling_is_the_reference_over_the_rest_plus_int8_gemms():
 
 
 def test_op_times_leave_the_warm_up_run_out_and_average_the_rest():
-    from bert_recsys.export.ceiling import op_times
+    from bench.ceiling import op_times
 
     def run(ts, dur):
         return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
@@ -240,7 +240,7 @@ def test_op_times_leave_the_warm_up_run_out_and_average_the_rest():
 
 
 def test_interleaved_timing_takes_turns_after_warming_each_up():
-    from bert_recsys.export.bench import time_interleaved
+    from bench.timing import time_interleaved
 
     order = []
     times = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3, per_round=2,

@@ -34,7 +34,7 @@ def test_help_lists_every_subcommand_and_python_m_is_the_same():
 @pytest.mark.parametrize("argv", [["export"], ["repository"], ["serve"], ["gateway"], ["rollout"], ["experiments"],
                                   ["data"], ["demo"], ["evaluate", "server"], ["evaluate", "full"],
                                   ["train", "finetune"], ["train", "select"], ["train", "distill"],
-                                  ["bench", "export"], ["bench", "ceiling"]])
+                                  ["env"]])
 def test_each_stage_answers_help_with_its_own_options(argv, capsys):
     assert cli.main([*argv, "--help"]) == 0
     usage = capsys.readouterr().out
@@ -48,9 +48,10 @@ def test_every_bench_names_a_module_with_a_main():
         if spec.submodule_search_locations:  # python -m package runs package.__main__
             spec = importlib.util.find_spec(module + ".__main__")
         assert "main(" in Path(spec.origin).read_text(), f"bench {bench.value}: {module} has no main"
-        assert in_checkout == module.startswith("loadtest."), bench
-    result = run("bench", "serving", "--help")
-    assert result.returncode == 0 and result.stdout.startswith("usage: bert-recsys bench serving"), result.stderr[-1000:]
+        assert in_checkout and module.startswith(("bench.", "loadtest.")), bench
+    for name in ("serving", "export"):
+        result = run("bench", name, "--help")
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: bert-recsys bench {name}"), result.stderr[-1000:]
 
 
 def test_a_wrong_command_or_a_stage_error_exits_2():

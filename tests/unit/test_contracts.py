@@ -15,10 +15,11 @@ from bert_recsys import settings
 ROOT = settings.REPO_ROOT
 PACKAGE = "bert_recsys"
 # Rooms of the one package (bert_recsys.<room>) and the unshipped areas beside it, by layer:
-# env <- settings <- export / model_repository / server <- client <- rollout, gateway, demo_data <- training, demo <- cli, loadtest
+# env <- settings <- export / model_repository / server <- client <- rollout, gateway, demo_data <- training, demo
+# <- cli, loadtest (Locust) <- bench (the benchmarks)
 LAYERS = {"env": 0, "settings": 1, "logs": 1, "contracts": 1, "encoders": 1, "export": 2, "model_repository": 2,
           "server": 2, "client": 3, "rollout": 4, "gateway": 4, "demo_data": 4, "training": 5, "demo": 5, "cli": 6, "loadtest":
-          6}
+          6, "bench": 7}
 # Where each room's files are in the checkout (pyproject.toml maps the folders to subpackages).
 FOLDERS = {"env": "bert_recsys/env.py", "settings": "bert_recsys/settings.py", "logs": "bert_recsys/logs.py", "demo": "bert_recsys/demo.py",
            "demo_data": "bert_recsys/demo_data.py", "cli": "bert_recsys/cli.py"}
@@ -26,7 +27,7 @@ FOLDERS = {"env": "bert_recsys/env.py", "settings": "bert_recsys/settings.py", "
 CLIENT_MUST_NOT_IMPORT = {"export", "model_repository", "server", "torch", "transformers", "onnx", "onnxruntime"}
 # The names the rooms were once imported by: nothing imports them any more (a second copy of a module, and a
 # name another distribution could take).
-OLD_TOP_LEVEL = set(LAYERS) - {"loadtest", "cli", "env"}
+OLD_TOP_LEVEL = set(LAYERS) - {"loadtest", "bench", "cli", "env"}
 
 
 def sources(package: str):
@@ -112,7 +113,7 @@ BY_TEXT = re.compile(r"""["'][^"']+["']\s+(not\s+)?in\s+(str\((error|exc|e)\)|re
 
 
 def test_no_error_is_classified_by_its_message_text():
-    for package in ("client", "rollout", "gateway", "loadtest", "server", "demo"):
+    for package in ("client", "rollout", "gateway", "loadtest", "bench", "server", "demo"):
         for path in sources(package):
             text = path.read_text()
             assert "unknown model" not in text.lower(), path.relative_to(ROOT)
@@ -124,7 +125,7 @@ CHANNEL_NAMES = ("cooccurrence", "item2item", "semantic", "popularity")
 
 
 def test_recall_channel_names_are_written_only_in_their_enum():
-    for package in ("client", "rollout", "loadtest", "training", "demo"):
+    for package in ("client", "rollout", "loadtest", "bench", "training", "demo"):
         for path in sources(package):
             if path.name == "recall.py":
                 continue

@@ -1,4 +1,4 @@
-"""The peers' benchmark harness (loadtest/peers): what it parses, how it scores and what it picks, without a peer."""
+"""The peers' benchmark harness (bench/peers): what it parses, how it scores and what it picks, without a peer."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bert_recsys import settings
-from loadtest.peers import harness
+from bench.peers import harness
 
 
 def result(**overrides) -> str:
@@ -93,7 +93,7 @@ def test_the_worker_imports_nothing_of_this_project():
     """worker.py runs under each peer's own interpreter, where none of our packages is installed."""
     from tests.unit.test_contracts import LAYERS, imports
 
-    worker = settings.REPO_ROOT / "loadtest" / "peers" / "worker.py"
+    worker = settings.REPO_ROOT / "bench" / "peers" / "worker.py"
     assert not imports(worker) & set(LAYERS)
     assert not imports(worker) - {"__future__", "json", "os", "sys", "time", "pathlib", "numpy", "csv", "importlib",
                                   "sentence_transformers", "fastembed"}
@@ -112,7 +112,7 @@ def test_waiting_for_a_server_names_its_exit_and_its_log_or_the_timeout(tmp_path
     import subprocess
     import sys
 
-    from loadtest.gateway_bench import stop, wait_http
+    from bench.gateway import stop, wait_http
     from bert_recsys.server.launcher import free_port
 
     log = tmp_path / "server.log"

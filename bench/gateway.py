@@ -28,8 +28,8 @@ from bert_recsys import logs
 from bert_recsys import settings
 from bert_recsys.client.triton import TritonClient
 from bert_recsys.contracts.machine import machine
-from bert_recsys.model_repository.render import build_repository
-from bert_recsys.server.launcher import TritonServer, free_port, on_free_ports
+from bert_recsys.server.launcher import free_port
+from bench.served import serve_variant
 
 log = logs.get("loadtest")
 KEY = "gateway-bench-key"
@@ -159,10 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure()
     args.out.mkdir(parents=True, exist_ok=True)
     work = settings.BUILD_DIR / "gateway_bench"
-    repository = build_repository(settings.SETTINGS, settings.EXPORT_DIR, "onnx-int8", "embedded", work / "repository")
-    server = on_free_ports(settings.SETTINGS.server, admin_key="")
     result = {"machine": machine()}
-    with TritonServer(repository, server, log_file=work / "triton.log"):
+    with serve_variant("onnx-int8", work, admin_key="") as triton:
+        server = triton.server
         client_settings = replace(settings.SETTINGS, server=server)
         direct = TritonClient(server.grpc_url, settings=client_settings)
         port, grpc_port = free_port(), free_port()

@@ -24,8 +24,7 @@ import numpy as np
 from bert_recsys import settings
 from bert_recsys.client.triton import TritonClient
 from loadtest.workload import real_texts
-from bert_recsys.model_repository.render import build_repository
-from bert_recsys.server.launcher import TritonServer, on_free_ports
+from bench.served import render, serve
 
 
 def rss_mb(pid: int) -> float:
@@ -69,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     s = settings.SETTINGS
-    repository = build_repository(s, settings.EXPORT_DIR, args.variant, "embedded", settings.BUILD_DIR / "soak_repository")
-    server_settings = on_free_ports(s.server)
+    repository = render(args.variant, settings.BUILD_DIR / "soak_repository", s)
+    server_settings = None  # the served ports, once the server below is up
     texts = real_texts()
     counts = {"ok": 0, "failed": 0}
     errors: list[str] = []
@@ -94,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
 
     samples: list[dict] = []
-    with TritonServer(repository, server_settings, log_file=args.out / "soak_triton.log") as triton:
+    with serve(repository, args.out / "soak_triton.log", s) as triton:
+        server_settings = triton.server
         threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(args.threads)]
         for thread in threads:
             thread.start()

@@ -305,15 +305,12 @@ def encoder_section(torch, device, model, batches: list[int], seconds: float, pe
 
 def served_section(bundle: Path, out: Path, perf_analyzer: Path | None, points: list[tuple[int, int]],
                    window_s: float, texts: list[str], stub_pythonpath: str = "") -> dict:
-    from loadtest.perf import run_perf_analyzer
-    from bert_recsys.server.launcher import TritonServer, free_port
+    from bench.perf import run_perf_analyzer
+    from bench.served import serve
 
-    server_settings = replace(settings.SETTINGS.server, host="127.0.0.1", http_port=free_port(),
-                              grpc_port=free_port(), metrics_port=free_port())
     started = time.perf_counter()
     paths = (str(Path(stub_pythonpath).resolve()),) if stub_pythonpath else ()
-    with TritonServer(bundle / "repository", server_settings, log_file=out / "triton.log",
-                      stub_pythonpath=paths) as server:
+    with serve(bundle / "repository", out / "triton.log", stub_pythonpath=paths) as server:
         ready_s = time.perf_counter() - started
         url = server.server.grpc_url
         data = [{"TEXT": {"content": [text], "shape": [1]}} for text in texts[:256]]

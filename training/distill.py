@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import hashlib
 import itertools
 import json
 import math
@@ -34,14 +32,9 @@ from pathlib import Path
 
 from bert_recsys import logs
 from bert_recsys import settings
-from bert_recsys.contracts.digest import file_sha256
+from bert_recsys.export.lineage import LINEAGE_FILE, SOURCES, WEIGHT_FILES, read_texts
 
 log = logs.get("distill")
-LINEAGE_FILE = "distill.json"
-SOURCES = ("sts-train", "scifact", "movielens")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
 def kept_layers(total: int, keep: int) -> list[int]:
     """`keep` of `total` layers, evenly spaced from the first: 3 of 6 -> [0, 2, 4]; 2 of 6 -> [0, 3]."""
     if not 1 <= keep <= total:
@@ -70,60 +63,6 @@ def score_layer_choices(bert, pooling, tokenizer, texts: list[str], targets, kee
         scores[layers] = float((vectors * targets).sum(dim=1).mean())
         log.info("layers %s untrained: mean cosine to the teacher %.4f", list(layers), scores[layers])
     return scores
-
-
-def source_files(data_dir: Path) -> dict[str, Path]:
-    """Where each source of unlabeled in-domain text is in the shared data."""
-    data_dir = Path(data_dir)
-    return {"sts-train": data_dir / "stsbenchmark-train-dev" / "sts-train.csv",
-            "scifact": data_dir / "scifact-train" / "corpus.jsonl",
-            "movielens": data_dir / "movielens-latest-small" / "movies.csv"}
-
-
-def in_domain_sha256(data_dir: Path) -> str:
-    """One hash of every source file read_texts would read (a missing one counts as missing): what an in-domain
-    calibration depends on, so new data re-gates the variant."""
-    parts = [f"{name}:{file_sha256(path) if path.is_file() else 'missing'}" for name, path in source_files(data_dir).items()]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def read_texts(data_dir: Path, sources: list[str], limit: int, seed: int = 0) -> tuple[list[str], dict]:
-    """Unlabeled text from the shared data: -> (texts, provenance by source). Deduplicated, shuffled, capped."""
-    unknown = set(sources) - set(SOURCES)
-    if unknown:
-        raise ValueError(f"unknown data source {sorted(unknown)}; choose from {', '.join(SOURCES)}")
-    files = source_files(data_dir)
-    texts: dict[str, None] = {}
-    provenance = {}
-    for source in sources:
-        path = files[source]
-        if not path.is_file():
-            raise FileNotFoundError(f"{source}: {path} not found (SHARED_DATA_DIR={data_dir})")
-        found = []
-        if source == "sts-train":
-            with open(path, encoding="utf-8") as handle:
-                for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
-                    found += [row[5], row[6]]
-        elif source == "scifact":
-            with open(path, encoding="utf-8") as handle:
-                for line in handle:
-                    doc = json.loads(line)
-                    found.append(doc["title"])
-                    words = doc["text"].split()
-                    for start in range(0, min(len(words), 240), 80):  # abstracts, in passages the encoder sees whole
-                        found.append(" ".join(words[start:start + 80]))
-        else:
-            with open(path, encoding="utf-8", newline="") as handle:
-                for row in csv.DictReader(handle):
-                    found.append(f"{row['title']} ({row['genres'].replace('|', ', ')})")
-        before = len(texts)
-        for text in found:
-            if text.strip():
-                texts.setdefault(text.strip(), None)
-        provenance[source] = {"file": str(path), "sha256": file_sha256(path), "texts": len(texts) - before}
-    ordered = list(texts)
-    random.Random(seed).shuffle(ordered)
-    return ordered[:limit], provenance
 
 
 def student_from(teacher, layers: list[int]):
@@ -279,19 +218,6 @@ def distill(args) -> Path:
     }
     out = args.out or settings.BUILD_DIR / "students" / f"student-l{len(layers)}"
     return write_student(student.bert, teacher_source.path, Path(out), lineage)
-
-
-# A model directory's lineage: a distilled student's (this module) or a recommendation fine-tune's (training/).
-LINEAGE_FILES = (LINEAGE_FILE, "finetune.json")
-
-
-def read_lineage(model_dir: Path) -> dict | None:
-    """The lineage file a trainer left in `model_dir` (distill.json or finetune.json), or None."""
-    for name in LINEAGE_FILES:
-        path = Path(model_dir) / name
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from bert_recsys import logs
 from bert_recsys import settings
 from bert_recsys.contracts.manifest import Manifest, Precision, VariantFormat
 from bert_recsys.contracts.machine import machine
-from bert_recsys.export.bench import time_interleaved
+from bench.timing import time_interleaved
 
 log = logs.get("export")
 

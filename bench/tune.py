@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 
 from bert_recsys import settings
 from bert_recsys.contracts.machine import machine_identity
@@ -40,18 +39,14 @@ def measure(variant: str, seconds: float) -> dict:
     from transformers import AutoTokenizer
 
     from bert_recsys import logs
-    from loadtest.perf import run_perf_analyzer
-    from loadtest.serving_bench import SHORT_TEXT, long_text
-    from bert_recsys.model_repository.render import build_repository
-    from bert_recsys.server.launcher import TritonServer, free_port
+    from bench.perf import run_perf_analyzer
+    from bench.serving import SHORT_TEXT, long_text
+    from bench.served import serve_variant
 
     log = logs.get("loadtest")
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     work = settings.BUILD_DIR / "tune"
-    repo = build_repository(settings.SETTINGS, settings.EXPORT_DIR, variant, "embedded", work / "repository")
-    server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
-    with TritonServer(repo, server_settings, log_file=work / f"{variant}.log") as server:
+    with serve_variant(variant, work, log_name=f"{variant}.log") as server:
         url = server.server.grpc_url
         b1 = run_perf_analyzer(url, "embed", 1, {"TEXT": {"content": [SHORT_TEXT], "shape": [1]}}, 1, seconds)
         b32 = run_perf_analyzer(url, "embed", 32, {"TEXT": {"content": [long_text(tokenizer, 128)], "shape": [1]}},

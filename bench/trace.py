@@ -126,9 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     from bert_recsys.contracts.manifest import Manifest
     from bert_recsys.contracts.machine import machine
     from bert_recsys.export.runners import OrtRunner, tokenize
-    from loadtest.serving_bench import SHORT_TEXT
-    from bert_recsys.model_repository.render import build_repository
-    from bert_recsys.server.launcher import TritonServer, free_port
+    from bench.serving import SHORT_TEXT
+    from bench.served import render, serve
 
     work = settings.BUILD_DIR / "trace_breakdown"
     work.mkdir(parents=True, exist_ok=True)
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                         encoder_intra_op_threads=instances.encoder_intra_op_threads if args.encoder_threads is None
                         else args.encoder_threads)
     serving = replace(settings.SETTINGS, instances=instances)
-    repo = build_repository(serving, settings.EXPORT_DIR, args.variant, "embedded", work / "repository")
+    repo = render(args.variant, work / "repository", serving)
     if args.null_encoder:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2 as mc
@@ -148,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         config = text_format.Parse(config_file.read_text(), mc.ModelConfig())
         config.parameters["diagnostic_null_encoder_dim"].string_value = str(config.output[0].dims[0])
         config_file.write_text(text_format.MessageToString(config))
-    server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
     t = settings.SETTINGS.tensors
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     ids, mask = tokenize(tokenizer, [SHORT_TEXT], 256)
@@ -166,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     def embed_client(trace: Path | None):
         """A server (traced or not) and a function that sends it one b1 `embed` request."""
         extra = trace_flags(trace) if trace else ()
-        with TritonServer(repo, server_settings, log_file=work / "triton.log", extra_args=extra) as server:
+        with serve(repo, work / "triton.log", serving, extra_args=extra) as server:
             with grpcclient.InferenceServerClient(server.server.grpc_url) as client:
                 text = grpcclient.InferInput(t.text, [1, 1], "BYTES")
                 text.set_data_from_numpy(np.array([[SHORT_TEXT.encode()]], dtype=object))

@@ -2,7 +2,7 @@
 
 Runs, in order, on this machine:
 1. the bare encoder by variant (export.bench), and the most INT8 can give on this CPU (export.ceiling);
-2. `embed` and the bare `encoder` through Triton at b1 and b32, via perf_analyzer (loadtest.serving_bench),
+2. `embed` and the bare `encoder` through Triton at b1 and b32, via perf_analyzer (bench.serving),
    which also gives the ensemble overhead;
 3. a step load on `embed` over HTTP to find the knee (Locust);
 4. the mixed workload, including the full recommend path, over gRPC (Locust).
@@ -90,9 +90,9 @@ def main(argv=None) -> int:
 
 def measure(args) -> None:
     py = sys.executable
-    step("bare encoder by variant", [py, "-m", "bert_recsys.export.bench"])
-    step("INT8 ceiling on this CPU", [py, "-m", "bert_recsys.export.ceiling"])
-    step("Triton vs bare encoder (perf_analyzer)", [py, "-m", "loadtest.serving_bench", "--variant", args.variant])
+    step("bare encoder by variant", [py, "-m", "bench.export"])
+    step("INT8 ceiling on this CPU", [py, "-m", "bench.ceiling"])
+    step("Triton vs bare encoder (perf_analyzer)", [py, "-m", "bench.serving", "--variant", args.variant])
     step("model repository", [py, "-m", "bert_recsys.model_repository", "build", "--variant", args.variant])
     step("knee (step load, embed over HTTP)", served(["--protocol", "http", "--tasks", "embed:1", "--step", args.step,
                                                       "--out", str(REPORTS / "knee")]))
@@ -147,7 +147,7 @@ def render(args) -> int:
               "## GPU (`make bench-gpu`, torch runtime)", ""]
     gpu = REPORTS / "gpu" / "gpu_bench.json"
     if gpu.exists():
-        from loadtest.gpu_bench import markdown
+        from bench.gpu import markdown
 
         image = "gpu/gpu_bench.png" if (REPORTS / "gpu" / "gpu_bench.png").exists() else None
         lines += ["From its own run (a GPU machine, not this one's):", "", *markdown(json.loads(gpu.read_text()), image)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,10 @@ from bert_recsys import logs
 from bert_recsys import settings
 from bert_recsys.contracts.manifest import Manifest
 from bert_recsys.contracts.machine import machine
-from bert_recsys.export.bench import time_calls
+from bench.timing import time_calls
 from bert_recsys.export.runners import runner_for, tokenize
-from loadtest.perf import run_perf_analyzer
+from bench.perf import run_perf_analyzer
+from bench.served import serve_variant
 
 log = logs.get("loadtest")
 
@@ -48,9 +48,6 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from bert_recsys.model_repository.render import build_repository
-    from bert_recsys.server.launcher import TritonServer, free_port
-
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     texts = {"b1": SHORT_TEXT, "b32": long_text(tokenizer, 128)}
     shapes = {"b1": 1, "b32": 32}
@@ -64,11 +61,7 @@ def main(argv=None) -> int:
         rows[f"bare {key}"] = {"p50_ms": 1000 * float(np.median(times)), "infer_per_s": shapes[key] / float(np.median(times))}
     print("bare encoder measured", flush=True)
 
-    repo = build_repository(settings.SETTINGS, settings.EXPORT_DIR, args.variant, "embedded",
-                            settings.BUILD_DIR / "bench_repository")
-    server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
-    with TritonServer(repo, server_settings, log_file=settings.BUILD_DIR / "bench_triton.log") as server:
+    with serve_variant(args.variant, settings.BUILD_DIR / "bench_serving") as server:
         url = server.server.grpc_url
         for key, (ids, mask) in encoded.items():
             token_data = {"input_ids": {"content": ids[0].tolist(), "shape": [ids.shape[1]]},

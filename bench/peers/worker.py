@@ -1,7 +1,7 @@
 """One peer, measured inside its own venv: `python worker.py REQUEST.json`.
 
 Runs under a peer's interpreter (build/peers/<venv>/bin/python), so it imports nothing of this project: only the
-peer's own packages, numpy and the standard library. loadtest/peers/harness.py writes the request and reads back:
+peer's own packages, numpy and the standard library. bench/peers/harness.py writes the request and reads back:
 - RESULT (the request's `out`): JSON with the peer's versions and per-call seconds at b1 and b32;
 - sts.npy, gate_batched.npy, gate_alone.npy beside it: the vectors the harness scores (STS-B Spearman, batch
   invariance) the same way for every peer.

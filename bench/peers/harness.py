@@ -1,6 +1,6 @@
 """bert-recsys bench peers (`make bench-peers`): the embedding stacks users pick, measured beside ours in one run.
 
-Each peer gets a venv of its own under build/peers/<venv> (pinned by loadtest/peers/requirements-<venv>.txt; built
+Each peer gets a venv of its own under build/peers/<venv> (pinned by bench/peers/requirements-<venv>.txt; built
 once, rebuilt when the file changes) and loads the local model folder offline:
 - sentence-transformers: torch, onnx, onnx qint8 (the dynamic-INT8 config for this CPU's ISA), openvino (its
   default precision: BF16 where the CPU computes it), openvino static INT8 (`export_static_quantized_openvino_model`,
@@ -46,7 +46,7 @@ B1_TOKENS, B32_TOKENS, B32 = 16, 128, 32
 @dataclass(frozen=True)
 class Peer:
     name: str
-    kind: str            # "worker": loadtest/peers/worker.py in the venv; "infinity": a server; "project": ours
+    kind: str            # "worker": bench/peers/worker.py in the venv; "infinity": a server; "project": ours
     venv: str = ""
     label: str = ""
     engine: str = ""     # infinity's --engine
@@ -274,7 +274,7 @@ class HttpEmbeddings:
 
 def measure_in_process(embed, inputs: Inputs) -> dict:
     """The worker's protocol, run here on a callable texts -> vectors (a server's client or a bare runner)."""
-    from loadtest.peers.worker import embed_in_batches, time_calls
+    from bench.peers.worker import embed_in_batches, time_calls
 
     b1 = time_calls(embed, inputs.b1, inputs.runs_b1)
     b32 = time_calls(embed, inputs.b32, inputs.runs_b32)
@@ -285,7 +285,7 @@ def measure_in_process(embed, inputs: Inputs) -> dict:
 
 
 def run_infinity(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
-    from loadtest.gateway_bench import stop, wait_http
+    from bench.gateway import stop, wait_http
     from bert_recsys.server.launcher import free_port
 
     python = ensure_venv(peer.venv)
@@ -359,15 +359,14 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
     from dataclasses import replace
 
     from bert_recsys.client.triton import TritonClient
-    from loadtest.gateway_bench import KEY, start_gateway, stop
-    from bert_recsys.model_repository.render import build_repository
-    from bert_recsys.server.launcher import TritonServer, free_port, on_free_ports
+    from bench.gateway import KEY, start_gateway, stop
+    from bench.served import serve_variant
+    from bert_recsys.server.launcher import free_port
 
     work = WORK / "serving"
-    repository = build_repository(settings.SETTINGS, settings.EXPORT_DIR, variant, "embedded", work / "repository")
-    server = on_free_ports(settings.SETTINGS.server, admin_key="")
     rows = []
-    with TritonServer(repository, server, log_file=work / "triton.log"):
+    with serve_variant(variant, work, admin_key="") as triton:
+        server = triton.server
         if "project-embed" in wanted:
             log.info("project embed over gRPC (%s)", variant)
             with TritonClient(server.grpc_url, settings=replace(settings.SETTINGS, server=server)) as client:
@@ -392,7 +391,7 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
 def build_inputs(runs_b1: int, runs_b32: int) -> Inputs:
     from transformers import AutoTokenizer
 
-    from bert_recsys.export.distill import read_texts
+    from bert_recsys.export.lineage import read_texts
     from bert_recsys.export.gate import load_gate_sentences, load_sts
 
     tokenizer = AutoTokenizer.from_pretrained(settings.default_model_dir())

@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-from dataclasses import replace
 
 from bert_recsys import settings
-from loadtest.perf import run_perf_analyzer
+from bench.perf import run_perf_analyzer
 from loadtest.workload import real_texts
 
 
@@ -23,13 +22,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=int, default=20)
     args = parser.parse_args(argv)
 
-    from bert_recsys.server.launcher import TritonServer, free_port
+    from bench.served import serve
 
-    server_settings = replace(settings.SETTINGS.server, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
     out = settings.BUILD_DIR / "reports" / "crosscheck"
     texts = real_texts(400)[:200]
-    with TritonServer(settings.MODEL_REPOSITORY_DIR, server_settings, log_file=settings.BUILD_DIR / "crosscheck_triton.log"):
+    with serve(settings.MODEL_REPOSITORY_DIR, settings.BUILD_DIR / "crosscheck_triton.log") as triton:
+        server_settings = triton.server
         data = [{"TEXT": {"content": [t], "shape": [1]}} for t in texts]
         pa = run_perf_analyzer(server_settings.grpc_url, "embed", 1, data, args.concurrency, args.seconds / 4)
         locust = subprocess.run(

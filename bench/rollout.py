@@ -25,9 +25,8 @@ from pathlib import Path
 
 from bert_recsys import logs
 from bert_recsys import settings
-from bert_recsys.model_repository.render import build_repository
+from bench.served import render, serve
 from bert_recsys.rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
-from bert_recsys.server.launcher import TritonServer, on_free_ports
 
 PHASES = (("staged", "validate"), ("is live as a canary", "canary"), ("now serve version", "promote"),
           ("promoted:", "done"), ("rolled back:", "done"))
@@ -65,15 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
 
     s = settings.SETTINGS
-    live_path = build_repository(s, settings.EXPORT_DIR, "onnx-int8", "embedded", work / "live")
-    server = on_free_ports(s.server, admin_key="rollout-bench")
+    live_path = render("onnx-int8", work / "live", s)
     rollout = RolloutSettings(latency_max_ratio=args.latency_max_ratio, canary_seconds=args.canary_seconds,
                               canary_max_latency_ratio=args.latency_max_ratio, drain_seconds=3)
     timeline = Timeline()
     logs.get("rollout").addHandler(timeline)
     events = timeline.events
     reports = []
-    with TritonServer(live_path, server, log_file=work / "live.log"):
+    with serve(live_path, work / "live.log", s, admin_key="rollout-bench") as triton:
+        server = triton.server
         live = LiveRepository(live_path, replace(s, server=server))
         admin = TritonAdmin.single(server.grpc_url, f"127.0.0.1:{server.metrics_port}", server.admin_key)
         locust_out = work / "locust"

@@ -1,3 +1,0 @@
-from loadtest.peers.harness import main
-
-raise SystemExit(main())
