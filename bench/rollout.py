@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import shutil
 import signal
 import subprocess
@@ -26,22 +25,8 @@ from pathlib import Path
 from bert_recsys import logs
 from bert_recsys import settings
 from bench.served import render, serve
+from bert_recsys.rollout.policy import Outcome
 from bert_recsys.rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
-
-PHASES = (("staged", "validate"), ("is live as a canary", "canary"), ("now serve version", "promote"),
-          ("promoted:", "done"), ("rolled back:", "done"))
-
-
-class Timeline(logging.Handler):
-    """The rollout's log lines with their times: the plot shades each phase from them."""
-
-    def __init__(self):
-        super().__init__()
-        self.events: list[tuple[float, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.events.append((record.created, record.getMessage()))
-
 
 def main(argv: list[str] | None = None) -> int:
     logs.configure()
@@ -67,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     live_path = render("onnx-int8", work / "live", s)
     rollout = RolloutSettings(latency_max_ratio=args.latency_max_ratio, canary_seconds=args.canary_seconds,
                               canary_max_latency_ratio=args.latency_max_ratio, drain_seconds=3)
-    timeline = Timeline()
-    logs.get("rollout").addHandler(timeline)
-    events = timeline.events
     reports = []
     with serve(live_path, work / "live.log", s, admin_key="rollout-bench") as triton:
         server = triton.server
@@ -100,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
               "rollouts": [{k: r.get(k) for k in ("export", "stable", "new_version", "outcome", "seconds", "validation")}
                            | {"canary": r["canary"]} for r in reports]}
     (args.out / "rollout.json").write_text(json.dumps(result, indent=2))
+    # Each report's phases with their start times (rollout.policy.Phase): what the plot shades.
+    events = [(at, str(phase)) for report in reports for phase, at in report["phases"]]
     plot(history, events, args.out / "rollout.png", args)
     print(f"\n{'rollout':<32}{'outcome':>12}{'seconds':>9}{'canary req':>12}{'canary ms':>11}{'stable ms':>11}")
     for r in reports:
@@ -109,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Locust, {args.users} users through all of it: {agg['requests']} requests, {agg['failures']} failures, "
           f"{agg['rps']:.0f} req/s, p50 {agg['p50_ms']:.0f} ms, p99 {agg['p99_ms']:.0f} ms")
     print(f"written {args.out}/rollout.json, rollout.png")
-    ok = agg["failures"] == 0 and all(r["outcome"] == "promoted" for r in reports)
+    ok = agg["failures"] == 0 and all(r["outcome"] is Outcome.PROMOTED for r in reports)
     if not ok:
         print(locust_output[-3000:], file=sys.stderr)
     return 0 if ok else 1
@@ -131,12 +115,10 @@ def plot(history: list[dict], events: list[tuple[float, str]], path: Path, args)
     bottom.plot(seconds, [float(row["99%"]) for row in history], label="p99", color="tab:orange")
     bottom.set_ylabel("latency (ms)")
     bottom.set_xlabel("seconds")
-    colours = {"validate": "#dddddd", "canary": "#fde9b0", "promote": "#c9e7c9"}
+    colours = {"validate": "#dddddd", "canary": "#fde9b0", "promote": "#c9e7c9", "roll_back": "#f4c7c3"}
     marks = []
-    for when, line in events:
-        for needle, phase in PHASES:
-            if needle in line:
-                marks.append((when - t0, phase))
+    for when, phase in sorted(events):
+        marks.append((when - t0, phase))
     for (start, phase), (end, _) in zip(marks, marks[1:]):
         if phase in colours:
             for axis in (top, bottom):

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bert_recsys.contracts.protocol import Protocol
 from bert_recsys import settings
 from bert_recsys.server.launcher import ServerError, TritonServer, free_port, on_free_ports
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runtime", default="embedded", help="embedded, native or torch (bert-recsys repository)")
     parser.add_argument("--no-build", action="store_true", help="serve --repository as it is: no export, no render")
     parser.add_argument("--user", type=int, default=None, help="MovieLens userId (default: one with a long history)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--protocol", type=Protocol.parse, choices=list(Protocol), default=Protocol.GRPC)
     args = parser.parse_args(argv)
 
     try:

@@ -9,6 +9,7 @@ what we *choose*: names of models and tensors, batching, instance counts, ports 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from bert_recsys import env
@@ -129,6 +130,15 @@ class BatchingSettings:
     queue_timeout_us: int = 0
 
 
+class Device(StrEnum):
+    """Where the torch runtime's encoder runs (ENCODER_DEVICE): AUTO = a GPU when torch sees CUDA where the
+    repository is rendered."""
+
+    AUTO = "auto"
+    GPU = "gpu"
+    CPU = "cpu"
+
+
 @dataclass(frozen=True)
 class InstanceSettings:
     # Two: tokenization is cheap, and with one instance Triton 2.51's queue policy stalls accepted requests
@@ -146,13 +156,14 @@ class InstanceSettings:
     encoder_intra_op_spinning: bool = field(default_factory=env.ENCODER_INTRA_OP_SPINNING.get)
     # Where the torch runtime's encoder runs (ENCODER_DEVICE): "gpu" (a KIND_GPU instance group, one instance
     # per GPU and count), "cpu", or "auto" = gpu when torch sees CUDA where the repository is rendered.
-    encoder_device: str = field(default_factory=env.ENCODER_DEVICE.get)
+    encoder_device: Device = field(default_factory=lambda: Device(env.ENCODER_DEVICE.get()))
     # The torch runtime on CUDA replays one CUDA graph per (batch, sequence) bucket; "false" runs eagerly.
     cuda_graphs: bool = field(default_factory=env.ENCODER_CUDA_GRAPHS.get)
 
     def __post_init__(self):
-        if self.encoder_device not in ("auto", "gpu", "cpu"):
+        if self.encoder_device not in tuple(Device):
             raise ValueError(f"ENCODER_DEVICE must be auto, gpu or cpu, not {self.encoder_device!r}")
+        object.__setattr__(self, "encoder_device", Device(self.encoder_device))
         if min(self.tokenizer, self.encoder, self.similarity) < 1:
             raise ValueError("every model needs at least one instance")
 

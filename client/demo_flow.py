@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bert_recsys.contracts.protocol import Protocol
 from bert_recsys.client.catalog import Item, load_catalog
 from bert_recsys.client.index import IndexSettings, build_catalog_index
 from bert_recsys.client.item_text import DEFAULT_TEMPLATE, TemplateUse, template
@@ -39,7 +40,7 @@ def run_demo(server_settings, protocol: str, data_dir: Path, user_id: int | None
     if not (Path(data_dir) / "movies.csv").exists():
         raise SystemExit(f"demo: MovieLens data not found at {data_dir}; pass --data DIR (movies.csv, ratings.csv), "
                          "e.g. ml-latest-small from grouplens.org")
-    url = server_settings.grpc_url if protocol == "grpc" else server_settings.http_url
+    url = server_settings.grpc_url if Protocol.parse(protocol) is Protocol.GRPC else server_settings.http_url
     with TritonClient(url, protocol=protocol, settings=replace(settings.SETTINGS, server=server_settings)) as client:
         info = client.encoder_info()
         print(f"[demo] serving encoder {info['export_variant']} (manifest {info['export_manifest_sha256'][:12]})")

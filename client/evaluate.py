@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bert_recsys.contracts.protocol import Protocol
 from bert_recsys import logs
 from bert_recsys import settings
 from bert_recsys.client.catalog import CATALOG_FILES, Catalog, load_catalog
@@ -429,7 +430,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, nargs="?", default=settings.MOVIELENS_DIR)
     parser.add_argument("--url", default=None, help="Triton address (default: from settings)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--protocol", type=Protocol.parse, choices=list(Protocol), default=Protocol.GRPC)
     parser.add_argument("--protocols", default="warm,cold,temporal", help=f"any of {','.join(PROTOCOLS)}")
     parser.add_argument("--seeds", type=int, default=3, help="item cold-start splits (seeds 0..n-1)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="item text template (client.item_text)")

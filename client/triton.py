@@ -22,9 +22,10 @@ import numpy as np
 from bert_recsys import settings as settings_module
 from bert_recsys.client.errors import (InvalidRequest, Kind, ModelNotFound, ServingError, ServingTimeout, Unavailable, classify,
                            message, status_code)
+from bert_recsys.contracts.protocol import Protocol
 from bert_recsys.settings import Settings
 
-PROTOCOLS = ("grpc", "http")
+PROTOCOLS = tuple(Protocol)
 __all__ = ["TritonClient", "AsyncTritonClient", "RetryPolicy", "ServingView", "ServingError", "ServingTimeout", "Unavailable",
            "InvalidRequest", "ModelNotFound"]
 
@@ -158,18 +159,17 @@ def length_batches(texts: Sequence[str], size: int) -> list[np.ndarray]:
 
 
 class TritonClient:
-    def __init__(self, url: str | None = None, protocol: str = "grpc", settings: Settings | None = None,
+    def __init__(self, url: str | None = None, protocol: Protocol | str = Protocol.GRPC, settings: Settings | None = None,
                  retry: RetryPolicy = RetryPolicy(), timeout_s: float = 30.0, canary_share: float = 0.0,
                  view_ttl_s: float = 2.0):
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        protocol = Protocol.parse(protocol)
         self.settings = settings or settings_module.SETTINGS
         server = self.settings.server
         self.protocol = protocol
-        self.url = url or (server.grpc_url if protocol == "grpc" else server.http_url)
+        self.url = url or (server.grpc_url if protocol is Protocol.GRPC else server.http_url)
         self.retry = retry
         self.timeout_s = timeout_s
-        if protocol == "grpc":
+        if protocol is Protocol.GRPC:
             import tritonclient.grpc as module
         else:
             import tritonclient.http as module
@@ -186,7 +186,7 @@ class TritonClient:
     def _client(self):
         client = getattr(self._local, "client", None)
         if client is None:
-            if self.protocol == "grpc":
+            if self.protocol is Protocol.GRPC:
                 client = self._module.InferenceServerClient(self.url, channel_args=grpc_channel_args())
             else:
                 client = self._module.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
@@ -234,7 +234,7 @@ class TritonClient:
                retry: RetryPolicy | None = None) -> dict[str, np.ndarray]:
         def call():
             requested = [self._module.InferRequestedOutput(name) for name in outputs]
-            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+            kwargs = {"client_timeout": self.timeout_s} if self.protocol is Protocol.GRPC else {}
             result = self._client.infer(model, inputs, outputs=requested, model_version=version, **kwargs)
             return {name: result.as_numpy(name) for name in outputs}
 
@@ -254,7 +254,7 @@ class TritonClient:
         if self._view is not None and now - self._view[0] <= max_age:
             return self._view[1]
 
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol is Protocol.GRPC else {}
         config = self._call("get encoder config",
                             lambda: self._client.get_model_config(self.settings.models.encoder, **kwargs))
         view = ServingView.from_model_config(config)
@@ -341,7 +341,7 @@ class TritonClient:
     def model_ready(self, model: str | None = None, timeout_s: float | None = None) -> bool:
         """Whether Triton reports `model` (default: the public `embed`) ready; False when unreachable (or, over
         gRPC, when it does not answer within `timeout_s`)."""
-        kwargs = {"client_timeout": timeout_s} if timeout_s is not None and self.protocol == "grpc" else {}
+        kwargs = {"client_timeout": timeout_s} if timeout_s is not None and self.protocol is Protocol.GRPC else {}
         try:
             return bool(self._client.is_model_ready(model or self.settings.models.embed, **kwargs))
         except Exception:
@@ -350,7 +350,7 @@ class TritonClient:
     def embedding_dim(self) -> int:
         """D, from the `embed` ensemble's output in its config (read once)."""
         if self._dim is None:
-            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+            kwargs = {"client_timeout": self.timeout_s} if self.protocol is Protocol.GRPC else {}
             config = self._call("get embed config",
                                 lambda: self._client.get_model_config(self.settings.models.embed, **kwargs))
             outputs = config["output"] if isinstance(config, dict) else config.config.output
@@ -367,20 +367,19 @@ class AsyncTritonClient:
     running loop."""
 
     def __init__(self, url: str | None = None, settings: Settings | None = None, retry: RetryPolicy = RetryPolicy(),
-                 timeout_s: float = 30.0, protocol: str = "grpc", canary_share: float = 0.0,
+                 timeout_s: float = 30.0, protocol: Protocol | str = Protocol.GRPC, canary_share: float = 0.0,
                  view: Callable[[], ServingView] | None = None, view_ttl_s: float = 2.0):
         """`canary_share` of unpinned calls go to a canary version while one is loaded, as with TritonClient;
         `view` reads which versions are served (e.g. a TritonClient's `serving_view`, itself cached), called off
         the event loop at most every `view_ttl_s` seconds."""
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        protocol = Protocol.parse(protocol)
         if not 0.0 <= canary_share <= 1.0:
             raise ValueError(f"canary_share must be within [0, 1], not {canary_share}")
         if canary_share > 0 and view is None:
             raise ValueError("a canary share needs `view`, a way to read which versions are served")
         self.settings = settings or settings_module.SETTINGS
         self.protocol = protocol
-        self.url = url or (self.settings.server.grpc_url if protocol == "grpc" else self.settings.server.http_url)
+        self.url = url or (self.settings.server.grpc_url if protocol is Protocol.GRPC else self.settings.server.http_url)
         self.retry = retry
         self.timeout_s = timeout_s
         self.canary_share, self.view_ttl_s, self._view_source = canary_share, view_ttl_s, view
@@ -390,7 +389,7 @@ class AsyncTritonClient:
 
     def _connection(self):
         if self._client is None:
-            if self.protocol == "http":
+            if self.protocol is Protocol.HTTP:
                 from bert_recsys.client.kserve_http import AsyncKServeHttp
 
                 self._client = AsyncKServeHttp(self.url)
@@ -407,7 +406,7 @@ class AsyncTritonClient:
 
     async def _infer(self, model: str, texts: Sequence[str], timeout_s: float) -> np.ndarray:
         t = self.settings.tensors
-        if self.protocol == "http":
+        if self.protocol is Protocol.HTTP:
             return await self._connection().infer(model, t.text, texts, t.embedding, timeout_s)
         import tritonclient.grpc.aio as aio
 
@@ -481,7 +480,7 @@ class AsyncTritonClient:
                 # Over HTTP this drops the idle keep-alive connections (the one that failed is never reused). A
                 # gRPC channel is shared by every call in flight: closing it would cancel them all, and it
                 # reconnects by itself (a late answer to a timed-out call goes nowhere).
-                if self.protocol == "http" and (isinstance(typed, ServingTimeout) or typed is None):
+                if self.protocol is Protocol.HTTP and (isinstance(typed, ServingTimeout) or typed is None):
                     await self.close()
                 if typed is not None:
                     raise typed from None

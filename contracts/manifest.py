@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
@@ -95,17 +95,55 @@ class Artifact(ArtifactFile):
         return {**super().to_json(), **companions}
 
 
+@dataclass
+class GateFigures:
+    """What the export gate measured against PyTorch FP32 (and, for a distilled student, against its teacher).
+    None: not measured (no STS-B or SciFact data, or not a student). The STS-B dev set is split in two halves:
+    recipes are chosen on `selection` and reported on `confirmation`."""
+
+    cosine_mean: float | None = None                 # gate sentences: cosine to PyTorch FP32's vectors
+    cosine_min: float | None = None
+    batch_invariance_min_cosine: float | None = None  # a text alone against the same text in a padded batch
+    sts_spearman: float | None = None                 # STS-B dev Spearman, whole dev
+    sts_spearman_fp32: float | None = None
+    spearman_ratio: float | None = None               # sts_spearman / sts_spearman_fp32
+    spearman_ratio_selection: float | None = None
+    spearman_ratio_confirmation: float | None = None
+    sts_spearman_teacher: float | None = None
+    spearman_ratio_to_teacher: float | None = None
+    spearman_ratio_to_teacher_selection: float | None = None
+    spearman_ratio_to_teacher_confirmation: float | None = None
+    retrieval_ndcg10: float | None = None             # SciFact (BEIR) nDCG@10
+    retrieval_ndcg10_fp32: float | None = None
+    retrieval_ndcg_ratio: float | None = None
+    gate_set: dict | None = None                      # which gate sentences: count and sha256
+    retrieval_set: dict | None = None                 # which SciFact queries and documents
+    sts: str | None = None                            # where the STS-B figures come from, or why there are none
+    retrieval: str | None = None                      # the same for retrieval
+    other: dict = field(default_factory=dict)         # figures this version does not know, kept verbatim
+
+    def to_json(self) -> dict:
+        known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other"}
+        return {**{k: v for k, v in known.items() if v is not None}, **self.other}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "GateFigures":
+        names = {f.name for f in fields(cls)} - {"other"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   other={k: v for k, v in data.items() if k not in names})
+
+
 @dataclass(frozen=True)
 class GateRecord:
     """The export gate's verdict against PyTorch FP32: figures and thresholds as the gate wrote them."""
 
     passed: bool
     failures: tuple[str, ...] = ()
-    figures: dict = field(default_factory=dict)
+    figures: GateFigures = field(default_factory=GateFigures)
     thresholds: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "failures": list(self.failures), "figures": self.figures,
+        return {"passed": self.passed, "failures": list(self.failures), "figures": self.figures.to_json(),
                 "thresholds": self.thresholds}
 
 
@@ -151,7 +189,8 @@ class Manifest:
                 variant=data["variant"], format=data["format"], precision=data["precision"],
                 encoder=EncoderSpec(**data["encoder"]),
                 artifact=Artifact(**data["artifact"]),
-                gate=GateRecord(bool(gate["passed"]), tuple(gate.get("failures", ())), gate.get("figures", {}),
+                gate=GateRecord(bool(gate["passed"]), tuple(gate.get("failures", ())),
+                                GateFigures.from_json(gate.get("figures", {})),
                                 gate.get("thresholds", {})),
                 source_sha256=data["source"]["sha256"],
                 tokenizer_sha256=data["tokenizer"]["sha256"],

@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{'ratio':>8}  detail")
     for o in outcomes:
         f = o.figures
-        num = lambda k, fmt: format(f[k], fmt) if k in f else "-"  # noqa: E731
-        print(f"{o.variant:<11} {o.status:<11} {num('cosine_mean', '.6f'):>9} {num('cosine_min', '.6f'):>9} "
-              f"{num('sts_spearman', '.5f'):>9} {num('spearman_ratio', '.5f'):>8} {num('retrieval_ndcg10', '.5f'):>8} "
-              f"{num('retrieval_ndcg_ratio', '.5f'):>8}  {o.detail}")
+        num = lambda value, fmt: "-" if value is None else format(value, fmt)  # noqa: E731
+        print(f"{o.variant:<11} {o.status:<11} {num(f.cosine_mean, '.6f'):>9} {num(f.cosine_min, '.6f'):>9} "
+              f"{num(f.sts_spearman, '.5f'):>9} {num(f.spearman_ratio, '.5f'):>8} {num(f.retrieval_ndcg10, '.5f'):>8} "
+              f"{num(f.retrieval_ndcg_ratio, '.5f'):>8}  {o.detail}")
     return exit_status(outcomes, options.variants_named, args.keep_going)
 
 

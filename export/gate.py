@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bert_recsys.contracts.manifest import GateFigures
+
 GATE_SENTENCES = Path(__file__).with_name("gate_sentences.txt")
 # Bump when what the gate measures changes: cached variants are then re-gated.
 GATE_VERSION = 4
@@ -167,7 +169,7 @@ class Reference:
 
 @dataclass
 class GateResult:
-    figures: dict
+    figures: GateFigures
     failures: list[str]
 
     @property
@@ -179,57 +181,54 @@ class GateResult:
             "passed": self.passed,
             "failures": self.failures,
             "thresholds": asdict(thresholds),
-            "figures": self.figures,
+            "figures": self.figures.to_json(),
         }
 
 
 def evaluate(runner, reference: Reference, thresholds: Thresholds, require_sts: bool = False) -> GateResult:
     vectors = reference.embed(runner, reference.sentences, f"{runner.name} gate set")
     cosines = row_cosines(vectors, reference.sentence_embeddings)
-    figures = {
-        "gate_set": {"sentences": len(reference.sentences), "sha256": reference.sentences_sha256},
-        "cosine_mean": float(np.mean(cosines)),
-        "cosine_min": float(np.min(cosines)),
-        "sts": reference.sts_note,
-    }
+    figures = GateFigures(gate_set={"sentences": len(reference.sentences), "sha256": reference.sentences_sha256},
+                          cosine_mean=float(np.mean(cosines)), cosine_min=float(np.min(cosines)), sts=reference.sts_note)
     # Same sentences one at a time: ORT's dynamic INT8 quantizes activations per batch, so its output depends on
     # what a text is batched with.
     alone = np.concatenate([reference.embed(runner, [s], None) for s in reference.sentences])
-    figures["batch_invariance_min_cosine"] = float(np.min(row_cosines(alone, vectors)))
+    figures.batch_invariance_min_cosine = float(np.min(row_cosines(alone, vectors)))
     failures = []
     invariance = thresholds.batch_invariance_min_cosine
-    if invariance is not None and figures["batch_invariance_min_cosine"] < invariance:
-        failures.append(f"batch invariance {figures['batch_invariance_min_cosine']:.6f} < {invariance}: a text's "
+    if invariance is not None and figures.batch_invariance_min_cosine < invariance:
+        failures.append(f"batch invariance {figures.batch_invariance_min_cosine:.6f} < {invariance}: a text's "
                         "vector depends on what it is batched with")
-    if thresholds.min_cosine is not None and figures["cosine_min"] < thresholds.min_cosine:
-        failures.append(f"min cosine {figures['cosine_min']:.6f} < {thresholds.min_cosine}")
-    if thresholds.mean_cosine is not None and figures["cosine_mean"] < thresholds.mean_cosine:
-        failures.append(f"mean cosine {figures['cosine_mean']:.6f} < {thresholds.mean_cosine}")
+    if thresholds.min_cosine is not None and figures.cosine_min < thresholds.min_cosine:
+        failures.append(f"min cosine {figures.cosine_min:.6f} < {thresholds.min_cosine}")
+    if thresholds.mean_cosine is not None and figures.cosine_mean < thresholds.mean_cosine:
+        failures.append(f"mean cosine {figures.cosine_mean:.6f} < {thresholds.mean_cosine}")
     if reference.sts_spearman is not None:
         a, b = reference._embed_sts(runner, f"{runner.name} sts-b")
         spearman = sts_spearman(a, b, reference.sts_gold)
         ratio = spearman / reference.sts_spearman
-        figures.update(sts_spearman=spearman, sts_spearman_fp32=reference.sts_spearman, spearman_ratio=ratio)
-        halves = spearman_by_half(a, b, reference.sts_pairs)
-        for half, value in halves.items():
-            figures[f"spearman_ratio_{half}"] = value / reference.sts_spearman_halves[half]
+        figures.sts_spearman, figures.sts_spearman_fp32, figures.spearman_ratio = spearman, reference.sts_spearman, ratio
+        halves = spearman_by_half(a, b, reference.sts_pairs)  # STS_HALVES: selection, confirmation
+        figures.spearman_ratio_selection = halves["selection"] / reference.sts_spearman_halves["selection"]
+        figures.spearman_ratio_confirmation = halves["confirmation"] / reference.sts_spearman_halves["confirmation"]
         if reference.teacher_spearman is not None:
             to_teacher = spearman / reference.teacher_spearman
-            figures.update(sts_spearman_teacher=reference.teacher_spearman, spearman_ratio_to_teacher=to_teacher)
-            for half, value in halves.items():
-                figures[f"spearman_ratio_to_teacher_{half}"] = value / reference.teacher_spearman_halves[half]
+            figures.sts_spearman_teacher, figures.spearman_ratio_to_teacher = reference.teacher_spearman, to_teacher
+            teacher = reference.teacher_spearman_halves
+            figures.spearman_ratio_to_teacher_selection = halves["selection"] / teacher["selection"]
+            figures.spearman_ratio_to_teacher_confirmation = halves["confirmation"] / teacher["confirmation"]
             if thresholds.teacher_spearman_ratio is not None and to_teacher < thresholds.teacher_spearman_ratio:
                 failures.append(f"STS-B Spearman ratio to the teacher {to_teacher:.5f} < {thresholds.teacher_spearman_ratio}")
         if thresholds.spearman_ratio is not None and ratio < thresholds.spearman_ratio:
             failures.append(f"STS-B Spearman ratio {ratio:.5f} < {thresholds.spearman_ratio}")
     elif thresholds.spearman_ratio is not None and require_sts:
         failures.append(f"Spearman check required but {reference.sts_note}")
-    figures["retrieval"] = reference.retrieval_note
+    figures.retrieval = reference.retrieval_note
     if reference.retrieval_ndcg is not None:
         ndcg = reference._ndcg(runner, runner.name)
         ratio = ndcg / reference.retrieval_ndcg
-        figures.update(retrieval_ndcg10=ndcg, retrieval_ndcg10_fp32=reference.retrieval_ndcg, retrieval_ndcg_ratio=ratio,
-                       retrieval_set=reference.retrieval.describe())
+        figures.retrieval_ndcg10, figures.retrieval_ndcg10_fp32, figures.retrieval_ndcg_ratio = ndcg, reference.retrieval_ndcg, ratio
+        figures.retrieval_set = reference.retrieval.describe()
         if thresholds.retrieval_ndcg_ratio is not None and ratio < thresholds.retrieval_ndcg_ratio:
             failures.append(f"SciFact nDCG@10 ratio {ratio:.5f} < {thresholds.retrieval_ndcg_ratio}")
     return GateResult(figures=figures, failures=failures)

@@ -5,6 +5,7 @@ final embedding, so every runtime (ORT, TensorRT, torch) serves exactly the same
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -130,6 +131,19 @@ def ffn_output_matmuls(model_path: Path, layers: Iterable[int]) -> list[str]:
     return sorted(names)
 
 
+@contextlib.contextmanager
+def quieter(name: str | None = None, level: int = logging.ERROR):
+    """A logger (the root one by default: ONNX Runtime's quantizer logs through it) at `level` for the block, then
+    back where it was: the export never leaves the caller's logging changed."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def attention_nodes(model_path: Path) -> list[str]:
     """Names of the fused Attention nodes (QKV projection + attention) of an ORT-fused graph."""
     return sorted(n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node
@@ -140,15 +154,15 @@ def quantize_int8_dynamic(fp32_path: Path, out_path: Path, exclude_nodes: list[s
     """Per-channel dynamic INT8: weights quantized offline, activations per batch at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)  # silences "please run pre-processing" chatter
-    quantize_dynamic(
-        str(fp32_path),
-        str(out_path),
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=exclude_nodes,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    with quieter():  # silences "please run pre-processing" chatter
+        quantize_dynamic(
+            str(fp32_path),
+            str(out_path),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude_nodes,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     return {"mode": "dynamic", "per_channel": True, "weight_type": "QInt8", "fp32_nodes": exclude_nodes}
 
 
@@ -279,24 +293,24 @@ def quantize_int8_static(
         def rewind(self):
             self._it = iter(batches)
 
-    logging.getLogger().setLevel(logging.ERROR)
-    quantize_static(
-        str(fp32_path),
-        str(out_path),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=exclude_nodes,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={
-            "ActivationSymmetric": True,
-            "WeightSymmetric": True,
-            "DefaultTensorType": onnx.TensorProto.FLOAT,
-        },
-    )
+    with quieter():
+        quantize_static(
+            str(fp32_path),
+            str(out_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=exclude_nodes,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "DefaultTensorType": onnx.TensorProto.FLOAT,
+            },
+        )
     return {
         "mode": "static",
         "format": "QDQ",

@@ -105,12 +105,20 @@ def convert(raw_onnx: Path, xml: Path) -> dict:
 
 def quantize_int8(raw_onnx: Path, xml: Path, calibration: list[dict[str, np.ndarray]], fp32_layers: tuple[int, ...],
                   smooth_quant: bool = True) -> dict:
-    """`calibration`: batches of {input_ids, attention_mask} (export.calibration.calibration_batches)."""
+    """`calibration`: batches of {input_ids, attention_mask} (export.calibration.calibration_batches). NNCF's
+    logger is quieter while it runs, and back as it was after."""
+    from bert_recsys.export.onnx_export import quieter
+
+    with quieter("nncf", logging.WARNING):
+        return _quantize_int8(raw_onnx, xml, calibration, fp32_layers, smooth_quant)
+
+
+def _quantize_int8(raw_onnx: Path, xml: Path, calibration: list[dict[str, np.ndarray]], fp32_layers: tuple[int, ...],
+                   smooth_quant: bool) -> dict:
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-    nncf.set_log_level(logging.WARNING)
     model = ov.convert_model(str(raw_onnx))
     kept = ffn_output_names(fp32_layers)
     found = {op.get_friendly_name() for op in model.get_ordered_ops()}

@@ -28,8 +28,8 @@ from pathlib import Path
 from bert_recsys import logs
 from bert_recsys import settings as settings_module
 from bert_recsys.contracts.digest import file_sha256
-from bert_recsys.contracts.manifest import (SCHEMA_VERSION, Artifact, ArtifactFile, Manifest, Precision, VariantFormat,
-                                artifact_problems)
+from bert_recsys.contracts.manifest import (SCHEMA_VERSION, Artifact, ArtifactFile, GateFigures, Manifest, Precision,
+                                           VariantFormat, artifact_problems)
 from bert_recsys.export import onnx_export, openvino_variant, torch_variant
 from bert_recsys.export.calibration import calibration_batches, read_calibration_texts
 from bert_recsys.export.lineage import SOURCES, in_domain_sha256, read_lineage, read_texts
@@ -133,7 +133,7 @@ class Outcome:
     variant: str
     status: VariantStatus
     detail: str = ""
-    figures: dict = field(default_factory=dict)
+    figures: GateFigures = field(default_factory=GateFigures)
     seconds: float = 0.0
 
     @property

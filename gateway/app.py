@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field
 
 from bert_recsys import logs
+from bert_recsys.contracts.protocol import Protocol
 from bert_recsys.client.catalog import Item
 from bert_recsys.client.errors import InvalidRequest, ServingError
 from bert_recsys.client.experiments import EventError, EventStore, Experiment, ExperimentError, ExperimentRecommender
@@ -217,9 +218,9 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
     # request (measured in bench/gateway.py). The other routes call the synchronous gRPC client from
     # FastAPI's thread pool.
     if embedder is None:
-        if client.protocol != "grpc":
+        if client.protocol is not Protocol.GRPC:
             raise ValueError("the gateway talks to Triton over gRPC: give it a gRPC TritonClient")
-        url = (config.triton_http_url or client.settings.server.http_url) if config.embed_protocol == "http" else client.url
+        url = (config.triton_http_url or client.settings.server.http_url) if config.embed_protocol is Protocol.HTTP else client.url
         # A canary gets `canary_share` of these calls; the versions served are read fresh through the synchronous
         # client, at most every 2 s (the async client caches them). Recommendation routes keep to their index's encoder version (vectors of two
         # versions never meet): their canary is an experiment arm pinned to the new version (docs/experiments.md).

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bert_recsys import env, settings
+from bert_recsys.contracts.protocol import Protocol
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class GatewaySettings:
     max_inputs: int = 1000
     triton_url: str = field(default_factory=lambda: settings.SETTINGS.server.grpc_url)
     triton_http_url: str | None = None  # None: the http_url of the TritonClient's settings
-    embed_protocol: str = "http"
+    embed_protocol: Protocol = Protocol.HTTP
     # The served tokenizer, for `usage.prompt_tokens` (the same tokenizer.json the `tokenizer` model loads).
     tokenizer_file: Path = field(default_factory=lambda: default_tokenizer_file())
     model: str = field(default_factory=lambda: settings.Settings().models.embed)
@@ -44,8 +45,7 @@ class GatewaySettings:
             raise ValueError(f"canary_share must be within [0, 1], not {self.canary_share}")
         if not self.drain_s > 0:
             raise ValueError(f"drain_s must be positive, not {self.drain_s}")
-        if self.embed_protocol not in ("http", "grpc"):
-            raise ValueError(f"embed_protocol must be http or grpc, not {self.embed_protocol!r}")
+        object.__setattr__(self, "embed_protocol", Protocol.parse(self.embed_protocol))
 
     @classmethod
     def from_env(cls, **overrides) -> "GatewaySettings":

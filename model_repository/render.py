@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from bert_recsys.contracts.digest import files_identity
 from bert_recsys.contracts.manifest import MANIFEST_NAME, Manifest, ManifestError, Precision, VariantFormat
 from bert_recsys.contracts.runtime import Runtime, runtime_formats
-from bert_recsys.settings import Settings
+from bert_recsys.settings import Device, Settings
 
 RUNTIMES = tuple(r.value for r in Runtime)
 MODELS_SOURCE = Path(__file__).with_name("models")
@@ -44,8 +44,8 @@ ENCODER_WARMUP = ((1, 16), (8, 128))
 def torch_encoder_on_gpu(settings: Settings) -> bool:
     """ENCODER_DEVICE: gpu, cpu, or auto (a GPU when torch sees CUDA here, where the server will run)."""
     device = settings.instances.encoder_device
-    if device != "auto":
-        return device == "gpu"
+    if device is not Device.AUTO:
+        return device is Device.GPU
     import torch
 
     return torch.cuda.is_available()

@@ -24,8 +24,9 @@ from bert_recsys.client.experiments.events import EventStore
 from bert_recsys.client.index import IndexStore
 from bert_recsys.client.triton import TritonClient
 from bert_recsys.rollout.admin import replicas_from_file
+from bert_recsys.rollout.policy import Outcome
 from bert_recsys.rollout.steps import (LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, promote, roll_back, run,
-                           status)
+                                       status)
 
 
 def admin_key() -> str:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         events = EventStore(args.events) if args.events else None
         report = run(live, admin, args.export, rollout, store=store, client=client, events=events)
         print(json.dumps(report, indent=2))
-        return 0 if report["outcome"] == "promoted" else 3
+        return 0 if report["outcome"] is Outcome.PROMOTED else 3
     except RolloutRefused as error:
         print(f"rollout: refused: {error}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ so a refused promotion says which figure failed and by how much.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
 from bert_recsys.client.experiments.design import METRICS
 from bert_recsys.client.experiments.stats import RatioStats, non_inferior
@@ -17,6 +18,27 @@ MetricSnapshot = dict[tuple[str, str], float]
 
 class RolloutRefused(RuntimeError):
     """The new version failed a check before it took any traffic; what was serving is untouched."""
+
+
+class Outcome(StrEnum):
+    """How a rollout that went live ended (one refused before going live raises RolloutRefused instead)."""
+
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+
+    @classmethod
+    def of(cls, canary_healthy: bool) -> "Outcome":
+        return cls.PROMOTED if canary_healthy else cls.ROLLED_BACK
+
+
+class Phase(StrEnum):
+    """The phases of a rollout, in order, as its report's `phases` records them with their start times."""
+
+    VALIDATE = "validate"   # staged; the validation server compares the new version with the stable one
+    CANARY = "canary"       # live beside the stable version, taking its share
+    PROMOTE = "promote"     # the public ensembles switch; the old version drains
+    ROLL_BACK = "roll_back"  # the canary goes
+    DONE = "done"
 
 
 @dataclass(frozen=True)

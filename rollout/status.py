@@ -21,7 +21,7 @@ def status(live: LiveRepository, admin: TritonAdmin | None = None, window_s: flo
         versions[version] = {
             "role": role(version, stable, canary), "variant": manifest.variant, "exported_at": manifest.exported_at,
             "artifact_sha256": manifest.artifact.sha256[:16],
-            "gate": {k: manifest.gate.figures.get(k) for k in ("cosine_mean", "spearman_ratio")},
+            "gate": {"cosine_mean": manifest.gate.figures.cosine_mean, "spearman_ratio": manifest.gate.figures.spearman_ratio},
             "served_by": [*m.ensembles] * (version == stable) + [*m.pinned_ensembles(version)],
         }
     result = {"repository": str(live.path), "runtime": str(live.runtime), "stable": stable, "canary": canary,

@@ -42,8 +42,8 @@ from bert_recsys.contracts.manifest import Manifest, ManifestError
 from bert_recsys.contracts.runtime import Runtime
 from bert_recsys.export.gate import load_gate_sentences
 from bert_recsys.rollout.admin import Replica, TritonAdmin
-from bert_recsys.rollout.policy import (Responses, RolloutRefused, RolloutSettings, Validation, canary_verdict, traffic,
-                            validation_failures)
+from bert_recsys.rollout.policy import (Outcome, Phase, Responses, RolloutRefused, RolloutSettings, Validation,
+                                        canary_verdict, traffic, validation_failures)
 from bert_recsys.rollout.repository import LiveRepository, put_config, put_dir
 from bert_recsys.rollout.status import status
 from bert_recsys.server.launcher import ServerError, TritonServer, on_free_ports
@@ -271,8 +271,8 @@ def run(live: LiveRepository, admin: TritonAdmin, new_export: Path, rollout: Rol
         golden: list[str] | None = None, store: IndexStore | None = None, client: TritonClient | None = None,
         events: EventStore | None = None) -> dict:
     """stage -> validate -> swap in -> canary (-> re-embed the catalog index) -> promote, or roll back.
-    Raises RolloutRefused if the new version never went live; otherwise returns a report whose `outcome` is
-    `promoted` or `rolled_back`. `events`: the experiment event store the conversion check reads."""
+    Raises RolloutRefused if the new version never went live; otherwise returns a report whose `outcome` is an
+    Outcome and whose `phases` are (Phase, start time) in order. `events`: the experiment event store the conversion check reads."""
     if rollout.checks_conversion and events is None:
         raise RolloutRefused("canary_max_conversion_drop is set but no event store was given (--events)")
     golden = golden or load_gate_sentences()[0]
@@ -280,11 +280,12 @@ def run(live: LiveRepository, admin: TritonAdmin, new_export: Path, rollout: Rol
     with live.lock():
         with tempfile.TemporaryDirectory(prefix=".rollout-", dir=live.path.parent) as workdir:
             staging, new_version = stage(live, new_export, Path(workdir), rollout)
-            report.update(stable=live.stable, new_version=new_version)
+            report.update(stable=live.stable, new_version=new_version, phases=[(Phase.VALIDATE, time.time())])
             log.info("staged %s as version %d (stable: %d)", new_export, new_version, live.stable)
             report["validation"] = validate(staging, live.settings, live.stable, new_version, golden, rollout)
             try:
                 swap_in(live, staging, new_version, admin)
+                report["phases"].append((Phase.CANARY, time.time()))
                 report["canary"] = canary = watch_canary(live, admin, rollout, events)
                 index_name = None
                 if canary["healthy"] and store is not None:
@@ -297,12 +298,13 @@ def run(live: LiveRepository, admin: TritonAdmin, new_export: Path, rollout: Rol
                 else:
                     shutil.rmtree(live.version_dir(new_version), ignore_errors=True)
                 raise
-        if canary["healthy"]:
+        report["outcome"] = outcome = Outcome.of(canary["healthy"])
+        report["phases"].append((Phase.PROMOTE if outcome is Outcome.PROMOTED else Phase.ROLL_BACK, time.time()))
+        if outcome is Outcome.PROMOTED:
             promote(live, admin, rollout, store, index_name)
-            report["outcome"] = "promoted"
         else:
             roll_back(live, admin, rollout, store)
-            report["outcome"] = "rolled_back"
+    report["phases"].append((Phase.DONE, time.time()))
     report["seconds"] = round(time.time() - report["started_at"], 1)
     _append_history(live, report)
     return report

@@ -65,10 +65,10 @@ def test_gate_figures_meet_the_defaults(export_dir):
     fp32 = Manifest.read(export_dir / "onnx-fp32").gate.figures
     fp16 = Manifest.read(export_dir / "onnx-fp16").gate.figures
     int8 = Manifest.read(export_dir / "onnx-int8").gate.figures
-    assert fp32["cosine_min"] >= 0.9999 and fp16["cosine_min"] >= 0.999
-    assert int8["cosine_mean"] >= 0.99
+    assert fp32.cosine_min >= 0.9999 and fp16.cosine_min >= 0.999
+    assert int8.cosine_mean >= 0.99
     if settings.STSB_DEV.exists():
-        assert int8["spearman_ratio"] >= 0.99
+        assert int8.spearman_ratio >= 0.99
 
 
 def test_a_tampered_artifact_no_longer_matches_its_manifest(export_dir, tmp_path):
@@ -134,13 +134,13 @@ def test_ort_dynamic_int8_is_refused_for_batch_invariance_and_per_row_int8_passe
     quantize_int8_dynamic(fp32, tmp_path / "dynamic.onnx", ffn_output_matmuls(fp32, [0]))
     dynamic = evaluate(OrtRunner(tmp_path / "dynamic.onnx"), reference, DEFAULT_THRESHOLDS["int8"])
     assert not dynamic.passed and any("batch invariance" in f for f in dynamic.failures), dynamic.failures
-    assert dynamic.figures["batch_invariance_min_cosine"] < 0.999
+    assert dynamic.figures.batch_invariance_min_cosine < 0.999
     # Every projection per-row, attention included (the MultiHeadAttention rewrite): still invariant.
     details = quantize_int8_per_row(fp32, tmp_path / "per-row.onnx", [])
     assert details["int8_nodes"] == 24 and len(attention_nodes(fp32)) == 6
     per_row = evaluate(OrtRunner(tmp_path / "per-row.onnx"), reference, DEFAULT_THRESHOLDS["int8"])
-    assert per_row.figures["batch_invariance_min_cosine"] >= 0.99999, per_row.figures
-    assert per_row.figures["cosine_mean"] >= 0.99
+    assert per_row.figures.batch_invariance_min_cosine >= 0.99999, per_row.figures
+    assert per_row.figures.cosine_mean >= 0.99
 
 
 def test_the_default_int8_keeps_its_quality_on_the_half_of_sts_b_no_recipe_was_chosen_on(export_dir):
@@ -148,9 +148,9 @@ def test_the_default_int8_keeps_its_quality_on_the_half_of_sts_b_no_recipe_was_c
     from bert_recsys.export.gate import sts_half
 
     figures = Manifest.read(export_dir / "onnx-int8").gate.figures
-    if "spearman_ratio" not in figures:
+    if figures.spearman_ratio is None:
         pytest.skip("STS-B dev not available")
-    assert figures["spearman_ratio_confirmation"] >= 0.9985 and figures["batch_invariance_min_cosine"] >= 0.999
+    assert figures.spearman_ratio_confirmation >= 0.9985 and figures.batch_invariance_min_cosine >= 0.999
     halves = [sts_half(a, b) for a, b, _ in load_sts(settings.STSB_DEV)]
     assert 0.45 < halves.count("confirmation") / len(halves) < 0.55
 
@@ -198,7 +198,7 @@ def test_the_torch_variant_records_the_code_it_was_gated_with(export_dir):
     directory = export_dir / "torch-fp32"
     manifest = Manifest.read(directory)
     assert artifact_problems(directory) == [] and manifest.artifact.file == "model.safetensors"
-    assert manifest.gate.passed and manifest.gate.figures["cosine_min"] >= 0.9999
+    assert manifest.gate.passed and manifest.gate.figures.cosine_min >= 0.9999
     assert manifest.extra["recipe"]["module_sha256"] == file_sha256(MODULE)
     assert manifest.extra["recipe"]["gate_device"] in ("cpu", "cuda")
     assert manifest.extra["details"]["torch"]["format"] == torch_bert.FORMAT
@@ -215,8 +215,8 @@ def test_the_openvino_variant_carries_its_weights_file_and_passes_the_fp32_gate(
     assert [f.file for f in manifest.artifact.files] == ["model.xml", "model.bin"]
     assert artifact_problems(directory) == []
     assert manifest.artifact.companions[0].sha256 == file_sha256(directory / "model.bin")
-    assert manifest.gate.passed and manifest.gate.figures["cosine_min"] >= 0.9999
-    assert manifest.gate.figures["batch_invariance_min_cosine"] >= 0.999
+    assert manifest.gate.passed and manifest.gate.figures.cosine_min >= 0.9999
+    assert manifest.gate.figures.batch_invariance_min_cosine >= 0.999
     assert manifest.extra["details"]["openvino"]["inference_precision"] == "f32"
     assert manifest.extra["runtimes"]["openvino"] and manifest.extra["recipe"]["openvino"]
     # A copy whose weights changed no longer matches (the xml alone would).
@@ -324,6 +324,6 @@ def test_the_gate_measures_retrieval_on_scifact_as_a_second_task(export_dir, ref
     strict = DEFAULT_THRESHOLDS["int8"].with_overrides(retrieval_ndcg_ratio=1.5)
     int8 = evaluate(OrtRunner(export_dir / "onnx-int8" / "model.onnx"), ref, strict)
     figures = int8.figures
-    assert figures["retrieval_ndcg10_fp32"] == ref.retrieval_ndcg and figures["retrieval_set"]["queries"] == 24
-    assert figures["retrieval_ndcg_ratio"] >= DEFAULT_THRESHOLDS["int8"].retrieval_ndcg_ratio
-    assert [f for f in int8.failures] == [f"SciFact nDCG@10 ratio {figures['retrieval_ndcg_ratio']:.5f} < 1.5"]
+    assert figures.retrieval_ndcg10_fp32 == ref.retrieval_ndcg and figures.retrieval_set["queries"] == 24
+    assert figures.retrieval_ndcg_ratio >= DEFAULT_THRESHOLDS["int8"].retrieval_ndcg_ratio
+    assert [f for f in int8.failures] == [f"SciFact nDCG@10 ratio {figures.retrieval_ndcg_ratio:.5f} < 1.5"]

@@ -20,6 +20,7 @@ from bert_recsys import settings
 from bert_recsys.client.triton import RetryPolicy, TritonClient
 from bert_recsys.model_repository import render
 from bert_recsys.model_repository.render import build_repository
+from bert_recsys.rollout.policy import Outcome, Phase
 from bert_recsys.rollout.steps import LiveRepository, Replica, RolloutRefused, RolloutSettings, TritonAdmin, run, status
 from bert_recsys.server.launcher import TritonServer, on_free_ports
 
@@ -157,7 +158,10 @@ def test_rollouts_under_locust_load_fail_no_request(live, export_dir, movielens_
         output, _ = locust.communicate(timeout=180)
     print(output[-3000:])
     n = len(variants)
-    assert [r["outcome"] for r in reports] == ["promoted"] * n
+    assert [r["outcome"] for r in reports] == [Outcome.PROMOTED] * n
+    for r in reports:  # the phases as events, in order, with rising times (what bench/rollout.py plots)
+        assert [phase for phase, _ in r["phases"]] == [Phase.VALIDATE, Phase.CANARY, Phase.PROMOTE, Phase.DONE]
+        assert [at for _, at in r["phases"]] == sorted(at for _, at in r["phases"])
     assert [r["new_version"] for r in reports] == [start + i for i in range(1, n + 1)]
     assert all(r["canary"]["canary"]["requests"] >= FAST.canary_min_requests for r in reports)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -238,7 +242,8 @@ def test_a_canary_whose_lists_convert_worse_is_rolled_back(live, export_dir, tmp
             writer.join(timeout=30)
     events.close()
     verdict = report["canary"]
-    assert report["outcome"] == "rolled_back", verdict
+    assert report["outcome"] is Outcome.ROLLED_BACK, verdict
+    assert [phase for phase, _ in report["phases"]] == [Phase.VALIDATE, Phase.CANARY, Phase.ROLL_BACK, Phase.DONE]
     assert [r for r in verdict["reasons"] if r.startswith("conversion_rate")] == verdict["reasons"], verdict["reasons"]
     seen = verdict["responses"]
     assert seen["stable"]["rate"] == pytest.approx(0.10, abs=0.01) and seen["canary"]["rate"] == pytest.approx(0.05, abs=0.01)

@@ -339,3 +339,27 @@ def test_an_outcomes_record_that_cannot_be_written_never_fails_the_export(tmp_pa
     # Writing the record raises NotADirectoryError inside: it is caught (and logged), never raised to the export.
     assert record_outcomes(not_a_folder, [Outcome("onnx-int8", VariantStatus.WRITTEN)]) is None
     assert not_a_folder.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_quantizing_leaves_the_callers_logging_as_it_was(tmp_path):
+    """ONNX Runtime's quantizer logs through the root logger; the export quiets it for the call only."""
+    import logging
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bert_recsys.export.onnx_export import quantize_int8_dynamic
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    try:
+        quantize_int8_dynamic(tmp_path / "m.onnx", tmp_path / "q.onnx", [])
+        assert root.level == logging.INFO and (tmp_path / "q.onnx").is_file()
+    finally:
+        root.setLevel(before)

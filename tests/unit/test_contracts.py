@@ -136,3 +136,14 @@ def test_recall_channel_names_are_written_only_in_their_enum():
                     if path.name == "evaluate.py" and node.value == "popularity":
                         continue
                     pytest.fail(f"{path.relative_to(ROOT)}:{node.lineno}: channel name {node.value!r} as a literal")
+
+
+def test_gate_figures_are_typed_and_keep_what_they_do_not_know():
+    from bert_recsys.contracts.manifest import GateFigures
+
+    data = {"cosine_min": 0.9991, "spearman_ratio_confirmation": 1.0005, "gate_set": {"sentences": 64},
+            "sts": "STS-B dev", "a_future_figure": 3}
+    figures = GateFigures.from_json(data)
+    assert figures.cosine_min == 0.9991 and figures.spearman_ratio_confirmation == 1.0005
+    assert figures.retrieval_ndcg_ratio is None and figures.other == {"a_future_figure": 3}
+    assert figures.to_json() == data

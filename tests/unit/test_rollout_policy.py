@@ -121,3 +121,13 @@ def test_the_canary_must_show_its_conversion_is_not_worse_than_stables():
 def test_conversion_settings_are_validated(bad):
     with pytest.raises(ValueError):
         RolloutSettings(**bad)
+
+
+def test_the_outcome_is_an_enum_that_serializes_as_its_name():
+    import json
+
+    from bert_recsys.rollout.policy import Outcome, Phase
+
+    assert Outcome.of(True) is Outcome.PROMOTED and Outcome.of(False) is Outcome.ROLLED_BACK
+    assert json.dumps({"outcome": Outcome.ROLLED_BACK, "phases": [(Phase.CANARY, 1.5)]}) == \
+        '{"outcome": "rolled_back", "phases": [["canary", 1.5]]}'
