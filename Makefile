@@ -166,4 +166,4 @@ rollout-status: venv             ## what the server `make serve` runs is serving
 	$(BR) rollout status
 
 clean:
-	rm -rf build
+	rm -rf build .test-build

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("bert_recsys", "contracts", "export", "model_repository", "server", "client", "rollout", "gateway", "training",
-            "loadtest")
+            "loadtest", "bench")
 
 
 def modules(package: str) -> list[Path]:

@@ -14,6 +14,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The suite's own build directory: its fixtures (the session's export, rendered repositories, process records) never
+# write into the developer's build/. It is kept between sessions, so the export is reused while up to date. Set
+# before anything asks for a setting (settings are read when asked), and inherited by every process a test starts.
+TEST_BUILD_DIR = Path(__file__).resolve().parents[1] / ".test-build"
+os.environ["BUILD_DIR"] = str(TEST_BUILD_DIR)
 
 from bert_recsys import settings  # noqa: E402
 from bert_recsys.server.launcher import on_free_ports  # noqa: E402
@@ -67,7 +72,8 @@ EXPORTED_VARIANTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "torch-fp32", "ov-fp
 
 @pytest.fixture(scope="session")
 def export_dir() -> Path:
-    """build/export with the ONNX variants, gated; built on first use, then reused while up to date."""
+    """The suite's export (.test-build/export) with the ONNX variants, gated; built on first use, then reused while
+    up to date."""
     from bert_recsys.export.pipeline import ExportOptions, run_export
     from bert_recsys.export.variants import parse_variants
 
@@ -125,7 +131,7 @@ def wheel(tmp_path_factory):
 
     out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "project"
     shutil.copytree(settings.REPO_ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "build", "__pycache__", "*.egg-info", ".pytest_cache"))
+        ".git", ".venv*", "build", ".test-build", "__pycache__", "*.egg-info", ".pytest_cache"))
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                              "-w", str(out), str(source)], capture_output=True, text=True, timeout=300, cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -147,3 +147,9 @@ def test_gate_figures_are_typed_and_keep_what_they_do_not_know():
     assert figures.cosine_min == 0.9991 and figures.spearman_ratio_confirmation == 1.0005
     assert figures.retrieval_ndcg_ratio is None and figures.other == {"a_future_figure": 3}
     assert figures.to_json() == data
+
+
+def test_the_suite_builds_in_its_own_directory_not_the_developers_build():
+    """tests/conftest.py points BUILD_DIR at .test-build before any setting is read."""
+    assert settings.BUILD_DIR == ROOT / ".test-build" and settings.EXPORT_DIR == ROOT / ".test-build" / "export"
+    assert not settings.BUILD_DIR.is_relative_to(ROOT / "build")
