@@ -153,3 +153,62 @@ def test_the_suite_builds_in_its_own_directory_not_the_developers_build():
     """tests/conftest.py points BUILD_DIR at .test-build before any setting is read."""
     assert settings.BUILD_DIR == ROOT / ".test-build" and settings.EXPORT_DIR == ROOT / ".test-build" / "export"
     assert not settings.BUILD_DIR.is_relative_to(ROOT / "build")
+
+
+def module_files() -> dict:
+    """{dotted module name: file} for every module of bert_recsys, from pyproject.toml's folder mapping."""
+    import tomllib
+
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    found = {}
+    for package, folder in mapping.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            inner = path.relative_to(ROOT / folder).with_suffix("").parts
+            if "models" not in inner:
+                found[".".join((package, *inner)).removesuffix(".__init__")] = path
+    return found
+
+
+def import_time_edges(path, modules: set[str]) -> set[str]:
+    """The modules of bert_recsys that importing `path` imports at once (module-level statements only: an import
+    inside a function runs when it is called, which is how a cycle is broken on purpose)."""
+    edges = set()
+    for node in ast.parse(path.read_text()).body:
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                     for alias in node.names]
+        edges |= {name for name in names if name in modules}
+    return edges
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the directed graph, as a path that returns to its start, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for child in sorted(graph.get(name, ())):
+            if state.get(child) == 1:
+                return path[path.index(child):] + [child]
+            if child not in state and (cycle := visit(child, path + [child])):
+                return cycle
+        state[name] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state and (cycle := visit(name, [name])):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]  # the check itself
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    files = module_files()
+    graph = {name: import_time_edges(path, set(files)) - {name} for name, path in files.items()}
+    assert len(graph) > 60 and graph["bert_recsys.client.triton"]  # the walk sees the package and its edges
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
