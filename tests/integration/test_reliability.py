@@ -6,7 +6,7 @@
 - a model whose execute hangs: callers get ServingTimeout, the other models keep serving, stop still works;
 - the disk fills up while exporting and while staging a rollout: nothing half-written, the live repository and
   the index store untouched, a clear error.
-(Truncated or foreign index files: tests/unit/test_index_files.py.)
+(Truncated or foreign index files: tests/unit/client/test_index_files.py.)
 """
 from __future__ import annotations
 

@@ -212,3 +212,14 @@ def test_the_package_has_no_import_cycles():
     assert len(graph) > 60 and graph["bert_recsys.client.triton"]  # the walk sees the package and its edges
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_unit_tests_mirror_the_package():
+    """tests/unit/<room>/ for each room's own tests; package/ for the package as a whole (CLI, env, wheel, data),
+    docker/ for the images and manifests; this file and the process guard's test stay at the top."""
+    unit = ROOT / "tests" / "unit"
+    folders = {p.name for p in unit.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= set(LAYERS) | {"package", "docker"}, folders - set(LAYERS) - {"package", "docker"}
+    assert {"client", "export", "server", "rollout", "gateway", "bench"} <= folders
+    loose = {p.name for p in unit.glob("test_*.py")}
+    assert loose == {"test_contracts.py", "test_process_guard.py"}, loose

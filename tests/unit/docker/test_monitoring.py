@@ -85,7 +85,7 @@ def test_every_alert_has_a_window_a_severity_and_a_runbook_line_and_watches_a_gr
         used = set(re.findall(r"[a-z_]+:[a-z0-9_:]+", alert["expr"]))
         assert used <= recorded, f"{name} reads unrecorded series {used - recorded}"
         assert used or re.search(r"\bup\{", alert["expr"]), f"{name}: alert on a recorded series or on `up`"
-    # The PodMonitors' selectors and ports against the Deployments: tests/unit/test_k8s.py.
+    # The PodMonitors' selectors and ports against the Deployments: tests/unit/docker/test_k8s.py.
     assert {a["alert"] for a in alerts} >= {"TritonNotReady", "GatewayErrorRate", "GatewayLatencyOverSLO",
                                             "TritonQueueGrowing", "RateLimitSurge", "AuthFailureSurge", "CanaryFailing",
                                             "TritonCrashLooping"}

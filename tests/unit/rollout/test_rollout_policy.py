@@ -16,7 +16,7 @@ from bert_recsys.rollout.policy import (CanaryVerdict, RolloutSettings, Traffic,
                             validation_failures)
 
 M = settings.SETTINGS.models
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "metrics"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "metrics"
 
 
 @pytest.fixture(scope="module")
