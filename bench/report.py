@@ -1,7 +1,7 @@
 """bert-recsys bench report (`make report`): every benchmark in one run, one markdown report with plots.
 
 Runs, in order, on this machine:
-1. the bare encoder by variant (export.bench), and the most INT8 can give on this CPU (export.ceiling);
+1. the bare encoder by variant (bench.export), and the most INT8 can give on this CPU (bench.ceiling);
 2. `embed` and the bare `encoder` through Triton at b1 and b32, via perf_analyzer (bench.serving),
    which also gives the ensemble overhead;
 3. a step load on `embed` over HTTP to find the knee (Locust);
@@ -56,7 +56,7 @@ def bar_plot(rows: list[dict], path: Path) -> None:
 
 
 def ceiling_section(path: Path) -> list[str]:
-    """What INT8 can give at most on this CPU (export.ceiling), or why it is not in the report."""
+    """What INT8 can give at most on this CPU (bench.ceiling), or why it is not in the report."""
     if not path.exists():
         return ["Not measured: the INT8 ceiling (`bert-recsys bench ceiling`).", ""]
     report = json.loads(path.read_text())

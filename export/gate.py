@@ -32,7 +32,7 @@ class Thresholds:
     mean_cosine: float | None = None
     spearman_ratio: float | None = None
     batch_invariance_min_cosine: float | None = None
-    # A distilled student (export.distill) against its teacher: STS-B Spearman ratio, whole dev.
+    # A distilled student (training.distill) against its teacher: STS-B Spearman ratio, whole dev.
     teacher_spearman_ratio: float | None = None
     # SciFact retrieval nDCG@10 as a ratio to PyTorch FP32 (checked where the data is, like STS-B).
     retrieval_ndcg_ratio: float | None = None

@@ -82,7 +82,7 @@ class ExportOptions:
     retrieval_dir: Path | None = None
     trt_profile: str = ""
     force: bool = False
-    # A distilled student's teacher: gated against it too (export.distill). None = the one its lineage names,
+    # A distilled student's teacher: gated against it too (training.distill). None = the one its lineage names,
     # when that directory exists here.
     teacher_dir: Path | None = None
 
@@ -285,7 +285,7 @@ class Exporter:
 
     def calibration(self, in_domain_default: bool = False, batch_size: int = 32) -> list:
         """--calibration-file's texts; without one, ov-int8 (`in_domain_default`) calibrates on in-domain text from
-        the shared data (export.distill.read_texts), the others refuse."""
+        the shared data (export.lineage.read_texts), the others refuse."""
         if self.options.calibration_file is not None:
             texts = read_calibration_texts(self.options.calibration_file)
             where = str(self.options.calibration_file)

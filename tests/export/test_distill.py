@@ -1,4 +1,4 @@
-"""export.distill: a student with k of the teacher's layers, trained on real unlabeled text, then gated against
+"""training.distill: a student with k of the teacher's layers, trained on real unlabeled text, then gated against
 its teacher by the normal export (tiny sizes here: the point is the path, not the student's quality)."""
 import json
 import subprocess
