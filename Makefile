@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The one command line (bert_recsys/cli.py); every target below is a shortcut to one of its subcommands.
+# The one command line (bert_recsys/cli.py): the targets below are shortcuts to its subcommands (but `loadtest`, which
+# serves and runs Locust's venv, and `bench-gpu`, which runs on the device's Python without a venv).
 BR := $(VENV)/bin/bert-recsys
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -158,9 +159,11 @@ bench-rollout: venv loadtest-venv  ## 3 rollouts under 20 Locust users -> build/
 	$(BR) bench rollout
 
 NEW ?= build/export/onnx-fp32
+# ROLLOUT_GLOBAL_ARGS go before `run` (--family, --index-store, --replica, --repository); ROLLOUT_ARGS after it.
+ROLLOUT_GLOBAL_ARGS ?=
 ROLLOUT_ARGS ?=
 rollout: venv                    ## roll an export (NEW=build/export/<variant>) out to the server `make serve` runs
-	$(BR) rollout run $(NEW) $(ROLLOUT_ARGS)
+	$(BR) rollout $(ROLLOUT_GLOBAL_ARGS) run $(NEW) $(ROLLOUT_ARGS)
 
 rollout-status: venv             ## what the server `make serve` runs is serving: versions, manifests, shares
 	$(BR) rollout status

@@ -65,15 +65,27 @@ def run_stage(module: str, args: list[str]) -> int:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else _say(done.code))
 
 
-def run_checkout(module: str, args: list[str]) -> int:
+def run_checkout(module: str, args: list[str], python: Path | None = None) -> int:
     """A bench-area module of the checkout, as a child process in the checkout (it is not importable from an
-    installed package). Ctrl-C reaches it too: it shares the terminal's process group."""
+    installed package), under `python` (default: this interpreter). Ctrl-C reaches it too: it shares the
+    terminal's process group."""
     try:
         root = checkout()
     except CheckoutMissing as error:
         print(f"bert-recsys: {error}", file=sys.stderr)
         return 2
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=root).returncode
+    if python is not None and not Path(python).exists():
+        print(f"bert-recsys: {module} runs in Locust's own venv, {python}, which is missing: make loadtest-venv",
+              file=sys.stderr)
+        return 2
+    return subprocess.run([str(python or sys.executable), "-m", module, *args], cwd=root).returncode
+
+
+def run_locust(module: str, args: list[str]) -> int:
+    """Locust's runner, in the load-test venv (its gevent pins conflict with the main venv's)."""
+    from bert_recsys import settings
+
+    return run_checkout(module, args, settings.LOADTEST_PYTHON)
 
 
 def _say(message) -> int:
@@ -81,11 +93,11 @@ def _say(message) -> int:
     return 1
 
 
-def stage(application: typer.Typer, name: str, module: str, help: str, in_checkout: bool = False):
+def stage(application: typer.Typer, name: str, module: str, help: str, in_checkout: bool = False, runner=None):
     """A subcommand that forwards its arguments to `module`'s main."""
     def command(ctx: typer.Context):
-        runner = run_checkout if in_checkout else run_stage
-        raise typer.Exit(runner(module, ctx.args))
+        run = runner or (run_checkout if in_checkout else run_stage)
+        raise typer.Exit(run(module, ctx.args))
     command.__doc__ = help
     application.command(name, help=help, context_settings=FORWARD, add_help_option=False)(command)
 
@@ -150,10 +162,10 @@ BENCHES = {
     Bench.soak: ("bench.soak", True, "steady load: RSS of tritonserver and its stubs over time"),
     Bench.report: ("bench.report", True, "every benchmark in one report with plots"),
     Bench.crosscheck: ("bench.crosscheck", True, "perf_analyzer and Locust on the same load"),
-    Bench.loadtest: ("loadtest.run", True, "Locust headless against a running server, with SLOs"),
+    Bench.loadtest: ("loadtest.run", True, "Locust headless against a running server, with SLOs (in .venv-loadtest)"),
 }
 for bench, (module, in_checkout, text) in BENCHES.items():
-    stage(bench_app, bench.value, module, text, in_checkout)
+    stage(bench_app, bench.value, module, text, in_checkout, run_locust if bench is Bench.loadtest else None)
 
 
 @app.command("tune", context_settings=FORWARD, add_help_option=False)

@@ -296,3 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, state in rows:
         print(f"{name:<{width}}  {value}  ({state})")
     return 1 if any(state.startswith("error") for _, _, state in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("bert_recsys", "contracts", "export", "model_repository", "server", "client", "rollout", "gateway", "training",
+PACKAGES = ("bert_recsys", "contracts", "encoders", "export", "model_repository", "server", "client", "rollout", "gateway", "training",
             "loadtest", "bench")
 
 

@@ -79,3 +79,11 @@ def test_tune_print_choice_reads_the_choice_without_the_bench_area(monkeypatch, 
     assert cli.main(["tune", "--print-choice"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and f"{tmp_path / 'tune.json'}: unreadable tune record" in captured.err
+
+
+def test_bench_loadtest_runs_in_locusts_own_venv(monkeypatch, tmp_path, capsys):
+    result = run("bench", "loadtest", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: bert-recsys bench loadtest"), result.stderr[-1000:]
+    monkeypatch.setattr(settings, "LOADTEST_PYTHON", tmp_path / "no-venv" / "bin" / "python")
+    assert cli.main(["bench", "loadtest", "--users", "1"]) == 2
+    assert "make loadtest-venv" in capsys.readouterr().err
