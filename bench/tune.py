@@ -16,23 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 from bert_recsys import settings
 from bert_recsys.contracts.machine import machine_identity
-from bert_recsys.server.choice import OBJECTIVES, choose, passing_exports, served_variant, tune_file
+from bert_recsys.server.choice import OBJECTIVES, choose, passing_exports, print_choice, tune_file
 
 TUNE_FILE = tune_file(settings.BUILD_DIR)
-
-
-def print_choice() -> int:
-    variant, why, tuned = served_variant(settings.BUILD_DIR, settings.EXPORT_DIR)
-    if tuned:  # silent until someone tuned: then say which choice is used, or why not
-        print(f"tune: {why}", file=sys.stderr)
-    if variant:
-        print(variant)
-    return 0
 
 
 def measure(variant: str, seconds: float) -> dict:
@@ -64,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-choice", action="store_true", help="print the tuned variant for this machine")
     args = parser.parse_args(argv)
     if args.print_choice:
-        return print_choice()
+        return print_choice(settings.BUILD_DIR, settings.EXPORT_DIR)
     from bert_recsys import logs
     from bert_recsys.contracts.machine import machine
 

@@ -62,7 +62,7 @@ def run_stage(module: str, args: list[str]) -> int:
         print(f"bert-recsys: {error}", file=sys.stderr)
         return 2
     except SystemExit as done:
-        return done.code if isinstance(done.code, int) else (0 if done.code is None else _say(done.code))
+        return exit_code(done)
 
 
 def run_checkout(module: str, args: list[str], python: Path | None = None) -> int:
@@ -88,16 +88,18 @@ def run_locust(module: str, args: list[str]) -> int:
     return run_checkout(module, args, settings.LOADTEST_PYTHON)
 
 
-def _say(message) -> int:
-    print(message, file=sys.stderr)
+def exit_code(done: SystemExit) -> int:
+    """SystemExit's code as a process's: None is 0, a message is printed and is 1."""
+    if done.code is None or isinstance(done.code, int):
+        return done.code or 0
+    print(done.code, file=sys.stderr)
     return 1
 
 
-def stage(application: typer.Typer, name: str, module: str, help: str, in_checkout: bool = False, runner=None):
-    """A subcommand that forwards its arguments to `module`'s main."""
+def stage(application: typer.Typer, name: str, module: str, help: str, runner=run_stage):
+    """A subcommand that forwards its arguments to `module`, run by `runner` (in this process by default)."""
     def command(ctx: typer.Context):
-        run = runner or (run_checkout if in_checkout else run_stage)
-        raise typer.Exit(run(module, ctx.args))
+        raise typer.Exit(runner(module, ctx.args))
     command.__doc__ = help
     application.command(name, help=help, context_settings=FORWARD, add_help_option=False)(command)
 
@@ -148,24 +150,24 @@ class Bench(str, Enum):
     loadtest = "loadtest"
 
 
-# name: (module of the checkout's bench area or Locust's loadtest/, whether it runs from the checkout, help)
+# name: (module of the checkout's bench area, or Locust's loadtest/; help). Each runs from the checkout.
 BENCHES = {
-    Bench.export: ("bench.export", True, "the bare encoder: PyTorch FP32 against every exported variant"),
-    Bench.ceiling: ("bench.ceiling", True, "the most INT8 can speed the encoder up on this CPU"),
-    Bench.serving: ("bench.serving", True, "perf_analyzer: embed and encoder through Triton against the bare encoder"),
-    Bench.peers: ("bench.peers", True, "the peers users pick, each in its own venv, beside our variants, embed and the gateway"),
-    Bench.trace: ("bench.trace", True, "embed b1 broken into steps by Triton's trace API"),
-    Bench.gateway: ("bench.gateway", True, "the HTTP gateway against direct gRPC embed"),
-    Bench.rollout: ("bench.rollout", True, "three rollouts under Locust users"),
-    Bench.gpu: ("bench.gpu", True, "the torch runtime on a GPU: pack here, run on the device"),
-    Bench.ann: ("bench.ann", True, "the ANN index at catalog scale"),
-    Bench.soak: ("bench.soak", True, "steady load: RSS of tritonserver and its stubs over time"),
-    Bench.report: ("bench.report", True, "every benchmark in one report with plots"),
-    Bench.crosscheck: ("bench.crosscheck", True, "perf_analyzer and Locust on the same load"),
-    Bench.loadtest: ("loadtest.run", True, "Locust headless against a running server, with SLOs (in .venv-loadtest)"),
+    Bench.export: ("bench.export", "the bare encoder: PyTorch FP32 against every exported variant"),
+    Bench.ceiling: ("bench.ceiling", "the most INT8 can speed the encoder up on this CPU"),
+    Bench.serving: ("bench.serving", "perf_analyzer: embed and encoder through Triton against the bare encoder"),
+    Bench.peers: ("bench.peers", "the peers users pick, each in its own venv, beside our variants, embed and the gateway"),
+    Bench.trace: ("bench.trace", "embed b1 broken into steps by Triton's trace API"),
+    Bench.gateway: ("bench.gateway", "the HTTP gateway against direct gRPC embed"),
+    Bench.rollout: ("bench.rollout", "three rollouts under Locust users"),
+    Bench.gpu: ("bench.gpu", "the torch runtime on a GPU: pack here, run on the device"),
+    Bench.ann: ("bench.ann", "the ANN index at catalog scale"),
+    Bench.soak: ("bench.soak", "steady load: RSS of tritonserver and its stubs over time"),
+    Bench.report: ("bench.report", "every benchmark in one report with plots"),
+    Bench.crosscheck: ("bench.crosscheck", "perf_analyzer and Locust on the same load"),
+    Bench.loadtest: ("loadtest.run", "Locust headless against a running server, with SLOs (in .venv-loadtest)"),
 }
-for bench, (module, in_checkout, text) in BENCHES.items():
-    stage(bench_app, bench.value, module, text, in_checkout, run_locust if bench is Bench.loadtest else None)
+for bench, (module, text) in BENCHES.items():
+    stage(bench_app, bench.value, module, text, run_locust if bench is Bench.loadtest else run_checkout)
 
 
 @app.command("tune", context_settings=FORWARD, add_help_option=False)
@@ -176,16 +178,7 @@ def tune(ctx: typer.Context):
         from bert_recsys import settings
         from bert_recsys.server import choice
 
-        try:
-            variant, why, tuned = choice.served_variant(settings.BUILD_DIR, settings.EXPORT_DIR)
-        except ValueError as error:  # a damaged tune.json: named, and nothing chosen
-            print(f"bert-recsys: {error}", file=sys.stderr)
-            raise typer.Exit(2)
-        if tuned:
-            print(f"tune: {why}", file=sys.stderr)
-        if variant:
-            print(variant)
-        raise typer.Exit(0)
+        raise typer.Exit(choice.print_choice(settings.BUILD_DIR, settings.EXPORT_DIR))
     raise typer.Exit(run_checkout("bench.tune", ctx.args))
 
 
@@ -213,5 +206,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="bert-recsys")  # standalone: usage errors print and exit 2, as argparse's do
     except SystemExit as done:
-        return done.code if isinstance(done.code, int) else (0 if done.code is None else _say(done.code))
+        return exit_code(done)
     return 0

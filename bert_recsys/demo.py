@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         print(f"demo: {error}", file=sys.stderr)
         return 2
     if not args.no_build:
-        variant = args.variant or choice.served_variant(settings.BUILD_DIR, settings.EXPORT_DIR)[0] or choice.DEFAULT_VARIANT
+        variant = args.variant or choice.variant_to_serve(settings.BUILD_DIR, settings.EXPORT_DIR)
         print(f"[demo] data {data}; serving {variant} ({args.runtime} runtime)")
         code = build(variant, args.runtime, args.repository)
         if code:

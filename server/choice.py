@@ -75,6 +75,28 @@ def read_record(path: Path) -> dict | None:
         raise ValueError(f"{path}: unreadable tune record ({error}): delete it or run bert-recsys tune") from error
 
 
+def variant_to_serve(build_dir: Path, export_dir: Path) -> str:
+    """The tuned variant for this machine, else DEFAULT_VARIANT."""
+    return served_variant(build_dir, export_dir)[0] or DEFAULT_VARIANT
+
+
+def print_choice(build_dir: Path, export_dir: Path) -> int:
+    """`tune --print-choice`: the tuned variant on stdout (nothing when none holds here), and once something was
+    tuned, why on stderr. A damaged record is named, and exit code 2."""
+    import sys
+
+    try:
+        variant, why, tuned = served_variant(build_dir, export_dir)
+    except ValueError as error:
+        print(f"bert-recsys: {error}", file=sys.stderr)
+        return 2
+    if tuned:
+        print(f"tune: {why}", file=sys.stderr)
+    if variant:
+        print(variant)
+    return 0
+
+
 def served_variant(build_dir: Path, export_dir: Path) -> tuple[str | None, str, bool]:
     """(the tuned variant for this machine or None, why, whether anything was tuned at all)."""
     from bert_recsys.contracts.machine import machine_identity

@@ -408,8 +408,7 @@ def served_variant() -> str:
     """What `bert-recsys serve` serves here: the tuned choice for this machine, else the default."""
     from bert_recsys.server import choice
 
-    variant, _, _ = choice.served_variant(settings.BUILD_DIR, settings.EXPORT_DIR)
-    return variant or choice.DEFAULT_VARIANT
+    return choice.variant_to_serve(settings.BUILD_DIR, settings.EXPORT_DIR)
 
 
 def main(argv: list[str] | None = None) -> int:

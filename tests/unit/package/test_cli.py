@@ -42,13 +42,13 @@ def test_each_stage_answers_help_with_its_own_options(argv, capsys):
 
 
 def test_every_bench_names_a_module_with_a_main():
-    for bench, (module, in_checkout, _) in cli.BENCHES.items():
+    for bench, (module, _) in cli.BENCHES.items():
         spec = importlib.util.find_spec(module)
         assert spec is not None and spec.origin, f"bench {bench.value}: no module {module}"
         if spec.submodule_search_locations:  # python -m package runs package.__main__
             spec = importlib.util.find_spec(module + ".__main__")
         assert "main(" in Path(spec.origin).read_text(), f"bench {bench.value}: {module} has no main"
-        assert in_checkout and module.startswith(("bench.", "loadtest.")), bench
+        assert module.startswith(("bench.", "loadtest.")), bench  # each runs from the checkout
     for name in ("serving", "export"):
         result = run("bench", name, "--help")
         assert result.returncode == 0 and result.stdout.startswith(f"usage: bert-recsys bench {name}"), result.stderr[-1000:]

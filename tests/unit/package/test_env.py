@@ -23,18 +23,11 @@ def bad_value(var: env.Var) -> str | None:
 
 
 def package_modules() -> list[str]:
-    """Every module of bert_recsys, from pyproject.toml's folder mapping (the rooms are not under bert_recsys/)."""
-    import tomllib
+    """Every module of bert_recsys (the rooms are not under bert_recsys/), python -m entry points left out: they
+    run on import."""
+    from tests.unit.test_contracts import module_files
 
-    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    names = set()
-    for package, folder in mapping.items():
-        for path in (ROOT / folder).rglob("*.py"):
-            inner = path.relative_to(ROOT / folder).with_suffix("").parts
-            if "models" in inner or inner[-1] == "__main__":
-                continue  # Triton's model.py files; python -m entry points run on import
-            names.add(".".join((package, *inner)).removesuffix(".__init__"))
-    return sorted(names)
+    return sorted(name for name in module_files() if not name.endswith(".__main__"))
 
 
 def test_importing_every_module_of_the_package_reads_no_environment():
