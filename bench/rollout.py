@@ -115,7 +115,7 @@ def plot(history: list[dict], events: list[tuple[float, str]], path: Path, args)
     bottom.plot(seconds, [float(row["99%"]) for row in history], label="p99", color="tab:orange")
     bottom.set_ylabel("latency (ms)")
     bottom.set_xlabel("seconds")
-    colours = {"validate": "#dddddd", "canary": "#fde9b0", "promote": "#c9e7c9", "roll_back": "#f4c7c3"}
+    colours = {"validate": "#dddddd", "index": "#d6e4f5", "canary": "#fde9b0", "promote": "#c9e7c9", "roll_back": "#f4c7c3"}
     marks = []
     for when, phase in sorted(events):
         marks.append((when - t0, phase))

@@ -211,8 +211,9 @@ GATEWAY_MAX_BODY_BYTES = var("GATEWAY_MAX_BODY_BYTES", "int", 2_000_000, "larges
 GATEWAY_MAX_INPUTS = var("GATEWAY_MAX_INPUTS", "int", 1000, "texts per request", "gateway", minimum=1)
 GATEWAY_DRAIN_S = var("GATEWAY_DRAIN_S", "float", 10.0, "on SIGTERM: stop accepting, and give in-flight requests this "
                       "long to finish", "gateway", minimum=0)
-GATEWAY_CANARY_SHARE = var("GATEWAY_CANARY_SHARE", "float", 0.1, "the share of calls sent to a canary encoder version "
-                           "while a rollout has one loaded; a call the canary fails is served by the stable one",
+GATEWAY_CANARY_SHARE = var("GATEWAY_CANARY_SHARE", "float", 0.1, "the share of embedding and recommendation calls sent "
+                           "to a canary encoder version while a rollout has one loaded (recommendations once the "
+                           "canary's catalog index is published); a call the canary fails is served by the stable one",
                            "gateway", minimum=0, maximum=1)
 GATEWAY_TRITON_URL = var("GATEWAY_TRITON_URL", "str", None, "Triton's gRPC endpoint, host:port", "gateway",
                          default_text="TRITON_HOST:TRITON_GRPC_PORT")

@@ -342,9 +342,27 @@ class IndexStore:
         return ItemIndex.load(self.root / name, template)
 
     def names(self) -> list[str]:
+        """The published indexes (not one still being written), by name."""
         if not self.root.exists():
             return []
-        return sorted(p.name for p in self.root.iterdir() if not p.is_symlink() and (p / "index.json").exists())
+        return sorted(p.name for p in self.root.iterdir()
+                      if not p.is_symlink() and not p.name.startswith(".") and (p / "index.json").exists())
+
+    def find(self, version: int, manifest_sha256: str | None = None, template: str | None = None) -> str | None:
+        """The newest published index embedded by encoder `version`: by the export whose manifest hash is given
+        (a version number is reused after a rollback, by another export), and from the template given, when
+        given. None when there is none (a rollout has not published it yet)."""
+        prefix = f"v{int(version)}-" + (manifest_sha256[:12] if manifest_sha256 else "")
+        suffix = f"-{template.replace('@', '-')}" if template else ""
+        found = [n for n in self.names() if n.startswith(prefix) and n.endswith(suffix)]
+
+        def written(name: str) -> int:
+            try:
+                return (self.root / name / "index.json").stat().st_mtime_ns
+            except OSError:  # removed meanwhile (a rollback's clean-up)
+                return -1
+
+        return max(found, key=written, default=None)
 
     def remove_others(self, keep: set[str]) -> None:
         for name in self.names():

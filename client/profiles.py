@@ -121,12 +121,14 @@ class ProfileCache:
         self.histories = histories
         self.items = items
         self.settings = settings
-        self._profiles: dict[tuple[int, int], UserProfile] = {}
+        self._profiles: dict[tuple[int, int], tuple[ItemIndex, UserProfile]] = {}
 
     def get(self, user_id: int, index: ItemIndex, attributes: dict | None = None) -> UserProfile:
         key = (id(index), int(user_id))
-        cached = self._profiles.get(key)
-        if cached is None:
+        entry = self._profiles.get(key)
+        # The entry keeps its index referenced, so no other index can be given the same id() while it is cached.
+        if entry is None or entry[0] is not index:
             history = self.histories.get(int(user_id), EMPTY_HISTORY)
-            cached = self._profiles[key] = build_profile(user_id, history, index, self.items, self.settings)
+            entry = self._profiles[key] = (index, build_profile(user_id, history, index, self.items, self.settings))
+        cached = entry[1]
         return replace(cached, attributes=dict(attributes)) if attributes else cached

@@ -184,12 +184,27 @@ class Recommender:
         name = self.index_store.current_name()
         if name is None or name == self.index_name:
             return False
-        index = self.index_store.load(name)
-        if not np.array_equal(index.item_ids, self.index.item_ids):
-            raise ValueError(f"index {name} holds other items than the one this recommender was fitted on")
-        self._use_index(index)
+        self._use_index(self.adopt(self.index_store.load(name)))
         self.index_name = name
         return True
+
+    def adopt(self, index: ItemIndex) -> ItemIndex:
+        """`index` (another encoder version's, from the store) made to hold this recommender's catalog: the items
+        added live since it was embedded (`add_item`) are embedded by its own version, from its own template, and
+        added to it. An index holding items this recommender does not know is refused (ValueError). Returns it."""
+        unknown = [i for i in index.item_ids.tolist() if i not in self.items]
+        if unknown:
+            raise ValueError(f"the index holds {len(unknown)} items this recommender does not know, e.g. {unknown[:5]}")
+        missing = [i for i in self.index.item_ids.tolist() if not index.has(i)]
+        if missing:
+            chosen = by_identity(index.template)
+            if chosen is None:
+                raise TemplateMismatch(f"the index was embedded from template {index.template!r}, which is not a "
+                                       f"built-in one: the {len(missing)} items added live cannot be embedded into it")
+            texts = [chosen.render(self.items[i]) for i in missing]
+            vectors = self.client.embed_many(texts, encoder_version=index.encoder_version)
+            index.add(missing, vectors, texts if index.texts is not None else None)
+        return index
 
     def profile(self, user_id: int, attributes: dict | None = None, index: ItemIndex | None = None,
                 history: Sequence[int] | None = None) -> UserProfile:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from bert_recsys import logs
 from bert_recsys.contracts.protocol import Protocol
+from bert_recsys.client.canary import CanaryIndexes
 from bert_recsys.client.catalog import Item
 from bert_recsys.client.errors import InvalidRequest, ServingError
 from bert_recsys.client.experiments import EventError, EventStore, Experiment, ExperimentError, ExperimentRecommender
@@ -83,6 +84,10 @@ class Metrics:
         self.responses = Counter("gateway_responses", "Responses per route, status and API key name",
                                  ["route", "status", "key"], registry=self.registry)
         self.in_flight = Gauge("gateway_in_flight", "Requests being served", registry=self.registry)
+        self.recommendations = Counter("gateway_recommendations", "Recommendation lists per encoder version they came "
+                                       "from (a canary's share shows here), and whether a failed canary handed the "
+                                       "call to the stable version", ["encoder_version", "fell_back"],
+                                       registry=self.registry)
         self.upstream_ready = Gauge("gateway_upstream_ready", "1 when Triton reports the served model ready to this "
                                     "gateway, else 0 (asked at each scrape)", ["model"], registry=self.registry)
 
@@ -175,7 +180,13 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
         raise ValueError("no API keys: set GATEWAY_API_KEYS or GATEWAY_KEY_FILE")
 
     metrics = Metrics()
-    served = ExperimentRecommender(recommender, experiment) if recommender is not None else None
+    served = None
+    if recommender is not None:
+        # Recommendations' canary share: from the canary's own catalog index, which the rollout embeds before its
+        # canary window (client/canary.py), so a query vector and the item vectors always come from one version.
+        canary = (CanaryIndexes(recommender, client.serving_view, config.canary_share)
+                  if config.canary_share > 0 and recommender.index_store is not None else None)
+        served = ExperimentRecommender(recommender, experiment, canary)
     limiter = RateLimiter(config.rate_rps, config.rate_texts_per_s, config.burst_s)
     app = FastAPI(title="BERT serving gateway", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -222,8 +233,8 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
             raise ValueError("the gateway talks to Triton over gRPC: give it a gRPC TritonClient")
         url = (config.triton_http_url or client.settings.server.http_url) if config.embed_protocol is Protocol.HTTP else client.url
         # A canary gets `canary_share` of these calls; the versions served are read fresh through the synchronous
-        # client, at most every 2 s (the async client caches them). Recommendation routes keep to their index's encoder version (vectors of two
-        # versions never meet): their canary is an experiment arm pinned to the new version (docs/experiments.md).
+        # client, at most every 2 s (the async client caches them). Recommendations take the same share from the
+        # canary's own catalog index (above), so vectors of two versions never meet.
         embedder = AsyncTritonClient(url, settings=client.settings, retry=client.retry, timeout_s=client.timeout_s,
                                      protocol=config.embed_protocol, canary_share=config.canary_share,
                                      view=lambda: client.serving_view(max_age_s=0))
@@ -253,6 +264,7 @@ def create_app(config: GatewaySettings, client, keys: KeyStore, tokens: TokenCou
                                                       history=body.history, diversify=body.diversify))
         except ExperimentError as error:  # an arm pinned to an encoder version with no index
             raise ApiError(503, str(error), type_="server_error", code="arm_unavailable") from None
+        metrics.recommendations.labels(str(result.encoder_version), str(result.fell_back).lower()).inc()
         return {"request_id": result.request_id, "experiment": result.experiment, "arm": result.arm,
                 "user_id": body.user_id, "encoder_version": result.encoder_version, "cold": result.profile.is_cold,
                 "profile": result.profile.summary(), "items": result.items}

@@ -35,6 +35,7 @@ class Phase(StrEnum):
     """The phases of a rollout, in order, as its report's `phases` records them with their start times."""
 
     VALIDATE = "validate"   # staged; the validation server compares the new version with the stable one
+    INDEX = "index"         # live; the canary embeds the catalog index its share of recommendations is served from
     CANARY = "canary"       # live beside the stable version, taking its share
     PROMOTE = "promote"     # the public ensembles switch; the old version drains
     ROLL_BACK = "roll_back"  # the canary goes
@@ -200,6 +201,12 @@ def canary_verdict(stable: Traffic, canary: Traffic, rollout: RolloutSettings,
             raise ValueError("the rollout checks conversion: the canary verdict needs both versions' responses")
         reasons += conversion_failures(*responses, rollout)
     return CanaryVerdict(stable, canary, tuple(reasons), responses)
+
+
+def index_failure(stable: Traffic, canary: Traffic, error: str) -> CanaryVerdict:
+    """The verdict on a canary that could not embed the catalog index (before its window): unhealthy, whatever
+    its traffic, since its share of recommendations would have no index to be served from."""
+    return CanaryVerdict(stable, canary, (f"the canary could not embed the catalog index: {error}",))
 
 
 # ---- roles and shares, for `status` ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Version rollout on a live tritonserver: stage -> validate -> swap in -> canary -> promote or roll back.
+"""Version rollout on a live tritonserver: stage -> validate -> swap in -> index -> canary -> promote or roll back.
 
 The live repository is served in explicit model-control mode. A new export becomes encoder version N+1 beside
 the stable version N:
@@ -37,13 +37,13 @@ from bert_recsys import logs
 from bert_recsys.client.experiments.events import EventStore
 from bert_recsys.client.experiments.report import METRIC_COLUMN, per_user
 from bert_recsys.client.index import IndexStore, embed_index
-from bert_recsys.client.triton import RetryPolicy, TritonClient
+from bert_recsys.client.triton import CANARY_FALLBACK, RetryPolicy, TritonClient
 from bert_recsys.contracts.manifest import Manifest, ManifestError
 from bert_recsys.contracts.runtime import Runtime
 from bert_recsys.export.gate import load_gate_sentences
 from bert_recsys.rollout.admin import Replica, TritonAdmin
 from bert_recsys.rollout.policy import (Outcome, Phase, Responses, RolloutRefused, RolloutSettings, Validation,
-                                        canary_verdict, traffic, validation_failures)
+                                        canary_verdict, index_failure, traffic, validation_failures)
 from bert_recsys.rollout.repository import LiveRepository, put_config, put_dir
 from bert_recsys.rollout.status import status
 from bert_recsys.server.launcher import ServerError, TritonServer, on_free_ports
@@ -52,7 +52,8 @@ from bert_recsys.settings import Settings
 log = logs.get("rollout")
 # The rollout's public names, importable from here as before the split.
 __all__ = ["LiveRepository", "Replica", "TritonAdmin", "RolloutRefused", "RolloutSettings", "traffic", "status",
-           "stage", "validate", "swap_in", "watch_canary", "reembed_index", "promote", "roll_back", "run"]
+           "stage", "validate", "swap_in", "canary_index", "watch_canary", "reembed_index", "promote", "roll_back",
+           "run"]
 
 
 def runtime_of(live: LiveRepository, rollout: RolloutSettings) -> Runtime:
@@ -193,6 +194,23 @@ def watch_canary(live: LiveRepository, admin: TritonAdmin, rollout: RolloutSetti
     return verdict.to_json()
 
 
+def canary_index(live: LiveRepository, admin: TritonAdmin, client: TritonClient, store: IndexStore,
+                 version: int) -> tuple[str | None, dict | None]:
+    """The catalog index embedded by the canary `version`, published (not switched) before its canary window, so
+    that clients can serve its share of recommendations from it (client.canary). -> (its name, None), or (None, an
+    unhealthy verdict) when the canary fails the embedding: it is then rolled back before any share reaches it."""
+    m = live.settings.models
+    before = admin.metrics()
+    try:
+        return reembed_index(live, client, store, version), None
+    except CANARY_FALLBACK as error:
+        after = admin.metrics()
+        verdict = index_failure(traffic(before, after, m.ensembles), traffic(before, after, m.pinned_ensembles(version)),
+                                str(error))
+        log.warning("canary v%d: %s", version, verdict.reasons[0])
+        return None, verdict.to_json()
+
+
 def reembed_index(live: LiveRepository, client: TritonClient, store: IndexStore, version: int) -> str:
     """The catalog index, embedded again by `version` through its pinned ensemble; published, not switched."""
     current = store.load()
@@ -270,11 +288,13 @@ def _retire(live: LiveRepository, admin: TritonAdmin, version: int, keep: int, r
 def run(live: LiveRepository, admin: TritonAdmin, new_export: Path, rollout: RolloutSettings = RolloutSettings(),
         golden: list[str] | None = None, store: IndexStore | None = None, client: TritonClient | None = None,
         events: EventStore | None = None) -> dict:
-    """stage -> validate -> swap in -> canary (-> re-embed the catalog index) -> promote, or roll back.
+    """stage -> validate -> swap in (-> the canary embeds the catalog index) -> canary -> promote, or roll back.
     Raises RolloutRefused if the new version never went live; otherwise returns a report whose `outcome` is an
     Outcome and whose `phases` are (Phase, start time) in order. `events`: the experiment event store the conversion check reads."""
     if rollout.checks_conversion and events is None:
         raise RolloutRefused("canary_max_conversion_drop is set but no event store was given (--events)")
+    if store is not None and client is None:
+        raise RolloutRefused("an index store to re-embed needs a client of the live server")
     golden = golden or load_gate_sentences()[0]
     report: dict = {"export": str(new_export), "settings": asdict(rollout), "started_at": time.time()}
     with live.lock():
@@ -285,12 +305,15 @@ def run(live: LiveRepository, admin: TritonAdmin, new_export: Path, rollout: Rol
             report["validation"] = validate(staging, live.settings, live.stable, new_version, golden, rollout)
             try:
                 swap_in(live, staging, new_version, admin)
-                report["phases"].append((Phase.CANARY, time.time()))
-                report["canary"] = canary = watch_canary(live, admin, rollout, events)
-                index_name = None
-                if canary["healthy"] and store is not None:
-                    index_name = reembed_index(live, client, store, new_version)
+                index_name = canary = None
+                if store is not None:  # before the window: the canary's share of recommendations is served from it
+                    report["phases"].append((Phase.INDEX, time.time()))
+                    index_name, canary = canary_index(live, admin, client, store, new_version)
                     report["index"] = index_name
+                if canary is None:
+                    report["phases"].append((Phase.CANARY, time.time()))
+                    canary = watch_canary(live, admin, rollout, events)
+                report["canary"] = canary
             except Exception as error:  # anything unexpected before promotion: back to the stable version alone
                 log.warning("%s: %s; rolling back", type(error).__name__, error)
                 if live.canary is not None:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from bert_recsys import logs
+from bert_recsys.client.canary import CanaryIndexes
 from bert_recsys.client.experiments.design import Arm, Experiment, ExperimentError
 from bert_recsys.client.index import ItemIndex
 from bert_recsys.client.recommend import CHANNELS, Recommender
+from bert_recsys.client.triton import CANARY_FALLBACK
+
+log = logs.get("client")
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,7 @@ class Served:
     user_id: int
     items: list[dict]
     profile: object = field(repr=False, default=None)
+    fell_back: bool = False   # drawn for the canary, which failed it: served by the stable version
 
     def impression(self, event_id: str | None = None, ts: float | None = None) -> dict:
         """The impression event for showing this whole list, in order (positions 0..n-1)."""
@@ -34,12 +40,15 @@ class Served:
 
 class ExperimentRecommender:
     """A Recommender behind an experiment. Arms pinned to an encoder version serve from the index store's index
-    for that version (embedded by it; a rollout publishes one), so vectors and version always go together."""
+    for that version (embedded by it; a rollout publishes one), so vectors and version always go together.
+    `canary` (client.canary.CanaryIndexes) sends its share of the other calls to a canary's index while a rollout
+    runs one; a call the canary fails is served again from the stable index (`Served.fell_back`)."""
 
-    def __init__(self, recommender: Recommender, experiment: Experiment | None):
+    def __init__(self, recommender: Recommender, experiment: Experiment | None, canary: CanaryIndexes | None = None):
         self.recommender = recommender
         self.experiment = experiment
-        self._indexes: dict[int, ItemIndex] = {}
+        self.canary = canary
+        self._indexes: dict[str, ItemIndex] = {}
 
     def index_for(self, arm: Arm) -> ItemIndex | None:
         if arm.encoder_version is None:
@@ -48,19 +57,21 @@ class ExperimentRecommender:
         current = self.recommender.index
         if current.encoder_version == version:
             return current
-        if version not in self._indexes:
-            store = self.recommender.index_store
-            names = [n for n in (store.names() if store is not None else []) if n.startswith(f"v{version}-")]
-            if not names:
-                raise ExperimentError(f"arm {arm.name}: no catalog index embedded by encoder version {version}"
-                                      + (f" in {store.root}" if store is not None else " (no index store)"))
-            self._indexes[version] = store.load(names[-1])
-        return self._indexes[version]
+        store = self.recommender.index_store
+        name = store.find(version) if store is not None else None
+        if name is None:
+            raise ExperimentError(f"arm {arm.name}: no catalog index embedded by encoder version {version}"
+                                  + (f" in {store.root}" if store is not None else " (no index store)"))
+        if name not in self._indexes:
+            self._indexes = {name: self.recommender.adopt(store.load(name))}
+        return self._indexes[name]
 
-    def recommend_arm(self, arm: Arm, user_id: int, n: int = 10, blocked=frozenset(), history=None):
-        """One arm's list for a user, whatever arm the user is assigned: -> (profile, items, encoder version)."""
+    def recommend_arm(self, arm: Arm, user_id: int, n: int = 10, blocked=frozenset(), history=None,
+                      index: ItemIndex | None = None):
+        """One arm's list for a user, whatever arm the user is assigned: -> (profile, items, encoder version).
+        `index` serves it from that index instead of the arm's own (the canary's)."""
         rec = self.recommender
-        index = self.index_for(arm)
+        index = index or self.index_for(arm)
         weights = {**rec.settings.weights, **arm.channel_weights} if arm.channel_weights else None
         profile, items = rec.recommend(user_id, n=n, blocked=blocked, history=history,
                                        channels=arm.channels or CHANNELS, diversify=arm.diversify, weights=weights,
@@ -70,12 +81,27 @@ class ExperimentRecommender:
     def recommend(self, user_id: int, n: int = 10, blocked=frozenset(), history=None, diversify: bool = True,
                   request_id: str | None = None) -> Served:
         """The list for the user's arm (or the recommender's own, outside an experiment), with its ids. Inside an
-        experiment the arm decides `diversify`."""
+        experiment the arm decides `diversify`. Outside one, and in arms not pinned to a version, the canary takes
+        its share."""
         request_id = request_id or uuid.uuid4().hex
-        if self.experiment is None:
-            profile, items = self.recommender.recommend(user_id, n=n, blocked=blocked, history=history,
-                                                        diversify=diversify)
-            return Served(request_id, None, None, self.recommender.index.encoder_version, int(user_id), items, profile)
-        arm = self.experiment.assign(user_id)
-        profile, items, version = self.recommend_arm(arm, user_id, n, blocked, history)
-        return Served(request_id, self.experiment.name, arm.name, version, int(user_id), items, profile)
+        arm = self.experiment.assign(user_id) if self.experiment is not None else None
+        name = self.experiment.name if self.experiment is not None else None
+        canary = (self.canary.pick() if self.canary is not None and (arm is None or arm.encoder_version is None)
+                  else None)
+        if canary is not None:
+            try:
+                profile, items, version = self._serve(arm, user_id, n, blocked, history, diversify, canary)
+                return Served(request_id, name, arm and arm.name, version, int(user_id), items, profile)
+            except CANARY_FALLBACK as error:  # Triton's metrics keep the canary's failure for the rollout's verdict
+                log.debug("canary v%s failed a recommendation, served by the stable version: %s",
+                            canary.encoder_version, error)
+        profile, items, version = self._serve(arm, user_id, n, blocked, history, diversify)
+        return Served(request_id, name, arm and arm.name, version, int(user_id), items, profile,
+                      fell_back=canary is not None)
+
+    def _serve(self, arm: Arm | None, user_id, n, blocked, history, diversify, index: ItemIndex | None = None):
+        if arm is not None:
+            return self.recommend_arm(arm, user_id, n, blocked, history, index)
+        rec = self.recommender
+        profile, items = rec.recommend(user_id, n=n, blocked=blocked, history=history, diversify=diversify, index=index)
+        return profile, items, (index or rec.index).encoder_version

@@ -487,57 +487,101 @@ def test_events_acknowledged_through_a_gateway_crash_are_stored_exactly_once(tri
 
 
 def failing_encoder_source(tmp_path):
-    """A copy of the model sources whose encoder fails every real call when the repository it is loaded from holds
-    a FAIL_VERSION file naming its version: so the new version passes validation (on its own staging repository)
-    and its load-time warmup, and fails every call as the live server's canary."""
+    """A copy of the model sources whose encoder fails every real call while the repository it is loaded from holds
+    a FAIL_VERSION file naming its version (read at each call): so the new version passes validation (on its own
+    staging repository) and its load-time warmup, and fails as the live server's canary from when the file is
+    written."""
     from bert_recsys.model_repository import render
 
     models = shutil.copytree(render.MODELS_SOURCE, tmp_path / "models")
     encoder_py = models / "encoder_embedded" / "model.py"
     source = encoder_py.read_text()
     source = source.replace("    def initialize(self, args):\n", "    def initialize(self, args):\n"
-                            "        marker = Path(args['model_repository']).parent / 'FAIL_VERSION'\n"
-                            "        self.fail_every_call = marker.exists() and marker.read_text().strip() == str(args['model_version'])\n", 1)
+                            "        self.fail_marker = Path(args['model_repository']).parent / 'FAIL_VERSION'\n"
+                            "        self.own_version = str(args['model_version'])\n", 1)
     # Real calls only: the load-time warmup (zero ids) passes, so the version loads and then fails as the canary.
     source = source.replace("    def execute(self, requests):\n", "    def execute(self, requests):\n"
                             "        ids = pb_utils.get_input_tensor_by_name(requests[0], self.input_names[0]).as_numpy()\n"
-                            "        if self.fail_every_call and ids.any():\n"
+                            "        if ids.any() and self.fail_marker.exists() and "
+                            "self.fail_marker.read_text().strip() == self.own_version:\n"
                             "            raise RuntimeError('this canary fails every call')\n", 1)
-    assert source.count("fail_every_call") == 2
+    assert source.count("fail_marker") == 3
     encoder_py.write_text(source)
     return models
 
 
+def small_catalog(movielens_slice, target, movies: int):
+    """The slice's first `movies` movies and their ratings: the rollout embeds the catalog through the canary."""
+    target.mkdir()
+    lines = (movielens_slice / "movies.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (target / "movies.csv").write_text("".join(lines[: movies + 1]), encoding="utf-8")
+    kept = {line.split(",", 1)[0] for line in lines[1: movies + 1]}
+    ratings = (movielens_slice / "ratings.csv").read_text().splitlines(keepends=True)
+    (target / "ratings.csv").write_text(ratings[0] + "".join(r for r in ratings[1:] if r.split(",")[1] in kept))
+    return target
+
+
+def gateway_counts(url: str) -> dict[tuple[str, str], float]:
+    """gateway_recommendations_total by (encoder_version, fell_back), read from the gateway's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {(s.labels["encoder_version"], s.labels["fell_back"]): s.value for family in text_string_to_metric_families(text)
+            if family.name == "gateway_recommendations" for s in family.samples if s.name.endswith("_total")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("canary, upstream", [("good", "http"), ("failing", "grpc")])
-def test_a_rollout_driven_only_by_gateway_traffic(export_dir, tmp_path, monkeypatch, canary, upstream):
-    """Only the gateway calls Triton (4 Locust users on /v1/embeddings, canary share 0.25) while a new encoder
-    version is rolled out: a good canary gets its share (within +-30%) and is promoted, one that fails every call
-    is rolled back, and no application request fails: a call the canary fails is served by the stable version."""
+@pytest.mark.parametrize("canary, upstream", [("good", "http"), ("failing", "grpc"), ("failing-index", "grpc")])
+def test_a_rollout_driven_only_by_gateway_traffic(export_dir, movielens_slice, tmp_path, monkeypatch, canary, upstream):
+    """Only the gateway calls Triton (4 Locust users on /v1/embeddings and /v1/recommendations, canary share 0.25)
+    while a new encoder version is rolled out, its catalog index embedded by the canary before the window:
+    - a good canary gets its share of both routes (within +-30%) and is promoted;
+    - one that fails every call from its window on is rolled back;
+    - one that fails from the start cannot embed the catalog, and is rolled back before any recommendation uses it;
+    and no application request fails: a call the canary fails is served by the stable version."""
+    from bert_recsys.client.index import IndexStore
     from bert_recsys.model_repository import render
     from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.rollout import steps
     from bert_recsys.rollout.steps import LiveRepository, RolloutSettings, TritonAdmin, run
     from bert_recsys.server.launcher import TritonServer, on_free_ports
 
     share = 0.25
     path = build_repository(settings.SETTINGS, export_dir, "onnx-int8", "embedded", tmp_path / "live")
-    if canary == "failing":
+    if canary != "good":
         monkeypatch.setattr(render, "MODELS_SOURCE", failing_encoder_source(tmp_path))
+    if canary == "failing-index":
         (path / "FAIL_VERSION").write_text("2")
+    windows = []
+
+    def watched(*args, **kwargs):  # the gateway's recommendation counts at the canary window's start and end
+        if canary == "failing":
+            (path / "FAIL_VERSION").write_text("2")
+        windows.append(gateway_counts(gateway.url))
+        try:
+            return watch_canary(*args, **kwargs)
+        finally:
+            windows.append(gateway_counts(gateway.url))
+
+    watch_canary = steps.watch_canary
+    monkeypatch.setattr(steps, "watch_canary", watched)
     server_settings = on_free_ports(settings.SETTINGS.server, admin_key="gateway-canary-key")
     live_settings = replace(settings.SETTINGS, server=server_settings)
     with TritonServer(path, server_settings, log_file=tmp_path / "live.log"):
         client = TritonClient(server_settings.grpc_url, settings=live_settings)
         config = GatewaySettings(port=free_port(), triton_url=server_settings.grpc_url,
                                  triton_http_url=server_settings.http_url, embed_protocol=upstream, canary_share=share,
-                                 rate_rps=10_000, rate_texts_per_s=1_000_000, events_db=None)
-        app = create_app(config, client, KeyStore.from_plaintext([KEY]))
+                                 rate_rps=10_000, rate_texts_per_s=1_000_000, events_db=None,
+                                 data_dir=small_catalog(movielens_slice, tmp_path / "catalog", 300),
+                                 index_store=tmp_path / "indexes")
+        app = create_app(config, client, KeyStore.from_plaintext([KEY]), None, load_recommender(config, client))
         with Gateway(app, config.port) as gateway:
             # Locust's gateway users, as applications call it (single texts: many requests, for a tight share).
             locust = subprocess.Popen(
                 [str(settings.LOADTEST_PYTHON), "-m", "loadtest.run", "--protocol", "gateway", "--gateway-url",
                  gateway.url, "--users", "4", "--spawn-rate", "4", "--duration", "1200", "--tasks",
-                 "embed:1,batch:0,recommend:0", "--think-ms", "10", "--out", str(tmp_path / "locust")],
+                 "embed:1,batch:0,recommend:1", "--think-ms", "10", "--out", str(tmp_path / "locust")],
                 cwd=settings.REPO_ROOT, env={**os.environ, "LOADTEST_GATEWAY_KEY": KEY},
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             try:
@@ -549,7 +593,9 @@ def test_a_rollout_driven_only_by_gateway_traffic(export_dir, tmp_path, monkeypa
                 # by up to 2 s of canary traffic (10% here; with the default 60 s window, 3%).
                 rollout = RolloutSettings(latency_max_ratio=4.0, canary_seconds=20, canary_min_requests=20,
                                           canary_max_latency_ratio=4.0, drain_seconds=1)
-                report = run(LiveRepository(path, live_settings), admin, export_dir / "onnx-fp32", rollout)
+                with TritonClient(server_settings.grpc_url, settings=live_settings) as rollout_client:
+                    report = run(LiveRepository(path, live_settings), admin, export_dir / "onnx-fp32", rollout,
+                                 store=IndexStore(config.index_store), client=rollout_client)
                 admin.close()
                 time.sleep(1)
             finally:
@@ -558,22 +604,36 @@ def test_a_rollout_driven_only_by_gateway_traffic(export_dir, tmp_path, monkeypa
         client.close()
     summary = json.loads((tmp_path / "locust" / "summary.json").read_text())
     calls, failed = summary["aggregated"]["requests"], summary["aggregated"]["failures"]
+    by_route = {name: task["requests"] for name, task in summary["tasks"].items()}
     verdict = report["canary"]
-    seen = verdict["canary"]["requests"] / (verdict["canary"]["requests"] + verdict["stable"]["requests"]
-                                            - verdict["canary"]["failures"])  # a failed canary call is retried on stable
-    print(f"{canary} canary over {upstream}: share {seen:.3f} of {verdict['canary']['requests']} + "
+    seen = verdict["canary"]["requests"] / max(1, verdict["canary"]["requests"] + verdict["stable"]["requests"]
+                                               - verdict["canary"]["failures"])  # a failed canary call is retried on stable
+    lists = {key: windows[1].get(key, 0) - windows[0].get(key, 0) for key in windows[1]} if windows else {}
+    total = sum(lists.values())
+    print(f"{canary} canary over {upstream}: Triton's share {seen:.3f} of {verdict['canary']['requests']} + "
           f"{verdict['stable']['requests']} requests (configured {share}), canary failures "
-          f"{verdict['canary']['failures']}; outcome {report['outcome']}; Locust's gateway calls {calls}, failed {failed}")
+          f"{verdict['canary']['failures']}; recommendation lists in the window by (version, fell back): {lists}; "
+          f"outcome {report['outcome']} {verdict['reasons']}; Locust's gateway calls {calls} {by_route}, failed {failed}")
     assert calls > 50 and failed == 0, (summary["failure_kinds"], output[-2000:])
     if canary == "good":
+        assert report["phases"][1][0] == "index" and report["index"].startswith("v2-")
         assert 0.7 * share <= seen <= 1.3 * share
+        assert total > 100 and 0.7 * share <= lists.get(("2", "false"), 0) / total <= 1.3 * share
         assert report["outcome"] == "promoted" and verdict["canary"]["failures"] == 0
-    else:
-        # Every canary call failed, and each was served by stable. Triton 2.51 counts a failed ensemble request
-        # twice in nv_inference_request_failure (10 failed `embed` calls: 20 on the ensemble, reason OTHER, and
-        # 10 on `encoder`, reason BACKEND), so the verdict's canary count reads about 2x: the share is not asserted.
+    elif canary == "failing":
+        # Every canary call failed, and each was served by stable: recommendations too. Triton 2.51 counts a failed
+        # ensemble request twice in nv_inference_request_failure (10 failed `embed` calls: 20 on the ensemble,
+        # reason OTHER, and 10 on `encoder`, reason BACKEND), so the verdict's canary count reads about 2x: the share
+        # is not asserted.
         assert report["outcome"] == "rolled_back"
-        assert verdict["canary"]["failures"] == verdict["canary"]["requests"] > 0
+        assert verdict["canary"]["failures"] >= 0.9 * verdict["canary"]["requests"] > 0
+        # Known users' lists call the canary's `score` and fell back; cold users' (most of Locust's random ids) call
+        # no model, so the canary's index served them whole.
+        assert lists.get(("1", "true"), 0) > 0
+    else:
+        assert report["outcome"] == "rolled_back" and report["index"] is None and not windows
+        assert [phase for phase, _ in report["phases"]] == ["validate", "index", "roll_back", "done"]
+        assert verdict["reasons"][0].startswith("the canary could not embed the catalog index")
 
 
 @pytest.mark.slow

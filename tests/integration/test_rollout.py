@@ -160,7 +160,8 @@ def test_rollouts_under_locust_load_fail_no_request(live, export_dir, movielens_
     n = len(variants)
     assert [r["outcome"] for r in reports] == [Outcome.PROMOTED] * n
     for r in reports:  # the phases as events, in order, with rising times (what bench/rollout.py plots)
-        assert [phase for phase, _ in r["phases"]] == [Phase.VALIDATE, Phase.CANARY, Phase.PROMOTE, Phase.DONE]
+        assert [phase for phase, _ in r["phases"]] == [Phase.VALIDATE, Phase.INDEX, Phase.CANARY, Phase.PROMOTE,
+                                                       Phase.DONE]
         assert [at for _, at in r["phases"]] == sorted(at for _, at in r["phases"])
     assert [r["new_version"] for r in reports] == [start + i for i in range(1, n + 1)]
     assert all(r["canary"]["canary"]["requests"] >= FAST.canary_min_requests for r in reports)

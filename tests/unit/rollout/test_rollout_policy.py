@@ -70,6 +70,16 @@ def test_each_unhealthy_figure_is_named(snapshots):
     assert canary_verdict(Traffic((), 100, 0, 0.0, 0.5), Traffic((), 100, 0, 0.0, 1.5), RolloutSettings()).healthy
 
 
+def test_a_canary_that_cannot_embed_the_catalog_index_is_unhealthy_whatever_its_traffic():
+    from bert_recsys.rollout.policy import index_failure
+
+    clean = Traffic(("embed_v2",), 500, 0, 0.0, 5.0)
+    verdict = index_failure(Traffic(("embed",), 500, 0, 0.0, 5.0), clean, "infer embed_v2: INTERNAL: boom")
+    assert not verdict.healthy
+    assert verdict.to_json()["reasons"] == ["the canary could not embed the catalog index: infer embed_v2: INTERNAL: boom"]
+    assert verdict.to_json()["canary"]["requests"] == 500
+
+
 def test_validation_failures_quote_the_figures():
     good = Validation(0.9995, 0.998, 41, p50_ms_stable=4.0, p50_ms_new=5.0)
     assert validation_failures(good, 1, RolloutSettings()) == []
