@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from weakref import WeakKeyDictionary
 
 import numpy as np
 
@@ -121,14 +122,15 @@ class ProfileCache:
         self.histories = histories
         self.items = items
         self.settings = settings
-        self._profiles: dict[tuple[int, int], tuple[ItemIndex, UserProfile]] = {}
+        self._profiles: WeakKeyDictionary[ItemIndex, dict[int, UserProfile]] = WeakKeyDictionary()
 
     def get(self, user_id: int, index: ItemIndex, attributes: dict | None = None) -> UserProfile:
-        key = (id(index), int(user_id))
-        entry = self._profiles.get(key)
-        # The entry keeps its index referenced, so no other index can be given the same id() while it is cached.
-        if entry is None or entry[0] is not index:
+        # Per index, weakly: an index let go (a canary rolled back) takes its profiles with it.
+        per_index = self._profiles.get(index)
+        if per_index is None:
+            per_index = self._profiles.setdefault(index, {})
+        cached = per_index.get(int(user_id))
+        if cached is None:
             history = self.histories.get(int(user_id), EMPTY_HISTORY)
-            entry = self._profiles[key] = (index, build_profile(user_id, history, index, self.items, self.settings))
-        cached = entry[1]
+            cached = per_index[int(user_id)] = build_profile(user_id, history, index, self.items, self.settings)
         return replace(cached, attributes=dict(attributes)) if attributes else cached

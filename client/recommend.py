@@ -11,14 +11,17 @@ Only the `score` step (and catalog embedding) calls Triton; all of it goes throu
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Sequence
+from weakref import WeakKeyDictionary
 
 import numpy as np
 
+from bert_recsys import logs
 from bert_recsys.client import ranking
 from bert_recsys.client.catalog import Interactions, Item
-from bert_recsys.client.errors import ModelNotFound
+from bert_recsys.client.errors import ModelNotFound, ServingError
 from bert_recsys.client.index import ItemIndex, TemplateMismatch
 from bert_recsys.client.item_text import TextTemplate, by_identity
 from bert_recsys.client.profiles import ProfileCache, ProfileSettings, UserProfile, build_profile
@@ -26,6 +29,7 @@ from bert_recsys.client.recall import (ALL_CHANNELS, EASE_LAMBDA, EASE_MAX_ITEMS
                            default_channels, recall)
 from bert_recsys.client.scorers import content_scores
 
+log = logs.get("client")
 CHANNELS = tuple(c.value for c in ALL_CHANNELS)  # the names, for callers that pass strings
 __all__ = ["Recommender", "RecommenderSettings", "UserProfile", "RecallChannel", "CHANNELS"]
 
@@ -110,6 +114,9 @@ class Recommender:
         # With an IndexStore, the index follows the store's `current` link (a rollout switches it).
         self.index_store = index_store
         self.index_name = index_store.current_name() if index_store is not None else None
+        # Held while an item is added and while the index is switched, so an item added live is never lost between
+        # the old index and the new one.
+        self._switching = threading.RLock()
         self._use_index(index)
 
     # ---- new items, live --------------------------------------------------------------------------------
@@ -122,24 +129,25 @@ class Recommender:
         """A new item, live: its text (rendered by the index's template) is embedded through Triton by the index's
         encoder version and added to the index, with no rebuild and no restart. It has no interactions, so it is
         recommended on its text alone (`fresh_slots`). Returns its vector in the index's space."""
-        index = self.index
-        chosen = template or self.template
-        if chosen is None:
-            raise TemplateMismatch(f"the index was embedded from template {index.template!r}, which is not a built-in "
-                                   "one: pass the TextTemplate it was built with")
-        index.check_template(chosen.identity)
-        if int(item.item_id) in self.items or index.has(item.item_id):
-            raise ValueError(f"item {item.item_id} is already in the catalog")
-        text = chosen.render(item)
-        vector = self.client.embed([text], encoder_version=index.encoder_version)
-        if self.taste is not None:
-            self.taste.index.check_template(chosen.identity)
-            taste = self.taste.client.embed([text], encoder_version=self.taste.index.encoder_version)
-            self.taste.index.add([int(item.item_id)], taste, [text] if self.taste.index.texts is not None else None)
-        index.add([int(item.item_id)], vector, [text] if index.texts is not None else None)
-        self.items[int(item.item_id)] = item
-        self._new_items = None
-        return index.vectors_of([item.item_id])[0]
+        with self._switching:
+            index = self.index
+            chosen = template or self.template
+            if chosen is None:
+                raise TemplateMismatch(f"the index was embedded from template {index.template!r}, which is not a "
+                                       "built-in one: pass the TextTemplate it was built with")
+            index.check_template(chosen.identity)
+            if int(item.item_id) in self.items or index.has(item.item_id):
+                raise ValueError(f"item {item.item_id} is already in the catalog")
+            text = chosen.render(item)
+            vector = self.client.embed([text], encoder_version=index.encoder_version)
+            if self.taste is not None:
+                self.taste.index.check_template(chosen.identity)
+                taste = self.taste.client.embed([text], encoder_version=self.taste.index.encoder_version)
+                self.taste.index.add([int(item.item_id)], taste, [text] if self.taste.index.texts is not None else None)
+            index.add([int(item.item_id)], vector, [text] if index.texts is not None else None)
+            self.items[int(item.item_id)] = item
+            self._new_items.clear()
+            return index.vectors_of([item.item_id])[0]
 
     def is_new(self, item_id: int) -> bool:
         """True for an item with no training interaction (added live, or not yet interacted with)."""
@@ -147,11 +155,11 @@ class Recommender:
         return column is None or not self.fitted.interacted[column]
 
     def new_items(self, index: ItemIndex) -> np.ndarray:
-        """Ids of the index's items with no training interaction (cached until an item is added)."""
-        cached = getattr(self, "_new_items", None)
-        if cached is None or cached[0] is not index:
+        """Ids of the index's items with no training interaction (cached per index until an item is added)."""
+        cached = self._new_items.get(index)
+        if cached is None or cached[0] != len(index):  # items adopted into it since
             ids = np.array([i for i in index.item_ids.tolist() if self.is_new(i)], dtype=np.int64)
-            self._new_items = cached = (index, ids)
+            cached = self._new_items[index] = (len(index), ids)
         return cached[1]
 
     # What the fitted interactions hold, for callers (evaluation, load tests).
@@ -173,20 +181,28 @@ class Recommender:
         # vectors, its encoder version, its profiles) even if another thread switches the index meanwhile.
         self.profiles = ProfileCache(self.fitted.histories, self.items, self.settings.profiles)
         self._similar_users = None
-        self._new_items = None
+        self._new_items: WeakKeyDictionary[ItemIndex, tuple[int, np.ndarray]] = WeakKeyDictionary()
         self.index = index
         self.encoder = index.encoder
 
-    def refresh_index(self) -> bool:
-        """Switches to the store's current index if a rollout moved it; True when it did."""
+    def refresh_index(self, wait: bool = True) -> bool:
+        """Switches to the store's current index if a rollout moved it; True when it did. One thread switches;
+        with `wait=False` the others go on with the index they have (it stays valid while the old version drains)."""
         if self.index_store is None:
             return False
         name = self.index_store.current_name()
         if name is None or name == self.index_name:
             return False
-        self._use_index(self.adopt(self.index_store.load(name)))
-        self.index_name = name
-        return True
+        if not self._switching.acquire(blocking=wait):
+            return False
+        try:
+            if self.index_name == name:  # switched by another thread meanwhile
+                return True
+            self._use_index(self.adopt(self.index_store.load(name)))
+            self.index_name = name
+            return True
+        finally:
+            self._switching.release()
 
     def adopt(self, index: ItemIndex) -> ItemIndex:
         """`index` (another encoder version's, from the store) made to hold this recommender's catalog: the items
@@ -270,7 +286,10 @@ class Recommender:
         args = (user_id, n, blocked, attributes, use_triton_score, channels, diversify, history, weights)
         if index is not None:
             return self._recommend(index, *args)
-        self.refresh_index()
+        try:
+            self.refresh_index(wait=False)
+        except ServingError as error:  # items added live could not be embedded by the new version yet
+            log.warning("catalog index not switched yet, still serving %s: %s", self.index_name, error)
         try:
             return self._recommend(self.index, *args)
         except ModelNotFound:

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from bert_recsys import logs
-from bert_recsys.client.canary import CanaryIndexes
+from bert_recsys.client.canary import CanaryIndexes, VersionIndexes
 from bert_recsys.client.experiments.design import Arm, Experiment, ExperimentError
 from bert_recsys.client.index import ItemIndex
 from bert_recsys.client.recommend import CHANNELS, Recommender
@@ -48,7 +48,8 @@ class ExperimentRecommender:
         self.recommender = recommender
         self.experiment = experiment
         self.canary = canary
-        self._indexes: dict[str, ItemIndex] = {}
+        pinned = experiment is not None and any(arm.encoder_version is not None for arm in experiment.arms)
+        self._pinned = VersionIndexes(recommender) if pinned and recommender.index_store is not None else None
 
     def index_for(self, arm: Arm) -> ItemIndex | None:
         if arm.encoder_version is None:
@@ -58,13 +59,15 @@ class ExperimentRecommender:
         if current.encoder_version == version:
             return current
         store = self.recommender.index_store
-        name = store.find(version) if store is not None else None
-        if name is None:
+        try:
+            index = self._pinned.get(version) if self._pinned is not None else None
+        except (OSError, ValueError) as error:
+            raise ExperimentError(f"arm {arm.name}: the catalog index of encoder version {version} cannot be "
+                                  f"used: {error}") from None
+        if index is None:
             raise ExperimentError(f"arm {arm.name}: no catalog index embedded by encoder version {version}"
                                   + (f" in {store.root}" if store is not None else " (no index store)"))
-        if name not in self._indexes:
-            self._indexes = {name: self.recommender.adopt(store.load(name))}
-        return self._indexes[name]
+        return index
 
     def recommend_arm(self, arm: Arm, user_id: int, n: int = 10, blocked=frozenset(), history=None,
                       index: ItemIndex | None = None):

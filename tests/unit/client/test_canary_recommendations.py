@@ -99,7 +99,7 @@ def test_the_canary_gets_its_share_from_its_own_index_once_published(world):
     assert canary.pick() is None                              # drawn for the stable version: the view is not read
     index = canary.pick()
     assert index.encoder_version == 2 and index.encoder["export_manifest_sha256"] == CANARY
-    assert canary.pick() is None and canary._held is None     # promoted or rolled back: its index is let go
+    assert canary.pick() is None and canary.indexes._held == {}  # promoted or rolled back: its index is let go
 
     def raising():
         raise Unavailable("Triton is down")
@@ -137,10 +137,58 @@ def test_an_index_of_unknown_items_is_refused_and_the_stable_one_serves(world):
     items = [*recommender.items.values(), stranger]
     store.publish(make_index(items, client, 2, OTHER))
     view = ServingView(1, (1, 2), {1: {"export_manifest_sha256": STABLE}, 2: {"export_manifest_sha256": OTHER}})
+    loads = []
+    real_load = store.load
+    store.load = lambda name=None, template=None: loads.append(name) or real_load(name, template)
     canary = CanaryIndexes(recommender, lambda: view, 1.0)
-    assert canary.pick() is None and canary.pick() is None    # refused once, not loaded again on every call
+    assert [canary.pick() for _ in range(5)] == [None] * 5 and len(loads) == 1  # refused once, not loaded again
     with pytest.raises(ValueError, match="does not know"):
-        recommender.adopt(store.load(store.find(2, OTHER)))
+        recommender.adopt(real_load(store.find(2, OTHER)))
+    # A passing failure (Triton, while embedding the items added live) is tried again later, not at every call.
+    clock = [0.0]
+    recommender.add_item(Item(998, "Added live (2026)", ("Comedy",), "new"))
+    client.failing.add(2)
+    flaky = CanaryIndexes(recommender, lambda: WITH_CANARY, 1.0, clock=lambda: clock[0])
+    loads.clear()
+    assert [flaky.pick() for _ in range(3)] == [None] * 3 and len(loads) == 1
+    client.failing.clear()
+    clock[0] = 31.0
+    index = flaky.pick()
+    assert index is not None and index.has(998) and len(loads) == 2
+
+
+def test_one_thread_loads_an_index_while_the_others_serve_the_stable_one_or_wait(world):
+    import threading
+
+    from bert_recsys.client.canary import VersionIndexes
+
+    recommender, store, _, canary_name = world
+    loads, release = [], threading.Event()
+    real_load = store.load
+
+    def slow_load(name=None, template=None):
+        loads.append(name)
+        release.wait(10)
+        return real_load(name, template)
+
+    store.load = slow_load
+    indexes = VersionIndexes(recommender)
+    loader = threading.Thread(target=indexes.get, args=(2, CANARY))
+    loader.start()
+    while not loads:
+        threading.Event().wait(0.01)
+    assert indexes.get(2, CANARY, wait=False) is None         # being loaded: the caller serves elsewhere
+    waiting = []
+    waiters = [threading.Thread(target=lambda: waiting.append(indexes.get(2, CANARY))) for _ in range(4)]
+    for thread in waiters:
+        thread.start()
+    release.set()
+    for thread in [loader, *waiters]:
+        thread.join(10)
+    assert len(loads) == 1 and len(waiting) == 4 and len({id(i) for i in waiting}) == 1
+    assert waiting[0].encoder_version == 2
+    indexes.clear()
+    assert indexes.get(2, CANARY) is not waiting[0] and len(loads) == 2
 
 
 def test_a_recommendation_the_canary_fails_is_served_by_the_stable_version(world):

@@ -114,3 +114,48 @@ def test_a_rollout_of_the_rec_family_stages_only_rec_models(export_dir, tmp_path
     assert LiveRepository(staging, rec).manifest(2).variant == "onnx-fp32"
     assert (path / "encoder" / "config.pbtxt").read_text() == general_config
     assert LiveRepository(path, S).versions == [1] and status(LiveRepository(path, rec))
+
+
+def test_the_canary_embeds_the_catalog_before_its_window_or_is_judged_unhealthy(tmp_path):
+    """rollout.steps.canary_index: the canary's catalog index is published beside the current one (not switched);
+    a canary that fails the embedding gets an unhealthy verdict naming why, and nothing is published."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from bert_recsys.client.errors import ServingError
+    from bert_recsys.client.index import IndexStore, ItemIndex
+    from bert_recsys.rollout.steps import canary_index
+
+    class Admin:
+        def metrics(self):  # one failed embedding call on the canary between the two reads
+            self.reads = getattr(self, "reads", 0) + 1
+            failed = self.reads - 1
+            return {("nv_inference_request_failure", "embed_v2"): float(failed)}
+
+    class Client:
+        fail = True
+
+        def encoder_info(self, version=None):
+            return {"export_version": str(version), "export_variant": "onnx-fp32", "export_manifest_sha256": "b" * 64}
+
+        def embed_many(self, texts, **_):
+            if self.fail:
+                raise ServingError("infer embed_v2: INTERNAL: this canary fails every call")
+            return np.eye(len(texts), 4, dtype=np.float32) + 0.5
+
+    store = IndexStore(tmp_path / "indexes")
+    current = ItemIndex(np.array([1, 2, 3]), np.eye(3, 4, dtype=np.float32),
+                        {"export_version": "1", "export_manifest_sha256": "a" * 64}, texts=["a", "b", "c"])
+    store.switch(store.publish(current))
+    live = SimpleNamespace(settings=settings.SETTINGS, stable=1)
+    name, verdict = canary_index(live, Admin(), Client(), store, 2)
+    assert name is None and not verdict["healthy"]
+    assert verdict["reasons"] == ["the canary could not embed the catalog index: infer embed_v2: INTERNAL: this "
+                                  "canary fails every call"]
+    assert verdict["canary"]["failures"] == 1 and store.names() == [store.current_name()]
+    client = Client()
+    client.fail = False
+    name, verdict = canary_index(live, Admin(), client, store, 2)
+    assert verdict is None and name == store.find(2, "b" * 64) and store.current_name() != name
+    assert store.load(name).texts == ["a", "b", "c"]
