@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bert_recsys.contracts.manifest import Manifest
     from bert_recsys.contracts.machine import machine
-    from bert_recsys.export.runners import OrtRunner, tokenize
+    from bert_recsys.export.runners import runner_for, tokenize
     from bench.serving import SHORT_TEXT
     from bench.served import render, serve
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     t = settings.SETTINGS.tensors
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     ids, mask = tokenize(tokenizer, [SHORT_TEXT], 256)
-    bare = OrtRunner(settings.EXPORT_DIR / args.variant / Manifest.read(settings.EXPORT_DIR / args.variant).artifact.file)
+    bare = runner_for(settings.EXPORT_DIR / args.variant, Manifest.read(settings.EXPORT_DIR / args.variant))  # any runtime
     for _ in range(20):
         bare(ids, mask)
 
