@@ -95,6 +95,10 @@ class ModelNames:
         """(`embed_v<N>`, `score_v<N>`): every ensemble pinned to encoder version N."""
         return self.pinned(self.embed, version), self.pinned(self.score, version)
 
+    def serving(self, version: int, stable: int) -> tuple[str, ...]:
+        """Every ensemble that serves encoder version N: its pinned ones, and the public ones while N is stable."""
+        return (*self.ensembles,) * (version == stable) + self.pinned_ensembles(version)
+
 
 @dataclass(frozen=True)
 class TensorNames:

@@ -22,7 +22,7 @@ def status(live: LiveRepository, admin: TritonAdmin | None = None, window_s: flo
             "role": role(version, stable, canary), "variant": manifest.variant, "exported_at": manifest.exported_at,
             "artifact_sha256": manifest.artifact.sha256[:16],
             "gate": {"cosine_mean": manifest.gate.figures.cosine_mean, "spearman_ratio": manifest.gate.figures.spearman_ratio},
-            "served_by": [*m.ensembles] * (version == stable) + [*m.pinned_ensembles(version)],
+            "served_by": list(m.serving(version, stable)),
         }
     result = {"repository": str(live.path), "runtime": str(live.runtime), "stable": stable, "canary": canary,
               "versions": versions}

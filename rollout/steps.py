@@ -166,12 +166,6 @@ def responses(events: EventStore, since: float, stable: int, canary: int, metric
     return tuple(Responses(v, per_user(slots.take(slots.encoder_version == v), column)) for v in (stable, canary))
 
 
-def stable_models(m, stable: int) -> tuple[str, ...]:
-    """What serves the stable version: the public ensembles, and its pinned ones, which recommendations call (a
-    recommender pins every call to its index's version). The canary's calls are the same mix on its pinned ones."""
-    return (*m.ensembles, *m.pinned_ensembles(stable))
-
-
 def watch_canary(live: LiveRepository, admin: TritonAdmin, rollout: RolloutSettings,
                  events: EventStore | None = None) -> dict:
     """Compares the canary's error rate and latency with the stable version's, from Triton's metrics, and, when
@@ -191,7 +185,9 @@ def watch_canary(live: LiveRepository, admin: TritonAdmin, rollout: RolloutSetti
     after = admin.metrics()
     seen_responses = (responses(events, since, stable, canary, rollout.canary_conversion_metric)
                       if rollout.checks_conversion else None)
-    verdict = canary_verdict(traffic(before, after, stable_models(m, stable)), traffic(before, after, canary_models), rollout,
+    # Both sides hold the same mix: recommendations pin every call to their index's version (`score_vN`), so the
+    # stable side is the public ensembles and the stable version's pinned ones.
+    verdict = canary_verdict(traffic(before, after, m.serving(stable, stable)), traffic(before, after, canary_models), rollout,
                              seen_responses)
     s, c = verdict.stable, verdict.canary
     log.info("canary v%d: %d req, failure rate %.4f, mean %.2f ms | stable v%d: %d req, failure rate %.4f, mean %.2f ms"
@@ -211,7 +207,7 @@ def canary_index(live: LiveRepository, admin: TritonAdmin, client: TritonClient,
         return reembed_index(live, client, store, version), None
     except CANARY_FALLBACK as error:
         after = admin.metrics()
-        verdict = index_failure(traffic(before, after, stable_models(m, live.stable)), traffic(before, after, m.pinned_ensembles(version)),
+        verdict = index_failure(traffic(before, after, m.serving(live.stable, live.stable)), traffic(before, after, m.pinned_ensembles(version)),
                                 str(error))
         log.warning("canary v%d: %s", version, verdict.reasons[0])
         return None, verdict.to_json()
