@@ -11,9 +11,10 @@ gRPC, timed on the client. For each request, from the trace file Triton writes a
   <step> compute      COMPUTE_INPUT_END -> COMPUTE_OUTPUT_START (the model's own execute, stub IPC included)
   <step> output       COMPUTE_OUTPUT_START -> COMPUTE_END
   <step> other        the step's REQUEST_START -> REQUEST_END not covered above
-beside the bare encoder (ONNX Runtime in this process, same token ids) for the overhead figure, twice: back to
+beside the bare encoder (its runtime in this process, same token ids) for the overhead figure, twice: back to
 back, and after the same idle time the served encoder has between requests (sleeping as long as the rest of the
-path takes). The overhead is measured first, on a server without tracing (tracing costs time of its own), with
+path takes). And the engine's own time inside the encoder's stub, in the same served requests (the model writes
+it when it unloads): the client's time less that is what the serving path adds around the model. The overhead is measured first, on a server without tracing (tracing costs time of its own), with
 served and bare calls alternating in blocks of 50 so that the machine's noise falls on both alike; then the
 same requests go to a traced server for the breakdown. Medians over the requests (so the rows do not add up
 exactly); writes build/reports/trace_breakdown.json and prints the table.
@@ -106,6 +107,31 @@ def medians(rows: list[dict]) -> dict[str, float]:
     return {key: statistics.median(row[key] for row in rows if key in row) for key in keys}
 
 
+def read_config(path: Path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def set_parameter(path: Path, key: str, value: str) -> None:
+    """One parameter of a rendered model's config.pbtxt set (the diagnostics the encoder model reads)."""
+    from google.protobuf import text_format
+
+    config = read_config(path)
+    config.parameters[key].string_value = value
+    path.write_text(text_format.MessageToString(config))
+
+
+def engine_median_ms(path: Path, rows: int, tokens: int, skip: int) -> float | None:
+    """The encoder engine's own median time (ms) over its calls of this shape, after the first `skip`, from the
+    file the encoder model writes when it unloads (`diagnostic_engine_times_file`); None without one."""
+    if not path.exists():
+        return None
+    times = [seconds for r, n, seconds in json.loads(path.read_text()) if (r, n) == (rows, tokens)][skip:]
+    return 1000 * statistics.median(times) if times else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bert-recsys bench trace", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,13 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     serving = replace(settings.SETTINGS, instances=instances)
     repo = render(args.variant, work / "repository", serving)
     if args.null_encoder:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2 as mc
-
         config_file = repo / serving.models.encoder / "config.pbtxt"
-        config = text_format.Parse(config_file.read_text(), mc.ModelConfig())
-        config.parameters["diagnostic_null_encoder_dim"].string_value = str(config.output[0].dims[0])
-        config_file.write_text(text_format.MessageToString(config))
+        set_parameter(config_file, "diagnostic_null_encoder_dim", str(read_config(config_file).output[0].dims[0]))
+    engine_file = work / "engine_times.json"
+    engine_file.unlink(missing_ok=True)
+    if not args.null_encoder:
+        set_parameter(repo / serving.models.encoder / "config.pbtxt", "diagnostic_engine_times_file", str(engine_file))
     t = settings.SETTINGS.tensors
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     ids, mask = tokenize(tokenizer, [SHORT_TEXT], 256)
@@ -196,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("round %d/%d: served p50 %.3f ms, bare %.3f ms", round_ + 1, rounds,
                      statistics.median(served_ms), statistics.median(bare_ms))
 
+    # The model's own time inside the stub, in the same requests: what the serving path adds around the model
+    # is the client's time less this (the bare encoder's back-to-back figure never pays for waking its threads).
+    engine_ms = engine_median_ms(engine_file, 1, ids.shape[1], args.warmup)
+
     # 2. The breakdown, on a traced server: the same requests, one at a time, each timed on the client too.
     client_ms = []
     with embed_client(trace_file) as served:
@@ -210,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     result["overhead"] = result["client_total_untraced"] - result["bare_encoder"]
     result["bare_encoder_after_idle"] = statistics.median(idle_ms)
     result["overhead_vs_idle_bare"] = result["client_total_untraced"] - result["bare_encoder_after_idle"]
+    if engine_ms is not None:
+        result["engine_in_stub"] = engine_ms
+        result["served_outside_engine"] = result["client_total_untraced"] - engine_ms
 
     print(f"\n`embed` b1 ({args.variant}, {ids.shape[1]} tokens), gRPC, one request at a time, medians of "
           f"{len(rows)}; encoder threads {instances.encoder_intra_op_threads or 'all'}, spinning "

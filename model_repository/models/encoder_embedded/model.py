@@ -12,6 +12,7 @@ input_ids, attention_mask (INT64 [batch, seq]) -> embedding (FP32 [batch, dim], 
 pooling and normalization are inside the graph).
 """
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,11 +87,24 @@ class TritonPythonModel:
         # Diagnostics only (`bert-recsys bench trace --null-encoder`): zeros instead of the model, to
         # measure what the serving path costs without any model work.
         self.null_dim = int(params.get("diagnostic_null_encoder_dim", "0") or 0)
+        # Diagnostics only (`bert-recsys bench trace`): the engine's own time per call, written to this file when
+        # the model unloads, to tell the model's time inside the stub from the serving path around it.
+        self.times_file = params.get("diagnostic_engine_times_file") or None
+        self.times = []
 
     def _run(self, ids, mask):
         if self.null_dim:
             return np.zeros((ids.shape[0], self.null_dim), dtype=np.float32)
-        return self.engine(ids, mask)
+        if self.times_file is None:
+            return self.engine(ids, mask)
+        started = time.perf_counter()
+        out = self.engine(ids, mask)
+        self.times.append((ids.shape[0], ids.shape[1], time.perf_counter() - started))
+        return out
+
+    def finalize(self):
+        if self.times_file is not None:
+            Path(self.times_file).write_text(json.dumps([list(t) for t in self.times]))
 
     def execute(self, requests):
         arrays = [

@@ -363,3 +363,18 @@ def test_quantizing_leaves_the_callers_logging_as_it_was(tmp_path):
         assert root.level == logging.INFO and (tmp_path / "q.onnx").is_file()
     finally:
         root.setLevel(before)
+
+
+def test_engine_median_takes_only_the_asked_shape_after_the_skipped_calls(tmp_path):
+    """The encoder model's diagnostic file: [rows, tokens, seconds] per engine call, the warm-up's shapes included."""
+    import json
+
+    from bench.trace import engine_median_ms
+
+    path = tmp_path / "engine_times.json"
+    assert engine_median_ms(path, 1, 18, 0) is None  # no file: no figure, not a made-up one
+    calls = [[64, 256, 0.5], [1, 18, 0.009], [1, 18, 0.008]] + [[1, 18, s / 1000] for s in (1.0, 2.0, 4.0)] + [[32, 128, 0.2]]
+    path.write_text(json.dumps(calls))
+    assert engine_median_ms(path, 1, 18, 2) == pytest.approx(2.0)
+    assert engine_median_ms(path, 1, 18, 0) == pytest.approx(4.0)  # 9, 8, 1, 2, 4 ms
+    assert engine_median_ms(path, 2, 18, 0) is None
