@@ -147,6 +147,7 @@ class Bench(str, Enum):
     soak = "soak"
     report = "report"
     crosscheck = "crosscheck"
+    warm_content = "warm-content"
     loadtest = "loadtest"
 
 
@@ -164,6 +165,7 @@ BENCHES = {
     Bench.soak: ("bench.soak", "steady load: RSS of tritonserver and its stubs over time"),
     Bench.report: ("bench.report", "every benchmark in one report with plots"),
     Bench.crosscheck: ("bench.crosscheck", "perf_analyzer and Locust on the same load"),
+    Bench.warm_content: ("bench.warm_content", "research probe: item text inside EASE^R (side information), warm items"),
     Bench.loadtest: ("loadtest.run", "Locust headless against a running server, with SLOs (in .venv-loadtest)"),
 }
 for bench, (module, text) in BENCHES.items():

@@ -96,11 +96,13 @@ EASE_LAMBDA = 100.0       # chosen on the warm protocol's inner time split of ml
 EASE_MAX_ITEMS = 20_000   # EASE^R keeps a dense [n, n] matrix (1.6 GB at 20k items): above this, co-occurrence
 
 
-def ease_weights(positives: sparse.spmatrix, lam: float) -> np.ndarray:
+def ease_weights(positives: sparse.spmatrix, lam: float, side: np.ndarray | None = None) -> np.ndarray:
     """EASE^R (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019): from a binary
     [users, items] matrix, B = I - P diag(1/diag(P)) with P = (X'X + lam I)^-1 and a zero diagonal, in closed
     form. [items, items] float32; an item without positives gets zero weights both ways (and is left out of the
-    inverse, which is what it would give it anyway)."""
+    inverse, which is what it would give it anyway). `side`: an [items, items] positive semi-definite matrix added
+    to X'X, the items' side information (Jeunen et al., "Closed-Form Models for Collaborative Filtering with
+    Side-Information", RecSys 2020), e.g. alpha times the cosines of their text embeddings."""
     from scipy.linalg import lapack
 
     if lam <= 0:
@@ -109,6 +111,10 @@ def ease_weights(positives: sparse.spmatrix, lam: float) -> np.ndarray:
     active = np.flatnonzero(np.diff(x.indptr) > 0)
     x = x[:, active]
     gram = np.asarray((x.T @ x).todense(), dtype=np.float32)
+    if side is not None:
+        if side.shape != (positives.shape[1], positives.shape[1]):
+            raise ValueError(f"side information must be [items, items] = {(positives.shape[1],) * 2}, not {side.shape}")
+        gram += side[np.ix_(active, active)]
     gram[np.diag_indices_from(gram)] += lam
     # X'X + lam I is symmetric positive definite: a Cholesky factor, then the inverse from it (half LU's work),
     # in float32 (lam keeps it well conditioned; 9.7k items take seconds, not tens of seconds).

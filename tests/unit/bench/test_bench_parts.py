@@ -378,3 +378,21 @@ def test_engine_median_takes_only_the_asked_shape_after_the_skipped_calls(tmp_pa
     assert engine_median_ms(path, 1, 18, 2) == pytest.approx(2.0)
     assert engine_median_ms(path, 1, 18, 0) == pytest.approx(4.0)  # 9, 8, 1, 2, 4 ms
     assert engine_median_ms(path, 2, 18, 0) is None
+
+
+def test_warm_content_centres_on_the_training_items_only():
+    """The text cosines that join EASE^R's Gram matrix: the mean removed is the training items' (no test item's
+    vector moves it), and the result is a cosine matrix (unit diagonal, symmetric, positive semi-definite)."""
+    from bench.warm_content import centred_cosines
+
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(6, 4)).astype(np.float32) + 5.0   # a strong common direction, as sentence vectors have
+    trained = np.array([0, 1, 2, 3])
+    s = centred_cosines(vectors, trained)
+    moved = vectors.copy()
+    moved[4:] += 100.0                                            # items outside training must not change the mean
+    assert np.allclose(centred_cosines(moved, trained)[:4, :4], s[:4, :4], atol=1e-5)
+    assert np.allclose(np.diag(s), 1.0, atol=1e-5) and np.allclose(s, s.T, atol=1e-6)
+    assert np.linalg.eigvalsh(s.astype(np.float64)).min() > -1e-4
+    raw = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert (raw @ raw.T)[:4, :4].mean() > 0.9 > s[:4, :4].mean()  # the common direction is gone

@@ -237,6 +237,28 @@ def test_ease_weights_follow_the_closed_form_and_leave_items_without_positives_o
         ease_weights(sparse.csr_matrix(x), 0.0)
 
 
+def test_ease_side_information_joins_the_gram_matrix_of_the_items_with_positives():
+    from scipy import sparse
+
+    from bert_recsys.client.recall import ease_weights
+
+    rng = np.random.default_rng(6)
+    x = (rng.random((40, 12)) < 0.3).astype(np.float64)
+    x[:, 7] = 0.0
+    e = rng.normal(size=(12, 4))
+    side = 2.0 * e @ e.T                            # alpha x cosines-like, positive semi-definite
+    b = ease_weights(sparse.csr_matrix(x), 3.0, side=side)
+    active = [i for i in range(12) if i != 7]
+    g = (x.T @ x + side)[np.ix_(active, active)] + 3.0 * np.eye(11)
+    p = np.linalg.inv(g)
+    expected = np.eye(11) - p / np.diag(p)
+    assert np.allclose(b[np.ix_(active, active)], expected, atol=1e-4)
+    assert not b[7].any() and not b[:, 7].any()       # side information gives no weights to an item nobody liked
+    assert not np.allclose(b, ease_weights(sparse.csr_matrix(x), 3.0), atol=1e-3)
+    with pytest.raises(ValueError, match="items, items"):
+        ease_weights(sparse.csr_matrix(x), 3.0, side=side[:5, :5])
+
+
 def test_every_channel_scores_any_item_as_it_proposes_it_and_the_ranker_sees_all_of_them(world):
     from bert_recsys.client.ranking import fill_scores
     from bert_recsys.client.recall import default_channels
