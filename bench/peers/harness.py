@@ -16,6 +16,11 @@ on each peer's own vectors: STS-B dev *confirmation* half Spearman as a ratio to
 and batch invariance (the gate sentences alone vs in padded batches of 32, min cosine). A peer that cannot be
 built or run is listed with why; it never stops the others.
 
+Rows run one after another, minutes apart, and this machine drifts by 10-30% over minutes. So the two comparisons
+the goals make are measured once more, interleaved, with the peer's worker kept loaded (`--duel-rounds`, 0: none):
+`embed` over gRPC against the fastest in-process peer at b1 (blocks of 50 calls), and against the fastest peer
+holding the gates at b32 (blocks of 6), alternating blocks so that the drift falls on both alike.
+
 Writes build/reports/peers.json and peers.png; the table names the CPU.
 """
 from __future__ import annotations
@@ -41,6 +46,10 @@ log = logs.get("loadtest")
 HERE = Path(__file__).resolve().parent
 WORK = settings.BUILD_DIR / "peers"
 B1_TOKENS, B32_TOKENS, B32 = 16, 128, 32
+# The duels: calls per block and the first calls of each block not counted (the other side's threads may still
+# spin), per batch; and a pause between blocks so that they go to sleep.
+DUEL_BLOCKS = {"b1": (50, 5), "b32": (6, 1)}
+DUEL_PAUSE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,30 @@ def fastest_holding_gates(rows: list[dict], spearman: float = 0.9985, invariance
                and row.get("spearman_ratio_confirmation", 0) >= spearman
                and row.get("batch_invariance_min_cosine", 0) >= invariance]
     return min(holding, key=lambda row: row["b32_p50_ms"]) if holding else None
+
+
+def fastest_in_process_b1(rows: list[dict]) -> dict | None:
+    """The peer measured in process (a worker: no server, not ours) with the lowest b1 p50 of this run."""
+    measured = [row for row in rows if row.get("kind") == "worker" and "b1_p50_ms" in row and "error" not in row]
+    return min(measured, key=lambda row: row["b1_p50_ms"]) if measured else None
+
+
+def duel_summary(embed_blocks: list[list[float]], peer_blocks: list[list[float]], settle: int) -> dict:
+    """Interleaved blocks (seconds per call) -> medians in ms over all counted calls, the gap, the ratio, and each
+    round's medians. A block's first `settle` calls are not counted."""
+    if not embed_blocks or len(embed_blocks) != len(peer_blocks):
+        raise ValueError(f"the duel needs as many blocks on each side: {len(embed_blocks)} and {len(peer_blocks)}")
+    if any(len(block) <= settle for block in embed_blocks + peer_blocks):
+        raise ValueError(f"every block needs more than the {settle} calls left out")
+    embed = [t for block in embed_blocks for t in block[settle:]]
+    peer = [t for block in peer_blocks for t in block[settle:]]
+    summary = {"embed_ms": 1000 * float(np.median(embed)), "peer_ms": 1000 * float(np.median(peer)),
+               "calls_each": len(embed), "rounds": len(embed_blocks),
+               "per_round": [{"embed_ms": 1000 * float(np.median(a[settle:])), "peer_ms": 1000 * float(np.median(b[settle:]))}
+                             for a, b in zip(embed_blocks, peer_blocks)]}
+    summary["gap_ms"] = summary["embed_ms"] - summary["peer_ms"]
+    summary["ratio"] = summary["embed_ms"] / summary["peer_ms"]
+    return summary
 
 
 def table(rows: list[dict], machine_line: str) -> str:
@@ -249,6 +282,60 @@ def run_worker(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
             "load_s": result["load_s"], "_vectors": vectors}
 
 
+def run_duel(peer: Peer, batch: str, inputs: Inputs, embed, out: Path, rounds: int, timeout_s: float) -> dict:
+    """`embed` (our served path) against `peer` in its own worker, kept loaded, in alternating blocks of `batch`
+    ("b1" or "b32") calls."""
+    from bench.peers.worker import time_calls
+
+    calls, settle = DUEL_BLOCKS[batch]
+    texts = {"b1": inputs.b1, "b32": inputs.b32}[batch]
+    python = ensure_venv(peer.venv)
+    folder = out / f"duel-{batch}-{peer.name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    request = {"peer": peer.name, "model": str(inputs.model_dir), "work": str(WORK / "work"),
+               "out": str(folder / "unused.json"), "b1": inputs.b1, "b32": inputs.b32, "duel": True,
+               "calibration": inputs.calibration}
+    (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    embed_blocks, peer_blocks = [], []
+    with open(folder / "worker.log", "w") as log_file:
+        worker = subprocess.Popen([str(python), str(HERE / "worker.py"), str(folder / "request.json")], env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=folder)
+        try:
+            def answer() -> str:
+                line = worker.stdout.readline()
+                if not line:
+                    tail = (folder / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
+                    raise RuntimeError(f"the {peer.name} worker ended: {' | '.join(tail)[-300:]}")
+                return line
+
+            if answer().strip() != "ready":
+                raise RuntimeError(f"the {peer.name} worker did not say it was ready")
+            time_calls(embed, texts, 2 * settle + 2)
+            started = time.monotonic()
+            for round_ in range(rounds):
+                embed_blocks.append(time_calls(embed, texts, calls, warmup=0))
+                time.sleep(DUEL_PAUSE_S)
+                worker.stdin.write(f"{batch} {calls}\n")
+                worker.stdin.flush()
+                peer_blocks.append(json.loads(answer()))
+                time.sleep(DUEL_PAUSE_S)
+                log.info("%s duel round %d/%d: embed %.2f ms, %s %.2f ms", batch, round_ + 1, rounds,
+                         1000 * np.median(embed_blocks[-1][settle:]), peer.name, 1000 * np.median(peer_blocks[-1][settle:]))
+                if time.monotonic() - started > timeout_s:
+                    raise RuntimeError(f"the duel took over {timeout_s:.0f} s")
+        finally:
+            worker.stdin.close()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    return {"peer": peer.name, "batch": batch, **duel_summary(embed_blocks, peer_blocks, settle)}
+
+
 class HttpEmbeddings:
     """POST {input: [...]} to an OpenAI-style /embeddings route over one keep-alive connection."""
 
@@ -354,8 +441,11 @@ def bare_rows(inputs: Inputs) -> list[dict]:
     return rows
 
 
-def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
-    """`embed` over gRPC and the gateway over HTTP, beside one tritonserver serving `variant`."""
+def served_rows(inputs: Inputs, wanted: set[str], variant: str, duels: dict[str, Peer] | None = None,
+                out: Path = WORK, duel_rounds: int = 0, timeout_s: float = 900) -> tuple[list[dict], dict]:
+    """`embed` over gRPC and the gateway over HTTP, beside one tritonserver serving `variant`; and, per batch of
+    `duels` ({"b1": peer, "b32": peer}), `embed` interleaved with that peer (`run_duel`). -> (rows, {batch: the
+    duel's summary})."""
     from dataclasses import replace
 
     from bert_recsys.client.triton import TritonClient
@@ -364,7 +454,7 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
     from bert_recsys.server.launcher import free_port
 
     work = WORK / "serving"
-    rows = []
+    rows, duel_results = [], {}
     with serve_variant(variant, work, admin_key="") as triton:
         server = triton.server
         if "project-embed" in wanted:
@@ -372,6 +462,15 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
             with TritonClient(server.grpc_url, settings=replace(settings.SETTINGS, server=server)) as client:
                 rows.append({"row": f"bert-recsys embed gRPC ({variant})", "peer": "project-embed", "variant": variant,
                              "kind": "project", **measure_in_process(client.embed, inputs)})
+                for batch, peer in (duels or {}).items() if duel_rounds > 0 else ():
+                    log.info("%s duel: embed over gRPC against %s, %d rounds of %d calls each", batch, peer.name,
+                             duel_rounds, DUEL_BLOCKS[batch][0])
+                    try:
+                        duel_results[batch] = run_duel(peer, batch, inputs, client.embed, out, duel_rounds, timeout_s)
+                    except Exception as error:  # the rows measured stand without it
+                        duel_results[batch] = {"peer": peer.name, "batch": batch,
+                                               "error": f"{type(error).__name__}: {error}"}
+                        log.warning("%s duel not run: %s", batch, duel_results[batch]["error"])
         if "project-gateway" in wanted:
             port = free_port()
             gateway = start_gateway(server, port, rate_rps=1e6, out=work)
@@ -385,7 +484,7 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str) -> list[dict]:
                 if embed is not None:
                     embed.close()
                 stop(gateway)
-    return rows
+    return rows, duel_results
 
 
 def build_inputs(runs_b1: int, runs_b32: int) -> Inputs:
@@ -419,8 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-b32", type=int, default=15)
     parser.add_argument("--timeout", type=float, default=900, help="seconds one peer may take, install excluded")
     parser.add_argument("--variant", default=None, help="what `embed` and the gateway serve (default: make serve's)")
+    parser.add_argument("--duel-rounds", type=int, default=10,
+                        help="blocks of embed and of a peer, interleaved, at b1 and b32 (0: no duels)")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports")
     args = parser.parse_args(argv)
+    if args.duel_rounds < 0:
+        parser.error("--duel-rounds must be 0 or more")
     logs.configure()
     wanted = [name.strip() for name in args.peers.split(",") if name.strip()]
     unknown = sorted(set(wanted) - set(PEER_NAMES))
@@ -449,15 +552,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     if "project-bare" in wanted:
         rows.extend(bare_rows(inputs))
-    served = {"project-embed", "project-gateway"} & set(wanted)
-    if served:
-        variant = args.variant or served_variant()
-        try:
-            rows.extend(served_rows(inputs, served, variant))
-        except Exception as error:  # Triton or the gateway would not start: say so beside the rows measured
-            rows.append({"row": f"bert-recsys served ({variant})", "peer": "project-served", "kind": "project",
-                         "error": f"{type(error).__name__}: {error}"})
-            log.warning("served rows not run: %s", error)
     reference = next((row for row in rows if row["peer"] == "st-torch" and "_vectors" in row), None)
     reference_halves = None
     if reference is not None:
@@ -466,11 +560,31 @@ def main(argv: list[str] | None = None) -> int:
 
         vectors = reference["_vectors"]["sts"]
         reference_halves = spearman_by_half(vectors[:n], vectors[n:], inputs.sts_pairs)
-    for row in rows:
-        vectors = row.pop("_vectors", None)
-        if vectors is not None:
-            row.update(quality(vectors["sts"], vectors["gate_batched"], vectors["gate_alone"], inputs.sts_pairs,
-                               reference_halves))
+
+    def score(measured: list[dict]) -> None:
+        for row in measured:
+            vectors = row.pop("_vectors", None)
+            if vectors is not None:
+                row.update(quality(vectors["sts"], vectors["gate_batched"], vectors["gate_alone"], inputs.sts_pairs,
+                                   reference_halves))
+
+    score(rows)  # before the served rows: the b32 duel needs the fastest peer holding the gates
+    served = {"project-embed", "project-gateway"} & set(wanted)
+    duels: dict = {}
+    if served:
+        variant = args.variant or served_variant()
+        opponents = {"b1": fastest_in_process_b1(rows), "b32": fastest_holding_gates(rows)}
+        duel_peers = {batch: peer for batch, row in opponents.items() for peer in PEERS
+                      if row is not None and peer.name == row["peer"] and peer.kind == "worker"}
+        try:
+            served_measured, duels = served_rows(inputs, served, variant, duel_peers, out, args.duel_rounds,
+                                                 args.timeout)
+            score(served_measured)
+            rows.extend(served_measured)
+        except Exception as error:  # Triton or the gateway would not start: say so beside the rows measured
+            rows.append({"row": f"bert-recsys served ({variant})", "peer": "project-served", "kind": "project",
+                         "error": f"{type(error).__name__}: {error}"})
+            log.warning("served rows not run: %s", error)
     line = machine()
     print()
     print(table(rows, line))
@@ -479,6 +593,14 @@ def main(argv: list[str] | None = None) -> int:
                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "protocol": {"b1_tokens": B1_TOKENS, "b32_tokens": B32_TOKENS, "runs_b1": args.runs_b1,
                             "runs_b32": args.runs_b32, "callers": 1, "statistic": "p50"}}
+    summary["duels"] = duels
+    for batch, duel in duels.items():
+        if "error" in duel:
+            print(f"\n{batch} duel against {duel['peer']}: not run ({duel['error']})")
+        else:
+            print(f"\n{batch}, interleaved ({duel['rounds']} rounds, {duel['calls_each']} calls counted each): `embed` "
+                  f"over gRPC {duel['embed_ms']:.2f} ms, {duel['peer']} in process {duel['peer_ms']:.2f} ms: "
+                  f"{duel['gap_ms']:+.2f} ms, {duel['ratio']:.3f}x")
     if best_peer:
         print(f"\nfastest peer holding the gates (STS-B confirmation >= 0.9985 of torch FP32, invariance >= 0.999): "
               f"{best_peer['row']}, {best_peer['b32_p50_ms']:.1f} ms at b32, {best_peer['b1_p50_ms']:.2f} ms at b1")

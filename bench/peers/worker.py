@@ -5,6 +5,9 @@ peer's own packages, numpy and the standard library. bench/peers/harness.py writ
 - RESULT (the request's `out`): JSON with the peer's versions and per-call seconds at b1 and b32;
 - sts.npy, gate_batched.npy, gate_alone.npy beside it: the vectors the harness scores (STS-B Spearman, batch
   invariance) the same way for every peer.
+With `"duel": true` in the request it measures nothing by itself: it loads the peer, says "ready" on stdout, and
+then times blocks of b1 or b32 calls on demand (`duel`), so the harness can interleave them with its own served
+calls.
 
 Every call it times goes from text to vectors, tokenization included, on all of the machine's threads.
 """
@@ -144,6 +147,21 @@ def embed_in_batches(embed, texts: list[str], batch: int) -> np.ndarray:
     return out
 
 
+def duel(embed, batches: dict[str, list[str]], commands, answers) -> int:
+    """Blocks of calls on demand: each line read from `commands` is "<batch> <calls>" (a key of `batches`, e.g.
+    "b1 50"); the calls' seconds go back as one JSON line on `answers`. Ends at the end of `commands`; -> the number
+    of blocks timed."""
+    print("ready", file=answers, flush=True)
+    blocks = 0
+    for line in commands:
+        batch, calls = line.split()
+        if batch not in batches or int(calls) < 1:
+            raise ValueError(f"a block is one of {sorted(batches)} and at least one call, not {line.strip()!r}")
+        print(json.dumps(time_calls(embed, batches[batch], int(calls), warmup=0)), file=answers, flush=True)
+        blocks += 1
+    return blocks
+
+
 def versions() -> dict:
     from importlib import metadata
 
@@ -167,6 +185,12 @@ def main() -> int:
     started = time.perf_counter()
     embed = fastembed_model(request) if request["peer"] == "fastembed" else st_model(request)
     load_s = time.perf_counter() - started
+    if request.get("duel"):
+        batches = {"b1": request["b1"], "b32": request["b32"]}
+        time_calls(embed, batches["b1"], 20)  # warm, as the measured rows are
+        time_calls(embed, batches["b32"], 2)
+        log(f"{request['peer']}: {duel(embed, batches, sys.stdin, sys.stdout)} blocks timed on demand")
+        return 0
     log(f"{request['peer']}: timing b1 and b32")
     b1 = time_calls(embed, request["b1"], request["runs_b1"])
     b32 = time_calls(embed, request["b32"], request["runs_b32"])

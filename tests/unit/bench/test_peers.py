@@ -129,3 +129,48 @@ def test_waiting_for_a_server_names_its_exit_and_its_log_or_the_timeout(tmp_path
     finally:
         stop(silent)
     assert silent.returncode is not None
+
+
+def test_the_b1_duel_picks_the_fastest_in_process_peer_and_compares_interleaved_blocks():
+    from bench.peers.harness import duel_summary, fastest_in_process_b1
+
+    rows = [{"peer": "st-onnx", "kind": "worker", "b1_p50_ms": 3.9},
+            {"peer": "fastembed", "kind": "worker", "b1_p50_ms": 1.6},
+            {"peer": "st-openvino", "kind": "worker", "error": "exited 1"},
+            {"peer": "infinity-optimum", "kind": "infinity", "b1_p50_ms": 1.0},   # a server, not in process
+            {"peer": "project-bare", "kind": "project", "b1_p50_ms": 1.2}]        # ours
+    assert fastest_in_process_b1(rows)["peer"] == "fastembed"
+    assert fastest_in_process_b1([rows[2], rows[3]]) is None
+
+    # Two rounds; the first 5 calls of each block (0.1 s: the other side's threads) are not counted.
+    embed = [[0.1] * 5 + [0.0030] * 10, [0.1] * 5 + [0.0026] * 10]
+    peer = [[0.1] * 5 + [0.0020] * 10, [0.1] * 5 + [0.0018] * 10]
+    summary = duel_summary(embed, peer, settle=5)
+    assert summary["embed_ms"] == pytest.approx(2.8) and summary["peer_ms"] == pytest.approx(1.9)
+    assert summary["gap_ms"] == pytest.approx(0.9) and summary["ratio"] == pytest.approx(2.8 / 1.9)
+    assert summary["calls_each"] == 20 and summary["rounds"] == 2
+    assert summary["per_round"][1] == {"embed_ms": pytest.approx(2.6), "peer_ms": pytest.approx(1.8)}
+    with pytest.raises(ValueError, match="as many blocks"):
+        duel_summary(embed, peer[:1], settle=5)
+    with pytest.raises(ValueError, match="more than the 5 calls"):
+        duel_summary([[0.1] * 5], [[0.1] * 6], settle=5)
+
+
+def test_the_worker_times_b1_blocks_on_demand_until_its_input_ends():
+    import io
+    import json
+
+    from bench.peers.worker import duel
+
+    calls = []
+    answers = io.StringIO()
+    batches = {"b1": ["one text"], "b32": ["a", "b"]}
+    blocks = duel(lambda texts: calls.append(list(texts)), batches, io.StringIO("b1 3\nb32 2\n"), answers)
+    lines = answers.getvalue().splitlines()
+    assert blocks == 2 and lines[0] == "ready" and len(calls) == 5
+    assert calls[0] == ["one text"] and calls[3] == ["a", "b"]
+    assert [len(json.loads(line)) for line in lines[1:]] == [3, 2]
+    assert all(t >= 0 for t in json.loads(lines[1]))
+    for bad in ("b1 0\n", "b8 3\n"):
+        with pytest.raises(ValueError, match="at least one call"):
+            duel(lambda texts: None, batches, io.StringIO(bad), io.StringIO())
