@@ -16,16 +16,18 @@ on each peer's own vectors: STS-B dev *confirmation* half Spearman as a ratio to
 and batch invariance (the gate sentences alone vs in padded batches of 32, min cosine). A peer that cannot be
 built or run is listed with why; it never stops the others.
 
-Rows run one after another, minutes apart, and this machine drifts by 10-30% over minutes. So the two comparisons
-the goals make are measured once more, interleaved, with the peer's worker kept loaded (`--duel-rounds`, 0: none):
-`embed` over gRPC against the fastest in-process peer at b1 (blocks of 50 calls), and against the fastest peer
-holding the gates at b32 (blocks of 6), alternating blocks so that the drift falls on both alike.
+Rows run one after another, minutes apart, and this machine drifts by 10-30% over minutes. So the comparisons the
+goals make are measured once more at the end, interleaved, the peer kept loaded (its worker, or its server) and
+blocks alternating (50 calls at b1, 6 at b32) so that the drift falls on both alike (`--duel-rounds`, 0: none):
+`embed` over gRPC against the fastest in-process peer at b1 and against the fastest peer holding the gates at b32;
+the gateway against the faster infinity-emb engine at b32 and at b1.
 
 Writes build/reports/peers.json and peers.png; the table names the CPU.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -150,22 +152,35 @@ def fastest_in_process_b1(rows: list[dict]) -> dict | None:
     return min(measured, key=lambda row: row["b1_p50_ms"]) if measured else None
 
 
-def duel_summary(embed_blocks: list[list[float]], peer_blocks: list[list[float]], settle: int) -> dict:
-    """Interleaved blocks (seconds per call) -> medians in ms over all counted calls, the gap, the ratio, and each
-    round's medians. A block's first `settle` calls are not counted."""
-    if not embed_blocks or len(embed_blocks) != len(peer_blocks):
-        raise ValueError(f"the duel needs as many blocks on each side: {len(embed_blocks)} and {len(peer_blocks)}")
-    if any(len(block) <= settle for block in embed_blocks + peer_blocks):
+def duel_summary(our_blocks: list[list[float]], peer_blocks: list[list[float]], settle: int) -> dict:
+    """Interleaved blocks (seconds per call; ours, the peer's) -> medians in ms over all counted calls, the gap, the
+    ratio, and each round's medians. A block's first `settle` calls are not counted."""
+    if not our_blocks or len(our_blocks) != len(peer_blocks):
+        raise ValueError(f"the duel needs as many blocks on each side: {len(our_blocks)} and {len(peer_blocks)}")
+    if any(len(block) <= settle for block in our_blocks + peer_blocks):
         raise ValueError(f"every block needs more than the {settle} calls left out")
-    embed = [t for block in embed_blocks for t in block[settle:]]
+    ours = [t for block in our_blocks for t in block[settle:]]
     peer = [t for block in peer_blocks for t in block[settle:]]
-    summary = {"embed_ms": 1000 * float(np.median(embed)), "peer_ms": 1000 * float(np.median(peer)),
-               "calls_each": len(embed), "rounds": len(embed_blocks),
-               "per_round": [{"embed_ms": 1000 * float(np.median(a[settle:])), "peer_ms": 1000 * float(np.median(b[settle:]))}
-                             for a, b in zip(embed_blocks, peer_blocks)]}
-    summary["gap_ms"] = summary["embed_ms"] - summary["peer_ms"]
-    summary["ratio"] = summary["embed_ms"] / summary["peer_ms"]
+    summary = {"ours_ms": 1000 * float(np.median(ours)), "peer_ms": 1000 * float(np.median(peer)),
+               "calls_each": len(ours), "rounds": len(our_blocks),
+               "per_round": [{"ours_ms": 1000 * float(np.median(a[settle:])), "peer_ms": 1000 * float(np.median(b[settle:]))}
+                             for a, b in zip(our_blocks, peer_blocks)]}
+    summary["gap_ms"] = summary["ours_ms"] - summary["peer_ms"]
+    summary["ratio"] = summary["ours_ms"] / summary["peer_ms"]
     return summary
+
+
+def duels_to_run(rows: list[dict]) -> list[tuple[str, str, Peer]]:
+    """What the goals compare, against this run's rows: `embed` at b1 with the fastest in-process peer, `embed` at
+    b32 with the fastest peer holding the gates, the gateway at b32 and b1 with the faster infinity-emb engine at b32.
+    -> [(ours, batch, peer)], leaving out an opponent this run could not measure."""
+    by_name = {peer.name: peer for peer in PEERS}
+    infinity = [row for row in rows if row.get("kind") == "infinity" and "b32_p50_ms" in row and "error" not in row]
+    faster_infinity = min(infinity, key=lambda row: row["b32_p50_ms"]) if infinity else None
+    wanted = [("embed", "b1", fastest_in_process_b1(rows)), ("embed", "b32", fastest_holding_gates(rows)),
+              ("gateway", "b32", faster_infinity), ("gateway", "b1", faster_infinity)]
+    return [(ours, batch, by_name[row["peer"]]) for ours, batch, row in wanted
+            if row is not None and by_name.get(row["peer"]) and by_name[row["peer"]].kind in ("worker", "infinity")]
 
 
 def table(rows: list[dict], machine_line: str) -> str:
@@ -258,21 +273,28 @@ class Inputs:
         return [a for a, _, _ in self.sts_pairs] + [b for _, b, _ in self.sts_pairs]
 
 
+def worker_command(python: Path, peer: Peer, inputs: Inputs, folder: Path, **request) -> tuple[list[str], dict]:
+    """Writes the worker's request into `folder` -> (its command line, its environment: offline, single-threaded
+    tokenizers, none of this project's path)."""
+    request = {"peer": peer.name, "model": str(inputs.model_dir), "work": str(WORK / "work"), "b1": inputs.b1,
+               "b32": inputs.b32, "calibration": inputs.calibration, **request}
+    (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    return [str(python), str(HERE / "worker.py"), str(folder / "request.json")], env
+
+
 def run_worker(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
     python = ensure_venv(peer.venv)
     folder = out / peer.name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    request = {"peer": peer.name, "model": str(inputs.model_dir), "work": str(WORK / "work"),
-               "out": str(folder / "result.json"), "b1": inputs.b1, "b32": inputs.b32, "sts": inputs.sts_texts,
-               "gate": inputs.gate, "runs_b1": inputs.runs_b1, "runs_b32": inputs.runs_b32,
-               "calibration": inputs.calibration}
-    (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTHONPATH", None)
+    command, env = worker_command(python, peer, inputs, folder, out=str(folder / "result.json"),
+                                  sts=inputs.sts_texts, gate=inputs.gate, runs_b1=inputs.runs_b1,
+                                  runs_b32=inputs.runs_b32)
     with open(folder / "worker.log", "w") as log_file:
-        done = subprocess.run([str(python), str(HERE / "worker.py"), str(folder / "request.json")], env=env,
-                              stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=folder)
+        done = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s,
+                              cwd=folder)
     if done.returncode != 0:
         tail = (folder / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"exited {done.returncode}: {' | '.join(tail)[-300:]}")
@@ -282,27 +304,38 @@ def run_worker(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
             "load_s": result["load_s"], "_vectors": vectors}
 
 
-def run_duel(peer: Peer, batch: str, inputs: Inputs, embed, out: Path, rounds: int, timeout_s: float) -> dict:
-    """`embed` (our served path) against `peer` in its own worker, kept loaded, in alternating blocks of `batch`
-    ("b1" or "b32") calls."""
+def interleave(ours, theirs, texts: list[str], batch: str, rounds: int, timeout_s: float, label: str) -> dict:
+    """`ours` (texts -> vectors) and `theirs` (a number of calls -> their seconds) in alternating blocks."""
     from bench.peers.worker import time_calls
 
     calls, settle = DUEL_BLOCKS[batch]
-    texts = {"b1": inputs.b1, "b32": inputs.b32}[batch]
+    time_calls(ours, texts, 2 * settle + 2)
+    theirs(2 * settle + 2)
+    our_blocks, their_blocks = [], []
+    started = time.monotonic()
+    for round_ in range(rounds):
+        our_blocks.append(time_calls(ours, texts, calls, warmup=0))
+        time.sleep(DUEL_PAUSE_S)
+        their_blocks.append(theirs(calls))
+        time.sleep(DUEL_PAUSE_S)
+        log.info("%s round %d/%d: %.2f against %.2f ms", label, round_ + 1, rounds,
+                 1000 * np.median(our_blocks[-1][settle:]), 1000 * np.median(their_blocks[-1][settle:]))
+        if time.monotonic() - started > timeout_s:
+            raise RuntimeError(f"the duel took over {timeout_s:.0f} s")
+    return duel_summary(our_blocks, their_blocks, settle)
+
+
+@contextlib.contextmanager
+def worker_blocks(peer: Peer, inputs: Inputs, out: Path, batch: str):
+    """A peer's worker kept loaded (`worker.py` with "duel"): yields (a number of calls -> their seconds)."""
     python = ensure_venv(peer.venv)
     folder = out / f"duel-{batch}-{peer.name}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    request = {"peer": peer.name, "model": str(inputs.model_dir), "work": str(WORK / "work"),
-               "out": str(folder / "unused.json"), "b1": inputs.b1, "b32": inputs.b32, "duel": True,
-               "calibration": inputs.calibration}
-    (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTHONPATH", None)
-    embed_blocks, peer_blocks = [], []
+    command, env = worker_command(python, peer, inputs, folder, out=str(folder / "unused.json"), duel=True)
     with open(folder / "worker.log", "w") as log_file:
-        worker = subprocess.Popen([str(python), str(HERE / "worker.py"), str(folder / "request.json")], env=env,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=folder)
+        worker = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                                  text=True, cwd=folder)
         try:
             def answer() -> str:
                 line = worker.stdout.readline()
@@ -313,19 +346,13 @@ def run_duel(peer: Peer, batch: str, inputs: Inputs, embed, out: Path, rounds: i
 
             if answer().strip() != "ready":
                 raise RuntimeError(f"the {peer.name} worker did not say it was ready")
-            time_calls(embed, texts, 2 * settle + 2)
-            started = time.monotonic()
-            for round_ in range(rounds):
-                embed_blocks.append(time_calls(embed, texts, calls, warmup=0))
-                time.sleep(DUEL_PAUSE_S)
+
+            def blocks(calls: int) -> list[float]:
                 worker.stdin.write(f"{batch} {calls}\n")
                 worker.stdin.flush()
-                peer_blocks.append(json.loads(answer()))
-                time.sleep(DUEL_PAUSE_S)
-                log.info("%s duel round %d/%d: embed %.2f ms, %s %.2f ms", batch, round_ + 1, rounds,
-                         1000 * np.median(embed_blocks[-1][settle:]), peer.name, 1000 * np.median(peer_blocks[-1][settle:]))
-                if time.monotonic() - started > timeout_s:
-                    raise RuntimeError(f"the duel took over {timeout_s:.0f} s")
+                return json.loads(answer())
+
+            yield blocks
         finally:
             worker.stdin.close()
             try:
@@ -333,7 +360,25 @@ def run_duel(peer: Peer, batch: str, inputs: Inputs, embed, out: Path, rounds: i
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
-    return {"peer": peer.name, "batch": batch, **duel_summary(embed_blocks, peer_blocks, settle)}
+
+
+def run_duel(ours_name: str, ours, peer: Peer, batch: str, inputs: Inputs, out: Path, rounds: int,
+             timeout_s: float) -> dict:
+    """`ours` (our served path: texts -> vectors) against `peer`, kept loaded, in alternating blocks of `batch`."""
+    from bench.peers.worker import time_calls
+
+    texts = {"b1": inputs.b1, "b32": inputs.b32}[batch]
+    label = f"{batch} duel, {ours_name} against {peer.name}"
+    if peer.kind == "worker":
+        with worker_blocks(peer, inputs, out, batch) as theirs:
+            summary = interleave(ours, theirs, texts, batch, rounds, timeout_s, label)
+    elif peer.kind == "infinity":
+        with infinity_server(peer, inputs, out, timeout_s) as server:
+            summary = interleave(ours, lambda calls: time_calls(server, texts, calls, warmup=0), texts, batch, rounds,
+                                 timeout_s, label)
+    else:
+        raise ValueError(f"no duel against {peer.name} ({peer.kind})")
+    return {"ours": ours_name, "peer": peer.name, "batch": batch, **summary}
 
 
 class HttpEmbeddings:
@@ -346,8 +391,15 @@ class HttpEmbeddings:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         body = json.dumps({"model": self.model, "input": list(texts), "encoding_format": "float"})
-        self.connection.request("POST", self.path, body, self.headers)
-        response = self.connection.getresponse()
+        try:
+            self.connection.request("POST", self.path, body, self.headers)
+            response = self.connection.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closed the idle keep-alive connection (uvicorn does after 5 s, e.g. while another server
+            # starts): once more on a new one, as HTTP clients do.
+            self.connection.close()
+            self.connection.request("POST", self.path, body, self.headers)
+            response = self.connection.getresponse()
         payload = response.read()
         if response.status != 200:
             raise RuntimeError(f"POST {self.path}: HTTP {response.status}: {payload[:200]!r}")
@@ -371,7 +423,9 @@ def measure_in_process(embed, inputs: Inputs) -> dict:
     return {**speed(b1, b32), "_vectors": vectors}
 
 
-def run_infinity(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
+@contextlib.contextmanager
+def infinity_server(peer: Peer, inputs: Inputs, out: Path, timeout_s: float):
+    """infinity-emb serving the model on a free loopback port: yields its HttpEmbeddings client."""
     from bench.gateway import stop, wait_http
     from bert_recsys.server.launcher import free_port
 
@@ -391,11 +445,16 @@ def run_infinity(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dic
             wait_http(process, port, "/health", timeout_s, folder / "server.log")
             embed = HttpEmbeddings(port, "/embeddings", "model")
             try:
-                return measure_in_process(embed, inputs)
+                yield embed
             finally:
                 embed.close()
         finally:
             stop(process)
+
+
+def run_infinity(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
+    with infinity_server(peer, inputs, out, timeout_s) as embed:
+        return measure_in_process(embed, inputs)
 
 
 def onnx_model_folder(model_dir: Path) -> Path:
@@ -441,11 +500,22 @@ def bare_rows(inputs: Inputs) -> list[dict]:
     return rows
 
 
-def served_rows(inputs: Inputs, wanted: set[str], variant: str, duels: dict[str, Peer] | None = None,
-                out: Path = WORK, duel_rounds: int = 0, timeout_s: float = 900) -> tuple[list[dict], dict]:
-    """`embed` over gRPC and the gateway over HTTP, beside one tritonserver serving `variant`; and, per batch of
-    `duels` ({"b1": peer, "b32": peer}), `embed` interleaved with that peer (`run_duel`). -> (rows, {batch: the
-    duel's summary})."""
+def duel(ours_name: str, ours, peer: Peer, batch: str, inputs: Inputs, out: Path, rounds: int,
+         timeout_s: float) -> dict:
+    """`run_duel`, or a summary saying why it did not run: the rows measured stand without it."""
+    log.info("%s duel: %s against %s, %d rounds of %d calls each", batch, ours_name, peer.name, rounds,
+             DUEL_BLOCKS[batch][0])
+    try:
+        return run_duel(ours_name, ours, peer, batch, inputs, out, rounds, timeout_s)
+    except Exception as error:
+        log.warning("%s duel of %s against %s not run: %s", batch, ours_name, peer.name, error)
+        return {"ours": ours_name, "peer": peer.name, "batch": batch, "error": f"{type(error).__name__}: {error}"}
+
+
+def served_rows(inputs: Inputs, wanted: set[str], variant: str, duels: list[tuple[str, str, Peer]] = (),
+                out: Path = WORK, duel_rounds: int = 0, timeout_s: float = 900) -> tuple[list[dict], list[dict]]:
+    """`embed` over gRPC and the gateway over HTTP, beside one tritonserver serving `variant`; then each duel of
+    `duels` ((ours: "embed" or "gateway", batch, peer)) interleaved (`run_duel`). -> (rows, the duels' summaries)."""
     from dataclasses import replace
 
     from bert_recsys.client.triton import TritonClient
@@ -454,7 +524,7 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str, duels: dict[str,
     from bert_recsys.server.launcher import free_port
 
     work = WORK / "serving"
-    rows, duel_results = [], {}
+    rows, duel_results = [], []
     with serve_variant(variant, work, admin_key="") as triton:
         server = triton.server
         if "project-embed" in wanted:
@@ -462,15 +532,9 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str, duels: dict[str,
             with TritonClient(server.grpc_url, settings=replace(settings.SETTINGS, server=server)) as client:
                 rows.append({"row": f"bert-recsys embed gRPC ({variant})", "peer": "project-embed", "variant": variant,
                              "kind": "project", **measure_in_process(client.embed, inputs)})
-                for batch, peer in (duels or {}).items() if duel_rounds > 0 else ():
-                    log.info("%s duel: embed over gRPC against %s, %d rounds of %d calls each", batch, peer.name,
-                             duel_rounds, DUEL_BLOCKS[batch][0])
-                    try:
-                        duel_results[batch] = run_duel(peer, batch, inputs, client.embed, out, duel_rounds, timeout_s)
-                    except Exception as error:  # the rows measured stand without it
-                        duel_results[batch] = {"peer": peer.name, "batch": batch,
-                                               "error": f"{type(error).__name__}: {error}"}
-                        log.warning("%s duel not run: %s", batch, duel_results[batch]["error"])
+                for ours, batch, peer in duels if duel_rounds > 0 else ():
+                    if ours == "embed":
+                        duel_results.append(duel(ours, client.embed, peer, batch, inputs, out, duel_rounds, timeout_s))
         if "project-gateway" in wanted:
             port = free_port()
             gateway = start_gateway(server, port, rate_rps=1e6, out=work)
@@ -480,6 +544,9 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str, duels: dict[str,
                 embed = HttpEmbeddings(port, "/v1/embeddings", "embed", KEY)
                 rows.append({"row": f"bert-recsys gateway HTTP ({variant})", "peer": "project-gateway",
                              "variant": variant, "kind": "project", **measure_in_process(embed, inputs)})
+                for ours, batch, peer in duels if duel_rounds > 0 else ():
+                    if ours == "gateway":
+                        duel_results.append(duel(ours, embed, peer, batch, inputs, out, duel_rounds, timeout_s))
             finally:
                 if embed is not None:
                     embed.close()
@@ -570,14 +637,11 @@ def main(argv: list[str] | None = None) -> int:
 
     score(rows)  # before the served rows: the b32 duel needs the fastest peer holding the gates
     served = {"project-embed", "project-gateway"} & set(wanted)
-    duels: dict = {}
+    duels: list[dict] = []
     if served:
         variant = args.variant or served_variant()
-        opponents = {"b1": fastest_in_process_b1(rows), "b32": fastest_holding_gates(rows)}
-        duel_peers = {batch: peer for batch, row in opponents.items() for peer in PEERS
-                      if row is not None and peer.name == row["peer"] and peer.kind == "worker"}
         try:
-            served_measured, duels = served_rows(inputs, served, variant, duel_peers, out, args.duel_rounds,
+            served_measured, duels = served_rows(inputs, served, variant, duels_to_run(rows), out, args.duel_rounds,
                                                  args.timeout)
             score(served_measured)
             rows.extend(served_measured)
@@ -594,13 +658,16 @@ def main(argv: list[str] | None = None) -> int:
                "protocol": {"b1_tokens": B1_TOKENS, "b32_tokens": B32_TOKENS, "runs_b1": args.runs_b1,
                             "runs_b32": args.runs_b32, "callers": 1, "statistic": "p50"}}
     summary["duels"] = duels
-    for batch, duel in duels.items():
-        if "error" in duel:
-            print(f"\n{batch} duel against {duel['peer']}: not run ({duel['error']})")
+    if duels:
+        print("\nInterleaved (blocks alternating, the peer kept loaded):")
+    for result in duels:
+        ours = {"embed": "`embed` over gRPC", "gateway": "the gateway over HTTP"}[result["ours"]]
+        if "error" in result:
+            print(f"  {result['batch']}: {ours} against {result['peer']}: not run ({result['error']})")
         else:
-            print(f"\n{batch}, interleaved ({duel['rounds']} rounds, {duel['calls_each']} calls counted each): `embed` "
-                  f"over gRPC {duel['embed_ms']:.2f} ms, {duel['peer']} in process {duel['peer_ms']:.2f} ms: "
-                  f"{duel['gap_ms']:+.2f} ms, {duel['ratio']:.3f}x")
+            print(f"  {result['batch']}: {ours} {result['ours_ms']:.2f} ms, {result['peer']} {result['peer_ms']:.2f} ms: "
+                  f"{result['gap_ms']:+.2f} ms, {result['ratio']:.3f}x ({result['rounds']} rounds, "
+                  f"{result['calls_each']} calls counted each)")
     if best_peer:
         print(f"\nfastest peer holding the gates (STS-B confirmation >= 0.9985 of torch FP32, invariance >= 0.999): "
               f"{best_peer['row']}, {best_peer['b32_p50_ms']:.1f} ms at b32, {best_peer['b1_p50_ms']:.2f} ms at b1")

@@ -142,14 +142,28 @@ def test_the_b1_duel_picks_the_fastest_in_process_peer_and_compares_interleaved_
     assert fastest_in_process_b1(rows)["peer"] == "fastembed"
     assert fastest_in_process_b1([rows[2], rows[3]]) is None
 
+    # What the goals compare: embed b1 with the fastest in-process peer, embed b32 with the fastest peer holding the
+    # gates, the gateway with the faster infinity engine at b32, at b32 and b1.
+    from bench.peers.harness import duels_to_run
+
+    measured = [{**rows[1], "b32_p50_ms": 250.0, "spearman_ratio_confirmation": 0.998, "batch_invariance_min_cosine": 0.95},
+                {"peer": "st-openvino-int8", "kind": "worker", "b1_p50_ms": 2.6, "b32_p50_ms": 170.0,
+                 "spearman_ratio_confirmation": 1.0009, "batch_invariance_min_cosine": 1.0},
+                {"peer": "infinity-torch", "kind": "infinity", "b1_p50_ms": 18.0, "b32_p50_ms": 750.0},
+                {"peer": "infinity-optimum", "kind": "infinity", "b1_p50_ms": 10.0, "b32_p50_ms": 550.0}]
+    planned = [(ours, batch, peer.name) for ours, batch, peer in duels_to_run(measured)]
+    assert planned == [("embed", "b1", "fastembed"), ("embed", "b32", "st-openvino-int8"),
+                       ("gateway", "b32", "infinity-optimum"), ("gateway", "b1", "infinity-optimum")]
+    assert duels_to_run([]) == []
+
     # Two rounds; the first 5 calls of each block (0.1 s: the other side's threads) are not counted.
     embed = [[0.1] * 5 + [0.0030] * 10, [0.1] * 5 + [0.0026] * 10]
     peer = [[0.1] * 5 + [0.0020] * 10, [0.1] * 5 + [0.0018] * 10]
     summary = duel_summary(embed, peer, settle=5)
-    assert summary["embed_ms"] == pytest.approx(2.8) and summary["peer_ms"] == pytest.approx(1.9)
+    assert summary["ours_ms"] == pytest.approx(2.8) and summary["peer_ms"] == pytest.approx(1.9)
     assert summary["gap_ms"] == pytest.approx(0.9) and summary["ratio"] == pytest.approx(2.8 / 1.9)
     assert summary["calls_each"] == 20 and summary["rounds"] == 2
-    assert summary["per_round"][1] == {"embed_ms": pytest.approx(2.6), "peer_ms": pytest.approx(1.8)}
+    assert summary["per_round"][1] == {"ours_ms": pytest.approx(2.6), "peer_ms": pytest.approx(1.8)}
     with pytest.raises(ValueError, match="as many blocks"):
         duel_summary(embed, peer[:1], settle=5)
     with pytest.raises(ValueError, match="more than the 5 calls"):
@@ -174,3 +188,42 @@ def test_the_worker_times_b1_blocks_on_demand_until_its_input_ends():
     for bad in ("b1 0\n", "b8 3\n"):
         with pytest.raises(ValueError, match="at least one call"):
             duel(lambda texts: None, batches, io.StringIO(bad), io.StringIO())
+
+
+def test_the_http_client_sends_again_once_when_the_server_dropped_its_idle_connection():
+    """uvicorn closes an idle keep-alive connection after 5 s (here: after every response, without saying so)."""
+    import http.server
+    import threading
+
+    served = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
+            served.append(len(texts))
+            body = json.dumps({"data": [{"index": i, "embedding": [3.0, 4.0]} for i in range(len(texts))]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True  # dropped, while the client believes it alive
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = harness.HttpEmbeddings(server.server_address[1], "/embeddings", "model")
+        for _ in range(3):
+            vectors = client(["a", "b"])
+            assert vectors.shape == (2, 2) and np.allclose(vectors[0], [0.6, 0.8])
+        client.close()
+        assert served == [2, 2, 2]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
