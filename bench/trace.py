@@ -128,7 +128,12 @@ def engine_median_ms(path: Path, rows: int, tokens: int, skip: int) -> float | N
     file the encoder model writes when it unloads (`diagnostic_engine_times_file`); None without one."""
     if not path.exists():
         return None
-    times = [seconds for r, n, seconds in json.loads(path.read_text()) if (r, n) == (rows, tokens)][skip:]
+    try:
+        calls = json.loads(path.read_text())
+    except ValueError as error:
+        log.warning("the engine's times in %s are unreadable (%s): no engine figure", path, error)
+        return None
+    times = [seconds for r, n, seconds in calls if (r, n) == (rows, tokens)][skip:]
     return 1000 * statistics.median(times) if times else None
 
 
@@ -224,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     # The model's own time inside the stub, in the same requests: what the serving path adds around the model
     # is the client's time less this (the bare encoder's back-to-back figure never pays for waking its threads).
     engine_ms = engine_median_ms(engine_file, 1, ids.shape[1], args.warmup)
+    if engine_file.exists():  # the traced server below writes its own: keep this one's beside it
+        engine_file.replace(work / "engine_times_untraced.json")
 
     # 2. The breakdown, on a traced server: the same requests, one at a time, each timed on the client too.
     client_ms = []

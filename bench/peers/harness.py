@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +167,7 @@ def duel_summary(our_blocks: list[list[float]], peer_blocks: list[list[float]], 
                "per_round": [{"ours_ms": 1000 * float(np.median(a[settle:])), "peer_ms": 1000 * float(np.median(b[settle:]))}
                              for a, b in zip(our_blocks, peer_blocks)]}
     summary["gap_ms"] = summary["ours_ms"] - summary["peer_ms"]
-    summary["ratio"] = summary["ours_ms"] / summary["peer_ms"]
+    summary["ours_over_peer"] = summary["ours_ms"] / summary["peer_ms"]
     return summary
 
 
@@ -326,26 +327,26 @@ def interleave(ours, theirs, texts: list[str], batch: str, rounds: int, timeout_
 
 
 @contextlib.contextmanager
-def worker_blocks(peer: Peer, inputs: Inputs, out: Path, batch: str):
-    """A peer's worker kept loaded (`worker.py` with "duel"): yields (a number of calls -> their seconds)."""
-    python = ensure_venv(peer.venv)
-    folder = out / f"duel-{batch}-{peer.name}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    command, env = worker_command(python, peer, inputs, folder, out=str(folder / "unused.json"), duel=True)
+def blocks_from(command: list[str], env: dict, folder: Path, batch: str, timeout_s: float, name: str):
+    """A worker process speaking `worker.duel`'s protocol on stdin/stdout (its stderr to folder/worker.log): yields
+    (a number of calls -> their seconds). A worker that hangs is killed after `timeout_s` (its end is then the
+    error); the worker is always ended and its pipes closed."""
     with open(folder / "worker.log", "w") as log_file:
         worker = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                                   text=True, cwd=folder)
+        watchdog = threading.Timer(timeout_s, worker.kill)
+        watchdog.start()
         try:
             def answer() -> str:
                 line = worker.stdout.readline()
                 if not line:
                     tail = (folder / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
-                    raise RuntimeError(f"the {peer.name} worker ended: {' | '.join(tail)[-300:]}")
+                    raise RuntimeError(f"the {name} worker ended (exit {worker.poll()}, killed after "
+                                       f"{timeout_s:.0f} s if it hung): {' | '.join(tail)[-300:]}")
                 return line
 
             if answer().strip() != "ready":
-                raise RuntimeError(f"the {peer.name} worker did not say it was ready")
+                raise RuntimeError(f"the {name} worker did not say it was ready")
 
             def blocks(calls: int) -> list[float]:
                 worker.stdin.write(f"{batch} {calls}\n")
@@ -354,12 +355,27 @@ def worker_blocks(peer: Peer, inputs: Inputs, out: Path, batch: str):
 
             yield blocks
         finally:
-            worker.stdin.close()
+            watchdog.cancel()
+            with contextlib.suppress(OSError):
+                worker.stdin.close()
             try:
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+            worker.stdout.close()
+
+
+@contextlib.contextmanager
+def worker_blocks(peer: Peer, inputs: Inputs, out: Path, batch: str, timeout_s: float):
+    """A peer's worker kept loaded (`worker.py` with "duel"): yields (a number of calls -> their seconds)."""
+    python = ensure_venv(peer.venv)
+    folder = out / f"duel-{batch}-{peer.name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    command, env = worker_command(python, peer, inputs, folder, out=str(folder / "unused.json"), duel=True)
+    with blocks_from(command, env, folder, batch, timeout_s, peer.name) as blocks:
+        yield blocks
 
 
 def run_duel(ours_name: str, ours, peer: Peer, batch: str, inputs: Inputs, out: Path, rounds: int,
@@ -369,15 +385,19 @@ def run_duel(ours_name: str, ours, peer: Peer, batch: str, inputs: Inputs, out: 
 
     texts = {"b1": inputs.b1, "b32": inputs.b32}[batch]
     label = f"{batch} duel, {ours_name} against {peer.name}"
+    retries_before = getattr(ours, "retries", 0)
     if peer.kind == "worker":
-        with worker_blocks(peer, inputs, out, batch) as theirs:
+        with worker_blocks(peer, inputs, out, batch, timeout_s) as theirs:
             summary = interleave(ours, theirs, texts, batch, rounds, timeout_s, label)
     elif peer.kind == "infinity":
-        with infinity_server(peer, inputs, out, timeout_s) as server:
+        with infinity_server(peer, inputs, out, timeout_s, folder=out / f"duel-{batch}-{peer.name}") as server:
             summary = interleave(ours, lambda calls: time_calls(server, texts, calls, warmup=0), texts, batch, rounds,
                                  timeout_s, label)
+            summary["peer_http_retries"] = server.retries
     else:
         raise ValueError(f"no duel against {peer.name} ({peer.kind})")
+    if hasattr(ours, "retries"):
+        summary["ours_http_retries"] = ours.retries - retries_before
     return {"ours": ours_name, "peer": peer.name, "batch": batch, **summary}
 
 
@@ -388,6 +408,7 @@ class HttpEmbeddings:
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         self.path, self.model = path, model
         self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        self.retries = 0  # calls sent again on a new connection (their time includes the reconnect)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         body = json.dumps({"model": self.model, "input": list(texts), "encoding_format": "float"})
@@ -398,6 +419,7 @@ class HttpEmbeddings:
             # The server closed the idle keep-alive connection (uvicorn does after 5 s, e.g. while another server
             # starts): once more on a new one, as HTTP clients do.
             self.connection.close()
+            self.retries += 1
             self.connection.request("POST", self.path, body, self.headers)
             response = self.connection.getresponse()
         payload = response.read()
@@ -424,13 +446,14 @@ def measure_in_process(embed, inputs: Inputs) -> dict:
 
 
 @contextlib.contextmanager
-def infinity_server(peer: Peer, inputs: Inputs, out: Path, timeout_s: float):
-    """infinity-emb serving the model on a free loopback port: yields its HttpEmbeddings client."""
+def infinity_server(peer: Peer, inputs: Inputs, out: Path, timeout_s: float, folder: Path | None = None):
+    """infinity-emb serving the model on a free loopback port (its log in `folder`, default out/<peer>): yields its
+    HttpEmbeddings client."""
     from bench.gateway import stop, wait_http
     from bert_recsys.server.launcher import free_port
 
     python = ensure_venv(peer.venv)
-    folder = out / peer.name
+    folder = folder or out / peer.name
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     model = inputs.model_dir if peer.engine != "optimum" else onnx_model_folder(inputs.model_dir)
@@ -512,10 +535,12 @@ def duel(ours_name: str, ours, peer: Peer, batch: str, inputs: Inputs, out: Path
         return {"ours": ours_name, "peer": peer.name, "batch": batch, "error": f"{type(error).__name__}: {error}"}
 
 
-def served_rows(inputs: Inputs, wanted: set[str], variant: str, duels: list[tuple[str, str, Peer]] = (),
-                out: Path = WORK, duel_rounds: int = 0, timeout_s: float = 900) -> tuple[list[dict], list[dict]]:
-    """`embed` over gRPC and the gateway over HTTP, beside one tritonserver serving `variant`; then each duel of
-    `duels` ((ours: "embed" or "gateway", batch, peer)) interleaved (`run_duel`). -> (rows, the duels' summaries)."""
+def served_rows(inputs: Inputs, wanted: set[str], variant: str, rows: list[dict], duel_results: list[dict],
+                duels: list[tuple[str, str, Peer]] = (), out: Path = WORK, duel_rounds: int = 0,
+                timeout_s: float = 900) -> None:
+    """`embed` over gRPC and the gateway over HTTP, beside one tritonserver serving `variant`, appended to `rows`
+    as each is measured; then each duel of `duels` ((ours: "embed" or "gateway", batch, peer)) interleaved
+    (`run_duel`), appended to `duel_results`: what was measured stays measured if a later part fails."""
     from dataclasses import replace
 
     from bert_recsys.client.triton import TritonClient
@@ -524,7 +549,6 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str, duels: list[tupl
     from bert_recsys.server.launcher import free_port
 
     work = WORK / "serving"
-    rows, duel_results = [], []
     with serve_variant(variant, work, admin_key="") as triton:
         server = triton.server
         if "project-embed" in wanted:
@@ -551,7 +575,6 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str, duels: list[tupl
                 if embed is not None:
                     embed.close()
                 stop(gateway)
-    return rows, duel_results
 
 
 def build_inputs(runs_b1: int, runs_b32: int) -> Inputs:
@@ -640,15 +663,17 @@ def main(argv: list[str] | None = None) -> int:
     duels: list[dict] = []
     if served:
         variant = args.variant or served_variant()
+        served_measured: list[dict] = []
+        failed = None
         try:
-            served_measured, duels = served_rows(inputs, served, variant, duels_to_run(rows), out, args.duel_rounds,
-                                                 args.timeout)
-            score(served_measured)
-            rows.extend(served_measured)
+            served_rows(inputs, served, variant, served_measured, duels, duels_to_run(rows), out, args.duel_rounds,
+                        args.timeout)
         except Exception as error:  # Triton or the gateway would not start: say so beside the rows measured
-            rows.append({"row": f"bert-recsys served ({variant})", "peer": "project-served", "kind": "project",
-                         "error": f"{type(error).__name__}: {error}"})
-            log.warning("served rows not run: %s", error)
+            failed = {"row": f"bert-recsys served ({variant})", "peer": "project-served", "kind": "project",
+                      "error": f"{type(error).__name__}: {error}"}
+            log.warning("served rows not all run: %s", error)
+        score(served_measured)
+        rows.extend(served_measured + ([failed] if failed else []))
     line = machine()
     print()
     print(table(rows, line))
@@ -666,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {result['batch']}: {ours} against {result['peer']}: not run ({result['error']})")
         else:
             print(f"  {result['batch']}: {ours} {result['ours_ms']:.2f} ms, {result['peer']} {result['peer_ms']:.2f} ms: "
-                  f"{result['gap_ms']:+.2f} ms, {result['ratio']:.3f}x ({result['rounds']} rounds, "
+                  f"{result['gap_ms']:+.2f} ms, {result['ours_over_peer']:.3f}x ({result['rounds']} rounds, "
                   f"{result['calls_each']} calls counted each)")
     if best_peer:
         print(f"\nfastest peer holding the gates (STS-B confirmation >= 0.9985 of torch FP32, invariance >= 0.999): "

@@ -179,6 +179,12 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the worker's own process only (the harness sets them too)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     request = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    answers = sys.stdout
+    if request.get("duel"):
+        # stdout carries the protocol alone: the answers get their own copy of it, and whatever the peer's
+        # libraries print goes to stderr (the log) instead.
+        answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     out = Path(request["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     log(f"{request['peer']}: loading")
@@ -189,7 +195,7 @@ def main() -> int:
         batches = {"b1": request["b1"], "b32": request["b32"]}
         time_calls(embed, batches["b1"], 20)  # warm, as the measured rows are
         time_calls(embed, batches["b32"], 2)
-        log(f"{request['peer']}: {duel(embed, batches, sys.stdin, sys.stdout)} blocks timed on demand")
+        log(f"{request['peer']}: {duel(embed, batches, sys.stdin, answers)} blocks timed on demand")
         return 0
     log(f"{request['peer']}: timing b1 and b32")
     b1 = time_calls(embed, request["b1"], request["runs_b1"])

@@ -12,6 +12,7 @@ input_ids, attention_mask (INT64 [batch, seq]) -> embedding (FP32 [batch, dim], 
 pooling and normalization are inside the graph).
 """
 import json
+import os
 import time
 from pathlib import Path
 
@@ -103,8 +104,10 @@ class TritonPythonModel:
         return out
 
     def finalize(self):
-        if self.times_file is not None:
-            Path(self.times_file).write_text(json.dumps([list(t) for t in self.times]))
+        if self.times_file is not None:  # whole or not at all: a reader never sees half a file
+            partial = Path(f"{self.times_file}.{os.getpid()}.partial")
+            partial.write_text(json.dumps([list(t) for t in self.times]))
+            os.replace(partial, self.times_file)
 
     def execute(self, requests):
         arrays = [

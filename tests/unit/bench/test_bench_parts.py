@@ -378,6 +378,8 @@ def test_engine_median_takes_only_the_asked_shape_after_the_skipped_calls(tmp_pa
     assert engine_median_ms(path, 1, 18, 2) == pytest.approx(2.0)
     assert engine_median_ms(path, 1, 18, 0) == pytest.approx(4.0)  # 9, 8, 1, 2, 4 ms
     assert engine_median_ms(path, 2, 18, 0) is None
+    path.write_text('[[1, 18, 0.0')  # half a file (never written so, but never a crash either)
+    assert engine_median_ms(path, 1, 18, 0) is None
 
 
 def test_warm_content_centres_on_the_training_items_only():

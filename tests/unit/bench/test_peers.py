@@ -161,7 +161,7 @@ def test_the_b1_duel_picks_the_fastest_in_process_peer_and_compares_interleaved_
     peer = [[0.1] * 5 + [0.0020] * 10, [0.1] * 5 + [0.0018] * 10]
     summary = duel_summary(embed, peer, settle=5)
     assert summary["ours_ms"] == pytest.approx(2.8) and summary["peer_ms"] == pytest.approx(1.9)
-    assert summary["gap_ms"] == pytest.approx(0.9) and summary["ratio"] == pytest.approx(2.8 / 1.9)
+    assert summary["gap_ms"] == pytest.approx(0.9) and summary["ours_over_peer"] == pytest.approx(2.8 / 1.9)
     assert summary["calls_each"] == 20 and summary["rounds"] == 2
     assert summary["per_round"][1] == {"ours_ms": pytest.approx(2.6), "peer_ms": pytest.approx(1.8)}
     with pytest.raises(ValueError, match="as many blocks"):
@@ -227,3 +227,29 @@ def test_the_http_client_sends_again_once_when_the_server_dropped_its_idle_conne
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_the_harness_reads_blocks_from_a_worker_process_and_ends_a_hung_one(tmp_path):
+    import sys
+    import time
+
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(
+        "import json, sys, time\n"
+        "mode = sys.argv[1]\n"
+        "print('loading', file=sys.stderr, flush=True)\n"
+        "if mode == 'hang':\n"
+        "    time.sleep(60)\n"
+        "print('ready', flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    batch, calls = line.split()\n"
+        "    print(json.dumps([0.001 if batch == 'b1' else 0.1] * int(calls)), flush=True)\n")
+    with harness.blocks_from([sys.executable, str(fake), "ok"], {}, tmp_path, "b32", 30, "fake") as blocks:
+        assert blocks(3) == [0.1, 0.1, 0.1] and blocks(1) == [0.1]
+    assert "loading" in (tmp_path / "worker.log").read_text()
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the fake worker ended"):
+        with harness.blocks_from([sys.executable, str(fake), "hang"], {}, tmp_path, "b1", 1.0, "fake"):
+            pass
+    assert time.monotonic() - started < 20  # killed by the watchdog, not waited for
