@@ -14,8 +14,8 @@ gRPC, timed on the client. For each request, from the trace file Triton writes a
 beside the bare encoder (its runtime in this process, same token ids) for the overhead figure, twice: back to
 back, and after the same idle time the served encoder has between requests (sleeping as long as the rest of the
 path takes). And the engine's own time inside the encoder's stub, in the same served requests (the model writes
-it when it unloads): the client's time less that is what the serving path adds around the model. The overhead is measured first, on a server without tracing (tracing costs time of its own), with
-served and bare calls alternating in blocks of 50 so that the machine's noise falls on both alike; then the
+it when it unloads): the client's time less that is what the serving path adds around the model. The overhead is
+measured first, on a server without tracing (tracing costs time of its own), with served and bare calls alternating in blocks of 50 so that the machine's noise falls on both alike; then the
 same requests go to a traced server for the breakdown. Medians over the requests (so the rows do not add up
 exactly); writes build/reports/trace_breakdown.json and prints the table.
 """
@@ -107,20 +107,14 @@ def medians(rows: list[dict]) -> dict[str, float]:
     return {key: statistics.median(row[key] for row in rows if key in row) for key in keys}
 
 
-def read_config(path: Path):
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
+def set_parameter(repository: Path, serving, model: str, key: str, value: str) -> None:
+    """One parameter set in a rendered model's config.pbtxt (the diagnostics the encoder model reads)."""
+    from bert_recsys.model_repository.render import to_pbtxt
+    from bert_recsys.rollout.repository import LiveRepository
 
-    return text_format.Parse(path.read_text(), mc.ModelConfig())
-
-
-def set_parameter(path: Path, key: str, value: str) -> None:
-    """One parameter of a rendered model's config.pbtxt set (the diagnostics the encoder model reads)."""
-    from google.protobuf import text_format
-
-    config = read_config(path)
+    config = LiveRepository(repository, serving).config(model)
     config.parameters[key].string_value = value
-    path.write_text(text_format.MessageToString(config))
+    (repository / model / "config.pbtxt").write_text(to_pbtxt(config))
 
 
 def engine_median_ms(path: Path, rows: int, tokens: int, skip: int) -> float | None:
@@ -171,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     serving = replace(settings.SETTINGS, instances=instances)
     repo = render(args.variant, work / "repository", serving)
     if args.null_encoder:
-        config_file = repo / serving.models.encoder / "config.pbtxt"
-        set_parameter(config_file, "diagnostic_null_encoder_dim", str(read_config(config_file).output[0].dims[0]))
+        from bert_recsys.rollout.repository import LiveRepository
+
+        dim = LiveRepository(repo, serving).encoder_config.output[0].dims[0]
+        set_parameter(repo, serving, serving.models.encoder, "diagnostic_null_encoder_dim", str(dim))
     engine_file = work / "engine_times.json"
     engine_file.unlink(missing_ok=True)
     if not args.null_encoder:
-        set_parameter(repo / serving.models.encoder / "config.pbtxt", "diagnostic_engine_times_file", str(engine_file))
+        set_parameter(repo, serving, serving.models.encoder, "diagnostic_engine_times_file", str(engine_file))
     t = settings.SETTINGS.tensors
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     ids, mask = tokenize(tokenizer, [SHORT_TEXT], 256)

@@ -17,7 +17,7 @@ protocols rank hidden items with these; the baselines and the recommender's cont
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -264,7 +264,10 @@ class EaseScorer:
 
     name = "ease"
 
-    def __init__(self, train: Interactions, lam: float = EASE_LAMBDA, positive: float = 4.0):
+    def __init__(self, train: Interactions, lam: float = EASE_LAMBDA, positive: float = 4.0,
+                 side: Callable[[np.ndarray], np.ndarray] | None = None):
+        """`side`: the items' side information joined to the Gram matrix (`ease_weights`), as a function of the
+        item ids EASE^R scores (`item_ids`, those with a training positive) -> [items, items]."""
         from scipy import sparse
 
         pos = train.take(train.rating >= positive)
@@ -275,7 +278,7 @@ class EaseScorer:
         col = np.searchsorted(self.item_ids, pos.item)
         x = sparse.csr_matrix((np.ones(len(row), dtype=np.float32), (row, col)), shape=(len(users), len(self.item_ids)))
         x.data[:] = 1.0
-        self.weights = ease_weights(x, lam)
+        self.weights = ease_weights(x, lam, side=None if side is None else side(self.item_ids))
 
     def score(self, user: UserHistory, candidates: np.ndarray) -> np.ndarray:
         known = [self.column[int(i)] for i in user.liked if int(i) in self.column]

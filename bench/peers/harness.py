@@ -373,7 +373,7 @@ def worker_blocks(peer: Peer, inputs: Inputs, out: Path, batch: str, timeout_s: 
     folder = out / f"duel-{batch}-{peer.name}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    command, env = worker_command(python, peer, inputs, folder, out=str(folder / "unused.json"), duel=True)
+    command, env = worker_command(python, peer, inputs, folder, duel=True)
     with blocks_from(command, env, folder, batch, timeout_s, peer.name) as blocks:
         yield blocks
 
@@ -536,7 +536,7 @@ def duel(ours_name: str, ours, peer: Peer, batch: str, inputs: Inputs, out: Path
 
 
 def served_rows(inputs: Inputs, wanted: set[str], variant: str, rows: list[dict], duel_results: list[dict],
-                duels: list[tuple[str, str, Peer]] = (), out: Path = WORK, duel_rounds: int = 0,
+                duels: list[tuple[str, str, Peer]] = (), out: Path = WORK, duel_rounds: int = 10,
                 timeout_s: float = 900) -> None:
     """`embed` over gRPC and the gateway over HTTP, beside one tritonserver serving `variant`, appended to `rows`
     as each is measured; then each duel of `duels` ((ours: "embed" or "gateway", batch, peer)) interleaved
@@ -556,7 +556,7 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str, rows: list[dict]
             with TritonClient(server.grpc_url, settings=replace(settings.SETTINGS, server=server)) as client:
                 rows.append({"row": f"bert-recsys embed gRPC ({variant})", "peer": "project-embed", "variant": variant,
                              "kind": "project", **measure_in_process(client.embed, inputs)})
-                for ours, batch, peer in duels if duel_rounds > 0 else ():
+                for ours, batch, peer in duels:
                     if ours == "embed":
                         duel_results.append(duel(ours, client.embed, peer, batch, inputs, out, duel_rounds, timeout_s))
         if "project-gateway" in wanted:
@@ -568,7 +568,7 @@ def served_rows(inputs: Inputs, wanted: set[str], variant: str, rows: list[dict]
                 embed = HttpEmbeddings(port, "/v1/embeddings", "embed", KEY)
                 rows.append({"row": f"bert-recsys gateway HTTP ({variant})", "peer": "project-gateway",
                              "variant": variant, "kind": "project", **measure_in_process(embed, inputs)})
-                for ours, batch, peer in duels if duel_rounds > 0 else ():
+                for ours, batch, peer in duels:
                     if ours == "gateway":
                         duel_results.append(duel(ours, embed, peer, batch, inputs, out, duel_rounds, timeout_s))
             finally:
@@ -666,8 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         served_measured: list[dict] = []
         failed = None
         try:
-            served_rows(inputs, served, variant, served_measured, duels, duels_to_run(rows), out, args.duel_rounds,
-                        args.timeout)
+            served_rows(inputs, served, variant, served_measured, duels,
+                        duels_to_run(rows) if args.duel_rounds else [], out, args.duel_rounds, args.timeout)
         except Exception as error:  # Triton or the gateway would not start: say so beside the rows measured
             failed = {"row": f"bert-recsys served ({variant})", "peer": "project-served", "kind": "project",
                       "error": f"{type(error).__name__}: {error}"}

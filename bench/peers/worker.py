@@ -185,8 +185,6 @@ def main() -> int:
         # libraries print goes to stderr (the log) instead.
         answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    out = Path(request["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     log(f"{request['peer']}: loading")
     started = time.perf_counter()
     embed = fastembed_model(request) if request["peer"] == "fastembed" else st_model(request)
@@ -197,6 +195,8 @@ def main() -> int:
         time_calls(embed, batches["b32"], 2)
         log(f"{request['peer']}: {duel(embed, batches, sys.stdin, answers)} blocks timed on demand")
         return 0
+    out = Path(request["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
     log(f"{request['peer']}: timing b1 and b32")
     b1 = time_calls(embed, request["b1"], request["runs_b1"])
     b32 = time_calls(embed, request["b32"], request["runs_b32"])

@@ -259,6 +259,27 @@ def test_ease_side_information_joins_the_gram_matrix_of_the_items_with_positives
         ease_weights(sparse.csr_matrix(x), 3.0, side=side[:5, :5])
 
 
+def test_the_ease_scorer_takes_side_information_for_the_items_it_scores():
+    from bert_recsys.client.catalog import Interactions
+    from bert_recsys.client.scorers import EaseScorer
+
+    rng = np.random.default_rng(7)
+    n = 300
+    data = Interactions(rng.integers(0, 30, n).astype(np.int64), rng.integers(100, 120, n).astype(np.int64),
+                        rng.choice([2.0, 4.0, 5.0], n).astype(np.float32), np.arange(n, dtype=np.int64))
+    seen = []
+
+    def side(item_ids):
+        seen.append(item_ids.copy())
+        e = (item_ids[:, None] % 3 == np.arange(3)).astype(np.float64)  # the item id's class, as a 3-dim vector
+        return 5.0 * e @ e.T
+
+    plain, with_text = EaseScorer(data, 10.0), EaseScorer(data, 10.0, side=side)
+    assert len(seen) == 1 and np.array_equal(seen[0], plain.item_ids)  # asked once, for the items EASE^R scores
+    assert not np.allclose(plain.weights, with_text.weights, atol=1e-4)
+    assert np.allclose(EaseScorer(data, 10.0, side=lambda ids: np.zeros((len(ids), len(ids)))).weights, plain.weights)
+
+
 def test_every_channel_scores_any_item_as_it_proposes_it_and_the_ranker_sees_all_of_them(world):
     from bert_recsys.client.ranking import fill_scores
     from bert_recsys.client.recall import default_channels
