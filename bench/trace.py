@@ -18,6 +18,10 @@ it when it unloads): the client's time less that is what the serving path adds a
 measured first, on a server without tracing (tracing costs time of its own), with served and bare calls alternating in blocks of 50 so that the machine's noise falls on both alike; then the
 same requests go to a traced server for the breakdown. Medians over the requests (so the rows do not add up
 exactly); writes build/reports/trace_breakdown.json and prints the table.
+
+When `embed`'s encoder takes the text (ENCODER_TOKENIZES, the default), the same untraced server also serves
+`embed_tokenizer_step`: the same encoder behind the tokenizer model, as before, in the same alternation, so that
+`tokenizer_step` says what the stub hop the default saves costs.
 """
 from __future__ import annotations
 
@@ -117,6 +121,26 @@ def set_parameter(repository: Path, serving, model: str, key: str, value: str) -
     (repository / model / "config.pbtxt").write_text(to_pbtxt(config))
 
 
+TWO_STEP = "embed_tokenizer_step"
+
+
+def add_two_step_embed(repository: Path, serving, name: str = TWO_STEP) -> str | None:
+    """Beside `embed`, when its encoder takes the text (ENCODER_TOKENIZES): the same encoder behind the tokenizer
+    model, as `embed` runs with ENCODER_TOKENIZES=false (the encoder takes token ids too), to measure what the
+    tokenizer step costs in the same server. None when the encoder does not take text."""
+    from bert_recsys.model_repository.render import embed_config, to_pbtxt
+    from bert_recsys.rollout.repository import LiveRepository
+
+    live = LiveRepository(repository, serving)
+    if not live.encoder_takes_text:
+        return None
+    config = embed_config(serving, live.encoder_config.output[0].dims[0], name, encoder_version=live.stable,
+                          text_in_encoder=False)
+    (repository / name / "1").mkdir(parents=True, exist_ok=True)
+    (repository / name / "config.pbtxt").write_text(to_pbtxt(config))
+    return name
+
+
 def engine_median_ms(path: Path, rows: int, tokens: int, skip: int) -> float | None:
     """The encoder engine's own median time (ms) over its calls of this shape, after the first `skip`, from the
     file the encoder model writes when it unloads (`diagnostic_engine_times_file`); None without one."""
@@ -173,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_file.unlink(missing_ok=True)
     if not args.null_encoder:
         set_parameter(repo, serving, serving.models.encoder, "diagnostic_engine_times_file", str(engine_file))
+    two_step = add_two_step_embed(repo, serving)
     t = settings.SETTINGS.tensors
     tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
     ids, mask = tokenize(tokenizer, [SHORT_TEXT], 256)
@@ -187,26 +212,31 @@ def main(argv: list[str] | None = None) -> int:
 
     @contextlib.contextmanager
     def embed_client(trace: Path | None):
-        """A server (traced or not) and a function that sends it one b1 `embed` request."""
+        """A server (traced or not) and a function that sends it one b1 `embed` request (or to the ensemble named)."""
         extra = trace_flags(trace) if trace else ()
         with serve(repo, work / "triton.log", serving, extra_args=extra) as server:
             with grpcclient.InferenceServerClient(server.server.grpc_url) as client:
                 text = grpcclient.InferInput(t.text, [1, 1], "BYTES")
                 text.set_data_from_numpy(np.array([[SHORT_TEXT.encode()]], dtype=object))
                 outputs = [grpcclient.InferRequestedOutput(t.embedding)]
-                yield lambda: client.infer(settings.SETTINGS.models.embed, [text], outputs=outputs)
+                yield lambda model=settings.SETTINGS.models.embed: client.infer(model, [text], outputs=outputs)
 
     rounds = -(-args.requests // BLOCK)
     # 1. The overhead, on a server without tracing (tracing costs ~0.1-0.3 ms of its own here, even switched off
     # at run time): served and bare calls alternate in blocks, so this machine's noise (other tenants, frequency)
     # falls on both alike. The first calls of each block are not counted: the other side's threads may spin.
-    served_ms, bare_ms, idle_ms = [], [], []
+    served_ms, two_step_ms, bare_ms, idle_ms = [], [], [], []
     with embed_client(None) as served:
         for _ in range(args.warmup):
             served()
+            if two_step:
+                served(two_step)
         for round_ in range(rounds):
             served_ms.extend([timed(served) for _ in range(SETTLE + BLOCK)][SETTLE:])
             time.sleep(PAUSE_S)
+            if two_step:
+                two_step_ms.extend([timed(lambda: served(two_step)) for _ in range(SETTLE + BLOCK)][SETTLE:])
+                time.sleep(PAUSE_S)
             bare_ms.extend([timed(lambda: bare(ids, mask)) for _ in range(SETTLE + BLOCK)][SETTLE:])
             time.sleep(PAUSE_S)
             # Served, the encoder idles between requests (while the client, gRPC and the tokenizer work); back to
@@ -219,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                 if index >= SETTLE:
                     idle_ms.append(elapsed)
             time.sleep(PAUSE_S)
-            log.info("round %d/%d: served p50 %.3f ms, bare %.3f ms", round_ + 1, rounds,
-                     statistics.median(served_ms), statistics.median(bare_ms))
+            log.info("round %d/%d: served p50 %.3f ms%s, bare %.3f ms", round_ + 1, rounds, statistics.median(served_ms),
+                     f", with the tokenizer step {statistics.median(two_step_ms):.3f} ms" if two_step else "",
+                     statistics.median(bare_ms))
 
     # The model's own time inside the stub, in the same requests: what the serving path adds around the model
     # is the client's time less this (the bare encoder's back-to-back figure never pays for waking its threads).
@@ -242,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     result["overhead"] = result["client_total_untraced"] - result["bare_encoder"]
     result["bare_encoder_after_idle"] = statistics.median(idle_ms)
     result["overhead_vs_idle_bare"] = result["client_total_untraced"] - result["bare_encoder_after_idle"]
+    if two_step_ms:
+        result["with_tokenizer_step"] = statistics.median(two_step_ms)
+        result["tokenizer_step_costs"] = result["with_tokenizer_step"] - result["client_total_untraced"]
     if engine_ms is not None:
         result["engine_in_stub"] = engine_ms
         result["served_outside_engine"] = result["client_total_untraced"] - engine_ms

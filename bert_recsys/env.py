@@ -177,6 +177,9 @@ TOKENIZER_INSTANCES = var("TOKENIZER_INSTANCES", "int", 2, "instances of the Pyt
                           "machine)", "server", minimum=1)
 ENCODER_INTRA_OP_SPINNING = var("ENCODER_INTRA_OP_SPINNING", "bool", True, "ONNX Runtime's intra-op threads "
                                 "spin-wait between runs (fastest when the encoder has the cores to itself)", "server")
+ENCODER_TOKENIZES = var("ENCODER_TOKENIZES", "bool", True, "the embedded runtime's encoder is sent the text and "
+                        "tokenizes it itself: `embed` and `score` run one Python stub before the model instead of two "
+                        "(false: the tokenizer model first, as on the native and torch runtimes)", "server")
 ENCODER_DEVICE = var("ENCODER_DEVICE", "choice", "auto", "where the torch runtime's encoder runs: auto = gpu when "
                      "torch sees CUDA where the repository is rendered", "server", choices=("auto", "gpu", "cpu"))
 ENCODER_CUDA_GRAPHS = var("ENCODER_CUDA_GRAPHS", "bool", True, "the torch runtime on CUDA replays one CUDA graph per "

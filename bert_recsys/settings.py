@@ -158,6 +158,10 @@ class InstanceSettings:
     # has the cores to itself, costly when the tokenizer, Triton and the client share a few (measured by
     # `make bench-trace`).
     encoder_intra_op_spinning: bool = field(default_factory=env.ENCODER_INTRA_OP_SPINNING.get)
+    # The embedded runtime's encoder takes TEXT and tokenizes it (the tokenizer model's own code): one stub hop
+    # less per request, 0.56-0.86 ms at b1 on a 2-core EPYC (`make bench-trace`). The tokenizer model is still
+    # served (for direct calls, and the native and torch runtimes' ensembles).
+    encoder_tokenizes: bool = field(default_factory=env.ENCODER_TOKENIZES.get)
     # Where the torch runtime's encoder runs (ENCODER_DEVICE): "gpu" (a KIND_GPU instance group, one instance
     # per GPU and count), "cpu", or "auto" = gpu when torch sees CUDA where the repository is rendered.
     encoder_device: Device = field(default_factory=lambda: Device(env.ENCODER_DEVICE.get()))

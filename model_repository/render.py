@@ -32,6 +32,8 @@ MODELS_SOURCE = Path(__file__).with_name("models")
 ENCODER_SOURCES = {Runtime.EMBEDDED: "encoder_embedded", Runtime.TORCH: "encoder_torch"}
 # Where it is found, without importing it (and torch with it) here.
 TORCH_BERT_SOURCE = Path(importlib.util.find_spec("bert_recsys.encoders.torch_bert").origin)
+# The tokenizer model's file, as a text-taking encoder imports it beside its own model.py.
+TOKENIZER_MODULE = "tokenizer_model.py"
 # The formats each runtime can serve.
 RUNTIME_FORMATS = runtime_formats()
 # (batch, sequence) shapes the encoder runs at load, so request one is not slow. The largest possible shape
@@ -55,8 +57,17 @@ def encoder_warmup_shapes(settings: Settings, max_length: int) -> list[tuple[int
     return [*ENCODER_WARMUP, (settings.batching.max_batch_size, max_length)]
 
 
-def _tensor(collection, name: str, dtype: int, dims: list[int]) -> None:
-    collection.add(name=name, data_type=dtype, dims=dims)
+def encoder_takes_text(settings: Settings, runtime: Runtime | str) -> bool:
+    """Whether the encoder is sent TEXT and tokenizes it itself: the embedded runtime's Python encoder, unless
+    ENCODER_TOKENIZES is false. The ensembles then skip the tokenizer model (one stub hop less per request);
+    native backends and the torch runtime take token ids from it."""
+    return Runtime.parse(runtime) == Runtime.EMBEDDED and settings.instances.encoder_tokenizes
+
+
+def _tensor(collection, name: str, dtype: int, dims: list[int], optional: bool = False) -> None:
+    tensor = collection.add(name=name, data_type=dtype, dims=dims)
+    if optional:  # inputs only
+        tensor.optional = True
 
 
 def _parameters(config: mc.ModelConfig, values: dict) -> None:
@@ -82,6 +93,16 @@ def _instances(config: mc.ModelConfig, count: int, gpu: bool = False) -> None:
     config.instance_group.add(kind=kind, count=count)
 
 
+def tokenizer_parameters(settings: Settings, max_length: int) -> dict:
+    """What the tokenizer model's TextTokenizer reads, in the tokenizer's config and in a text-taking encoder's."""
+    return {
+        "max_length": max_length,
+        "pad_to_multiple_of": settings.batching.pad_to_multiple_of,
+        "max_text_chars": settings.max_text_chars,
+        "text_input": settings.tensors.text,
+    }
+
+
 def tokenizer_config(settings: Settings, max_length: int) -> mc.ModelConfig:
     t = settings.tensors
     config = mc.ModelConfig(name=settings.models.tokenizer, backend="python")
@@ -90,14 +111,8 @@ def tokenizer_config(settings: Settings, max_length: int) -> mc.ModelConfig:
     _tensor(config.output, t.input_ids, mc.TYPE_INT64, [-1])
     _tensor(config.output, t.attention_mask, mc.TYPE_INT64, [-1])
     _instances(config, settings.instances.tokenizer)
-    _parameters(config, {
-        "max_length": max_length,
-        "pad_to_multiple_of": settings.batching.pad_to_multiple_of,
-        "max_text_chars": settings.max_text_chars,
-        "text_input": t.text,
-        "ids_output": t.input_ids,
-        "mask_output": t.attention_mask,
-    })
+    _parameters(config, {**tokenizer_parameters(settings, max_length), "ids_output": t.input_ids,
+                         "mask_output": t.attention_mask})
     return config
 
 
@@ -128,12 +143,17 @@ def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | st
     runtime = Runtime.parse(runtime)
     t = settings.tensors
     dim = manifest.encoder.dim
+    text = encoder_takes_text(settings, runtime)
     config = mc.ModelConfig(name=settings.models.encoder)
     if versions:
         config.version_policy.specific.versions.extend(sorted(versions))
-    _batching(config, settings, settings.batching.encoder_queue_delay_us)
-    _tensor(config.input, t.input_ids, mc.TYPE_INT64, [-1])
-    _tensor(config.input, t.attention_mask, mc.TYPE_INT64, [-1])
+    # Taking text, the encoder is the ensembles' entry step: the queue policy (backpressure) is its.
+    _batching(config, settings, settings.batching.encoder_queue_delay_us, entry=text)
+    # Taking text, each request carries TEXT or both id tensors: all three are optional.
+    if text:
+        _tensor(config.input, t.text, mc.TYPE_STRING, [1], optional=True)
+    _tensor(config.input, t.input_ids, mc.TYPE_INT64, [-1], optional=text)
+    _tensor(config.input, t.attention_mask, mc.TYPE_INT64, [-1], optional=text)
     _tensor(config.output, t.encoder_output, mc.TYPE_FP32, [dim])
     params = manifest_parameters(manifest)
     if stable is not None:
@@ -162,6 +182,8 @@ def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | st
             _instances(config, settings.instances.encoder)
             params.update(intra_op_threads=settings.instances.encoder_intra_op_threads,
                           intra_op_spinning=str(settings.instances.encoder_intra_op_spinning).lower())
+            if text:
+                params.update(tokenizer_parameters(settings, manifest.encoder.max_length))
     elif manifest.format == VariantFormat.OPENVINO:
         _openvino_native(config, settings, list((versions or {1: manifest}).values()))
     elif manifest.format == VariantFormat.TENSORRT_PLAN:
@@ -233,21 +255,35 @@ def _step(config: mc.ModelConfig, model: str, inputs: dict, outputs: dict, versi
     step.output_map.update(outputs)
 
 
-def embed_config(settings: Settings, dim: int, name: str | None = None, encoder_version: int = -1) -> mc.ModelConfig:
-    """embed: TEXT [1] -> EMBEDDING [D]. tokenizer -> encoder (pinned to `encoder_version`)."""
+def _encode_steps(config: mc.ModelConfig, settings: Settings, output: str, encoder_version: int,
+                  text_in_encoder: bool) -> None:
+    """TEXT -> `output`: the encoder alone when it takes text, else tokenizer -> encoder."""
+    m, t = settings.models, settings.tensors
+    if text_in_encoder:
+        _step(config, m.encoder, {t.text: t.text}, {t.encoder_output: output}, encoder_version)
+        return
+    _step(config, m.tokenizer, {t.text: t.text}, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask})
+    _step(config, m.encoder, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask}, {t.encoder_output: output},
+          encoder_version)
+
+
+def embed_config(settings: Settings, dim: int, name: str | None = None, encoder_version: int = -1,
+                 text_in_encoder: bool = False) -> mc.ModelConfig:
+    """embed: TEXT [1] -> EMBEDDING [D]. tokenizer -> encoder (pinned to `encoder_version`), or the encoder alone
+    when it takes text (`encoder_takes_text`)."""
     m, t = settings.models, settings.tensors
     config = mc.ModelConfig(name=name or m.embed, platform="ensemble", max_batch_size=settings.batching.max_batch_size)
     _tensor(config.input, t.text, mc.TYPE_STRING, [1])
     _tensor(config.output, t.embedding, mc.TYPE_FP32, [dim])
-    _step(config, m.tokenizer, {t.text: t.text}, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask})
-    _step(config, m.encoder, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask}, {t.encoder_output: t.embedding},
-          encoder_version)
+    _encode_steps(config, settings, t.embedding, encoder_version, text_in_encoder)
     return config
 
 
-def score_config(settings: Settings, dim: int, name: str | None = None, encoder_version: int = -1) -> mc.ModelConfig:
+def score_config(settings: Settings, dim: int, name: str | None = None, encoder_version: int = -1,
+                 text_in_encoder: bool = False) -> mc.ModelConfig:
     """score: TEXT [1] + CANDIDATES [-1, D] -> SCORES [-1] + QUERY_EMBEDDING [D].
-    tokenizer -> encoder -> similarity. Both outputs come from the last step (no subset deadlock)."""
+    tokenizer -> encoder -> similarity (no tokenizer step when the encoder takes text). Both outputs come from the
+    last step (no subset deadlock)."""
     m, t = settings.models, settings.tensors
     config = mc.ModelConfig(name=name or m.score, platform="ensemble", max_batch_size=settings.batching.max_batch_size)
     _tensor(config.input, t.text, mc.TYPE_STRING, [1])
@@ -255,9 +291,7 @@ def score_config(settings: Settings, dim: int, name: str | None = None, encoder_
     _tensor(config.output, t.scores, mc.TYPE_FP32, [-1])
     _tensor(config.output, t.query_embedding, mc.TYPE_FP32, [dim])
     query = "_query_vector"  # internal tensor of the ensemble
-    _step(config, m.tokenizer, {t.text: t.text}, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask})
-    _step(config, m.encoder, {t.input_ids: t.input_ids, t.attention_mask: t.attention_mask}, {t.encoder_output: query},
-          encoder_version)
+    _encode_steps(config, settings, query, encoder_version, text_in_encoder)
     _step(config, m.similarity, {t.query: query, t.candidates: t.candidates},
           {t.scores: t.scores, t.query_embedding: t.query_embedding})
     return config
@@ -281,16 +315,17 @@ def render_generation(settings: Settings, versions: dict[int, Manifest], runtime
         raise ValueError(f"encoder versions disagree on (dim, max length): {dims}")
     dim, max_length = dims[stable]
     m = settings.models
+    text = encoder_takes_text(settings, runtime)
     configs = [
         tokenizer_config(settings, max_length),
         encoder_config(settings, manifest, runtime, versions=versions, stable=stable),
         similarity_config(settings, dim),
-        embed_config(settings, dim, encoder_version=stable),
-        score_config(settings, dim, encoder_version=stable),
+        embed_config(settings, dim, encoder_version=stable, text_in_encoder=text),
+        score_config(settings, dim, encoder_version=stable, text_in_encoder=text),
     ]
     for version in sorted(versions):
-        configs += [embed_config(settings, dim, m.pinned(m.embed, version), encoder_version=version),
-                    score_config(settings, dim, m.pinned(m.score, version), encoder_version=version)]
+        configs += [embed_config(settings, dim, m.pinned(m.embed, version), encoder_version=version, text_in_encoder=text),
+                    score_config(settings, dim, m.pinned(m.score, version), encoder_version=version, text_in_encoder=text)]
     return {c.name: c for c in configs}
 
 
@@ -335,6 +370,10 @@ def write_generation(settings: Settings, tokenizer_dir: Path, version_dirs: dict
                 shutil.copyfile(source, version_dir / "model.py")
                 if name == m.encoder and runtime == Runtime.TORCH:
                     shutil.copyfile(TORCH_BERT_SOURCE, version_dir / TORCH_BERT_SOURCE.name)
+                if name == m.encoder and encoder_takes_text(settings, runtime):
+                    # Its tokenization is the tokenizer model's code and file, beside its own.
+                    shutil.copyfile(MODELS_SOURCE / "tokenizer" / "model.py", version_dir / TOKENIZER_MODULE)
+                    shutil.copyfile(Path(tokenizer_dir) / "tokenizer.json", version_dir / "tokenizer.json")
     for file in ("tokenizer.json", "serving.json"):
         shutil.copyfile(Path(tokenizer_dir) / file, staging / m.tokenizer / "1" / file)
     for version, directory in version_dirs.items():

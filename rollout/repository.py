@@ -10,7 +10,7 @@ import fcntl
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -41,6 +41,12 @@ class LiveRepository:
         config = self.encoder_config
         declared = config.parameters["runtime"].string_value if "runtime" in config.parameters else ""
         return Runtime.of_encoder_config(config.backend, config.platform, declared)
+
+    @property
+    def encoder_takes_text(self) -> bool:
+        """Whether the live encoder was rendered to take TEXT (ENCODER_TOKENIZES then): a rollout keeps that too,
+        whatever the setting is now, so that the ensembles it leaves in place still match the encoder."""
+        return any(tensor.name == self.settings.tensors.text for tensor in self.encoder_config.input)
 
     @property
     def stable(self) -> int:
@@ -78,7 +84,8 @@ class LiveRepository:
     def render(self, version_dirs: dict[int, Path], stable: int, runtime: Runtime, out: Path) -> Path:
         """A whole repository for `version_dirs` (version -> directory with manifest and artifact) at `out`."""
         tokenizer_dir = self.path / self.settings.models.tokenizer / "1"
-        return write_generation(self.settings, tokenizer_dir, version_dirs, runtime, out, stable=stable)
+        serving = replace(self.settings, instances=replace(self.settings.instances, encoder_tokenizes=self.encoder_takes_text))
+        return write_generation(serving, tokenizer_dir, version_dirs, runtime, out, stable=stable)
 
     @contextmanager
     def generation(self, versions: list[int], stable: int, runtime: Runtime):

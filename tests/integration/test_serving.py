@@ -123,6 +123,60 @@ def test_the_encoder_gives_the_same_vectors_whatever_padding_it_is_sent(triton, 
     assert cosines(batch_padded, expected).min() >= 0.99999
 
 
+def test_the_encoder_takes_the_text_itself_and_agrees_with_the_tokenizer_models_ids(triton):
+    """ENCODER_TOKENIZES (the default): `embed` is the encoder alone, sent TEXT. The same encoder still takes token
+    ids (here the tokenizer model's): both give the same vectors, alone and in concurrent requests of both kinds
+    that the batcher may merge; bad text fails its own request only; a request with half the ids is a clear error."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    t, m = settings.SETTINGS.tensors, settings.SETTINGS.models
+    texts = SENTENCES[:16]
+
+    def text_input(batch):
+        tensor = grpcclient.InferInput(t.text, [len(batch), 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[x if isinstance(x, bytes) else x.encode()] for x in batch], dtype=object))
+        return tensor
+
+    def id_inputs(raw, batch):
+        tokens = raw.infer(m.tokenizer, [text_input(batch)])
+        inputs = []
+        for name in (t.input_ids, t.attention_mask):
+            array = tokens.as_numpy(name)
+            inputs.append(grpcclient.InferInput(name, list(array.shape), "INT64"))
+            inputs[-1].set_data_from_numpy(array)
+        return inputs
+
+    with grpcclient.InferenceServerClient(triton("onnx-int8").server.grpc_url) as raw:
+        steps = raw.get_model_config(m.embed, as_json=True)["config"]["ensemble_scheduling"]["step"]
+        by_text = raw.infer(m.encoder, [text_input(texts)]).as_numpy(t.encoder_output)
+        by_ids = raw.infer(m.encoder, id_inputs(raw, texts)).as_numpy(t.encoder_output)
+        embedded = raw.infer(m.embed, [text_input(texts)]).as_numpy(t.embedding)
+
+        def one(index):
+            inputs = [text_input([texts[index]])] if index % 2 else id_inputs(raw, [texts[index]])
+            return raw.infer(m.encoder, inputs).as_numpy(t.encoder_output)
+
+        with ThreadPoolExecutor(8) as pool:
+            mixed = np.concatenate(list(pool.map(one, range(len(texts)))))
+
+        def bad_text():
+            with pytest.raises(InferenceServerException, match="not valid UTF-8"):
+                raw.infer(m.encoder, [text_input([b"\xff\xfe broken"])])
+
+        with ThreadPoolExecutor(4) as pool:  # bad text beside good requests: only its own fails
+            futures = [pool.submit(bad_text)] + [pool.submit(one, i) for i in range(3)]
+            good = [f.result() for f in futures][1:]
+        half = id_inputs(raw, texts[:1])[1:]  # the attention mask alone
+        with pytest.raises(InferenceServerException, match="send TEXT or input_ids and attention_mask"):
+            raw.infer(m.encoder, half)
+        still = raw.infer(m.embed, [text_input(["still serving"])]).as_numpy(t.embedding)
+    assert [step["model_name"] for step in steps] == [m.encoder]
+    assert cosines(by_text, by_ids).min() >= 0.99999 and cosines(embedded, by_ids).min() >= 0.99999
+    assert cosines(mixed, by_ids).min() >= 0.9999
+    assert cosines(np.concatenate(good), by_ids[:3]).min() >= 0.9999 and still.shape == (1, 384)
+
+
 def test_torch_encoder_refuses_mismatched_inputs_and_stays_up(triton):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException

@@ -10,9 +10,16 @@ model_repository/render.py).
 
 input_ids, attention_mask (INT64 [batch, seq]) -> embedding (FP32 [batch, dim], pooled + L2-normalized;
 pooling and normalization are inside the graph).
+
+Or TEXT (BYTES [batch, 1]) -> embedding, when rendered with a `text_input` (ENCODER_TOKENIZES, the default): it
+tokenizes itself with the tokenizer model's own code (tokenizer_model.py and tokenizer.json, copied beside this
+file), so that `embed` and `score` run one Python stub before the model instead of two. Each request carries
+either TEXT or both id tensors; bad text is that request's error alone.
 """
+import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +76,21 @@ def _trim_padding(ids, mask):
     return np.ascontiguousarray(ids[:, :end]), np.ascontiguousarray(mask[:, :end])
 
 
+def _error(message):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=error)
+
+
+def _import_beside(version_dir, name):
+    """The module file copied next to this one, under a name unique to this version."""
+    spec = importlib.util.spec_from_file_location(f"{name}_v{version_dir.name}", version_dir / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -92,6 +114,10 @@ class TritonPythonModel:
         # the model unloads, to tell the model's time inside the stub from the serving path around it.
         self.times_file = params.get("diagnostic_engine_times_file") or None
         self.times = []
+        # Text in: the tokenizer model's TextTokenizer, from the files rendered beside this one.
+        self.text = None
+        if params.get("text_input"):
+            self.text = _import_beside(version_dir, "tokenizer_model").TextTokenizer(params, version_dir)
 
     def _run(self, ids, mask):
         if self.null_dim:
@@ -109,17 +135,40 @@ class TritonPythonModel:
             partial.write_text(json.dumps([list(t) for t in self.times]))
             os.replace(partial, self.times_file)
 
+    def _token_arrays(self, requests):
+        """-> (arrays, errors): each request's (ids, mask), or its error message. Requests with text are tokenized
+        together (one padded length); the others bring their own ids."""
+        arrays, errors = [None] * len(requests), [None] * len(requests)
+        with_text = []
+        for index, request in enumerate(requests):
+            if self.text is not None and pb_utils.get_input_tensor_by_name(request, self.text.input_name) is not None:
+                with_text.append(index)
+                continue
+            tensors = [pb_utils.get_input_tensor_by_name(request, name) for name in self.input_names]
+            if any(t is None for t in tensors):
+                wanted = " and ".join(self.input_names)
+                errors[index] = f"send {self.text.input_name} or {wanted}" if self.text is not None else f"send {wanted}"
+            else:
+                arrays[index] = tuple(t.as_numpy() for t in tensors)
+        if with_text:
+            ids, mask, owners, text_errors = self.text.tokenize([requests[i] for i in with_text])
+            for position, index in enumerate(with_text):
+                if text_errors[position]:
+                    errors[index] = text_errors[position]
+                else:
+                    rows = owners == position
+                    arrays[index] = (ids[rows], mask[rows])
+        return arrays, errors
+
     def execute(self, requests):
-        arrays = [
-            tuple(pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names)
-            for r in requests
-        ]
-        # The dynamic batcher only merges requests of equal shape, but stay correct if that ever changes:
-        # run one engine call per distinct sequence length.
+        arrays, errors = self._token_arrays(requests)
+        # Requests of equal shape run in one engine call (the dynamic batcher merges only those for id inputs;
+        # text is tokenized to one length); one call per distinct sequence length otherwise.
         outputs = [None] * len(requests)
         by_length = {}
-        for index, (ids, _) in enumerate(arrays):
-            by_length.setdefault(ids.shape[1], []).append(index)
+        for index, pair in enumerate(arrays):
+            if pair is not None:
+                by_length.setdefault(pair[0].shape[1], []).append(index)
         for indices in by_length.values():
             ids, mask = _trim_padding(np.concatenate([arrays[i][0] for i in indices]),
                                       np.concatenate([arrays[i][1] for i in indices]))
@@ -130,5 +179,6 @@ class TritonPythonModel:
                 outputs[i] = embeddings[start : start + rows]
                 start += rows
         return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)]) for out in outputs
+            _error(error) if error else pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
+            for out, error in zip(outputs, errors)
         ]

@@ -1,5 +1,8 @@
 """Triton Python-backend model `tokenizer`: TEXT (BYTES) -> input_ids, attention_mask (INT64).
 
+Its TextTokenizer is also what the embedded encoder runs when it is sent text (model_repository/render.py: one
+stub instead of two on the ensembles' path).
+
 It loads the exported Hugging Face fast tokenizer (`tokenizer.json`, copied next to this file), truncates to
 the model's max length and pads every request of a dynamic batch to one common length (rounded up to a
 multiple of `pad_to_multiple_of`), so the encoder's batcher can merge them.
@@ -26,19 +29,18 @@ def _invalid(message):
     return pb_utils.InferenceResponse(error=error)
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+class TextTokenizer:
+    """TEXT tensors of a batch of requests -> one padded (input_ids, attention_mask). The tokenizer model runs it,
+    and so does the embedded encoder when it is sent text (it imports this file, copied beside its own)."""
+
+    def __init__(self, params, version_dir):
         self.max_length = int(params["max_length"])
         self.pad_multiple = int(params.get("pad_to_multiple_of", "8"))
         self.max_text_chars = int(params.get("max_text_chars", "100000"))
         self.char_budget = self.max_length * CHARS_PER_TOKEN_BUDGET
         self.input_name = params["text_input"]
-        self.output_names = (params["ids_output"], params["mask_output"])
 
-        self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(Path(version_dir) / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.no_padding()  # we pad ourselves, once per batch
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
@@ -82,32 +84,49 @@ class TritonPythonModel:
             texts.append(text)
         return texts, None
 
-    def execute(self, requests):
-        responses = [None] * len(requests)
-        texts, owners = [], []  # owners[i] = index of the request that text i belongs to
+    def tokenize(self, requests):
+        """-> (ids, mask, owners, errors): the valid requests' texts tokenized together and padded to one length
+        (the longest, rounded up to a multiple of `pad_to_multiple_of`); owners[row] = the index of the request
+        the row belongs to; errors[i] = request i's error message, or None. ids and mask are None when no request
+        had valid text."""
+        errors = [None] * len(requests)
+        texts, owners = [], []
         for index, request in enumerate(requests):
-            request_texts, error = self._decode_texts(request)
+            request_texts, errors[index] = self._decode_texts(request)
+            if request_texts:
+                texts.extend(request_texts)
+                owners.extend([index] * len(request_texts))
+        if not texts:
+            return None, None, np.asarray(owners, dtype=np.int64), errors
+        encodings = self._encode(texts)
+        longest = max(len(e.ids) for e in encodings)
+        length = min(-(-longest // self.pad_multiple) * self.pad_multiple, self.max_length)
+        ids = np.full((len(texts), length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(texts), length), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            ids[row, :n] = encoding.ids
+            mask[row, :n] = 1
+        return ids, mask, np.asarray(owners, dtype=np.int64), errors
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.text = TextTokenizer(params, Path(args["model_repository"]) / args["model_version"])
+        self.output_names = (params["ids_output"], params["mask_output"])
+
+    def execute(self, requests):
+        ids, mask, owners, errors = self.text.tokenize(requests)
+        responses = []
+        for index, error in enumerate(errors):
             if error:
-                responses[index] = _invalid(error)
+                responses.append(_invalid(error))
                 continue
-            texts.extend(request_texts)
-            owners.extend([index] * len(request_texts))
-        if texts:
-            encodings = self._encode(texts)
-            longest = max(len(e.ids) for e in encodings)
-            length = min(-(-longest // self.pad_multiple) * self.pad_multiple, self.max_length)
-            ids = np.full((len(texts), length), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(texts), length), dtype=np.int64)
-            for row, encoding in enumerate(encodings):
-                n = len(encoding.ids)
-                ids[row, :n] = encoding.ids
-                mask[row, :n] = 1
-            owners = np.asarray(owners)
-            for index in range(len(requests)):
-                if responses[index] is None:
-                    rows = owners == index
-                    responses[index] = pb_utils.InferenceResponse(output_tensors=[
-                        pb_utils.Tensor(self.output_names[0], ids[rows]),
-                        pb_utils.Tensor(self.output_names[1], mask[rows]),
-                    ])
+            rows = owners == index
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(self.output_names[0], ids[rows]),
+                pb_utils.Tensor(self.output_names[1], mask[rows]),
+            ]))
         return responses

@@ -398,3 +398,26 @@ def test_warm_content_centres_on_the_training_items_only():
     assert np.linalg.eigvalsh(s.astype(np.float64)).min() > -1e-4
     raw = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     assert (raw @ raw.T)[:4, :4].mean() > 0.9 > s[:4, :4].mean()  # the common direction is gone
+
+
+
+def test_trace_adds_the_tokenizer_step_ensemble_only_beside_an_encoder_that_takes_text(export_dir, tmp_path):
+    """bench trace's comparison in one server: `embed` (the encoder alone, sent text) against the same encoder behind
+    the tokenizer model; with an encoder that takes only ids there is nothing to compare, and nothing is added."""
+    from dataclasses import replace
+
+    from bert_recsys import settings
+    from bert_recsys.model_repository.render import build_repository
+    from bert_recsys.rollout.repository import LiveRepository
+    from bench.trace import add_two_step_embed
+
+    s = settings.SETTINGS
+    repository = build_repository(s, export_dir, "onnx-int8", "embedded", tmp_path / "text")
+    name = add_two_step_embed(repository, s)
+    steps = LiveRepository(repository, s).config(name).ensemble_scheduling.step
+    assert [(step.model_name, dict(step.input_map)) for step in steps] == [
+        ("tokenizer", {"TEXT": "TEXT"}), ("encoder", {"input_ids": "input_ids", "attention_mask": "attention_mask"})]
+    assert steps[1].model_version == 1 and (repository / name / "1").is_dir()
+    ids_only = replace(s, instances=replace(s.instances, encoder_tokenizes=False))
+    other = build_repository(ids_only, export_dir, "onnx-int8", "embedded", tmp_path / "ids")
+    assert add_two_step_embed(other, ids_only) is None and not (other / name).exists()

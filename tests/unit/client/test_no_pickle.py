@@ -23,7 +23,8 @@ def test_no_reader_of_repository_or_index_files_can_unpickle():
 def test_a_built_repository_holds_only_configs_code_onnx_json(export_dir, tmp_path):
     repository = build_repository(settings.SETTINGS, export_dir, "onnx-int8", "embedded", tmp_path / "repository")
     names = {p.name for p in repository.rglob("*") if p.is_file()}
-    assert names == {"config.pbtxt", "model.py", "model.onnx", "manifest.json", "tokenizer.json", "serving.json"}
+    assert names == {"config.pbtxt", "model.py", "tokenizer_model.py", "model.onnx", "manifest.json", "tokenizer.json",
+                     "serving.json"}  # tokenizer_model.py: the tokenizer model's code, beside the encoder that takes text
 
 
 def test_a_torch_repository_holds_its_model_code_and_safetensors_weights_only(export_dir, tmp_path):

@@ -5,7 +5,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from bert_recsys import settings
 from bert_recsys.contracts.manifest import SCHEMA_VERSION, Manifest
-from bert_recsys.model_repository.render import render_configs, to_pbtxt
+from bert_recsys.model_repository.render import MODELS_SOURCE, render_configs, to_pbtxt
 
 S = settings.SETTINGS
 
@@ -56,7 +56,8 @@ def test_ensembles_are_wired_to_real_tensors_and_never_deadlock(runtime, man):
         produced_by_step = {}
         for index, step in enumerate(ensemble.ensemble_scheduling.step):
             model = configs[step.model_name]
-            assert set(step.input_map) == {t.name for t in model.input}, (name, step.model_name)
+            required = {t.name for t in model.input if not t.optional}
+            assert required <= set(step.input_map) <= {t.name for t in model.input}, (name, step.model_name)
             assert set(step.input_map.values()) <= available, (name, step.model_name)
             assert set(step.output_map) <= {t.name for t in model.output}
             for tensor in step.output_map.values():
@@ -176,17 +177,52 @@ def test_dims_come_from_the_manifest_not_from_code():
     assert configs["similarity"].input[0].dims == [768]
 
 
-def test_queue_policy_rejects_when_bounded():
+@pytest.mark.parametrize("runtime, tokenizes, entry", [("embedded", True, "encoder"), ("embedded", False, "tokenizer"),
+                                                        ("native", True, "tokenizer")])
+def test_queue_policy_rejects_when_bounded_at_the_ensembles_entry_step(runtime, tokenizes, entry):
     from dataclasses import replace
 
-    bounded = replace(S, batching=replace(S.batching, max_queue_size=16, queue_timeout_us=20000))
-    configs = render_configs(bounded, manifest(), "embedded")
-    policy = configs["tokenizer"].dynamic_batching.default_queue_policy
-    assert policy.max_queue_size == 16 and policy.timeout_action == mc.ModelQueuePolicy.REJECT
-    assert policy.default_timeout_microseconds == 20000
-    # Only the entry step rejects: a later rejection would waste the work done before it.
-    for later in ("encoder", "similarity"):
+    bounded = replace(S, batching=replace(S.batching, max_queue_size=16, queue_timeout_us=20000),
+                      instances=replace(S.instances, encoder_tokenizes=tokenizes))
+    configs = render_configs(bounded, manifest(), runtime)
+    assert configs["embed"].ensemble_scheduling.step[0].model_name == entry
+    for model in {entry, "tokenizer"}:  # the tokenizer is an entry for whoever calls it directly
+        policy = configs[model].dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == 16 and policy.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert policy.default_timeout_microseconds == 20000
+    # Only an entry step rejects: a later rejection would waste the work done before it.
+    for later in {"encoder", "similarity"} - {entry}:
         assert not configs[later].dynamic_batching.HasField("default_queue_policy")
+
+
+@pytest.mark.parametrize("tokenizes", [True, False])
+def test_the_embedded_encoder_takes_text_unless_told_not_to(tokenizes):
+    """ENCODER_TOKENIZES (default on): the embedded encoder gets TEXT, the tokenizer's parameters, and the ensembles
+    skip the tokenizer step; each of its inputs is then optional (a request brings TEXT or both id tensors)."""
+    from dataclasses import replace
+
+    serving = replace(S, instances=replace(S.instances, encoder_tokenizes=tokenizes))
+    configs = render_configs(serving, manifest(), "embedded")
+    encoder = configs["encoder"]
+    inputs = {t.name: t.optional for t in encoder.input}
+    params = {k: v.string_value for k, v in encoder.parameters.items()}
+    steps = {name: [s.model_name for s in configs[name].ensemble_scheduling.step] for name in ("embed", "score", "embed_v1")}
+    if tokenizes:
+        assert inputs == {"TEXT": True, "input_ids": True, "attention_mask": True}
+        tokenizer = {k: v.string_value for k, v in configs["tokenizer"].parameters.items()}
+        for key in ("max_length", "pad_to_multiple_of", "max_text_chars", "text_input"):
+            assert params[key] == tokenizer[key], key
+        assert steps == {"embed": ["encoder"], "score": ["encoder", "similarity"], "embed_v1": ["encoder"]}
+        assert dict(configs["embed"].ensemble_scheduling.step[0].input_map) == {"TEXT": "TEXT"}
+    else:
+        assert inputs == {"input_ids": False, "attention_mask": False} and "text_input" not in params
+        assert steps == {"embed": ["tokenizer", "encoder"], "score": ["tokenizer", "encoder", "similarity"],
+                         "embed_v1": ["tokenizer", "encoder"]}
+    # Token ids in warm-up either way: the warm-up exercises the engine's shapes.
+    assert {name for w in encoder.model_warmup for name in w.inputs} == {"input_ids", "attention_mask"}
+    native = render_configs(serving, manifest("ov-fp32", "openvino", "fp32"), "native")
+    assert [s.model_name for s in native["embed"].ensemble_scheduling.step] == ["tokenizer", "encoder"]
+    assert {t.name for t in native["encoder"].input} == {"input_ids", "attention_mask"}
 
 
 def test_a_two_version_generation_pins_each_ensemble_to_its_own_version():
@@ -247,7 +283,11 @@ def test_two_families_share_one_repository_and_each_is_rebuilt_or_removed_alone(
     assert {"embed", "score", "encoder", "tokenizer", "rec_embed", "rec_score", "rec_encoder", "rec_tokenizer",
             "rec_similarity", "rec_embed_v1"} <= names
     config = text_format.Parse((out / "rec_embed" / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert [s.model_name for s in config.ensemble_scheduling.step] == ["rec_tokenizer", "rec_encoder"]
+    assert [s.model_name for s in config.ensemble_scheduling.step] == ["rec_encoder"]  # it takes the text itself
+    # ... with its own copy of the tokenizer model's code and file, from its own family's export.
+    assert (out / "rec_encoder" / "1" / "tokenizer_model.py").read_bytes() == (
+        MODELS_SOURCE / "tokenizer" / "model.py").read_bytes()
+    assert (out / "rec_encoder" / "1" / "tokenizer.json").read_text() == "{}"
     rec_config = (out / "rec_encoder" / "config.pbtxt").read_text()
     build_repository(S, general, "onnx-int8", "embedded", out)  # the general family again: rec stays as it was
     assert (out / "rec_encoder" / "config.pbtxt").read_text() == rec_config

@@ -1,4 +1,5 @@
-"""The tokenizer model's hot-path logic, run outside Triton on the real exported tokenizer."""
+"""The tokenizer model's hot-path logic (its TextTokenizer, which the embedded encoder runs too), outside Triton on the
+real exported tokenizer."""
 import importlib.util
 import sys
 
@@ -20,7 +21,7 @@ def tokenizer_model(tmp_path_factory):
     spec.loader.exec_module(module)
     path = tmp_path_factory.mktemp("tok")
     AutoTokenizer.from_pretrained(settings.default_model_dir()).save_pretrained(path)
-    model = module.TritonPythonModel.__new__(module.TritonPythonModel)
+    model = module.TextTokenizer.__new__(module.TextTokenizer)
     model.max_length = 256
     model.char_budget = model.max_length * module.CHARS_PER_TOKEN_BUDGET
     model.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))

@@ -98,6 +98,27 @@ def test_the_rollout_keeps_the_runtime_the_live_encoder_runs(export_dir, tmp_pat
     assert LiveRepository(embedded, S).runtime is Runtime.EMBEDDED
 
 
+@pytest.mark.parametrize("live_tokenizes", [True, False])
+def test_the_rollout_keeps_whether_the_live_encoder_takes_text_whatever_the_setting_now(export_dir, tmp_path,
+                                                                                        live_tokenizes):
+    """A rollout swaps in the encoder and its pinned ensembles, and leaves the public ones as they are: the new
+    encoder must take what they send it, even when ENCODER_TOKENIZES changed since the repository was built."""
+    from dataclasses import replace
+
+    def tokenizing(value):
+        return replace(S, instances=replace(S.instances, encoder_tokenizes=value))
+
+    built = build_repository(tokenizing(live_tokenizes), export_dir, "onnx-int8", "embedded", tmp_path / "live")
+    live = LiveRepository(built, tokenizing(not live_tokenizes))
+    assert live.encoder_takes_text is live_tokenizes
+    staging, version = stage(live, export_dir / "onnx-fp32", tmp_path / "work", RolloutSettings())
+    staged = LiveRepository(staging, S)
+    assert staged.encoder_takes_text is live_tokenizes
+    pinned = staged.config(f"embed_v{version}").ensemble_scheduling.step
+    assert [step.model_name for step in pinned] == (["encoder"] if live_tokenizes else ["tokenizer", "encoder"])
+    assert (staging / "encoder" / str(version) / "tokenizer_model.py").exists() is live_tokenizes
+
+
 def test_a_rollout_of_the_rec_family_stages_only_rec_models(export_dir, tmp_path):
     """Two families in one live repository (embed and rec_embed): staging a new rec_encoder version renders the rec
     family alone, and the general family's models are neither staged nor changed."""
