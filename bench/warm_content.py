@@ -15,6 +15,13 @@ the warm fine-tune (`rec_embed`, trained for the warm split) learnt from the who
 validation targets, so its validation figures would flatter it; its test figures are printed for every alpha, as a
 bound, not a choice. Item vectors come from the exported variants' own runtime in this process (the numbers
 Triton serves). Writes build/reports/warm_content.json and .png.
+
+It also measures three families of blends after EASE^R, on the same splits (`--no-blends`: not): EASE^R's
+z-scored scores plus w x the z-scored text score (the mean of the 3 highest centred cosines to the user's last 10
+or all liked items: the semantic channel's "more like this"); the same with the text's weight gated towards items
+EASE^R knows little, w x c / (c + positives of the item), rescaled to a mean of 1; and EASE^R's scores smoothed along
+the text graph (each item's k nearest by the text cosines) added with weight beta. The base encoder's settings
+are chosen per family on validation; the warm fine-tune's rows are bounds, as above.
 """
 from __future__ import annotations
 
@@ -30,10 +37,17 @@ from bert_recsys import logs, settings
 log = logs.get("bench")
 
 
+def centred_unit(vectors: np.ndarray, fitted_on: np.ndarray | None = None) -> np.ndarray:
+    """The vectors less the mean of the `fitted_on` rows (the training items; default all), to unit length."""
+    v = vectors.astype(np.float64)
+    v = v - v[fitted_on if fitted_on is not None else slice(None)].mean(axis=0)
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return v.astype(np.float32)
+
+
 def centred_cosines(vectors: np.ndarray, fitted_on: np.ndarray) -> np.ndarray:
     """[items, items] cosines of the vectors less the mean of the `fitted_on` rows (the training items)."""
-    v = vectors.astype(np.float64) - vectors[fitted_on].astype(np.float64).mean(axis=0)
-    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    v = centred_unit(vectors, fitted_on).astype(np.float64)
     return (v @ v.T).astype(np.float32)
 
 
@@ -56,6 +70,103 @@ def scores(scorer, train, truth: dict[int, set], n_items: int) -> dict:
         ranked = [int(scorer.item_ids[i]) for i in top[np.argsort(-total[top], kind="stable")]]
         per_user.append(ranking_metrics(ranked, positives, n_items, len(history.items)))
     return {key: float(np.mean([m[key] for m in per_user])) for key in ("recall@10", "ndcg@10")} | {"users": len(per_user)}
+
+
+BLEND_WEIGHTS = (0.2, 0.35, 0.5, 0.75)
+BLEND_LAST = (10, 0)            # the user's last 10 liked items, or all (0)
+GATES = (3, 10, 30)             # c in c / (c + positives)
+SMOOTHING = {5: (0.1, 0.25, 0.5), 20: (0.1, 0.25, 0.5)}  # k nearest by text -> beta
+
+
+def zscored(scores: np.ndarray) -> np.ndarray:
+    return (scores - scores.mean()) / (scores.std() + 1e-9)
+
+
+def maxsim(unit: np.ndarray, liked: list[int], k: int = 3) -> np.ndarray:
+    """Every item's mean of its k highest cosines to the liked items (rows of `unit`, unit vectors)."""
+    sims = unit[liked] @ unit.T
+    k = min(k, len(liked))
+    return np.partition(sims, -k, axis=0)[-k:].mean(axis=0)
+
+
+def text_graph(unit: np.ndarray, k: int):
+    """Row-stochastic [items, items]: each item's k nearest others by cosine, weighted by it (negatives as 0)."""
+    from scipy import sparse
+
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = np.argpartition(-sims, k, axis=1)[:, :k]
+    weights = np.take_along_axis(sims, nearest, axis=1).clip(0)
+    weights /= weights.sum(axis=1, keepdims=True) + 1e-12
+    return sparse.csr_matrix((weights.ravel(), (np.repeat(np.arange(len(unit)), k), nearest.ravel())),
+                             shape=sims.shape)
+
+
+def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict[str, np.ndarray],
+                 smoothing_unit: np.ndarray) -> dict[str, dict]:
+    """recall@10 and nDCG@10 of every blend (names: "family | encoder | setting") and of EASE^R alone, over the
+    users with a test positive, on the items `scorer` scores. `units`: encoder -> unit vectors of those items
+    (centred on them); `smoothing_unit`: the vectors the smoothing graph is built from."""
+    from collections import defaultdict
+
+    from bert_recsys.client.evaluate import ranking_metrics
+    from bert_recsys.client.scorers import histories
+
+    pos = train.take(train.rating >= 4.0)
+    items, counts = np.unique(pos.item, return_counts=True)
+    positives = np.zeros(len(scorer.item_ids))
+    positives[[scorer.column[int(i)] for i in items if int(i) in scorer.column]] = [
+        c for i, c in zip(items, counts) if int(i) in scorer.column]
+    gates = {c: (g := c / (c + positives)) / g.mean() for c in GATES}
+    graphs = {k: text_graph(smoothing_unit, k) for k in SMOOTHING}
+    known = histories(train)
+    figures = defaultdict(list)
+    for user, truths in sorted(truth.items()):
+        history = known.get(user)
+        if history is None:
+            continue
+        liked = [scorer.column[int(i)] for i in history.liked if int(i) in scorer.column]
+        seen = [scorer.column[int(i)] for i in history.items if int(i) in scorer.column]
+        zero = np.zeros(len(scorer.item_ids))
+        ease = zscored(scorer.weights[liked].sum(axis=0)) if liked else zero
+        systems = {"ease": ease}
+        for name, unit in units.items():
+            for last in BLEND_LAST:
+                chosen = liked[-last:] if last else liked
+                text = zscored(maxsim(unit, chosen)) if chosen else zero
+                for w in BLEND_WEIGHTS:
+                    where = f"last {last or 'all'}, w {w}"
+                    systems[f"text | {name} | {where}"] = ease + w * text
+                    for c, gate in gates.items():
+                        systems[f"gated text | {name} | {where}, c {c}"] = ease + w * gate * text
+        for k, graph in graphs.items():
+            for beta in SMOOTHING[k]:
+                systems[f"smoothed EASE^R | base | k {k}, beta {beta}"] = ease + beta * zscored(graph @ ease)
+        for system, total in systems.items():
+            total = total.copy()
+            total[seen] = -np.inf
+            top = np.argpartition(-total, 50)[:50]
+            ranked = [int(scorer.item_ids[i]) for i in top[np.argsort(-total[top], kind="stable")]]
+            figures[system].append(ranking_metrics(ranked, truths, n_items, len(history.items)))
+    return {system: {key: float(np.mean([m[key] for m in rows])) for key in ("recall@10", "ndcg@10")} | {"users": len(rows)}
+            for system, rows in figures.items()}
+
+
+def blend_summary(validation: dict[str, dict], test: dict[str, dict]) -> list[dict]:
+    """Per family: the base encoder's setting chosen on validation and its test figure, and the best on test
+    itself (any encoder: a bound), each as recall@10 and its change over EASE^R alone on the same split."""
+    rows = []
+    for family in dict.fromkeys(name.split(" | ")[0] for name in validation if name != "ease"):
+        members = [n for n in validation if n.split(" | ")[0] == family]
+        base = [n for n in members if n.split(" | ")[1] == "base"]
+        chosen = max(base, key=lambda n: validation[n]["recall@10"])
+        bound = max(members, key=lambda n: test[n]["recall@10"])
+        rows.append({"family": family, "chosen": chosen,
+                     "validation": validation[chosen]["recall@10"] / validation["ease"]["recall@10"] - 1,
+                     "test_recall@10": test[chosen]["recall@10"],
+                     "test": test[chosen]["recall@10"] / test["ease"]["recall@10"] - 1,
+                     "best_on_test": bound, "best_test": test[bound]["recall@10"] / test["ease"]["recall@10"] - 1})
+    return rows
 
 
 def embed(directory: Path, texts: list[str]) -> np.ndarray:
@@ -108,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the warm fine-tune's export folder (default: build/evaluate/export-rec/warm/VARIANT)")
     parser.add_argument("--alphas", default="3,10,30,100,300")
     parser.add_argument("--template", default="rich")
+    parser.add_argument("--no-blends", action="store_true", help="only the side-information family")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "warm_content.json")
     args = parser.parse_args(argv)
     logs.configure()
@@ -161,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
                 figures["side"][name][f"{alpha:g}"] = row
                 log.info("%s: + %s text, alpha %g: recall@10 %.4f (%+.1f%%)", split, name, alpha, row["recall@10"],
                          100 * row["vs_ease"])
+        if not args.no_blends:
+            scorer = EaseScorer(train, lam)
+            units = {name: centred_unit(v[[column[int(i)] for i in scorer.item_ids]]) for name, v in vectors.items()}
+            figures["blends"] = blend_scores(scorer, train, truth, n_items, units, units["base"])
+            log.info("%s: %d blends measured", split, len(figures["blends"]) - 1)
         report["splits"][split] = figures
     base_validation = report["splits"]["validation"]["side"]["base"]
     chosen = max(base_validation, key=lambda a: base_validation[a]["recall@10"])
@@ -189,6 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chosen on validation: base text, alpha {chosen}: {100 * report['chosen']['test']['vs_ease']:+.1f}% on test "
           f"({100 * report['chosen']['test_vs_control']:+.1f}% over its control, EASE^R at lambda {lam + float(chosen):g}); "
           f"the best on test itself ({best_test[0]}, alpha {best_test[1]}): {100 * best_test[2]['vs_ease']:+.1f}%")
+    if not args.no_blends:
+        report["blend_summary"] = blend_summary(val["blends"], test["blends"])
+        print("\nBlends after EASE^R (z-scored channels), recall@10 against EASE^R alone on the same split; the base "
+              "encoder's setting chosen on validation, and the best on test itself (a bound)")
+        print(f"{'family':<18}{'chosen on validation':<36}{'val':>8}{'test':>8}  {'best on test (bound)':<52}{'test':>8}")
+        for row in report["blend_summary"]:
+            print(f"{row['family']:<18}{row['chosen'].split(' | ', 2)[2]:<36}{100 * row['validation']:>+7.1f}%"
+                  f"{100 * row['test']:>+7.1f}%  {' | '.join(row['best_on_test'].split(' | ')[1:]):<52}"
+                  f"{100 * row['best_test']:>+7.1f}%")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     image = plot(report, args.out.with_suffix(".png"))

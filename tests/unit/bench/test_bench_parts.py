@@ -421,3 +421,35 @@ def test_trace_adds_the_tokenizer_step_ensemble_only_beside_an_encoder_that_take
     ids_only = replace(s, instances=replace(s.instances, encoder_tokenizes=False))
     other = build_repository(ids_only, export_dir, "onnx-int8", "embedded", tmp_path / "ids")
     assert add_two_step_embed(other, ids_only) is None and not (other / name).exists()
+
+
+def test_warm_blends_choose_the_base_encoders_setting_on_validation_and_report_the_test_bound_apart():
+    """The validation choice never looks at test, never picks a fine-tune's row (trained on the validation targets),
+    and the bound on test is reported beside it, not instead of it."""
+    from bench.warm_content import blend_summary
+
+    def rows(ease, **systems):
+        return {"ease": {"recall@10": ease}} | {k.replace("__", " | ").replace("_", " "): {"recall@10": v}
+                                                  for k, v in systems.items()}
+
+    validation = rows(0.10, text__base__w_1=0.11, text__base__w_2=0.12, text__tuned__w_1=0.20, gated_text__base__c_3=0.09)
+    test = rows(0.08, text__base__w_1=0.09, text__base__w_2=0.082, text__tuned__w_1=0.10, gated_text__base__c_3=0.07)
+    summary = {row["family"]: row for row in blend_summary(validation, test)}
+    assert summary["text"]["chosen"] == "text | base | w 2"
+    assert summary["text"]["validation"] == pytest.approx(0.2) and summary["text"]["test"] == pytest.approx(0.025)
+    assert summary["text"]["best_on_test"] == "text | tuned | w 1" and summary["text"]["best_test"] == pytest.approx(0.25)
+    assert summary["gated text"]["test"] == pytest.approx(-0.125)
+
+
+def test_maxsim_and_the_text_graph_on_a_small_catalog():
+    from bench.warm_content import maxsim, text_graph
+
+    unit = np.eye(4, dtype=np.float32)
+    unit[3] = np.array([0.6, 0.8, 0, 0], dtype=np.float32)
+    # Item 3 resembles liked items 0 (0.6) and 1 (0.8): with k=1 its best, with k=2 their mean.
+    assert maxsim(unit, [0, 1], k=1)[3] == pytest.approx(0.8)
+    assert maxsim(unit, [0, 1], k=2)[3] == pytest.approx(0.7)
+    assert maxsim(unit, [0], k=3)[2] == pytest.approx(0.0)  # k capped at the number of liked items
+    graph = text_graph(unit, 1).toarray()
+    assert np.allclose(graph.sum(axis=1)[[0, 1, 3]], 1.0) and graph[3, 1] == pytest.approx(1.0)
+    assert graph[0, 3] == pytest.approx(1.0) and np.all(np.diag(graph) == 0)  # never its own neighbour

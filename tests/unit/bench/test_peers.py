@@ -152,9 +152,16 @@ def test_the_b1_duel_picks_the_fastest_in_process_peer_and_compares_interleaved_
                 {"peer": "infinity-torch", "kind": "infinity", "b1_p50_ms": 18.0, "b32_p50_ms": 750.0},
                 {"peer": "infinity-optimum", "kind": "infinity", "b1_p50_ms": 10.0, "b32_p50_ms": 550.0}]
     planned = [(ours, batch, peer.name) for ours, batch, peer in duels_to_run(measured)]
+    # st-openvino-int8's b1 (2.6) is within 1.5x of fastembed's (1.6 x 1.5 = 2.4)? No: only fastembed contends.
     assert planned == [("embed", "b1", "fastembed"), ("embed", "b32", "st-openvino-int8"),
                        ("gateway", "b32", "infinity-optimum"), ("gateway", "b1", "infinity-optimum")]
     assert duels_to_run([]) == []
+    # Sequential rows drift: every in-process peer close to the fastest gets its own b1 duel, fastest first.
+    close = [{**measured[1], "b1_p50_ms": 2.3}, {"peer": "st-onnx", "kind": "worker", "b1_p50_ms": 2.5},
+             {"peer": "st-onnx-qint8", "kind": "worker", "b1_p50_ms": 2.2}, measured[0] | {"b1_p50_ms": 2.4},
+             {"peer": "st-torch", "kind": "worker", "b1_p50_ms": 9.9}]
+    assert [(batch, peer.name) for ours, batch, peer in duels_to_run(close) if batch == "b1"] == [
+        ("b1", "st-onnx-qint8"), ("b1", "st-openvino-int8"), ("b1", "fastembed")]  # at most 3; st-torch is far
 
     # Two rounds; the first 5 calls of each block (0.1 s: the other side's threads) are not counted.
     embed = [[0.1] * 5 + [0.0030] * 10, [0.1] * 5 + [0.0026] * 10]
@@ -163,6 +170,19 @@ def test_the_b1_duel_picks_the_fastest_in_process_peer_and_compares_interleaved_
     assert summary["ours_ms"] == pytest.approx(2.8) and summary["peer_ms"] == pytest.approx(1.9)
     assert summary["gap_ms"] == pytest.approx(0.9) and summary["ours_over_peer"] == pytest.approx(2.8 / 1.9)
     assert summary["calls_each"] == 20 and summary["rounds"] == 2
+
+    # The b1 verdict: the gap to the peer fastest interleaved, and the largest gap of all beside it.
+    from bench.peers.harness import b1_verdict
+
+    duels = [{"ours": "embed", "batch": "b1", "peer": "a", "ours_ms": 2.5, "peer_ms": 1.9, "gap_ms": 0.6},
+             {"ours": "embed", "batch": "b1", "peer": "b", "ours_ms": 2.9, "peer_ms": 2.0, "gap_ms": 0.9},
+             {"ours": "embed", "batch": "b1", "peer": "c", "error": "exited 1"},
+             {"ours": "embed", "batch": "b32", "peer": "a", "ours_ms": 170.0, "peer_ms": 100.0, "gap_ms": 70.0},
+             {"ours": "gateway", "batch": "b1", "peer": "d", "ours_ms": 3.0, "peer_ms": 1.0, "gap_ms": 2.0}]
+    verdict = b1_verdict(duels)
+    assert (verdict["peer"], verdict["gap_ms"], verdict["duels"]) == ("a", 0.6, 2)
+    assert (verdict["strictest_peer"], verdict["strictest_gap_ms"]) == ("b", 0.9)
+    assert b1_verdict(duels[2:3]) is None
     assert summary["per_round"][1] == {"ours_ms": pytest.approx(2.6), "peer_ms": pytest.approx(1.8)}
     with pytest.raises(ValueError, match="as many blocks"):
         duel_summary(embed, peer[:1], settle=5)
