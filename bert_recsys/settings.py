@@ -159,8 +159,8 @@ class InstanceSettings:
     # `make bench-trace`).
     encoder_intra_op_spinning: bool = field(default_factory=env.ENCODER_INTRA_OP_SPINNING.get)
     # The embedded runtime's encoder takes TEXT and tokenizes it (the tokenizer model's own code): one stub hop
-    # less per request, 0.56-0.86 ms at b1 on a 2-core EPYC (`make bench-trace`). The tokenizer model is still
-    # served (for direct calls, and the native and torch runtimes' ensembles).
+    # less per request: 2.15 against 2.60 ms at b1 on a 2-core EPYC, ov-int8-bf16, alternating in one server
+    # (`make bench-trace`). The tokenizer model is still served (direct calls; the native and torch runtimes).
     encoder_tokenizes: bool = field(default_factory=env.ENCODER_TOKENIZES.get)
     # Where the torch runtime's encoder runs (ENCODER_DEVICE): "gpu" (a KIND_GPU instance group, one instance
     # per GPU and count), "cpu", or "auto" = gpu when torch sees CUDA where the repository is rendered.

@@ -19,7 +19,6 @@ either TEXT or both id tensors; bad text is that request's error alone.
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -76,21 +75,6 @@ def _trim_padding(ids, mask):
     return np.ascontiguousarray(ids[:, :end]), np.ascontiguousarray(mask[:, :end])
 
 
-def _error(message):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(error=error)
-
-
-def _import_beside(version_dir, name):
-    """The module file copied next to this one, under a name unique to this version."""
-    spec = importlib.util.spec_from_file_location(f"{name}_v{version_dir.name}", version_dir / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -117,7 +101,11 @@ class TritonPythonModel:
         # Text in: the tokenizer model's TextTokenizer, from the files rendered beside this one.
         self.text = None
         if params.get("text_input"):
-            self.text = _import_beside(version_dir, "tokenizer_model").TextTokenizer(params, version_dir)
+            spec = importlib.util.spec_from_file_location(f"tokenizer_model_v{version_dir.name}",
+                                                          version_dir / "tokenizer_model.py")
+            self.tokenizer_model = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(self.tokenizer_model)
+            self.text = self.tokenizer_model.TextTokenizer(params, version_dir)
 
     def _run(self, ids, mask):
         if self.null_dim:
@@ -179,6 +167,13 @@ class TritonPythonModel:
                 outputs[i] = embeddings[start : start + rows]
                 start += rows
         return [
-            _error(error) if error else pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
+            self._invalid(error) if error else pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
             for out, error in zip(outputs, errors)
         ]
+
+    def _invalid(self, message):
+        """INVALID_ARGUMENT, as the tokenizer model answers (taking ids alone, Triton checks the required inputs
+        itself, and this is not reached)."""
+        if self.text is not None:
+            return self.tokenizer_model._invalid(message)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
