@@ -56,7 +56,9 @@ class TextTokenizer:
 
     def _encode(self, texts):
         cut = [self._cut(t) for t in texts]
-        encodings = self.tokenizer.encode_batch(cut)
+        # One text: encode() in this thread, not encode_batch's thread pool (whose threads wake on the cores the
+        # encoder's engine is about to use).
+        encodings = [self.tokenizer.encode(cut[0])] if len(cut) == 1 else self.tokenizer.encode_batch(cut)
         # A cut text that did not fill max_length tokens may have lost tokens: redo those in full.
         redo = [i for i, (t, c, e) in enumerate(zip(texts, cut, encodings)) if c is not t and len(e.ids) < self.max_length]
         if redo:
