@@ -73,8 +73,8 @@ def test_openvino_and_onnx_runtime_serve_side_by_side_as_two_encoder_versions(ex
     path = write_generation(settings.SETTINGS, export_dir / "tokenizer", {1: export_dir / "onnx-fp32",
                                                                          2: export_dir / "ov-fp32"},
                             "embedded", tmp_path / "repository", stable=1)
-    assert sorted(p.name for p in (path / "encoder" / "2").iterdir()) == ["manifest.json", "model.bin", "model.py",
-                                                                         "model.xml"]
+    assert sorted(p.name for p in (path / "encoder" / "2").iterdir()) == [
+        "manifest.json", "model.bin", "model.py", "model.xml", "tokenizer.json", "tokenizer_model.py"]  # takes text
     server_settings = on_free_ports(settings.SETTINGS.server, admin_key="")
     with TritonServer(path, server_settings, log_file=tmp_path / "triton.log"):
         with TritonClient(server_settings.grpc_url, settings=replace(settings.SETTINGS, server=server_settings)) as client:
