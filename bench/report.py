@@ -125,7 +125,7 @@ def render(args) -> int:
               "| path | p50 ms | seq/s |", "|---|---|---|"]
     for name, row in serving["rows"].items():
         lines.append(f"| {name} | {row['p50_ms']:.2f} | {row['infer_per_s']:.0f} |")
-    lines += ["", f"Ensemble overhead at b1 (tokenizer step, two Python-backend hops, gRPC): "
+    lines += ["", f"Ensemble overhead at b1 (tokenization, the Python-backend hops, gRPC): "
                   f"**{serving['b1_overhead_ms']:.2f} ms** over the bare encoder. At b32/s128 `embed` delivers "
                   f"**{100 * serving['b32_throughput_ratio']:.1f}%** of the bare encoder's throughput.", "",
               "## The knee (Locust step load, `embed` over HTTP)", "",

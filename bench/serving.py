@@ -3,7 +3,8 @@
 In one run, on the same texts and token lengths:
 1. the bare encoder: its runtime (ONNX Runtime or OpenVINO) in this process (no server), b1 and b32;
 2. Triton's `encoder` model alone (token ids in, via perf_analyzer over gRPC);
-3. Triton's `embed` ensemble (text in: tokenizer -> encoder), via perf_analyzer over gRPC.
+3. Triton's `embed` ensemble (text in: the encoder taking the text, or tokenizer -> encoder with
+   ENCODER_TOKENIZES=false), via perf_analyzer over gRPC.
 The difference between 1 and 3 is the ensemble + IPC + protocol overhead. perf_analyzer is the outside
 client (the tritonclient 2.51 wheel ships it). Writes build/reports/serving_bench.json.
 """

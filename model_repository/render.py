@@ -60,8 +60,11 @@ def encoder_warmup_shapes(settings: Settings, max_length: int) -> list[tuple[int
 def encoder_takes_text(settings: Settings, runtime: Runtime | str) -> bool:
     """Whether the encoder is sent TEXT and tokenizes it itself: the embedded runtime's Python encoder, unless
     ENCODER_TOKENIZES is false. The ensembles then skip the tokenizer model (one stub hop less per request);
-    native backends and the torch runtime take token ids from it."""
-    return Runtime.parse(runtime) == Runtime.EMBEDDED and settings.instances.encoder_tokenizes
+    native backends and the torch runtime take token ids from it. With a bounded queue (backpressure) the tokenizer
+    stays the entry step: the queue policy was measured there, on its two instances (docs/loadtest.md), and with one
+    instance Triton 2.51 stalled accepted requests once it started rejecting; the encoder has one."""
+    bounded = settings.batching.max_queue_size > 0 or settings.batching.queue_timeout_us > 0
+    return Runtime.parse(runtime) == Runtime.EMBEDDED and settings.instances.encoder_tokenizes and not bounded
 
 
 def _tensor(collection, name: str, dtype: int, dims: list[int], optional: bool = False) -> None:
@@ -147,8 +150,7 @@ def encoder_config(settings: Settings, manifest: Manifest, runtime: Runtime | st
     config = mc.ModelConfig(name=settings.models.encoder)
     if versions:
         config.version_policy.specific.versions.extend(sorted(versions))
-    # Taking text, the encoder is the ensembles' entry step: the queue policy (backpressure) is its.
-    _batching(config, settings, settings.batching.encoder_queue_delay_us, entry=text)
+    _batching(config, settings, settings.batching.encoder_queue_delay_us)
     # Taking text, each request carries TEXT or both id tensors: all three are optional.
     if text:
         _tensor(config.input, t.text, mc.TYPE_STRING, [1], optional=True)

@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from bert_recsys.contracts.manifest import Manifest
 from bert_recsys.contracts.runtime import Runtime
-from bert_recsys.model_repository.render import link_or_copy, write_generation
+from bert_recsys.model_repository.render import encoder_takes_text, link_or_copy, write_generation
 from bert_recsys.rollout.policy import RolloutRefused
 from bert_recsys.settings import Settings
 
@@ -84,7 +84,14 @@ class LiveRepository:
     def render(self, version_dirs: dict[int, Path], stable: int, runtime: Runtime, out: Path) -> Path:
         """A whole repository for `version_dirs` (version -> directory with manifest and artifact) at `out`."""
         tokenizer_dir = self.path / self.settings.models.tokenizer / "1"
-        serving = replace(self.settings, instances=replace(self.settings.instances, encoder_tokenizes=self.encoder_takes_text))
+        live_text = self.encoder_takes_text
+        serving = replace(self.settings, instances=replace(self.settings.instances, encoder_tokenizes=live_text))
+        if encoder_takes_text(serving, runtime) != live_text:
+            # The public ensembles stay as they are until promotion: the new encoder must take what they send.
+            takes = {True: "takes the text", False: "takes token ids"}
+            raise RolloutRefused(f"the live encoder {takes[live_text]}, and the {runtime} runtime would render one that "
+                                 f"{takes[not live_text]} (see ENCODER_TOKENIZES in docs/serving.md): the public "
+                                 "ensembles would break; serve it from a new repository")
         return write_generation(serving, tokenizer_dir, version_dirs, runtime, out, stable=stable)
 
     @contextmanager

@@ -69,6 +69,8 @@ class TextTokenizer:
     def _decode_texts(self, request):
         """-> (list of str, None) or (None, error message)."""
         raw = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy().reshape(-1)
+        if raw.size == 0:
+            return None, f"{self.input_name} holds no text"
         texts = []
         for row, value in enumerate(raw):
             if isinstance(value, bytes):

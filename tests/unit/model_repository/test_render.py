@@ -50,7 +50,7 @@ def test_every_config_round_trips_through_the_schema(runtime, man):
 @pytest.mark.parametrize("runtime, man", CASES, ids=[f"{r}-{m.variant}" for r, m in CASES])
 def test_ensembles_are_wired_to_real_tensors_and_never_deadlock(runtime, man):
     configs = render_configs(S, man, runtime)
-    for name in ("embed", "score"):
+    for name in ("embed", "score", "embed_v1", "score_v1"):
         ensemble = configs[name]
         available = {t.name for t in ensemble.input}
         produced_by_step = {}
@@ -58,6 +58,8 @@ def test_ensembles_are_wired_to_real_tensors_and_never_deadlock(runtime, man):
             model = configs[step.model_name]
             required = {t.name for t in model.input if not t.optional}
             assert required <= set(step.input_map) <= {t.name for t in model.input}, (name, step.model_name)
+            if step.model_name == "encoder":  # its inputs are all optional when it takes text: exactly one kind
+                assert set(step.input_map) in ({"TEXT"}, {"input_ids", "attention_mask"}), (name, dict(step.input_map))
             assert set(step.input_map.values()) <= available, (name, step.model_name)
             assert set(step.output_map) <= {t.name for t in model.output}
             for tensor in step.output_map.values():
@@ -177,22 +179,28 @@ def test_dims_come_from_the_manifest_not_from_code():
     assert configs["similarity"].input[0].dims == [768]
 
 
-@pytest.mark.parametrize("runtime, tokenizes, entry", [("embedded", True, "encoder"), ("embedded", False, "tokenizer"),
-                                                        ("native", True, "tokenizer")])
-def test_queue_policy_rejects_when_bounded_at_the_ensembles_entry_step(runtime, tokenizes, entry):
+@pytest.mark.parametrize("runtime, tokenizes", [("embedded", True), ("embedded", False), ("native", True)])
+def test_queue_policy_rejects_when_bounded_at_the_tokenizer_which_then_stays_the_entry_step(runtime, tokenizes):
+    """Backpressure was measured on the tokenizer's two instances (with one, Triton 2.51 stalled accepted requests
+    once it rejected): with a bounded queue the ensembles keep the tokenizer as their entry step, even where the
+    encoder would otherwise take the text."""
     from dataclasses import replace
 
     bounded = replace(S, batching=replace(S.batching, max_queue_size=16, queue_timeout_us=20000),
                       instances=replace(S.instances, encoder_tokenizes=tokenizes))
     configs = render_configs(bounded, manifest(), runtime)
-    assert configs["embed"].ensemble_scheduling.step[0].model_name == entry
-    for model in {entry, "tokenizer"}:  # the tokenizer is an entry for whoever calls it directly
-        policy = configs[model].dynamic_batching.default_queue_policy
-        assert policy.max_queue_size == 16 and policy.timeout_action == mc.ModelQueuePolicy.REJECT
-        assert policy.default_timeout_microseconds == 20000
-    # Only an entry step rejects: a later rejection would waste the work done before it.
-    for later in {"encoder", "similarity"} - {entry}:
+    assert configs["embed"].ensemble_scheduling.step[0].model_name == "tokenizer"
+    assert "TEXT" not in {t.name for t in configs["encoder"].input}
+    policy = configs["tokenizer"].dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == 16 and policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert policy.default_timeout_microseconds == 20000
+    # Only the entry step rejects: a later rejection would waste the work done before it.
+    for later in ("encoder", "similarity"):
         assert not configs[later].dynamic_batching.HasField("default_queue_policy")
+    unbounded = render_configs(replace(bounded, batching=S.batching), manifest(), runtime)
+    takes_text = runtime == "embedded" and tokenizes
+    assert ("TEXT" in {t.name for t in unbounded["encoder"].input}) is takes_text
+    assert not unbounded["encoder"].dynamic_batching.HasField("default_queue_policy")
 
 
 @pytest.mark.parametrize("tokenizes", [True, False])

@@ -117,6 +117,11 @@ def test_the_rollout_keeps_whether_the_live_encoder_takes_text_whatever_the_sett
     pinned = staged.config(f"embed_v{version}").ensemble_scheduling.step
     assert [step.model_name for step in pinned] == (["encoder"] if live_tokenizes else ["tokenizer", "encoder"])
     assert (staging / "encoder" / str(version) / "tokenizer_model.py").exists() is live_tokenizes
+    if live_tokenizes:  # the native runtime's encoder takes token ids: the live `embed` would send it text
+        with pytest.raises(RolloutRefused, match="takes the text, and the native runtime would render one that takes "
+                                                 "token ids.*public ensembles would break"):
+            stage(live, export_dir / "onnx-fp16", tmp_path / "work2", RolloutSettings(runtime="native"))
+        assert live.versions == [1] and not (tmp_path / "work2" / "staging").exists()
 
 
 def test_a_rollout_of_the_rec_family_stages_only_rec_models(export_dir, tmp_path):
