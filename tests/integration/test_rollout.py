@@ -29,6 +29,11 @@ S = settings.SETTINGS
 # running beside the live one, latency is noise. The defaults (RolloutSettings) are for real deployments.
 FAST = RolloutSettings(latency_max_ratio=4.0, canary_seconds=5, canary_min_requests=20, canary_max_latency_ratio=4.0,
                        drain_seconds=1)
+# Under a saturating Locust load the canary's mean latency against the stable version's swung from 0.2x to 7.7x
+# between runs of the same code here (each version queues on its own instance, onnx-fp32 against onnx-int8): the
+# load test is about failed requests and the index switch, and the latency verdict is tested in unit tests
+# (test_rollout_policy); a canary 20x slower still fails it.
+UNDER_LOAD = replace(FAST, canary_max_latency_ratio=20.0)
 
 
 class Live:
@@ -149,7 +154,7 @@ def test_rollouts_under_locust_load_fail_no_request(live, export_dir, movielens_
         assert locust.poll() is None, locust.stdout.read()
         thread.start()
         for variant in variants:
-            reports.append(run(live.repository, live.admin, export_dir / variant, FAST, store=store, client=client))
+            reports.append(run(live.repository, live.admin, export_dir / variant, UNDER_LOAD, store=store, client=client))
     finally:
         time.sleep(1)
         stop.set()
