@@ -15,13 +15,15 @@ beside the bare encoder (its runtime in this process, same token ids) for the ov
 back, and after the same idle time the served encoder has between requests (sleeping as long as the rest of the
 path takes). And the engine's own time inside the encoder's stub, in the same served requests (the model writes
 it when it unloads): the client's time less that is what the serving path adds around the model. The overhead is
-measured first, on a server without tracing (tracing costs time of its own), with served and bare calls alternating in blocks of 50 so that the machine's noise falls on both alike; then the
-same requests go to a traced server for the breakdown. Medians over the requests (so the rows do not add up
+measured first, on a server without tracing (tracing costs time of its own), with served and bare calls
+alternating in blocks of 50 so that the machine's noise falls on both alike; then the same requests go to a traced
+server for the breakdown. Medians over the requests (so the rows do not add up
 exactly); writes build/reports/trace_breakdown.json and prints the table.
 
 When `embed`'s encoder takes the text (ENCODER_TOKENIZES, the default), the same untraced server also serves
 `embed_tokenizer_step`: the same encoder behind the tokenizer model, as before, in the same alternation, so that
-`tokenizer_step` says what the stub hop the default saves costs.
+`with_tokenizer_step` and `tokenizer_step_costs` say what the stub hop the default saves costs. The engine's
+times then cover both paths' calls (the same engine on the same shape).
 """
 from __future__ import annotations
 

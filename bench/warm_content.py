@@ -51,10 +51,31 @@ def centred_cosines(vectors: np.ndarray, fitted_on: np.ndarray) -> np.ndarray:
     return (v @ v.T).astype(np.float32)
 
 
+def top_metrics(total: np.ndarray, seen: list[int], item_ids: np.ndarray, truths: set, n_items: int, n_seen: int) -> dict:
+    """One user's metrics for scores over `item_ids`: its top 50 less the items it has seen, as `make evaluate`
+    ranks them."""
+    from bert_recsys.client.evaluate import ranking_metrics
+
+    total = total.copy()
+    total[seen] = -np.inf
+    top = np.argpartition(-total, 50)[:50]
+    ranked = [int(item_ids[i]) for i in top[np.argsort(-total[top], kind="stable")]]
+    return ranking_metrics(ranked, truths, n_items, n_seen)
+
+
+def user_columns(scorer, history) -> tuple[list[int], list[int]]:
+    """A user's liked and seen items, as `scorer`'s columns (items it scores)."""
+    return ([scorer.column[int(i)] for i in history.liked if int(i) in scorer.column],
+            [scorer.column[int(i)] for i in history.items if int(i) in scorer.column])
+
+
+def mean_metrics(rows: list[dict]) -> dict:
+    return {key: float(np.mean([m[key] for m in rows])) for key in ("recall@10", "ndcg@10")} | {"users": len(rows)}
+
+
 def scores(scorer, train, truth: dict[int, set], n_items: int) -> dict:
     """An EaseScorer's top 50 for every user with a test positive, among the items it scores less the user's seen
     ones, as `make evaluate`'s EASE^R baseline ranks them (vectorised here: 11 systems on two splits)."""
-    from bert_recsys.client.evaluate import ranking_metrics
     from bert_recsys.client.scorers import histories
 
     known = histories(train)
@@ -63,13 +84,10 @@ def scores(scorer, train, truth: dict[int, set], n_items: int) -> dict:
         history = known.get(user)
         if history is None:
             continue
-        liked = [scorer.column[int(i)] for i in history.liked if int(i) in scorer.column]
+        liked, seen = user_columns(scorer, history)
         total = scorer.weights[liked].sum(axis=0) if liked else np.zeros(len(scorer.item_ids), dtype=np.float32)
-        total[[scorer.column[int(i)] for i in history.items if int(i) in scorer.column]] = -np.inf
-        top = np.argpartition(-total, 50)[:50]
-        ranked = [int(scorer.item_ids[i]) for i in top[np.argsort(-total[top], kind="stable")]]
-        per_user.append(ranking_metrics(ranked, positives, n_items, len(history.items)))
-    return {key: float(np.mean([m[key] for m in per_user])) for key in ("recall@10", "ndcg@10")} | {"users": len(per_user)}
+        per_user.append(top_metrics(total, seen, scorer.item_ids, positives, n_items, len(history.items)))
+    return mean_metrics(per_user)
 
 
 BLEND_WEIGHTS = (0.2, 0.35, 0.5, 0.75)
@@ -109,14 +127,11 @@ def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict
     (centred on them); `smoothing_unit`: the vectors the smoothing graph is built from."""
     from collections import defaultdict
 
-    from bert_recsys.client.evaluate import ranking_metrics
     from bert_recsys.client.scorers import histories
 
-    pos = train.take(train.rating >= 4.0)
-    items, counts = np.unique(pos.item, return_counts=True)
-    positives = np.zeros(len(scorer.item_ids))
-    positives[[scorer.column[int(i)] for i in items if int(i) in scorer.column]] = [
-        c for i, c in zip(items, counts) if int(i) in scorer.column]
+    # EaseScorer's items are those with a training positive, in np.unique's order: their counts line up with them.
+    items, positives = np.unique(train.take(train.rating >= 4.0).item, return_counts=True)
+    assert np.array_equal(items, scorer.item_ids), "the scorer's items are not the training positives' items"
     gates = {c: (g := c / (c + positives)) / g.mean() for c in GATES}
     graphs = {k: text_graph(smoothing_unit, k) for k in SMOOTHING}
     known = histories(train)
@@ -125,8 +140,7 @@ def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict
         history = known.get(user)
         if history is None:
             continue
-        liked = [scorer.column[int(i)] for i in history.liked if int(i) in scorer.column]
-        seen = [scorer.column[int(i)] for i in history.items if int(i) in scorer.column]
+        liked, seen = user_columns(scorer, history)
         zero = np.zeros(len(scorer.item_ids))
         ease = zscored(scorer.weights[liked].sum(axis=0)) if liked else zero
         systems = {"ease": ease}
@@ -143,13 +157,8 @@ def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict
             for beta in SMOOTHING[k]:
                 systems[f"smoothed EASE^R | base | k {k}, beta {beta}"] = ease + beta * zscored(graph @ ease)
         for system, total in systems.items():
-            total = total.copy()
-            total[seen] = -np.inf
-            top = np.argpartition(-total, 50)[:50]
-            ranked = [int(scorer.item_ids[i]) for i in top[np.argsort(-total[top], kind="stable")]]
-            figures[system].append(ranking_metrics(ranked, truths, n_items, len(history.items)))
-    return {system: {key: float(np.mean([m[key] for m in rows])) for key in ("recall@10", "ndcg@10")} | {"users": len(rows)}
-            for system, rows in figures.items()}
+            figures[system].append(top_metrics(total, seen, scorer.item_ids, truths, n_items, len(history.items)))
+    return {system: mean_metrics(rows) for system, rows in figures.items()}
 
 
 def blend_summary(validation: dict[str, dict], test: dict[str, dict]) -> list[dict]:
@@ -255,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
               "lambda": lam, "protocol": "per-user time split, last 20% of each user's ratings; positives rating >= 4; "
               "validation = the same split inside the history", "splits": {}}
     for split, train, truth in (("validation", inner, validation_truth), ("test", history, test_truth)):
-        figures = {"ease": scores(EaseScorer(train, lam), train, truth, n_items), "side": {}, "ridge": {}}
+        ease = EaseScorer(train, lam)  # fitted once: the baseline here, and the blends' CF channel below
+        figures = {"ease": scores(ease, train, truth, n_items), "side": {}, "ridge": {}}
         log.info("%s: EASE^R alone recall@10 %.4f (%d users)", split, figures["ease"]["recall@10"], figures["ease"]["users"])
         for alpha in alphas:
             row = scores(EaseScorer(train, lam + alpha), train, truth, n_items)
@@ -274,9 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s: + %s text, alpha %g: recall@10 %.4f (%+.1f%%)", split, name, alpha, row["recall@10"],
                          100 * row["vs_ease"])
         if not args.no_blends:
-            scorer = EaseScorer(train, lam)
-            units = {name: centred_unit(v[[column[int(i)] for i in scorer.item_ids]]) for name, v in vectors.items()}
-            figures["blends"] = blend_scores(scorer, train, truth, n_items, units, units["base"])
+            units = {name: centred_unit(v[[column[int(i)] for i in ease.item_ids]]) for name, v in vectors.items()}
+            figures["blends"] = blend_scores(ease, train, truth, n_items, units, units["base"])
             log.info("%s: %d blends measured", split, len(figures["blends"]) - 1)
         report["splits"][split] = figures
     base_validation = report["splits"]["validation"]["side"]["base"]

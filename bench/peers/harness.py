@@ -147,12 +147,6 @@ def fastest_holding_gates(rows: list[dict], spearman: float = 0.9985, invariance
     return min(holding, key=lambda row: row["b32_p50_ms"]) if holding else None
 
 
-def fastest_in_process_b1(rows: list[dict]) -> dict | None:
-    """The peer measured in process (a worker: no server, not ours) with the lowest b1 p50 of this run."""
-    contenders = in_process_b1_contenders(rows, most=1)
-    return contenders[0] if contenders else None
-
-
 # The sequential rows drift by 10-30% over minutes (docs/benchmarks.md): which in-process peer is fastest at b1 is
 # settled interleaved, among those within this factor of the fastest sequential row (at most this many).
 B1_CONTENDERS_WITHIN, B1_CONTENDERS_MOST = 1.5, 3

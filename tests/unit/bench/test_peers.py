@@ -132,15 +132,15 @@ def test_waiting_for_a_server_names_its_exit_and_its_log_or_the_timeout(tmp_path
 
 
 def test_the_b1_duel_picks_the_fastest_in_process_peer_and_compares_interleaved_blocks():
-    from bench.peers.harness import duel_summary, fastest_in_process_b1
+    from bench.peers.harness import duel_summary, in_process_b1_contenders
 
     rows = [{"peer": "st-onnx", "kind": "worker", "b1_p50_ms": 3.9},
             {"peer": "fastembed", "kind": "worker", "b1_p50_ms": 1.6},
             {"peer": "st-openvino", "kind": "worker", "error": "exited 1"},
             {"peer": "infinity-optimum", "kind": "infinity", "b1_p50_ms": 1.0},   # a server, not in process
             {"peer": "project-bare", "kind": "project", "b1_p50_ms": 1.2}]        # ours
-    assert fastest_in_process_b1(rows)["peer"] == "fastembed"
-    assert fastest_in_process_b1([rows[2], rows[3]]) is None
+    assert in_process_b1_contenders(rows)[0]["peer"] == "fastembed"
+    assert in_process_b1_contenders([rows[2], rows[3]]) == []
 
     # What the goals compare: embed b1 with the fastest in-process peer, embed b32 with the fastest peer holding the
     # gates, the gateway with the faster infinity engine at b32, at b32 and b1.
