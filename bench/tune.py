@@ -84,14 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     partial.write_text(json.dumps(record, indent=2))
     os.replace(partial, TUNE_FILE)
     print(f"\n{machine()}; objective {args.objective}; perf_analyzer over gRPC, `embed`")
-    print(f"{'variant':<12}{'b1 p50 ms':>11}{'b32 sent/s':>12}{'Spearman conf.':>16}{'invariance':>12}")
+    width = max([len("variant"), *(len(row["variant"]) for row in rows + skipped)]) + 2
+    print(f"{'variant':<{width}}{'b1 p50 ms':>11}{'b32 sent/s':>12}{'Spearman conf.':>16}{'invariance':>12}")
     for row in rows:
         mark = "  <- chosen" if row is best else ""
-        print(f"{row['variant']:<12}{row['b1_p50_ms']:>11.2f}{row['b32_seq_per_s']:>12.1f}"
+        print(f"{row['variant']:<{width}}{row['b1_p50_ms']:>11.2f}{row['b32_seq_per_s']:>12.1f}"
               f"{row['spearman_ratio_confirmation'] or float('nan'):>16.5f}{row['batch_invariance_min_cosine']:>12.6f}"
               f"{mark}{'' if row['stable'] else '  (unstable)'}")
     for row in skipped:
-        print(f"{row['variant']:<12}{row['status']}: {row['detail']}")
+        print(f"{row['variant']:<{width}}{row['status']}: {row['detail']}")
     print(f"written {TUNE_FILE}: make serve / make demo now serve {best['variant']} on this machine")
     return 0
 

@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print()
-    print(f"{'variant':<11} {'status':<11} {'cos mean':>9} {'cos min':>9} {'spearman':>9} {'ratio':>8} {'nDCG@10':>8} "
+    width = max([len("variant"), *(len(o.variant) for o in outcomes)])
+    print(f"{'variant':<{width}} {'status':<11} {'cos mean':>9} {'cos min':>9} {'spearman':>9} {'ratio':>8} {'nDCG@10':>8} "
           f"{'ratio':>8}  detail")
     for o in outcomes:
         f = o.figures
         num = lambda value, fmt: "-" if value is None else format(value, fmt)  # noqa: E731
-        print(f"{o.variant:<11} {o.status:<11} {num(f.cosine_mean, '.6f'):>9} {num(f.cosine_min, '.6f'):>9} "
+        print(f"{o.variant:<{width}} {o.status:<11} {num(f.cosine_mean, '.6f'):>9} {num(f.cosine_min, '.6f'):>9} "
               f"{num(f.sts_spearman, '.5f'):>9} {num(f.spearman_ratio, '.5f'):>8} {num(f.retrieval_ndcg10, '.5f'):>8} "
               f"{num(f.retrieval_ndcg_ratio, '.5f'):>8}  {o.detail}")
     return exit_status(outcomes, options.variants_named, args.keep_going)

@@ -43,6 +43,15 @@ def isa_config_name() -> str:
     return "avx2" if "avx2" in flags else "arm64"
 
 
+def dynamic_int8_file(folder: Path, config: str) -> str | None:
+    """The file sentence-transformers' export_dynamic_quantized_onnx_model wrote for `config`, relative to `folder`.
+
+    It names it model_<weights dtype>_<config>.onnx, and the dtype depends on the config: qint8 for avx512_vnni,
+    quint8 for avx2 (optimum's AutoQuantizationConfig), so the name is found, not assumed."""
+    found = sorted((folder / "onnx").glob(f"model_*int8_{config}.onnx"))
+    return f"onnx/{found[0].name}" if found else None
+
+
 # -- sentence-transformers backends ---------------------------------------------------------------------------------
 
 def st_model(request: dict):
@@ -58,11 +67,14 @@ def st_model(request: dict):
 
         config = isa_config_name()
         target = work / "st-onnx"
-        file_name = f"onnx/model_qint8_{config}.onnx"
-        if not (target / file_name).exists():
+        file_name = dynamic_int8_file(target, config)
+        if file_name is None:
             SentenceTransformer(model_dir, device="cpu", backend="onnx").save(str(target))
             export_dynamic_quantized_onnx_model(SentenceTransformer(str(target), device="cpu", backend="onnx"),
                                                 config, str(target))
+            file_name = dynamic_int8_file(target, config)
+            if file_name is None:
+                raise SystemExit(f"sentence-transformers wrote no onnx/model_*_{config}.onnx under {target}")
         model = SentenceTransformer(str(target), device="cpu", backend="onnx", model_kwargs={"file_name": file_name})
         request["details"] = {"quantization": f"ONNX Runtime dynamic INT8, config {config}", "file": file_name}
     elif peer == "st-openvino":
@@ -110,9 +122,9 @@ def fastembed_model(request: dict):
 
     source = Path(request["work"]) / "st-onnx"
     config = isa_config_name()
-    file_name = f"onnx/model_qint8_{config}.onnx"
-    if not (source / file_name).exists():
-        raise SystemExit(f"fastembed runs the st-onnx-qint8 peer's file, not found: {source / file_name}")
+    file_name = dynamic_int8_file(source, config)
+    if file_name is None:
+        raise SystemExit(f"fastembed runs the st-onnx-qint8 peer's file, not found: {source}/onnx/model_*_{config}.onnx")
     name = "local/all-minilm-l6-v2-qint8"
     TextEmbedding.add_custom_model(model=name, pooling=PoolingType.MEAN, normalization=True,
                                    sources=ModelSource(hf="sentence-transformers/all-MiniLM-L6-v2"), dim=384,

@@ -210,6 +210,21 @@ def test_the_worker_times_b1_blocks_on_demand_until_its_input_ends():
             duel(lambda texts: None, batches, io.StringIO(bad), io.StringIO())
 
 
+def test_the_dynamic_int8_file_is_found_under_the_name_its_config_gave_it(tmp_path):
+    """avx2's config writes model_quint8_avx2.onnx, avx512_vnni's model_qint8_avx512_vnni.onnx: a name assumed from
+    one CPU broke st-onnx-qint8 and fastembed on the other (an AVX2 EPYC, 2026-12-07)."""
+    from bench.peers.worker import dynamic_int8_file
+
+    assert dynamic_int8_file(tmp_path, "avx2") is None
+    (tmp_path / "onnx").mkdir()
+    for name in ("model.onnx", "model_quint8_avx2.onnx", "model_qint8_avx512_vnni.onnx"):
+        (tmp_path / "onnx" / name).write_bytes(b"")
+    assert dynamic_int8_file(tmp_path, "avx2") == "onnx/model_quint8_avx2.onnx"
+    assert dynamic_int8_file(tmp_path, "avx512_vnni") == "onnx/model_qint8_avx512_vnni.onnx"
+    assert dynamic_int8_file(tmp_path, "avx512") is None  # avx512_vnni's file is not avx512's
+    assert dynamic_int8_file(tmp_path, "arm64") is None
+
+
 def test_the_http_client_sends_again_once_when_the_server_dropped_its_idle_connection():
     """uvicorn closes an idle keep-alive connection after 5 s (here: after every response, without saying so)."""
     import http.server
