@@ -3,7 +3,9 @@
 Which runtime and precision wins depends on the CPU (VNNI, AMX or AVX2 only): per-row INT8 gains ~1.3x over FP32
 on an AVX2 EPYC and more where VNNI is. So every exported variant that passed its gate is served in turn by the
 real tritonserver (embedded runtime: ONNX Runtime for onnx-*, OpenVINO for ov-*) and measured by perf_analyzer on `embed`: b1 p50 with a short text, and
-sentences/s at b32 with 128-token texts. The fastest by the objective (throughput by default) is written to
+sentences/s at b32 with 128-token texts. Every gated variant within 1.5x of the sequential winner is then served
+beside it (two servers up at once) and timed again in interleaved rounds, since one server's window on a noisy
+machine can misrank two near ones. The fastest by the objective (throughput by default) is written to
 build/tune.json with the CPU model and ISA flags; `make serve`, `make demo` and the other targets use it unless
 VARIANT= is given, and only on a machine with the same CPU model, flags and core count (the CPU changes between
 machines: a choice made on another one is ignored, with a line on stderr).
@@ -20,7 +22,8 @@ import time
 
 from bert_recsys import settings
 from bert_recsys.contracts.machine import machine_identity
-from bert_recsys.server.choice import OBJECTIVES, choose, passing_exports, print_choice, tune_file
+from bert_recsys.server.choice import (OBJECTIVES, choose, contenders, passing_exports, print_choice, settle,
+                                       tune_file)
 
 TUNE_FILE = tune_file(settings.BUILD_DIR)
 
@@ -46,11 +49,51 @@ def measure(variant: str, seconds: float) -> dict:
             "stable": bool(b1["stable"] and b32["stable"])}
 
 
+def duel(best: str, contender: str, objective: str, rounds: int) -> dict:
+    """`best` and `contender` served at once by two tritonservers, `embed` timed in blocks taken in turns (bench.timing's
+    time_interleaved): b32 of 128-token texts for throughput, b1 of the short text for latency. One caller."""
+    from contextlib import ExitStack
+    from dataclasses import replace
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from bert_recsys import logs
+    from bert_recsys.client.triton import TritonClient
+    from bench.serving import SHORT_TEXT, long_text
+    from bench.served import serve_variant
+    from bench.timing import time_interleaved
+
+    log = logs.get("loadtest")
+    if objective == "throughput":
+        tokenizer = AutoTokenizer.from_pretrained(settings.EXPORT_DIR / "tokenizer")
+        texts, per_round = [long_text(tokenizer, 128)] * 32, 3
+    else:
+        texts, per_round = [SHORT_TEXT], 30
+    log.info("tune duel: %s against %s, %d rounds of %d calls each, interleaved", contender, best, rounds, per_round)
+    with ExitStack() as stack:
+        calls = {}
+        for variant in (best, contender):
+            server = stack.enter_context(serve_variant(variant, settings.BUILD_DIR / "tune" / f"duel-{variant}",
+                                                       log_name=f"{variant}.log", admin_key="")).server
+            client = stack.enter_context(TritonClient(server.grpc_url,
+                                                      settings=replace(settings.SETTINGS, server=server)))
+            calls[variant] = lambda client=client: client.embed(texts)
+        times = time_interleaved(calls, rounds, per_round=per_round, skip=1)
+    result = {"variant": contender, "best": best, "batch": len(texts), "rounds": rounds, "calls_each": len(times[best]),
+              "best_ms": 1000 * float(np.median(times[best])), "variant_ms": 1000 * float(np.median(times[contender]))}
+    log.info("tune duel: %s %.2f ms against %s %.2f ms at b%d", contender, result["variant_ms"], best,
+             result["best_ms"], len(texts))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bert-recsys tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objective", choices=OBJECTIVES, default="throughput")
     parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer measurement window")
+    parser.add_argument("--duel-rounds", type=int, default=8,
+                        help="interleaved rounds of each close contender against the sequential winner (0: none)")
     parser.add_argument("--print-choice", action="store_true", help="print the tuned variant for this machine")
     args = parser.parse_args(argv)
     if args.print_choice:
@@ -76,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                      "spearman_ratio_confirmation": figures.spearman_ratio_confirmation,
                      "batch_invariance_min_cosine": figures.batch_invariance_min_cosine})
     best = choose(rows, args.objective)
+    duels = [duel(best["variant"], row["variant"], args.objective, args.duel_rounds)
+             for row in (contenders(rows, best, args.objective) if args.duel_rounds > 0 else [])]
+    chosen, why = settle(best["variant"], duels)
     record = {"machine": machine_identity(), "machine_line": machine(), "objective": args.objective,
-              "variant": best["variant"], "rows": rows, "not_served": skipped,
+              "variant": chosen, "why": why, "sequential_best": best["variant"], "duels": duels, "rows": rows,
+              "not_served": skipped,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     TUNE_FILE.parent.mkdir(parents=True, exist_ok=True)
     partial = TUNE_FILE.with_suffix(".partial")
@@ -87,13 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     width = max([len("variant"), *(len(row["variant"]) for row in rows + skipped)]) + 2
     print(f"{'variant':<{width}}{'b1 p50 ms':>11}{'b32 sent/s':>12}{'Spearman conf.':>16}{'invariance':>12}")
     for row in rows:
-        mark = "  <- chosen" if row is best else ""
+        mark = "  <- chosen" if row["variant"] == chosen else ""
         print(f"{row['variant']:<{width}}{row['b1_p50_ms']:>11.2f}{row['b32_seq_per_s']:>12.1f}"
               f"{row['spearman_ratio_confirmation'] or float('nan'):>16.5f}{row['batch_invariance_min_cosine']:>12.6f}"
               f"{mark}{'' if row['stable'] else '  (unstable)'}")
     for row in skipped:
         print(f"{row['variant']:<{width}}{row['status']}: {row['detail']}")
-    print(f"written {TUNE_FILE}: make serve / make demo now serve {best['variant']} on this machine")
+    for result in duels:
+        print(f"interleaved, b{result['batch']}, {result['rounds']} rounds: {result['variant']} {result['variant_ms']:.2f} ms "
+              f"against {result['best']} {result['best_ms']:.2f} ms ({result['variant_ms'] / result['best_ms']:.3f}x)")
+    print(f"chosen {why}")
+    print(f"written {TUNE_FILE}: make serve / make demo now serve {chosen} on this machine")
     return 0
 
 

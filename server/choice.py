@@ -33,6 +33,42 @@ def choose(rows: list[dict], objective: str = "throughput") -> dict:
     return min(passing, key=lambda row: (row["b1_p50_ms"], -row["b32_seq_per_s"]))
 
 
+# A sequential row per variant is one server's window on a machine whose speed drifts (on a 2-core AMD EPYC,
+# 2026-12-07: the same onnx-int8 read 48.8 sentences/s in tune and 600 against 753 ms beside onnx-fp32 in another
+# run). So every variant within CONTENDERS_WITHIN of the sequential winner is measured again beside it, interleaved.
+CONTENDERS_WITHIN, CONTENDERS_MOST = 1.5, 2
+
+
+def _cost(row: dict, objective: str) -> float:
+    """Lower is faster: ms per b32 sentence (throughput) or b1 p50 ms (latency)."""
+    return 1000.0 / row["b32_seq_per_s"] if objective == "throughput" else row["b1_p50_ms"]
+
+
+def contenders(rows: list[dict], best: dict, objective: str = "throughput", within: float = CONTENDERS_WITHIN,
+               most: int = CONTENDERS_MOST) -> list[dict]:
+    """The gated rows other than `best` whose cost is within `within` x best's, closest first, at most `most`: each
+    is duelled against `best`, interleaved, before the choice is written."""
+    passing = [row for row in rows if row["gate_passed"] and row is not best]
+    close = [row for row in passing if _cost(row, objective) <= within * _cost(best, objective)]
+    return sorted(close, key=lambda row: _cost(row, objective))[:most]
+
+
+def settle(best: str, duels: list[dict]) -> tuple[str, str]:
+    """(the variant to serve, why) after the duels: each {variant, best_ms, variant_ms} (medians over interleaved
+    rounds, the same calls on both). The contender that beat `best` by the most replaces it; else `best` stays."""
+    winner, ratio = best, 1.0
+    for duel in duels:
+        if duel["best_ms"] <= 0 or duel["variant_ms"] <= 0:
+            raise ValueError(f"duel of {duel['variant']} against {best}: a median of zero ms is no measurement")
+        r = duel["variant_ms"] / duel["best_ms"]
+        if r < ratio:
+            winner, ratio = duel["variant"], r
+    if winner == best:
+        return best, (f"{best}: fastest sequentially, and no contender beat it interleaved" if duels
+                      else f"{best}: fastest sequentially, no other within {CONTENDERS_WITHIN}x")
+    return winner, f"{winner}: {ratio:.3f}x {best}'s time interleaved, though {best} read faster sequentially"
+
+
 def tuned_variant(record: dict | None, machine: dict, exported: set[str]) -> tuple[str | None, str]:
     """(variant to serve, why): the record's choice only for the machine it was measured on, and only while that
     variant is still exported and gated."""

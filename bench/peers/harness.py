@@ -32,6 +32,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -308,6 +309,16 @@ def worker_command(python: Path, peer: Peer, inputs: Inputs, folder: Path, **req
     return [str(python), str(HERE / "worker.py"), str(folder / "request.json")], env
 
 
+def failure_line(log_text: str, limit: int = 240) -> str:
+    """What a failed worker's log says went wrong: the last exception line of its traceback ("ValueError: ..."),
+    else its last lines. A traceback's message can run for pages (a list of every model type), so the line starts
+    where the exception is named, not where the log ends."""
+    lines = log_text.strip().splitlines()
+    named = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b(:|$)", line)]
+    text = named[-1] if named else " | ".join(lines[-3:])
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def run_worker(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
     python = ensure_venv(peer.venv)
     folder = out / peer.name
@@ -320,8 +331,8 @@ def run_worker(peer: Peer, inputs: Inputs, out: Path, timeout_s: float) -> dict:
         done = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s,
                               cwd=folder)
     if done.returncode != 0:
-        tail = (folder / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"exited {done.returncode}: {' | '.join(tail)[-300:]}")
+        raise RuntimeError(f"exited {done.returncode}: {failure_line((folder / 'worker.log').read_text(errors='replace'))} "
+                           f"(log: {folder / 'worker.log'})")
     result = parse_result((folder / "result.json").read_text(encoding="utf-8"))
     vectors = {name: np.load(folder / f"{name}.npy") for name in ("sts", "gate_batched", "gate_alone")}
     return {**speed(result["b1_s"], result["b32_s"]), "versions": result["versions"], "details": result["details"],

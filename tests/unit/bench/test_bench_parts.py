@@ -138,6 +138,37 @@ def test_tune_chooses_the_fastest_gated_variant_by_objective():
         choose(rows, "cost")
 
 
+def test_tune_duels_the_close_variants_and_an_interleaved_win_settles_the_choice():
+    from bert_recsys.server.choice import choose, contenders, settle
+
+    rows = [{"variant": "onnx-int8", "gate_passed": True, "b1_p50_ms": 6.0, "b32_seq_per_s": 48.8},
+            {"variant": "onnx-fp32", "gate_passed": True, "b1_p50_ms": 7.3, "b32_seq_per_s": 36.7},
+            {"variant": "ov-fp32", "gate_passed": True, "b1_p50_ms": 7.5, "b32_seq_per_s": 35.5},
+            {"variant": "onnx-fp16", "gate_passed": True, "b1_p50_ms": 5.9, "b32_seq_per_s": 33.0},
+            {"variant": "ov-int8", "gate_passed": True, "b1_p50_ms": 9.2, "b32_seq_per_s": 20.0},   # 2.4x: not close
+            {"variant": "refused", "gate_passed": False, "b1_p50_ms": 1.0, "b32_seq_per_s": 47.0}]
+    best = choose(rows)
+    assert best["variant"] == "onnx-int8"
+    assert [row["variant"] for row in contenders(rows, best)] == ["onnx-fp32", "ov-fp32"]   # closest first, at most 2
+    assert [row["variant"] for row in contenders(rows, best, most=5)] == ["onnx-fp32", "ov-fp32", "onnx-fp16"]
+    assert contenders(rows, best, within=1.2) == []
+    fastest_b1 = choose(rows, "latency")
+    assert fastest_b1["variant"] == "onnx-fp16"
+    assert [row["variant"] for row in contenders(rows, fastest_b1, "latency")] == ["onnx-int8", "onnx-fp32"]
+
+    assert settle("onnx-int8", []) == ("onnx-int8", "onnx-int8: fastest sequentially, no other within 1.5x")
+    lost = [{"variant": "onnx-fp32", "best_ms": 600.0, "variant_ms": 750.0},
+            {"variant": "ov-fp32", "best_ms": 610.0, "variant_ms": 700.0}]
+    assert settle("onnx-int8", lost) == ("onnx-int8",
+                                         "onnx-int8: fastest sequentially, and no contender beat it interleaved")
+    won = lost + [{"variant": "onnx-fp16", "best_ms": 620.0, "variant_ms": 590.0},
+                  {"variant": "ov-int8", "best_ms": 600.0, "variant_ms": 540.0}]
+    chosen, why = settle("onnx-int8", won)
+    assert chosen == "ov-int8" and "0.900x onnx-int8's time interleaved" in why   # the largest win, not the first
+    with pytest.raises(ValueError, match="zero ms"):
+        settle("onnx-int8", [{"variant": "onnx-fp32", "best_ms": 0.0, "variant_ms": 1.0}])
+
+
 def test_a_tuned_choice_holds_only_on_the_machine_it_was_measured_on():
     from bert_recsys.server.choice import tuned_variant
 

@@ -225,6 +225,18 @@ def test_the_dynamic_int8_file_is_found_under_the_name_its_config_gave_it(tmp_pa
     assert dynamic_int8_file(tmp_path, "arm64") is None
 
 
+def test_a_failed_workers_reason_is_its_exception_line_not_the_end_of_a_long_message():
+    log = ("2026-12-07T02:00:20 peer st-onnx-qint8: loading\nTraceback (most recent call last):\n"
+           '  File "worker.py", line 60, in st_model\n'
+           "ValueError: Unrecognized model in build/peers/work/st-onnx. Should have a `model_type` key, one of: "
+           + ", ".join(f"type{i}" for i in range(200)) + "\n")
+    line = harness.failure_line(log)
+    assert line.startswith("ValueError: Unrecognized model in build/peers/work/st-onnx") and len(line) == 240
+    exited = "Traceback (most recent call last):\nSystemExit: fastembed runs the st-onnx-qint8 peer's file, not found"
+    assert harness.failure_line(exited) == "SystemExit: fastembed runs the st-onnx-qint8 peer's file, not found"
+    assert harness.failure_line("one\ntwo\nthree\nfour") == "two | three | four"   # no traceback: the last lines
+
+
 def test_the_http_client_sends_again_once_when_the_server_dropped_its_idle_connection():
     """uvicorn closes an idle keep-alive connection after 5 s (here: after every response, without saying so)."""
     import http.server
