@@ -3,9 +3,11 @@
 Which runtime and precision wins depends on the CPU (VNNI, AMX or AVX2 only): per-row INT8 gains ~1.3x over FP32
 on an AVX2 EPYC and more where VNNI is. So every exported variant that passed its gate is served in turn by the
 real tritonserver (embedded runtime: ONNX Runtime for onnx-*, OpenVINO for ov-*) and measured by perf_analyzer on `embed`: b1 p50 with a short text, and
-sentences/s at b32 with 128-token texts. Every gated variant within 1.5x of the sequential winner is then served
-beside it (two servers up at once) and timed again in interleaved rounds, since one server's window on a noisy
-machine can misrank two near ones. The fastest by the objective (throughput by default) is written to
+sentences/s at b32 with 128-token texts. Every gated variant within 1.5x of the sequential winner (at most two,
+closest first) is then served beside it (two servers up at once) and timed again in interleaved rounds by one
+caller (b32 latency for throughput, b1 for latency; perf_analyzer's b32 row keeps 2 in flight), since one server's
+window on a noisy machine can misrank two near ones. A contender replaces the winner only when it takes under
+0.97x its time. The fastest by the objective (throughput by default) is written to
 build/tune.json with the CPU model and ISA flags; `make serve`, `make demo` and the other targets use it unless
 VARIANT= is given, and only on a machine with the same CPU model, flags and core count (the CPU changes between
 machines: a choice made on another one is ignored, with a line on stderr).
@@ -22,8 +24,8 @@ import time
 
 from bert_recsys import settings
 from bert_recsys.contracts.machine import machine_identity
-from bert_recsys.server.choice import (OBJECTIVES, choose, contenders, passing_exports, print_choice, settle,
-                                       tune_file)
+from bert_recsys.server.choice import (CONTENDERS_WITHIN, OBJECTIVES, choose, contenders, passing_exports,
+                                       print_choice, settle, tune_file)
 
 TUNE_FILE = tune_file(settings.BUILD_DIR)
 
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from bert_recsys.contracts.machine import machine
 
     logs.configure()
+    log = logs.get("loadtest")
     from bert_recsys.export.pipeline import not_served, read_outcomes
     from bert_recsys.export.variants import CPU_VARIANTS
 
@@ -119,9 +122,19 @@ def main(argv: list[str] | None = None) -> int:
                      "spearman_ratio_confirmation": figures.spearman_ratio_confirmation,
                      "batch_invariance_min_cosine": figures.batch_invariance_min_cosine})
     best = choose(rows, args.objective)
-    duels = [duel(best["variant"], row["variant"], args.objective, args.duel_rounds)
-             for row in (contenders(rows, best, args.objective) if args.duel_rounds > 0 else [])]
+    close = contenders(rows, best, args.objective)
+    duels = []
+    for row in close if args.duel_rounds > 0 else []:
+        try:
+            duels.append(duel(best["variant"], row["variant"], args.objective, args.duel_rounds))
+        except Exception as error:  # noqa: BLE001 - a duel that cannot run leaves the sequential figures standing
+            log.warning("tune duel of %s against %s failed: %s", row["variant"], best["variant"], error)
+            duels.append({"variant": row["variant"], "best": best["variant"], "error": str(error)[:300]})
     chosen, why = settle(best["variant"], duels)
+    if close and args.duel_rounds <= 0:
+        why = f"{best['variant']}: fastest sequentially; {len(close)} close contender(s) not duelled (--duel-rounds 0)"
+    elif not close:
+        why = f"{best['variant']}: fastest sequentially, no other within {CONTENDERS_WITHIN}x"
     record = {"machine": machine_identity(), "machine_line": machine(), "objective": args.objective,
               "variant": chosen, "why": why, "sequential_best": best["variant"], "duels": duels, "rows": rows,
               "not_served": skipped,
@@ -141,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in skipped:
         print(f"{row['variant']:<{width}}{row['status']}: {row['detail']}")
     for result in duels:
+        if "error" in result:
+            print(f"interleaved: {result['variant']} against {result['best']} not run: {result['error']}")
+            continue
         print(f"interleaved, b{result['batch']}, {result['rounds']} rounds: {result['variant']} {result['variant_ms']:.2f} ms "
               f"against {result['best']} {result['best_ms']:.2f} ms ({result['variant_ms'] / result['best_ms']:.3f}x)")
     print(f"chosen {why}")

@@ -34,9 +34,13 @@ def choose(rows: list[dict], objective: str = "throughput") -> dict:
 
 
 # A sequential row per variant is one server's window on a machine whose speed drifts (on a 2-core AMD EPYC,
-# 2026-12-07: the same onnx-int8 read 48.8 sentences/s in tune and 600 against 753 ms beside onnx-fp32 in another
-# run). So every variant within CONTENDERS_WITHIN of the sequential winner is measured again beside it, interleaved.
+# 2026-12-07: onnx-int8 read 1.33x onnx-fp32's b32 throughput in one tune and tied with it in make bench minutes
+# later). So every variant within CONTENDERS_WITHIN of the sequential winner is measured again beside it,
+# interleaved, and replaces it only when faster by more than the margin.
 CONTENDERS_WITHIN, CONTENDERS_MOST = 1.5, 2
+# A contender must take less than this share of the winner's time, interleaved, to replace it: a tie keeps the
+# sequential winner.
+SETTLE_MARGIN = 0.97
 
 
 def _cost(row: dict, objective: str) -> float:
@@ -53,20 +57,25 @@ def contenders(rows: list[dict], best: dict, objective: str = "throughput", with
     return sorted(close, key=lambda row: _cost(row, objective))[:most]
 
 
-def settle(best: str, duels: list[dict]) -> tuple[str, str]:
+def settle(best: str, duels: list[dict], margin: float = SETTLE_MARGIN) -> tuple[str, str]:
     """(the variant to serve, why) after the duels: each {variant, best_ms, variant_ms} (medians over interleaved
-    rounds, the same calls on both). The contender that beat `best` by the most replaces it; else `best` stays."""
-    winner, ratio = best, 1.0
-    for duel in duels:
+    rounds, the same calls on both), or {variant, error} for one that could not be run (it cannot win). The
+    contender that beat `best` by the most, to under `margin` x its time, replaces it; else `best` stays."""
+    winner, ratio = best, margin
+    measured = [duel for duel in duels if "error" not in duel]
+    for duel in measured:
         if duel["best_ms"] <= 0 or duel["variant_ms"] <= 0:
             raise ValueError(f"duel of {duel['variant']} against {best}: a median of zero ms is no measurement")
         r = duel["variant_ms"] / duel["best_ms"]
         if r < ratio:
             winner, ratio = duel["variant"], r
+    failed = "".join(f"; the duel of {duel['variant']} failed ({duel['error']})" for duel in duels if "error" in duel)
     if winner == best:
-        return best, (f"{best}: fastest sequentially, and no contender beat it interleaved" if duels
-                      else f"{best}: fastest sequentially, no other within {CONTENDERS_WITHIN}x")
-    return winner, f"{winner}: {ratio:.3f}x {best}'s time interleaved, though {best} read faster sequentially"
+        if not duels:
+            return best, f"{best}: fastest sequentially, no contender duelled"
+        return best, (f"{best}: fastest sequentially, and no contender beat it by {1 - margin:.0%} interleaved"
+                      if measured else f"{best}: fastest sequentially") + failed
+    return winner, f"{winner}: {ratio:.3f}x {best}'s time interleaved, though {best} read faster sequentially" + failed
 
 
 def tuned_variant(record: dict | None, machine: dict, exported: set[str]) -> tuple[str | None, str]:

@@ -32,7 +32,6 @@ import hashlib
 import http.client
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -310,12 +309,18 @@ def worker_command(python: Path, peer: Peer, inputs: Inputs, folder: Path, **req
 
 
 def failure_line(log_text: str, limit: int = 240) -> str:
-    """What a failed worker's log says went wrong: the last exception line of its traceback ("ValueError: ..."),
-    else its last lines. A traceback's message can run for pages (a list of every model type), so the line starts
-    where the exception is named, not where the log ends."""
-    lines = log_text.strip().splitlines()
-    named = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b(:|$)", line)]
-    text = named[-1] if named else " | ".join(lines[-3:])
+    """What a failed worker's log says went wrong: the exception line of its last traceback ("ValueError: ...", the
+    first unindented line after "Traceback (most recent call last):"), else its last line (a bare SystemExit's
+    message is printed alone). A message can run for pages (a list of every model type), so the start is kept."""
+    lines = [line for line in log_text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "(its log is empty)"
+    text = lines[-1]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if starts:
+        after = [line for line in lines[starts[-1] + 1:] if not line[:1].isspace()]
+        if after:
+            text = after[0]
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -374,9 +379,9 @@ def blocks_from(command: list[str], env: dict, folder: Path, batch: str, timeout
             def answer() -> str:
                 line = worker.stdout.readline()
                 if not line:
-                    tail = (folder / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
+                    reason = failure_line((folder / "worker.log").read_text(errors="replace"))
                     raise RuntimeError(f"the {name} worker ended (exit {worker.poll()}, killed after "
-                                       f"{timeout_s:.0f} s if it hung): {' | '.join(tail)[-300:]}")
+                                       f"{timeout_s:.0f} s if it hung): {reason} (log: {folder / 'worker.log'})")
                 return line
 
             if answer().strip() != "ready":

@@ -74,7 +74,7 @@ def st_model(request: dict):
                                                 config, str(target))
             file_name = dynamic_int8_file(target, config)
             if file_name is None:
-                raise SystemExit(f"sentence-transformers wrote no onnx/model_*_{config}.onnx under {target}")
+                raise SystemExit(f"sentence-transformers wrote no onnx/model_*int8_{config}.onnx under {target}")
         model = SentenceTransformer(str(target), device="cpu", backend="onnx", model_kwargs={"file_name": file_name})
         request["details"] = {"quantization": f"ONNX Runtime dynamic INT8, config {config}", "file": file_name}
     elif peer == "st-openvino":
@@ -124,7 +124,7 @@ def fastembed_model(request: dict):
     config = isa_config_name()
     file_name = dynamic_int8_file(source, config)
     if file_name is None:
-        raise SystemExit(f"fastembed runs the st-onnx-qint8 peer's file, not found: {source}/onnx/model_*_{config}.onnx")
+        raise SystemExit(f"fastembed runs the st-onnx-qint8 peer's file, not found: {source}/onnx/model_*int8_{config}.onnx")
     name = "local/all-minilm-l6-v2-qint8"
     TextEmbedding.add_custom_model(model=name, pooling=PoolingType.MEAN, normalization=True,
                                    sources=ModelSource(hf="sentence-transformers/all-MiniLM-L6-v2"), dim=384,

@@ -156,17 +156,71 @@ def test_tune_duels_the_close_variants_and_an_interleaved_win_settles_the_choice
     assert fastest_b1["variant"] == "onnx-fp16"
     assert [row["variant"] for row in contenders(rows, fastest_b1, "latency")] == ["onnx-int8", "onnx-fp32"]
 
-    assert settle("onnx-int8", []) == ("onnx-int8", "onnx-int8: fastest sequentially, no other within 1.5x")
+    assert settle("onnx-int8", []) == ("onnx-int8", "onnx-int8: fastest sequentially, no contender duelled")
     lost = [{"variant": "onnx-fp32", "best_ms": 600.0, "variant_ms": 750.0},
-            {"variant": "ov-fp32", "best_ms": 610.0, "variant_ms": 700.0}]
+            {"variant": "ov-fp32", "best_ms": 610.0, "variant_ms": 595.0}]              # 0.975x: a tie, not a win
     assert settle("onnx-int8", lost) == ("onnx-int8",
-                                         "onnx-int8: fastest sequentially, and no contender beat it interleaved")
+                                         "onnx-int8: fastest sequentially, and no contender beat it by 3% interleaved")
+    assert settle("onnx-int8", lost, margin=1.0)[0] == "ov-fp32"
     won = lost + [{"variant": "onnx-fp16", "best_ms": 620.0, "variant_ms": 590.0},
                   {"variant": "ov-int8", "best_ms": 600.0, "variant_ms": 540.0}]
     chosen, why = settle("onnx-int8", won)
     assert chosen == "ov-int8" and "0.900x onnx-int8's time interleaved" in why   # the largest win, not the first
+    failed = {"variant": "onnx-fp16", "best": "onnx-int8", "error": "tritonserver exited 1"}
+    assert settle("onnx-int8", [failed]) == ("onnx-int8", "onnx-int8: fastest sequentially; the duel of onnx-fp16 "
+                                                          "failed (tritonserver exited 1)")
+    chosen, why = settle("onnx-int8", [failed, *won])                               # a failed duel never wins
+    assert chosen == "ov-int8" and why.endswith("the duel of onnx-fp16 failed (tritonserver exited 1)")
     with pytest.raises(ValueError, match="zero ms"):
         settle("onnx-int8", [{"variant": "onnx-fp32", "best_ms": 0.0, "variant_ms": 1.0}])
+
+
+def test_tune_writes_the_choice_after_its_duels_and_keeps_going_when_one_fails(monkeypatch, tmp_path, capsys):
+    import json
+    from types import SimpleNamespace
+
+    import bench.tune as tune
+    from bert_recsys import logs
+    from bert_recsys.export import pipeline
+
+    figures = SimpleNamespace(spearman_ratio_confirmation=0.999, batch_invariance_min_cosine=1.0)
+    manifest = SimpleNamespace(gate=SimpleNamespace(figures=figures))
+    speeds = {"onnx-int8": (4.3, 43.3), "onnx-fp32": (5.2, 42.2), "onnx-fp16": (5.4, 42.1), "ov-int8": (9.3, 20.0)}
+    monkeypatch.setattr(logs, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(tune, "TUNE_FILE", tmp_path / "tune.json")
+    monkeypatch.setattr(tune, "passing_exports", lambda _: {name: manifest for name in speeds})
+    monkeypatch.setattr(pipeline, "read_outcomes", lambda _: {})
+    monkeypatch.setattr(pipeline, "not_served", lambda *a: [{"variant": "ov-int8-bf16", "status": "not supported here",
+                                                            "detail": "no BF16"}])
+    monkeypatch.setattr(tune, "measure", lambda variant, seconds: {"b1_p50_ms": speeds[variant][0],
+                                                                   "b32_seq_per_s": speeds[variant][1], "stable": True})
+    duelled = []
+
+    def duel(best, contender, objective, rounds):
+        duelled.append((best, contender, objective, rounds))
+        if contender == "onnx-fp16":
+            raise RuntimeError("tritonserver exited 1")
+        return {"variant": contender, "best": best, "batch": 32, "rounds": rounds, "calls_each": 24,
+                "best_ms": 740.0, "variant_ms": 690.0}
+
+    monkeypatch.setattr(tune, "duel", duel)
+    assert tune.main(["--duel-rounds", "3"]) == 0
+    assert duelled == [("onnx-int8", "onnx-fp32", "throughput", 3), ("onnx-int8", "onnx-fp16", "throughput", 3)]
+    record = json.loads((tmp_path / "tune.json").read_text())
+    assert record["variant"] == "onnx-fp32" and record["sequential_best"] == "onnx-int8"   # 0.932x interleaved
+    assert record["duels"][1] == {"variant": "onnx-fp16", "best": "onnx-int8", "error": "tritonserver exited 1"}
+    assert "the duel of onnx-fp16 failed" in record["why"]
+    out = capsys.readouterr().out
+    chosen_lines = [line for line in out.splitlines() if "<- chosen" in line]
+    assert len(chosen_lines) == 1 and chosen_lines[0].startswith("onnx-fp32 ")
+    assert "interleaved: onnx-fp16 against onnx-int8 not run: tritonserver exited 1" in out
+    assert "ov-int8-bf16  not supported here: no BF16" in out
+
+    duelled.clear()
+    assert tune.main(["--duel-rounds", "0"]) == 0
+    record = json.loads((tmp_path / "tune.json").read_text())
+    assert duelled == [] and record["variant"] == "onnx-int8"
+    assert record["why"] == "onnx-int8: fastest sequentially; 2 close contender(s) not duelled (--duel-rounds 0)"
 
 
 def test_a_tuned_choice_holds_only_on_the_machine_it_was_measured_on():

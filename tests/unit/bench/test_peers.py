@@ -232,9 +232,16 @@ def test_a_failed_workers_reason_is_its_exception_line_not_the_end_of_a_long_mes
            + ", ".join(f"type{i}" for i in range(200)) + "\n")
     line = harness.failure_line(log)
     assert line.startswith("ValueError: Unrecognized model in build/peers/work/st-onnx") and len(line) == 240
-    exited = "Traceback (most recent call last):\nSystemExit: fastembed runs the st-onnx-qint8 peer's file, not found"
-    assert harness.failure_line(exited) == "SystemExit: fastembed runs the st-onnx-qint8 peer's file, not found"
-    assert harness.failure_line("one\ntwo\nthree\nfour") == "two | three | four"   # no traceback: the last lines
+    ort = ("Traceback (most recent call last):\n  File \"worker.py\", line 9\n    raise\n"
+           "onnxruntime.capi.onnxruntime_pybind11_state.NoSuchFile: [ONNXRuntimeError] : 3 : NO_SUCHFILE\n"
+           "  note: an indented line after it\n")
+    assert harness.failure_line(ort).startswith("onnxruntime.capi.onnxruntime_pybind11_state.NoSuchFile: ")
+    # raise SystemExit("...") prints its message alone, after whatever the worker logged
+    exited = ("2026-12-07T02:03:00 peer fastembed: loading\n" + "W: a long warning " * 30 + "\n"
+              "fastembed runs the st-onnx-qint8 peer's file, not found: work/st-onnx/onnx/model_*int8_avx2.onnx\n")
+    assert harness.failure_line(exited) == ("fastembed runs the st-onnx-qint8 peer's file, not found: "
+                                            "work/st-onnx/onnx/model_*int8_avx2.onnx")
+    assert harness.failure_line("") == "(its log is empty)"
 
 
 def test_the_http_client_sends_again_once_when_the_server_dropped_its_idle_connection():
