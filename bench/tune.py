@@ -24,8 +24,8 @@ import time
 
 from bert_recsys import settings
 from bert_recsys.contracts.machine import machine_identity
-from bert_recsys.server.choice import (CONTENDERS_WITHIN, OBJECTIVES, choose, contenders, passing_exports,
-                                       print_choice, settle, tune_file)
+from bert_recsys.server.choice import (OBJECTIVES, choose, contenders, passing_exports, print_choice, settle,
+                                       tune_file)
 
 TUNE_FILE = tune_file(settings.BUILD_DIR)
 
@@ -130,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - a duel that cannot run leaves the sequential figures standing
             log.warning("tune duel of %s against %s failed: %s", row["variant"], best["variant"], error)
             duels.append({"variant": row["variant"], "best": best["variant"], "error": str(error)[:300]})
-    chosen, why = settle(best["variant"], duels)
-    if close and args.duel_rounds <= 0:
-        why = f"{best['variant']}: fastest sequentially; {len(close)} close contender(s) not duelled (--duel-rounds 0)"
-    elif not close:
-        why = f"{best['variant']}: fastest sequentially, no other within {CONTENDERS_WITHIN}x"
+    chosen, why = settle(best["variant"], duels, close=len(close))
     record = {"machine": machine_identity(), "machine_line": machine(), "objective": args.objective,
               "variant": chosen, "why": why, "sequential_best": best["variant"], "duels": duels, "rows": rows,
               "not_served": skipped,

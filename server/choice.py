@@ -57,10 +57,15 @@ def contenders(rows: list[dict], best: dict, objective: str = "throughput", with
     return sorted(close, key=lambda row: _cost(row, objective))[:most]
 
 
-def settle(best: str, duels: list[dict], margin: float = SETTLE_MARGIN) -> tuple[str, str]:
+def settle(best: str, duels: list[dict], close: int | None = None, margin: float = SETTLE_MARGIN) -> tuple[str, str]:
     """(the variant to serve, why) after the duels: each {variant, best_ms, variant_ms} (medians over interleaved
-    rounds, the same calls on both), or {variant, error} for one that could not be run (it cannot win). The
-    contender that beat `best` by the most, to under `margin` x its time, replaces it; else `best` stays."""
+    rounds, the same calls on both), or {variant, error} for one that could not be run (it cannot win). `close`:
+    how many contenders were close enough to duel (default: as many as duels). The contender that beat `best` by
+    the most, to under `margin` x its time, replaces it; else `best` stays."""
+    close = len(duels) if close is None else close
+    if not duels:
+        return best, (f"{best}: fastest sequentially, no other within {CONTENDERS_WITHIN}x" if close == 0 else
+                      f"{best}: fastest sequentially; {close} close contender(s) not duelled")
     winner, ratio = best, margin
     measured = [duel for duel in duels if "error" not in duel]
     for duel in measured:
@@ -70,12 +75,10 @@ def settle(best: str, duels: list[dict], margin: float = SETTLE_MARGIN) -> tuple
         if r < ratio:
             winner, ratio = duel["variant"], r
     failed = "".join(f"; the duel of {duel['variant']} failed ({duel['error']})" for duel in duels if "error" in duel)
-    if winner == best:
-        if not duels:
-            return best, f"{best}: fastest sequentially, no contender duelled"
-        return best, (f"{best}: fastest sequentially, and no contender beat it by {1 - margin:.0%} interleaved"
-                      if measured else f"{best}: fastest sequentially") + failed
-    return winner, f"{winner}: {ratio:.3f}x {best}'s time interleaved, though {best} read faster sequentially" + failed
+    if winner != best:
+        return winner, f"{winner}: {ratio:.3f}x {best}'s time interleaved, though {best} read faster sequentially" + failed
+    return best, (f"{best}: fastest sequentially, and no contender beat it by {1 - margin:.0%} interleaved"
+                  if measured else f"{best}: fastest sequentially") + failed
 
 
 def tuned_variant(record: dict | None, machine: dict, exported: set[str]) -> tuple[str | None, str]:

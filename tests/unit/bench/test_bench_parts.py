@@ -156,7 +156,9 @@ def test_tune_duels_the_close_variants_and_an_interleaved_win_settles_the_choice
     assert fastest_b1["variant"] == "onnx-fp16"
     assert [row["variant"] for row in contenders(rows, fastest_b1, "latency")] == ["onnx-int8", "onnx-fp32"]
 
-    assert settle("onnx-int8", []) == ("onnx-int8", "onnx-int8: fastest sequentially, no contender duelled")
+    assert settle("onnx-int8", []) == ("onnx-int8", "onnx-int8: fastest sequentially, no other within 1.5x")
+    assert settle("onnx-int8", [], close=2) == ("onnx-int8",
+                                                "onnx-int8: fastest sequentially; 2 close contender(s) not duelled")
     lost = [{"variant": "onnx-fp32", "best_ms": 600.0, "variant_ms": 750.0},
             {"variant": "ov-fp32", "best_ms": 610.0, "variant_ms": 595.0}]              # 0.975x: a tie, not a win
     assert settle("onnx-int8", lost) == ("onnx-int8",
@@ -220,7 +222,7 @@ def test_tune_writes_the_choice_after_its_duels_and_keeps_going_when_one_fails(m
     assert tune.main(["--duel-rounds", "0"]) == 0
     record = json.loads((tmp_path / "tune.json").read_text())
     assert duelled == [] and record["variant"] == "onnx-int8"
-    assert record["why"] == "onnx-int8: fastest sequentially; 2 close contender(s) not duelled (--duel-rounds 0)"
+    assert record["why"] == "onnx-int8: fastest sequentially; 2 close contender(s) not duelled"
 
 
 def test_a_tuned_choice_holds_only_on_the_machine_it_was_measured_on():
