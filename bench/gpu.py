@@ -383,14 +383,15 @@ def peer_section(torch, device, bundle: Path, work: Path, texts: list[str], mode
 
 def run(args) -> int:
     import torch
+
+    bundle, out = Path(args.bundle), Path(args.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:  # said before transformers' import (~10 s on a 2-core CPU)
+        raise SystemExit("no CUDA device here: `run --smoke` runs the same code on the CPU at tiny sizes")
     from transformers import AutoTokenizer
 
     from bert_recsys.encoders import torch_bert
 
-    bundle, out = Path(args.bundle), Path(args.out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        raise SystemExit("no CUDA device here: `run --smoke` runs the same code on the CPU at tiny sizes")
     smoke = args.smoke
     results = Results(out / "gpu_bench.json")
     results.data.update(bundle=str(bundle), smoke=smoke, device=str(device))
