@@ -20,8 +20,12 @@ It also measures three families of blends after EASE^R, on the same splits (`--n
 z-scored scores plus w x the z-scored text score (the mean of the 3 highest centred cosines to the user's last 10
 or all liked items: the semantic channel's "more like this"); the same with the text's weight gated towards items
 EASE^R knows little, w x c / (c + positives of the item), rescaled to a mean of 1; and EASE^R's scores smoothed along
-the text graph (each item's k nearest by the text cosines) added with weight beta. The base encoder's settings
-are chosen per family on validation; the warm fine-tune's rows are bounds, as above.
+the text graph (each item's k nearest by the text cosines) added with weight beta. A fourth family learns how
+a user's text turns into their next likes, from the training part alone ("next likes", `next_likes`): each user's
+training ratings are cut in time, the mean vector of the liked items before a cut is regressed (ridge) on the
+positives in the next 20% after it, and the learnt map scores every item from the user's profile; it is blended
+like the others. The base encoder's settings are chosen per family on validation; the warm fine-tune's rows are
+bounds, as above.
 """
 from __future__ import annotations
 
@@ -120,6 +124,59 @@ def text_graph(unit: np.ndarray, k: int):
                              shape=sims.shape)
 
 
+# The learnt text profile ("next likes"): cuts in each user's training ratings, the profile before a cut -> the
+# positives in the next 20% after it.
+NEXT_CUTS = {"one cut": (0.8,), "five cuts": (0.5, 0.6, 0.7, 0.8, 0.9)}
+NEXT_LAST = (20, 0)             # the profile: the mean of the last 20 liked items' vectors, or of all (0)
+NEXT_RIDGE = (1.0, 10.0, 100.0)
+NEXT_WEIGHTS = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+
+
+def text_profile(unit: np.ndarray, liked: list[int], last: int) -> np.ndarray:
+    """The mean of the unit vectors of the user's `last` liked items (all: 0), oldest first; zeros without any."""
+    chosen = liked[-last:] if last else liked
+    return unit[chosen].mean(axis=0) if chosen else np.zeros(unit.shape[1], dtype=unit.dtype)
+
+
+def next_likes(train, column: dict[int, int], unit: np.ndarray, cuts: tuple[float, ...], last: int, ridge: float,
+               bilinear: bool = False, positive: float = 4.0) -> np.ndarray:
+    """[dim, items] weights V, learnt from `train` alone, so that profile @ V scores the items a user likes next.
+    Each user's ratings (time order) are cut at each fraction in `cuts`: the text profile of the positives before
+    the cut is a row, and the positives among the next 20% of ratings are its targets; V is the ridge regression
+    of the targets on the profiles, (A'A + ridge I)^-1 A'Y. `bilinear`: V is also tied to the items' own vectors
+    (V = W F', W the least-squares fit of V F), so that it scores items by their text, not only by their column.
+    `column`: item id -> column of `unit` (the items scored). An item never a target gets a zero column."""
+    from scipy import sparse
+
+    from bert_recsys.client.scorers import histories
+
+    rows, targets = [], []
+    for history in histories(train, positive).values():
+        n = len(history.items)
+        kept = [(column.get(int(i), -1), r >= positive) for i, r in zip(history.items, history.ratings)]
+        for cut in cuts:
+            k = int(round(n * cut))
+            if k < 3 or k >= n:
+                continue
+            end = min(n, k + max(1, int(round(n * 0.2))))
+            before = [c for c, liked in kept[:k] if liked and c >= 0]
+            after = [c for c, liked in kept[k:end] if liked and c >= 0]
+            if before and after:
+                rows.append(text_profile(unit, before, last))
+                targets.append(after)
+    if not rows:
+        raise ValueError("no user has positives on both sides of a cut: nothing to learn the text profile from")
+    a = np.asarray(rows, dtype=np.float64)
+    y = sparse.csr_matrix((np.ones(sum(map(len, targets))),
+                           (np.repeat(np.arange(len(targets)), [len(t) for t in targets]), np.concatenate(targets))),
+                          shape=(len(targets), len(unit)))
+    v = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), np.asarray((y.T @ a).T))
+    if bilinear:
+        f = unit.astype(np.float64)
+        v = v @ f @ np.linalg.inv(f.T @ f + np.eye(f.shape[1])) @ f.T
+    return v.astype(np.float32)
+
+
 def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict[str, np.ndarray],
                  smoothing_unit: np.ndarray) -> dict[str, dict]:
     """recall@10 and nDCG@10 of every blend (names: "family | encoder | setting") and of EASE^R alone, over the
@@ -134,6 +191,10 @@ def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict
     assert np.array_equal(items, scorer.item_ids), "the scorer's items are not the training positives' items"
     gates = {c: (g := c / (c + positives)) / g.mean() for c in GATES}
     graphs = {k: text_graph(smoothing_unit, k) for k in SMOOTHING}
+    learnt = {(name, mode, cuts, last, ridge): next_likes(train, scorer.column, unit, NEXT_CUTS[cuts], last, ridge,
+                                                          bilinear=mode == "bilinear")
+              for name, unit in units.items() for mode in ("free", "bilinear") for cuts in NEXT_CUTS
+              for last in NEXT_LAST for ridge in NEXT_RIDGE}
     known = histories(train)
     figures = defaultdict(list)
     for user, truths in sorted(truth.items()):
@@ -153,6 +214,10 @@ def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict
                     systems[f"text | {name} | {where}"] = ease + w * text
                     for c, gate in gates.items():
                         systems[f"gated text | {name} | {where}, c {c}"] = ease + w * gate * text
+        for (name, mode, cuts, last, ridge), v in learnt.items():
+            text = zscored(text_profile(units[name], liked, last) @ v) if liked else zero
+            for w in NEXT_WEIGHTS:
+                systems[f"next likes | {name} | {mode}, {cuts}, last {last or 'all'}, ridge {ridge:g}, w {w}"] = ease + w * text
         for k, graph in graphs.items():
             for beta in SMOOTHING[k]:
                 systems[f"smoothed EASE^R | base | k {k}, beta {beta}"] = ease + beta * zscored(graph @ ease)
@@ -319,10 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         report["blend_summary"] = blend_summary(val["blends"], test["blends"])
         print("\nBlends after EASE^R (z-scored channels), recall@10 against EASE^R alone on the same split; the base "
               "encoder's setting chosen on validation, and the best on test itself (a bound)")
-        print(f"{'family':<18}{'chosen on validation':<36}{'val':>8}{'test':>8}  {'best on test (bound)':<52}{'test':>8}")
+        print(f"{'family':<18}{'chosen on validation':<46}{'val':>8}{'test':>8}  {'best on test (bound)':<66}{'test':>8}")
         for row in report["blend_summary"]:
-            print(f"{row['family']:<18}{row['chosen'].split(' | ', 2)[2]:<36}{100 * row['validation']:>+7.1f}%"
-                  f"{100 * row['test']:>+7.1f}%  {' | '.join(row['best_on_test'].split(' | ')[1:]):<52}"
+            print(f"{row['family']:<18}{row['chosen'].split(' | ', 2)[2]:<46}{100 * row['validation']:>+7.1f}%"
+                  f"{100 * row['test']:>+7.1f}%  {' | '.join(row['best_on_test'].split(' | ')[1:]):<66}"
                   f"{100 * row['best_test']:>+7.1f}%")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -540,3 +540,36 @@ def test_maxsim_and_the_text_graph_on_a_small_catalog():
     graph = text_graph(unit, 1).toarray()
     assert np.allclose(graph.sum(axis=1)[[0, 1, 3]], 1.0) and graph[3, 1] == pytest.approx(1.0)
     assert graph[0, 3] == pytest.approx(1.0) and np.all(np.diag(graph) == 0)  # never its own neighbour
+
+
+def test_next_likes_learns_which_text_a_users_next_likes_have_from_the_training_part_alone():
+    """Two tastes on a small catalog: users who like one cluster's text like more of it after each cut, so the learnt
+    map scores that cluster above the other from the profile alone; an item nobody liked after a cut gets nothing."""
+    from bert_recsys.client.catalog import Interactions
+    from bench.warm_content import next_likes, text_profile
+
+    rng = np.random.default_rng(0)
+    unit = np.zeros((13, 3), dtype=np.float32)
+    unit[:6, 0], unit[6:12, 1], unit[12, 2] = 1.0, 1.0, 1.0
+    unit[:12] += rng.normal(0, 0.1, (12, 3)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    users, items, times = [], [], []
+    for user in range(20):
+        cluster = range(6) if user % 2 == 0 else range(6, 12)
+        for t, item in enumerate(rng.permutation(list(cluster))):
+            users.append(user), items.append(100 + int(item)), times.append(t)
+    train = Interactions.from_rows(users, items, [5.0] * len(users), times)
+    column = {100 + c: c for c in range(13)}   # item 112 is scored but nobody rated it
+    liked_a = [0, 1, 2]
+    for bilinear in (False, True):
+        v = next_likes(train, column, unit, (0.5,), 0, 1.0, bilinear=bilinear)
+        assert v.shape == (3, 13)
+        scores = text_profile(unit, liked_a, 0) @ v
+        assert scores[:6].mean() > scores[6:12].mean() + 0.1, scores
+        scores_b = text_profile(unit, [6, 7], 0) @ v
+        assert scores_b[6:12].mean() > scores_b[:6].mean() + 0.1, scores_b
+    assert np.all(next_likes(train, column, unit, (0.5,), 0, 1.0)[:, 12] == 0)
+    assert np.allclose(text_profile(unit, [0, 1, 2, 7], 2), unit[[2, 7]].mean(axis=0))
+    assert np.all(text_profile(unit, [], 0) == 0)
+    with pytest.raises(ValueError, match="no user has positives on both sides"):
+        next_likes(train.take(train.time < 2), column, unit, (0.5,), 0, 1.0)
