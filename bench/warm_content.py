@@ -148,6 +148,7 @@ def next_likes(train, column: dict[int, int], unit: np.ndarray, cuts: tuple[floa
     `column`: item id -> column of `unit` (the items scored). An item never a target gets a zero column."""
     from scipy import sparse
 
+    from bert_recsys.client.protocols import TEST_FRACTION
     from bert_recsys.client.scorers import histories
 
     rows, targets = [], []
@@ -158,7 +159,7 @@ def next_likes(train, column: dict[int, int], unit: np.ndarray, cuts: tuple[floa
             k = int(round(n * cut))
             if k < 3 or k >= n:
                 continue
-            end = min(n, k + max(1, int(round(n * 0.2))))
+            end = min(n, k + max(1, int(round(n * TEST_FRACTION))))  # the same share as the split's test part
             before = [c for c, liked in kept[:k] if liked and c >= 0]
             after = [c for c, liked in kept[k:end] if liked and c >= 0]
             if before and after:
