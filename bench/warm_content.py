@@ -24,8 +24,13 @@ the text graph (each item's k nearest by the text cosines) added with weight bet
 a user's text turns into their next likes, from the training part alone ("next likes", `next_likes`): each user's
 training ratings are cut in time, the mean vector of the liked items before a cut is regressed (ridge) on the
 positives in the next 20% after it, and the learnt map scores every item from the user's profile; it is blended
-like the others. The base encoder's settings are chosen per family on validation; the warm fine-tune's rows are
-bounds, as above.
+like the others. A fifth is a learnt ranker, as recommenders are built in practice ("ranker", `ranker_rows`):
+EASE^R's top 100 and the text's top 30 re-ranked by gradient-boosted trees on CF features (EASE^R's score and
+rank, the item's positives, recent positives, the user's likes), with and without six text features (maxsim3 over
+several spans of the history, the profile cosine, the max cosine, the last liked item's cosine); the trees learn
+from the split one level below the one they are measured on, never from its targets, and the same trees without
+the text are the control. The base encoder's settings are chosen per family on validation; the warm fine-tune's
+rows are bounds, as above.
 """
 from __future__ import annotations
 
@@ -227,6 +232,102 @@ def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict
     return {system: mean_metrics(rows) for system, rows in figures.items()}
 
 
+# A learnt ranker ("two stage", as recommenders are built in practice): EASE^R's candidates, and the text's, re-ranked
+# by gradient-boosted trees on CF features alone or on CF and text features. The trees learn from the split one
+# level below the one they are measured on (validation: the history's inner split cut once more; test: the
+# validation split itself), so they never see the targets they are measured on.
+RANKER_CANDIDATES = (100, 30)   # EASE^R's top 100 and the text's top 30 (maxsim3 over all liked), less the seen
+RANKER_TREES = {"50 trees, 4 leaves": (50, 4), "100 trees, 7 leaves": (100, 7), "200 trees, 7 leaves": (200, 7)}
+CF_FEATURES = ("ease", "ease rank", "positives", "recent positives", "user likes")
+TEXT_FEATURES = ("maxsim3 all", "maxsim3 last 10", "profile last 20", "max cosine", "maxsim3 last 5", "last liked")
+RANKER_FEATURES = {"no text": CF_FEATURES, "text": CF_FEATURES + TEXT_FEATURES}
+
+
+def ranker_rows(scorer, train, truth: dict[int, set], unit: np.ndarray, positive: float = 4.0) -> list[dict]:
+    """Per user with a truth and a liked item: the candidate columns of `scorer` (its top RANKER_CANDIDATES[0] and
+    the text's top RANKER_CANDIDATES[1], less the seen), their features (CF_FEATURES then TEXT_FEATURES, each
+    score z-scored over the user's items) and labels (1: in the user's truth). `unit`: the scorer's items' unit
+    vectors. Everything but the labels comes from `train`."""
+    from bert_recsys.client.scorers import histories
+
+    liked_rows = train.take(train.rating >= positive)
+    positives = np.zeros(len(scorer.item_ids))
+    np.add.at(positives, np.searchsorted(scorer.item_ids, liked_rows.item), 1)
+    recent = np.zeros(len(scorer.item_ids))  # positives in the last 10% of the training part's time
+    late = liked_rows.take(liked_rows.time >= np.quantile(liked_rows.time, 0.9))
+    np.add.at(recent, np.searchsorted(scorer.item_ids, late.item), 1)
+    known = histories(train, positive)
+    rows = []
+    for user, truths in sorted(truth.items()):
+        history = known.get(user)
+        if history is None:
+            continue
+        liked, seen = user_columns(scorer, history)
+        if not liked:
+            continue
+        ease = zscored(scorer.weights[liked].sum(axis=0))
+        profile = unit[liked[-20:]].mean(axis=0)
+        text = [zscored(maxsim(unit, liked)), zscored(maxsim(unit, liked[-10:])),
+                zscored(unit @ (profile / (np.linalg.norm(profile) + 1e-12))), zscored(maxsim(unit, liked, 1)),
+                zscored(maxsim(unit, liked[-5:])), zscored(unit @ unit[liked[-1]])]
+        unseen = np.ones(len(ease), dtype=bool)
+        unseen[seen] = False
+        open_ = np.flatnonzero(unseen)
+        by_ease = open_[np.argsort(-ease[open_], kind="stable")]
+        rank = np.empty(len(ease))
+        rank[by_ease] = np.arange(len(by_ease))
+        candidates = np.union1d(by_ease[:RANKER_CANDIDATES[0]],
+                                open_[np.argsort(-text[0][open_], kind="stable")[:RANKER_CANDIDATES[1]]])
+        features = np.c_[ease[candidates], np.log1p(rank[candidates]), np.log1p(positives[candidates]),
+                         np.log1p(recent[candidates]), np.full(len(candidates), np.log1p(len(liked))),
+                         *[t[candidates] for t in text]]
+        labels = np.isin(scorer.item_ids[candidates], list(truths)).astype(np.int8)
+        rows.append({"user": user, "candidates": candidates, "features": features, "labels": labels,
+                     "by_ease": rank[candidates] < RANKER_CANDIDATES[0],
+                     "truths": truths, "seen": seen, "n_seen": len(history.items)})
+    return rows
+
+
+def kept(row: dict, features: tuple[str, ...]) -> np.ndarray:
+    """The row's candidates a ranker on `features` sees: without text features, EASE^R's own candidates only (the
+    text's candidates are a text channel too)."""
+    return np.ones(len(row["candidates"]), dtype=bool) if set(features) & set(TEXT_FEATURES) else row["by_ease"]
+
+
+def fit_ranker(rows: list[dict], features: tuple[str, ...], trees: tuple[int, int]):
+    """Gradient-boosted trees (iterations, leaves) on the rows' named features, predicting their labels."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    columns = [(CF_FEATURES + TEXT_FEATURES).index(f) for f in features]
+    x = np.concatenate([r["features"][kept(r, features)][:, columns] for r in rows])
+    y = np.concatenate([r["labels"][kept(r, features)] for r in rows])
+    if y.min() == y.max():
+        raise ValueError("the ranker's training rows hold one label only: nothing to learn from")
+    model = HistGradientBoostingClassifier(max_iter=trees[0], max_leaf_nodes=trees[1], learning_rate=0.05,
+                                           min_samples_leaf=100, l2_regularization=1.0, early_stopping=False,
+                                           random_state=0)
+    return model.fit(x, y), columns
+
+
+def ranker_scores(below: list[dict], rows: list[dict], item_ids: np.ndarray, n_items: int) -> dict[str, dict]:
+    """recall@10 and nDCG@10 of each ranker ("ranker | base | trees" with text, "ranker without text | base |
+    trees" without), trained on `below` and measured on `rows` (items outside a user's candidates rank last; the
+    rankers without text see EASE^R's candidates only)."""
+    figures = {}
+    for trees_name, trees in RANKER_TREES.items():
+        for kind, features in RANKER_FEATURES.items():
+            model, columns = fit_ranker(below, features, trees)
+            per_user = []
+            for r in rows:
+                total = np.full(len(item_ids), -1e9)
+                own = kept(r, features)
+                total[r["candidates"][own]] = model.predict_proba(r["features"][own][:, columns])[:, 1]
+                per_user.append(top_metrics(total, r["seen"], item_ids, r["truths"], n_items, r["n_seen"]))
+            family = "ranker" if kind == "text" else "ranker without text"
+            figures[f"{family} | base | {trees_name}"] = mean_metrics(per_user)
+    return figures
+
+
 def blend_summary(validation: dict[str, dict], test: dict[str, dict]) -> list[dict]:
     """Per family: the base encoder's setting chosen on validation and its test figure, and the best on test
     itself (any encoder: a bound), each as recall@10 and its change over EASE^R alone on the same split."""
@@ -329,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine(), "data": str(args.data), "variant": args.variant, "template": args.template,
               "lambda": lam, "protocol": "per-user time split, last 20% of each user's ratings; positives rating >= 4; "
               "validation = the same split inside the history", "splits": {}}
+    def base_unit(scorer):  # the base encoder's vectors of the items `scorer` scores, centred on them
+        return centred_unit(vectors["base"][[column[int(i)] for i in scorer.item_ids]])
+
+    if not args.no_blends:  # the rankers' training rows for validation: the inner split, cut once more
+        below_train, below_truth = time_split(inner)
+        below_ease = EaseScorer(below_train, lam)
+        ranker_below = ranker_rows(below_ease, below_train, below_truth, base_unit(below_ease))
     for split, train, truth in (("validation", inner, validation_truth), ("test", history, test_truth)):
         ease = EaseScorer(train, lam)  # fitted once: the baseline here, and the blends' CF channel below
         figures = {"ease": scores(ease, train, truth, n_items), "side": {}, "ridge": {}}
@@ -352,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_blends:
             units = {name: centred_unit(v[[column[int(i)] for i in ease.item_ids]]) for name, v in vectors.items()}
             figures["blends"] = blend_scores(ease, train, truth, n_items, units, units["base"])
+            rows = ranker_rows(ease, train, truth, base_unit(ease))
+            figures["blends"] |= ranker_scores(ranker_below, rows, ease.item_ids, n_items)
+            ranker_below = rows  # the test split's rankers learn from the validation split
             log.info("%s: %d blends measured", split, len(figures["blends"]) - 1)
         report["splits"][split] = figures
     base_validation = report["splits"]["validation"]["side"]["base"]
@@ -385,11 +496,16 @@ def main(argv: list[str] | None = None) -> int:
         report["blend_summary"] = blend_summary(val["blends"], test["blends"])
         print("\nBlends after EASE^R (z-scored channels), recall@10 against EASE^R alone on the same split; the base "
               "encoder's setting chosen on validation, and the best on test itself (a bound)")
-        print(f"{'family':<18}{'chosen on validation':<46}{'val':>8}{'test':>8}  {'best on test (bound)':<66}{'test':>8}")
+        print(f"{'family':<22}{'chosen on validation':<46}{'val':>8}{'test':>8}  {'best on test (bound)':<66}{'test':>8}")
         for row in report["blend_summary"]:
-            print(f"{row['family']:<18}{row['chosen'].split(' | ', 2)[2]:<46}{100 * row['validation']:>+7.1f}%"
+            print(f"{row['family']:<22}{row['chosen'].split(' | ', 2)[2]:<46}{100 * row['validation']:>+7.1f}%"
                   f"{100 * row['test']:>+7.1f}%  {' | '.join(row['best_on_test'].split(' | ')[1:]):<66}"
                   f"{100 * row['best_test']:>+7.1f}%")
+        ranker = next(row for row in report["blend_summary"] if row["family"] == "ranker")
+        control = test["blends"][ranker["chosen"].replace("ranker |", "ranker without text |")]["recall@10"]
+        report["ranker_vs_without_text"] = ranker["test_recall@10"] / control - 1
+        print(f"the ranker chosen on validation against the same trees without the text features, on test: "
+              f"{100 * report['ranker_vs_without_text']:+.1f}% ({ranker['test_recall@10']:.4f} against {control:.4f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     image = plot(report, args.out.with_suffix(".png"))

@@ -573,3 +573,44 @@ def test_next_likes_learns_which_text_a_users_next_likes_have_from_the_training_
     assert np.all(text_profile(unit, [], 0) == 0)
     with pytest.raises(ValueError, match="no user has positives on both sides"):
         next_likes(train.take(train.time < 2), column, unit, (0.5,), 0, 1.0)
+
+
+def test_the_ranker_learns_from_the_split_below_and_its_text_features_find_the_users_cluster():
+    """Eight tastes on a small catalog whose CF channel knows nothing: the trees with the text features rank the
+    user's own cluster first, the trees without them cannot; the labels come from the truth
+    alone, and rows with one label only are refused."""
+    from types import SimpleNamespace
+
+    from bert_recsys.client.catalog import Interactions
+    from bench import warm_content as wc
+
+    rng = np.random.default_rng(1)
+    n, clusters = 240, 8
+    unit = np.eye(clusters, dtype=np.float32)[np.arange(n) // (n // clusters)]
+    unit += rng.normal(0, 0.2, unit.shape).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    item_ids = np.arange(1000, 1000 + n)
+    users, items, times, truth = [], [], [], {}
+    for user in range(120):   # each likes 20 of its cluster's 30 items, and the other 10 next
+        picked = rng.permutation(np.arange(n // clusters)) + (user % clusters) * (n // clusters)
+        for t, c in enumerate(picked[:20]):
+            users.append(user), items.append(int(item_ids[c])), times.append(t)
+        truth[user] = {int(item_ids[c]) for c in picked[20:]}
+    train = Interactions.from_rows(users, items, [5.0] * len(users), times)
+    # A CF channel that knows nothing: random weights, so only the text can tell the clusters apart.
+    scorer = SimpleNamespace(item_ids=item_ids, column={int(i): c for c, i in enumerate(item_ids)},
+                             weights=rng.normal(0, 1, (n, n)).astype(np.float32))
+    rows = wc.ranker_rows(scorer, train, truth, unit)
+    assert len(rows) == 120 and rows[0]["features"].shape[1] == len(wc.CF_FEATURES + wc.TEXT_FEATURES)
+    for r in rows:
+        assert not set(r["candidates"]) & set(r["seen"])
+        assert set(item_ids[r["candidates"][r["labels"] == 1]]) <= r["truths"]
+    below, measured = rows[:80], rows[80:]
+    figures = wc.ranker_scores(below, measured, item_ids, n)
+    with_text = figures["ranker | base | 100 trees, 7 leaves"]["recall@10"]
+    without = figures["ranker without text | base | 100 trees, 7 leaves"]["recall@10"]
+    assert with_text > 0.8 and without < 0.3, (with_text, without)
+    for r in below:
+        r["labels"] = np.zeros_like(r["labels"])
+    with pytest.raises(ValueError, match="one label only"):
+        wc.fit_ranker(below, wc.CF_FEATURES, (10, 4))
