@@ -78,6 +78,18 @@ def user_columns(scorer, history) -> tuple[list[int], list[int]]:
             [scorer.column[int(i)] for i in history.items if int(i) in scorer.column])
 
 
+def measured_users(scorer, train, truth: dict[int, set], positive: float = 4.0):
+    """(user, truths, history, liked columns, seen columns) for every user with a truth and a training history, in
+    user order."""
+    from bert_recsys.client.scorers import histories
+
+    known = histories(train, positive)
+    for user, truths in sorted(truth.items()):
+        history = known.get(user)
+        if history is not None:
+            yield (user, truths, history, *user_columns(scorer, history))
+
+
 def mean_metrics(rows: list[dict]) -> dict:
     return {key: float(np.mean([m[key] for m in rows])) for key in ("recall@10", "ndcg@10")} | {"users": len(rows)}
 
@@ -85,15 +97,8 @@ def mean_metrics(rows: list[dict]) -> dict:
 def scores(scorer, train, truth: dict[int, set], n_items: int) -> dict:
     """An EaseScorer's top 50 for every user with a test positive, among the items it scores less the user's seen
     ones, as `make evaluate`'s EASE^R baseline ranks them (vectorised here: 11 systems on two splits)."""
-    from bert_recsys.client.scorers import histories
-
-    known = histories(train)
     per_user = []
-    for user, positives in sorted(truth.items()):
-        history = known.get(user)
-        if history is None:
-            continue
-        liked, seen = user_columns(scorer, history)
+    for _, positives, history, liked, seen in measured_users(scorer, train, truth):
         total = scorer.weights[liked].sum(axis=0) if liked else np.zeros(len(scorer.item_ids), dtype=np.float32)
         per_user.append(top_metrics(total, seen, scorer.item_ids, positives, n_items, len(history.items)))
     return mean_metrics(per_user)
@@ -190,8 +195,6 @@ def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict
     (centred on them); `smoothing_unit`: the vectors the smoothing graph is built from."""
     from collections import defaultdict
 
-    from bert_recsys.client.scorers import histories
-
     # EaseScorer's items are those with a training positive, in np.unique's order: their counts line up with them.
     items, positives = np.unique(train.take(train.rating >= 4.0).item, return_counts=True)
     assert np.array_equal(items, scorer.item_ids), "the scorer's items are not the training positives' items"
@@ -201,13 +204,8 @@ def blend_scores(scorer, train, truth: dict[int, set], n_items: int, units: dict
                                                           bilinear=mode == "bilinear")
               for name, unit in units.items() for mode in ("free", "bilinear") for cuts in NEXT_CUTS
               for last in NEXT_LAST for ridge in NEXT_RIDGE}
-    known = histories(train)
     figures = defaultdict(list)
-    for user, truths in sorted(truth.items()):
-        history = known.get(user)
-        if history is None:
-            continue
-        liked, seen = user_columns(scorer, history)
+    for _, truths, history, liked, seen in measured_users(scorer, train, truth):
         zero = np.zeros(len(scorer.item_ids))
         ease = zscored(scorer.weights[liked].sum(axis=0)) if liked else zero
         systems = {"ease": ease}
@@ -248,21 +246,14 @@ def ranker_rows(scorer, train, truth: dict[int, set], unit: np.ndarray, positive
     the text's top RANKER_CANDIDATES[1], less the seen), their features (CF_FEATURES then TEXT_FEATURES, each
     score z-scored over the user's items) and labels (1: in the user's truth). `unit`: the scorer's items' unit
     vectors. Everything but the labels comes from `train`."""
-    from bert_recsys.client.scorers import histories
-
     liked_rows = train.take(train.rating >= positive)
     positives = np.zeros(len(scorer.item_ids))
     np.add.at(positives, np.searchsorted(scorer.item_ids, liked_rows.item), 1)
     recent = np.zeros(len(scorer.item_ids))  # positives in the last 10% of the training part's time
     late = liked_rows.take(liked_rows.time >= np.quantile(liked_rows.time, 0.9))
     np.add.at(recent, np.searchsorted(scorer.item_ids, late.item), 1)
-    known = histories(train, positive)
     rows = []
-    for user, truths in sorted(truth.items()):
-        history = known.get(user)
-        if history is None:
-            continue
-        liked, seen = user_columns(scorer, history)
+    for user, truths, history, liked, seen in measured_users(scorer, train, truth, positive):
         if not liked:
             continue
         ease = zscored(scorer.weights[liked].sum(axis=0))
