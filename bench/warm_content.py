@@ -238,14 +238,30 @@ RANKER_CANDIDATES = (100, 30)   # EASE^R's top 100 and the text's top 30 (maxsim
 RANKER_TREES = {"50 trees, 4 leaves": (50, 4), "100 trees, 7 leaves": (100, 7), "200 trees, 7 leaves": (200, 7)}
 CF_FEATURES = ("ease", "ease rank", "positives", "recent positives", "user likes")
 TEXT_FEATURES = ("maxsim3 all", "maxsim3 last 10", "profile last 20", "max cosine", "maxsim3 last 5", "last liked")
-RANKER_FEATURES = {"no text": CF_FEATURES, "text": CF_FEATURES + TEXT_FEATURES}
+TUNED_FEATURES = tuple(f"fine-tuned {name}" for name in TEXT_FEATURES)  # the same, from a warm fine-tune's vectors
+ALL_FEATURES = CF_FEATURES + TEXT_FEATURES + TUNED_FEATURES
+# family -> features (the family names are the report's)
+RANKER_FEATURES = {"ranker": CF_FEATURES + TEXT_FEATURES, "ranker without text": CF_FEATURES}
 
 
-def ranker_rows(scorer, train, truth: dict[int, set], unit: np.ndarray, positive: float = 4.0) -> list[dict]:
-    """Per user with a truth and a liked item: the candidate columns of `scorer` (its top RANKER_CANDIDATES[0] and
-    the text's top RANKER_CANDIDATES[1], less the seen), their features (CF_FEATURES then TEXT_FEATURES, each
-    score z-scored over the user's items) and labels (1: in the user's truth). `unit`: the scorer's items' unit
-    vectors. Everything but the labels comes from `train`."""
+def text_scores(unit: np.ndarray, liked: list[int]) -> list[np.ndarray]:
+    """TEXT_FEATURES over every item, each z-scored: maxsim3 over all, the last 10 and the last 5 liked items, the
+    cosine to the mean of the last 20, the max cosine and the cosine to the last liked item (in that order)."""
+    profile = unit[liked[-20:]].mean(axis=0)
+    scores = {"maxsim3 all": maxsim(unit, liked), "maxsim3 last 10": maxsim(unit, liked[-10:]),
+              "profile last 20": unit @ (profile / (np.linalg.norm(profile) + 1e-12)),
+              "max cosine": maxsim(unit, liked, 1), "maxsim3 last 5": maxsim(unit, liked[-5:]),
+              "last liked": unit @ unit[liked[-1]]}
+    return [zscored(scores[name]) for name in TEXT_FEATURES]
+
+
+def ranker_rows(scorer, train, truth: dict[int, set], unit: np.ndarray, tuned: np.ndarray | None = None,
+                positive: float = 4.0) -> list[dict]:
+    """Per user with a truth and a training history: the candidate columns of `scorer` (its top
+    RANKER_CANDIDATES[0] and the text's top RANKER_CANDIDATES[1], less the seen), their features (CF_FEATURES then
+    TEXT_FEATURES, each score z-scored over the user's items) and labels (1: in the user's truth); none for a user
+    without a liked item. `unit`: the scorer's items' unit vectors; `tuned`: a fine-tuned encoder's, whose text
+    features (TUNED_FEATURES) then follow. Everything but the labels comes from `train`."""
     liked_rows = train.take(train.rating >= positive)
     positives = np.zeros(len(scorer.item_ids))
     np.add.at(positives, np.searchsorted(scorer.item_ids, liked_rows.item), 1)
@@ -254,13 +270,14 @@ def ranker_rows(scorer, train, truth: dict[int, set], unit: np.ndarray, positive
     np.add.at(recent, np.searchsorted(scorer.item_ids, late.item), 1)
     rows = []
     for user, truths, history, liked, seen in measured_users(scorer, train, truth, positive):
-        if not liked:
+        if not liked:  # nothing to rank from: ranked as EASE^R alone ranks it (ranker_scores)
+            rows.append({"user": user, "candidates": np.zeros(0, dtype=np.int64),
+                         "features": np.zeros((0, len(ALL_FEATURES if tuned is not None else CF_FEATURES + TEXT_FEATURES))),
+                         "labels": np.zeros(0, np.int8),
+                         "by_ease": np.zeros(0, dtype=bool), "truths": truths, "seen": seen, "n_seen": len(history.items)})
             continue
         ease = zscored(scorer.weights[liked].sum(axis=0))
-        profile = unit[liked[-20:]].mean(axis=0)
-        text = [zscored(maxsim(unit, liked)), zscored(maxsim(unit, liked[-10:])),
-                zscored(unit @ (profile / (np.linalg.norm(profile) + 1e-12))), zscored(maxsim(unit, liked, 1)),
-                zscored(maxsim(unit, liked[-5:])), zscored(unit @ unit[liked[-1]])]
+        text = text_scores(unit, liked) + (text_scores(tuned, liked) if tuned is not None else [])
         unseen = np.ones(len(ease), dtype=bool)
         unseen[seen] = False
         open_ = np.flatnonzero(unseen)
@@ -282,14 +299,14 @@ def ranker_rows(scorer, train, truth: dict[int, set], unit: np.ndarray, positive
 def kept(row: dict, features: tuple[str, ...]) -> np.ndarray:
     """The row's candidates a ranker on `features` sees: without text features, EASE^R's own candidates only (the
     text's candidates are a text channel too)."""
-    return np.ones(len(row["candidates"]), dtype=bool) if set(features) & set(TEXT_FEATURES) else row["by_ease"]
+    return np.ones(len(row["candidates"]), dtype=bool) if set(features) - set(CF_FEATURES) else row["by_ease"]
 
 
 def fit_ranker(rows: list[dict], features: tuple[str, ...], trees: tuple[int, int]):
     """Gradient-boosted trees (iterations, leaves) on the rows' named features, predicting their labels."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    columns = [(CF_FEATURES + TEXT_FEATURES).index(f) for f in features]
+    columns = [ALL_FEATURES.index(f) for f in features]
     x = np.concatenate([r["features"][kept(r, features)][:, columns] for r in rows])
     y = np.concatenate([r["labels"][kept(r, features)] for r in rows])
     if y.min() == y.max():
@@ -300,21 +317,56 @@ def fit_ranker(rows: list[dict], features: tuple[str, ...], trees: tuple[int, in
     return model.fit(x, y), columns
 
 
-def ranker_scores(below: list[dict], rows: list[dict], item_ids: np.ndarray, n_items: int) -> dict[str, dict]:
-    """recall@10 and nDCG@10 of each ranker ("ranker | base | trees" with text, "ranker without text | base |
-    trees" without), trained on `below` and measured on `rows` (items outside a user's candidates rank last; the
-    rankers without text see EASE^R's candidates only)."""
+def tuned_on(train, item_ids: np.ndarray, texts: list[str], cache_dir: Path) -> np.ndarray:
+    """The catalog's vectors (one per item id and its text, in order) from the base encoder fine-tuned with `make finetune`'s
+    recipe (training.finetune: co-liked neighbours, contrastive) on `train` alone: a warm fine-tune that never saw
+    the targets it is measured on. Cached in `cache_dir` under the digest of the data, the texts and the recipe
+    (~25 min each on a 2-core CPU)."""
+    import hashlib
+    from dataclasses import asdict
+
+    from training.finetune import Recipe, TextEncoder, cooccurrence_pairs, train as fine_tune
+
+    recipe = Recipe()
+    digest = hashlib.sha256(json.dumps([asdict(recipe), texts, str(settings.default_model_dir())]).encode())
+    for column in (item_ids, train.user, train.item, train.rating, train.time):
+        digest.update(np.ascontiguousarray(column).tobytes())
+    path = cache_dir / f"tuned-{digest.hexdigest()[:16]}.npy"
+    if path.exists():
+        log.info("fine-tuned vectors from %s", path)
+        return np.load(path)
+    pairs = cooccurrence_pairs(train, recipe.min_cooccurrence, recipe.neighbours)
+    log.info("fine-tuning on %d ratings: %d items with co-liked neighbours", len(train), len(pairs.neighbours))
+    encoder = TextEncoder(settings.default_model_dir(), recipe.max_length)
+    fine_tune(encoder, dict(zip(item_ids.tolist(), texts)), pairs, recipe, None)
+    vectors = encoder.embed(texts, label="catalog, fine-tuned")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npy")
+    np.save(partial, vectors)
+    partial.replace(path)
+    return vectors
+
+
+def ranker_scores(below: list[dict], rows: list[dict], item_ids: np.ndarray, n_items: int,
+                  families: dict[str, tuple[str, ...]] = RANKER_FEATURES,
+                  trees_grid: dict[str, tuple[int, int]] = RANKER_TREES) -> dict[str, dict]:
+    """recall@10 and nDCG@10 of each ranker ("family | base | trees": the families' features, e.g. "ranker" with
+    text, "ranker without text" without), trained on `below` and measured on `rows` (items outside a user's
+    candidates rank last; the rankers without text see EASE^R's candidates only)."""
     figures = {}
-    for trees_name, trees in RANKER_TREES.items():
-        for kind, features in RANKER_FEATURES.items():
+    for trees_name, trees in trees_grid.items():
+        for family, features in families.items():
             model, columns = fit_ranker(below, features, trees)
             per_user = []
             for r in rows:
+                if not len(r["candidates"]):  # no liked item: EASE^R's all-zero scores, as `scores` ranks them
+                    per_user.append(top_metrics(np.zeros(len(item_ids), dtype=np.float32), r["seen"], item_ids,
+                                                r["truths"], n_items, r["n_seen"]))
+                    continue
                 total = np.full(len(item_ids), -1e9)
                 own = kept(r, features)
                 total[r["candidates"][own]] = model.predict_proba(r["features"][own][:, columns])[:, 1]
                 per_user.append(top_metrics(total, r["seen"], item_ids, r["truths"], n_items, r["n_seen"]))
-            family = "ranker" if kind == "text" else "ranker without text"
             figures[f"{family} | base | {trees_name}"] = mean_metrics(per_user)
     return figures
 
@@ -377,6 +429,32 @@ def plot(report: dict, path: Path) -> Path | None:
     return path
 
 
+def fine_tuned_ranker(trees_name: str, fitted: dict, splits: dict, catalog, texts: list[str], base_unit,
+                      n_items: int, test: dict) -> dict:
+    """The ranker chosen on validation (its trees) with a warm fine-tune's text features beside the base
+    encoder's: each split's rows use an encoder fine-tuned on that split's training part alone (`tuned_on`), the
+    trees learn from the validation rows and are measured on the test rows. No setting is chosen here."""
+    item_ids = np.array([item.item_id for item in catalog.items])
+    column = {int(i): c for c, i in enumerate(item_ids)}
+    rows = {}
+    for split, (train, truth) in splits.items():
+        tuned = tuned_on(train, item_ids, texts, settings.BUILD_DIR / "warm_content")
+        scorer = fitted[split]
+        rows[split] = ranker_rows(scorer, train, truth, base_unit(scorer),
+                                  centred_unit(tuned[[column[int(i)] for i in scorer.item_ids]]))
+    families = {"ranker + fine-tuned text": ALL_FEATURES, "ranker, fine-tuned text only": CF_FEATURES + TUNED_FEATURES}
+    figures = ranker_scores(rows["validation"], rows["test"], fitted["test"].item_ids, n_items, families,
+                            {trees_name: RANKER_TREES[trees_name]})
+    ease = test["blends"]["ease"]["recall@10"]
+    control = test["blends"][f"ranker without text | base | {trees_name}"]["recall@10"]
+    out = {}
+    for name, row in figures.items():
+        out[name] = row | {"vs_ease": row["recall@10"] / ease - 1, "vs_without_text": row["recall@10"] / control - 1}
+        print(f"{name}: test recall@10 {row['recall@10']:.4f}, {100 * out[name]['vs_ease']:+.1f}% over EASE^R alone, "
+              f"{100 * out[name]['vs_without_text']:+.1f}% over the same trees without text")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bert-recsys bench warm-content", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alphas", default="3,10,30,100,300")
     parser.add_argument("--template", default="rich")
     parser.add_argument("--no-blends", action="store_true", help="only the side-information family")
+    parser.add_argument("--fine-tune-splits", action="store_true",
+                        help="also fine-tune the encoder on the validation and the test split's training parts "
+                             "(make finetune's recipe, ~25 min each on 2 cores, cached under build/warm_content) and "
+                             "add its text features to the ranker chosen on validation; measured on test")
     parser.add_argument("--out", type=Path, default=settings.BUILD_DIR / "reports" / "warm_content.json")
     args = parser.parse_args(argv)
     logs.configure()
@@ -428,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         below_train, below_truth = time_split(inner)
         below_ease = EaseScorer(below_train, lam)
         ranker_below = ranker_rows(below_ease, below_train, below_truth, base_unit(below_ease))
+    fitted = {}
     for split, train, truth in (("validation", inner, validation_truth), ("test", history, test_truth)):
-        ease = EaseScorer(train, lam)  # fitted once: the baseline here, and the blends' CF channel below
+        ease = fitted[split] = EaseScorer(train, lam)  # fitted once: the baseline, and the blends' CF channel
         figures = {"ease": scores(ease, train, truth, n_items), "side": {}, "ridge": {}}
         log.info("%s: EASE^R alone recall@10 %.4f (%d users)", split, figures["ease"]["recall@10"], figures["ease"]["users"])
         for alpha in alphas:
@@ -497,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         report["ranker_vs_without_text"] = ranker["test_recall@10"] / control - 1
         print(f"the ranker chosen on validation against the same trees without the text features, on test: "
               f"{100 * report['ranker_vs_without_text']:+.1f}% ({ranker['test_recall@10']:.4f} against {control:.4f})")
+        if args.fine_tune_splits:
+            report["fine_tuned_ranker"] = fine_tuned_ranker(
+                ranker["chosen"].split(" | ")[2], fitted, {"validation": (inner, validation_truth),
+                                                          "test": (history, test_truth)},
+                catalog, texts, base_unit, n_items, test)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     image = plot(report, args.out.with_suffix(".png"))
