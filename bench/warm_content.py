@@ -30,7 +30,10 @@ rank, the item's positives, recent positives, the user's likes), with and withou
 several spans of the history, the profile cosine, the max cosine, the last liked item's cosine); the trees learn
 from the split one level below the one they are measured on, never from its targets, and the same trees without
 the text are the control. The base encoder's settings are chosen per family on validation; the warm fine-tune's
-rows are bounds, as above.
+rows are bounds, as above. `--fine-tune-splits` makes the warm fine-tune honest instead: the encoder is fine-tuned
+on the validation split's and on the test split's training parts separately (`tuned_on`, make finetune's recipe),
+and the ranker chosen on validation gets the fine-tuned text features beside the base encoder's, each split's rows
+from its own fine-tune; it is measured on test, with no further choice.
 """
 from __future__ import annotations
 
@@ -325,7 +328,7 @@ def tuned_on(train, item_ids: np.ndarray, texts: list[str], cache_dir: Path) -> 
     import hashlib
     from dataclasses import asdict
 
-    from training.finetune import Recipe, TextEncoder, cooccurrence_pairs, train as fine_tune
+    from bert_recsys.training.finetune import Recipe, TextEncoder, cooccurrence_pairs, train as fine_tune
 
     recipe = Recipe()
     digest = hashlib.sha256(json.dumps([asdict(recipe), texts, str(settings.default_model_dir())]).encode())
