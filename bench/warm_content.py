@@ -271,13 +271,13 @@ def ranker_rows(scorer, train, truth: dict[int, set], unit: np.ndarray, tuned: n
     recent = np.zeros(len(scorer.item_ids))  # positives in the last 10% of the training part's time
     late = liked_rows.take(liked_rows.time >= np.quantile(liked_rows.time, 0.9))
     np.add.at(recent, np.searchsorted(scorer.item_ids, late.item), 1)
+    width = len(ALL_FEATURES if tuned is not None else CF_FEATURES + TEXT_FEATURES)
     rows = []
     for user, truths, history, liked, seen in measured_users(scorer, train, truth, positive):
         if not liked:  # nothing to rank from: ranked as EASE^R alone ranks it (ranker_scores)
-            rows.append({"user": user, "candidates": np.zeros(0, dtype=np.int64),
-                         "features": np.zeros((0, len(ALL_FEATURES if tuned is not None else CF_FEATURES + TEXT_FEATURES))),
-                         "labels": np.zeros(0, np.int8),
-                         "by_ease": np.zeros(0, dtype=bool), "truths": truths, "seen": seen, "n_seen": len(history.items)})
+            rows.append({"user": user, "candidates": np.zeros(0, dtype=np.int64), "features": np.zeros((0, width)),
+                         "labels": np.zeros(0, np.int8), "by_ease": np.zeros(0, dtype=bool), "truths": truths,
+                         "seen": seen, "n_seen": len(history.items)})
             continue
         ease = zscored(scorer.weights[liked].sum(axis=0))
         text = text_scores(unit, liked) + (text_scores(tuned, liked) if tuned is not None else [])
@@ -321,8 +321,8 @@ def fit_ranker(rows: list[dict], features: tuple[str, ...], trees: tuple[int, in
 
 
 def tuned_on(train, item_ids: np.ndarray, texts: list[str], cache_dir: Path) -> np.ndarray:
-    """The catalog's vectors (one per item id and its text, in order) from the base encoder fine-tuned with `make finetune`'s
-    recipe (training.finetune: co-liked neighbours, contrastive) on `train` alone: a warm fine-tune that never saw
+    """The catalog's vectors (one per item id and its text, in order) from the base encoder fine-tuned with
+    `make finetune`'s recipe (training.finetune: co-liked neighbours, contrastive) on `train` alone: a warm fine-tune that never saw
     the targets it is measured on. Cached in `cache_dir` under the digest of the data, the texts and the recipe
     (~25 min each on a 2-core CPU)."""
     import hashlib
@@ -432,21 +432,14 @@ def plot(report: dict, path: Path) -> Path | None:
     return path
 
 
-def fine_tuned_ranker(trees_name: str, fitted: dict, splits: dict, catalog, texts: list[str], base_unit,
-                      n_items: int, test: dict) -> dict:
+def fine_tuned_ranker(trees_name: str, rows: dict[str, list[dict]], item_ids: np.ndarray, n_items: int,
+                      test: dict) -> dict:
     """The ranker chosen on validation (its trees) with a warm fine-tune's text features beside the base
-    encoder's: each split's rows use an encoder fine-tuned on that split's training part alone (`tuned_on`), the
-    trees learn from the validation rows and are measured on the test rows. No setting is chosen here."""
-    item_ids = np.array([item.item_id for item in catalog.items])
-    column = {int(i): c for c, i in enumerate(item_ids)}
-    rows = {}
-    for split, (train, truth) in splits.items():
-        tuned = tuned_on(train, item_ids, texts, settings.BUILD_DIR / "warm_content")
-        scorer = fitted[split]
-        rows[split] = ranker_rows(scorer, train, truth, base_unit(scorer),
-                                  centred_unit(tuned[[column[int(i)] for i in scorer.item_ids]]))
+    encoder's: each split's `rows` hold the features of an encoder fine-tuned on that split's training part alone
+    (`tuned_on`); the trees learn from the validation rows and are measured on the test rows (`item_ids`: the test
+    scorer's). No setting is chosen here."""
     families = {"ranker + fine-tuned text": ALL_FEATURES, "ranker, fine-tuned text only": CF_FEATURES + TUNED_FEATURES}
-    figures = ranker_scores(rows["validation"], rows["test"], fitted["test"].item_ids, n_items, families,
+    figures = ranker_scores(rows["validation"], rows["test"], item_ids, n_items, families,
                             {trees_name: RANKER_TREES[trees_name]})
     ease = test["blends"]["ease"]["recall@10"]
     control = test["blends"][f"ranker without text | base | {trees_name}"]["recall@10"]
@@ -506,16 +499,25 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine(), "data": str(args.data), "variant": args.variant, "template": args.template,
               "lambda": lam, "protocol": "per-user time split, last 20% of each user's ratings; positives rating >= 4; "
               "validation = the same split inside the history", "splits": {}}
-    def base_unit(scorer):  # the base encoder's vectors of the items `scorer` scores, centred on them
-        return centred_unit(vectors["base"][[column[int(i)] for i in scorer.item_ids]])
+    def unit_of(v, scorer):  # the vectors of the items `scorer` scores, centred on them
+        return centred_unit(v[[column[int(i)] for i in scorer.item_ids]])
+
+    def base_unit(scorer):
+        return unit_of(vectors["base"], scorer)
+
+    tuned = {}  # split -> the catalog's vectors from an encoder fine-tuned on that split's training part alone
+    if args.fine_tune_splits and not args.no_blends:
+        item_ids = np.array([item.item_id for item in catalog.items])
+        tuned = {split: tuned_on(train, item_ids, texts, settings.BUILD_DIR / "warm_content")
+                 for split, train in (("validation", inner), ("test", history))}
 
     if not args.no_blends:  # the rankers' training rows for validation: the inner split, cut once more
         below_train, below_truth = time_split(inner)
         below_ease = EaseScorer(below_train, lam)
         ranker_below = ranker_rows(below_ease, below_train, below_truth, base_unit(below_ease))
-    fitted = {}
+    rows_at = {}
     for split, train, truth in (("validation", inner, validation_truth), ("test", history, test_truth)):
-        ease = fitted[split] = EaseScorer(train, lam)  # fitted once: the baseline, and the blends' CF channel
+        ease = EaseScorer(train, lam)  # fitted once: the baseline here, and the blends' CF channel below
         figures = {"ease": scores(ease, train, truth, n_items), "side": {}, "ridge": {}}
         log.info("%s: EASE^R alone recall@10 %.4f (%d users)", split, figures["ease"]["recall@10"], figures["ease"]["users"])
         for alpha in alphas:
@@ -535,11 +537,13 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s: + %s text, alpha %g: recall@10 %.4f (%+.1f%%)", split, name, alpha, row["recall@10"],
                          100 * row["vs_ease"])
         if not args.no_blends:
-            units = {name: centred_unit(v[[column[int(i)] for i in ease.item_ids]]) for name, v in vectors.items()}
+            units = {name: unit_of(v, ease) for name, v in vectors.items()}
             figures["blends"] = blend_scores(ease, train, truth, n_items, units, units["base"])
-            rows = ranker_rows(ease, train, truth, base_unit(ease))
+            rows = rows_at[split] = ranker_rows(ease, train, truth, base_unit(ease),
+                                                unit_of(tuned[split], ease) if tuned else None)
             figures["blends"] |= ranker_scores(ranker_below, rows, ease.item_ids, n_items)
             ranker_below = rows  # the test split's rankers learn from the validation split
+            test_items = ease.item_ids
             log.info("%s: %d blends measured", split, len(figures["blends"]) - 1)
         report["splits"][split] = figures
     base_validation = report["splits"]["validation"]["side"]["base"]
@@ -583,11 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         report["ranker_vs_without_text"] = ranker["test_recall@10"] / control - 1
         print(f"the ranker chosen on validation against the same trees without the text features, on test: "
               f"{100 * report['ranker_vs_without_text']:+.1f}% ({ranker['test_recall@10']:.4f} against {control:.4f})")
-        if args.fine_tune_splits:
-            report["fine_tuned_ranker"] = fine_tuned_ranker(
-                ranker["chosen"].split(" | ")[2], fitted, {"validation": (inner, validation_truth),
-                                                          "test": (history, test_truth)},
-                catalog, texts, base_unit, n_items, test)
+        if tuned:
+            report["fine_tuned_ranker"] = fine_tuned_ranker(ranker["chosen"].split(" | ")[2], rows_at, test_items,
+                                                            n_items, test)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     image = plot(report, args.out.with_suffix(".png"))

@@ -577,8 +577,8 @@ def test_next_likes_learns_which_text_a_users_next_likes_have_from_the_training_
 
 def test_the_ranker_learns_from_the_split_below_and_its_text_features_find_the_users_cluster():
     """Eight tastes on a small catalog whose CF channel knows nothing: the trees with the text features rank the
-    user's own cluster first, the trees without them cannot; the labels come from the truth
-    alone, and rows with one label only are refused."""
+    user's own cluster first, the trees without them cannot; the labels come from the truth alone, and rows with
+    one label only are refused."""
     from types import SimpleNamespace
 
     from bert_recsys.client.catalog import Interactions
